@@ -1,0 +1,1 @@
+"""SLM-Fed client package."""

@@ -1,0 +1,170 @@
+"""The site cache: what `slmfed prepare` writes once and every training round reads.
+
+Layout of CACHE_DIR:
+    manifest.json              format version, preprocessing parameters, per-patient status + hashes
+    qc.csv                     one row per patient: patient_key, status (included/excluded), reason, ...
+    patients/<patient_key>.npz image (float32, C x H x W for 2d/2.5d, C x D x H x W for 3d),
+                               clinical (float32, common.clinical.FEATURE_NAMES order),
+                               label (int8: 0/1, -1 when the site has no outcome)
+Beside it (not inside, never shared): CACHE_DIR.parent / f"{CACHE_DIR.name}-id-map.csv" maps the
+salted patient_key back to the hospital's patient_id for the site's own use.
+
+Every file is written to a temporary name in the same folder and renamed into place, so a reader
+never sees a half-written file; `load_cache` checks each file's sha256 against the manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CACHE_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+QC_CSV = "qc.csv"
+PATIENTS_DIR = "patients"
+
+
+class CacheError(RuntimeError):
+    """The cache is missing, incomplete or does not match its manifest."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same folder + fsync + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def patient_key(patient_id: str, salt: str) -> str:
+    """Salted hash used instead of the patient_id everywhere outside the id-map file."""
+    return "p" + hashlib.sha256(f"{salt}:{patient_id}".encode("utf-8")).hexdigest()[:16]
+
+
+def encode_patient(image: np.ndarray, clinical: np.ndarray, label: int) -> bytes:
+    """Serialise one patient's record to .npz bytes (no pickle)."""
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        image=np.ascontiguousarray(image, dtype=np.float32),
+        clinical=np.ascontiguousarray(clinical, dtype=np.float32),
+        label=np.int8(label),
+    )
+    return buf.getvalue()
+
+
+def write_patient(cache_dir: str | Path, key: str, image: np.ndarray, clinical: np.ndarray, label: int) -> str:
+    """Atomically write one patient file; returns its sha256 for the manifest."""
+    data = encode_patient(image, clinical, label)
+    atomic_write_bytes(Path(cache_dir) / PATIENTS_DIR / f"{key}.npz", data)
+    return sha256_bytes(data)
+
+
+def id_map_path(cache_dir: str | Path) -> Path:
+    cache_dir = Path(cache_dir).resolve()
+    return cache_dir.parent / f"{cache_dir.name}-id-map.csv"
+
+
+@dataclass
+class SiteData:
+    """A site's included patients, stacked for training (images N x C x ..., clinical N x F)."""
+
+    keys: list[str]
+    images: np.ndarray
+    clinical: np.ndarray
+    labels: np.ndarray
+    manifest: dict
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def subset(self, idx) -> "SiteData":
+        idx = np.asarray(idx, dtype=int)
+        return SiteData([self.keys[i] for i in idx], self.images[idx], self.clinical[idx], self.labels[idx], self.manifest)
+
+
+def read_manifest(cache_dir: str | Path) -> dict:
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"{cache_dir} is not a prepared cache: {MANIFEST} is missing (run `slmfed prepare` first)")
+    try:
+        manifest = json.loads(path.read_text("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CacheError(f"{path} is not valid JSON: {exc}") from None
+    if manifest.get("format_version") != CACHE_FORMAT_VERSION:
+        raise CacheError(
+            f"{path}: cache format version {manifest.get('format_version')!r}, expected {CACHE_FORMAT_VERSION}; "
+            "re-run `slmfed prepare`"
+        )
+    return manifest
+
+
+def load_cache(cache_dir: str | Path, verify: bool = True) -> SiteData:
+    """Load every included patient of a prepared cache, checking hashes against the manifest."""
+    cache_dir = Path(cache_dir)
+    manifest = read_manifest(cache_dir)
+    keys, images, clinical, labels = [], [], [], []
+    for key, entry in sorted(manifest.get("patients", {}).items()):
+        if entry.get("status") != "included":
+            continue
+        path = cache_dir / PATIENTS_DIR / f"{key}.npz"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise CacheError(f"{path} is listed as included in the manifest but missing; re-run `slmfed prepare`") from None
+        if verify and sha256_bytes(data) != entry.get("sha256"):
+            raise CacheError(f"{path} does not match its manifest hash (modified or half-written); re-run `slmfed prepare`")
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            images.append(npz["image"])
+            clinical.append(npz["clinical"])
+            labels.append(int(npz["label"]))
+        keys.append(key)
+    if not keys:
+        raise CacheError(f"{cache_dir}: the cache holds no included patient")
+    return SiteData(
+        keys=keys,
+        images=np.stack(images).astype(np.float32, copy=False),
+        clinical=np.stack(clinical).astype(np.float32, copy=False),
+        labels=np.asarray(labels, dtype=np.int64),
+        manifest=manifest,
+    )

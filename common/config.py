@@ -1,0 +1,181 @@
+"""One config schema for the whole project, and the one helper that merges it.
+
+Values come in layers, later layers win:
+    defaults  <  Flower run_config  <  Flower node_config  <  TOML file  <  CLI flags
+Flower's Python simulation API hands apps an empty `run_config`, so every app and command reads
+its settings through `load_config`, never straight from the Context.
+
+Keys are kebab-case everywhere (config files, run_config, node_config, CLI flags), with the same
+name in code and docs. Unknown keys and wrong types are errors that name the key, the layer it
+came from, what was expected and what was found.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+
+class ConfigError(ValueError):
+    """A config value is unknown or has the wrong type."""
+
+
+@dataclass(frozen=True)
+class Key:
+    type: type
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+
+SCHEMA: dict[str, Key] = {
+    # --- study protocol (ServerApp, run_config) ---
+    "scenario": Key(str, "paper", "study design", ("paper", "federated", "multisite")),
+    "seed": Key(int, 42, "seed for folds, initialisation and augmentation"),
+    "folds": Key(int, 5, "cross-validation folds in the training cohort(s)"),
+    "models": Key(str, "cf,dl,combined", "which of the three models to run (comma list)"),
+    "num-rounds": Key(int, 10, "federated rounds per DL model fit"),
+    "local-epochs": Key(int, 2, "local epochs per round at each training site"),
+    "batch-size": Key(int, 16, "local mini-batch size"),
+    "lr": Key(float, 1e-3, "AdamW learning rate"),
+    "weight-decay": Key(float, 1e-4, "AdamW weight decay"),
+    "fedprox-mu": Key(float, 0.0, "FedProx proximal term (0 = plain FedAvg)"),
+    "backbone": Key(str, "resnet10", "MONAI ResNet depth", ("resnet10", "resnet18", "resnet34")),
+    "norm": Key(str, "instance", "normalisation layer", ("batch", "instance", "group")),
+    "clinical-embed-dim": Key(int, 16, "width of the clinical embedding in the Combined model"),
+    "augment": Key(bool, True, "MONAI augmentation during local training"),
+    "amp": Key(bool, True, "automatic mixed precision when training on CUDA"),
+    "device": Key(str, "auto", "torch device: auto (CUDA when present), cpu, cuda, cuda:N"),
+    "histogram-bins": Key(int, 100, "bins of the per-class score histograms sites may share"),
+    "share-histograms": Key(bool, True, "sites send per-class score histograms for pooled ROC/DCA"),
+    "run-dir": Key(str, "runs/latest", "where the ServerApp writes the run folder"),
+    "resume": Key(bool, False, "continue the study from the run folder's last checkpoint"),
+    "stop-after-rounds": Key(int, 0, "testing aid: stop after N DL rounds in total (0 = never)"),
+    # --- site (ClientApp, node_config) ---
+    "cache-dir": Key(str, "", "the site's prepared cache (output of `slmfed prepare`)"),
+    "site-name": Key(str, "", "the site's name as the study refers to it"),
+    "study-dir": Key(str, "", "site-local folder for per-patient predictions (default: CACHE/../study)"),
+    "share-patient-rows": Key(bool, False, "opt-in: let per-patient scores leave the site"),
+    # --- site preprocessing (`slmfed prepare`, site.toml) ---
+    "input-mode": Key(str, "2d", "model input built from the volumes", ("2d", "2.5d", "3d")),
+    "fov-mm": Key(float, 48.0, "physical in-plane field of view of the ROI crop (mm)"),
+    "crop-size": Key(int, 64, "in-plane matrix of the crop (pixels)"),
+    "crop-depth": Key(int, 32, "slices of the 3D crop"),
+    "context-slices": Key(int, 1, "2.5d: neighbouring slices on each side of the largest-ROI slice"),
+    "cea-unit": Key(str, "ng/mL", "unit of the CEA column", ("ng/mL", "ug/L")),
+    "ca199-unit": Key(str, "U/mL", "unit of the CA19-9 column", ("U/mL", "kU/L")),
+    "workers": Key(int, 1, "parallel worker processes for `slmfed prepare`"),
+    "series-rules": Key(dict, {}, "site.toml table overriding the sequence-matching rules"),
+}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    spec = SCHEMA[key]
+    want = spec.type
+    found = f"{value!r} ({type(value).__name__})"
+    out: Any
+    if want is bool:
+        if isinstance(value, bool):
+            out = value
+        elif isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            out = True
+        elif isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            out = False
+        elif isinstance(value, int) and value in (0, 1):
+            out = bool(value)
+        else:
+            raise ConfigError(f"config key '{key}' from {source}: expected true/false, found {found}")
+    elif want is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' from {source}: expected an integer, found {found}")
+        try:
+            out = int(value)
+            if isinstance(value, float) and value != out:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' from {source}: expected an integer, found {found}") from None
+    elif want is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' from {source}: expected a number, found {found}")
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' from {source}: expected a number, found {found}") from None
+    elif want is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}' from {source}: expected a table, found {found}")
+        out = dict(value)
+    else:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' from {source}: expected text, found {found}")
+        out = value
+    if spec.choices is not None and out not in spec.choices:
+        raise ConfigError(
+            f"config key '{key}' from {source}: expected one of {', '.join(map(str, spec.choices))}, "
+            f"found {out!r}"
+        )
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; a `[slmfed]` table is used when present, else the top level."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return dict(data.get("slmfed", data))
+
+
+def load_config(
+    run_config: Mapping[str, Any] | None = None,
+    node_config: Mapping[str, Any] | None = None,
+    toml_path: str | Path | None = None,
+    cli: Mapping[str, Any] | None = None,
+    *,
+    ignore_unknown_from: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Merge defaults < run_config < node_config < TOML file < CLI flags into one checked dict.
+
+    CLI values that are None (flags not given) are skipped. `ignore_unknown_from` names layers whose
+    foreign keys are tolerated (Flower adds its own keys to node_config, e.g. partition-id).
+    """
+    cfg = {k: (dict(v.default) if isinstance(v.default, dict) else v.default) for k, v in SCHEMA.items()}
+    tolerated = set(ignore_unknown_from)
+    layers: list[tuple[str, Mapping[str, Any]]] = [
+        ("run_config", run_config or {}),
+        ("node_config", node_config or {}),
+    ]
+    if toml_path:
+        layers.append((f"config file {toml_path}", read_toml(toml_path)))
+    layers.append(("command line", {k: v for k, v in (cli or {}).items() if v is not None}))
+    for source, layer in layers:
+        for raw_key, value in layer.items():
+            key = str(raw_key).replace("_", "-")
+            if key not in SCHEMA:
+                if source in tolerated:
+                    continue
+                raise ConfigError(
+                    f"unknown config key '{raw_key}' from {source}; known keys: {', '.join(sorted(SCHEMA))}"
+                )
+            cfg[key] = _coerce(key, value, source)
+    return cfg
+
+
+def flower_run_config_defaults() -> dict[str, Any]:
+    """The keys that belong in pyproject's [tool.flwr.app.config] (scalar study settings)."""
+    study_keys = list(SCHEMA)[: list(SCHEMA).index("cache-dir")]
+    return {k: SCHEMA[k].default for k in study_keys}
+
+
+def model_list(cfg: Mapping[str, Any]) -> list[str]:
+    """Parse the `models` key into a validated list, in protocol order."""
+    names = [m.strip() for m in str(cfg["models"]).split(",") if m.strip()]
+    bad = [m for m in names if m not in ("cf", "dl", "combined")]
+    if bad or not names:
+        raise ConfigError(f"config key 'models': expected a comma list of cf, dl, combined, found {cfg['models']!r}")
+    return [m for m in ("cf", "dl", "combined") if m in names]

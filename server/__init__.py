@@ -1,0 +1,1 @@
+"""SLM-Fed server package."""
