@@ -1,0 +1,424 @@
+"""Discrimination, calibration and clinical-utility metrics for a binary risk score (numpy/scipy only).
+
+Conventions used everywhere in this module:
+- `y` holds 0/1 labels (1 = SLM), `p` the predicted probability of SLM (any real score works for the
+  ranking metrics; calibration and decision curves need probabilities in [0, 1]).
+- A patient is "test positive" at threshold t when p >= t (the rule of `dcurves` and pROC).
+- AUC ties between a positive and a negative count 1/2 (Mann-Whitney).
+
+The histogram functions are the privacy-preserving path: a site shares per-class counts of its
+scores on equal-width bins of [0, 1] instead of per-patient scores; counts from several sites add up,
+and pooled ROC / AUC / net benefit are computed from the sums.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from scipy import stats
+
+from common.logistic import LogisticFitError, newton_fit, suff_stats
+
+DEFAULT_THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)
+_PROB_EPS = 1e-8  # probabilities are clipped to [eps, 1 - eps] before taking logits
+
+
+# --------------------------------------------------------------------------- input checks
+def _check(y, p, *, need_both: bool = True, probs: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y, dtype=np.float64).ravel()
+    p = np.asarray(p, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"labels and scores: expected the same length, found {y.shape[0]} labels and {p.shape[0]} scores")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError(f"labels: expected 0/1, found {sorted(set(np.unique(y)) - {0.0, 1.0})[:5]}")
+    if not np.isfinite(p).all():
+        raise ValueError(f"scores: expected finite values, found {int((~np.isfinite(p)).sum())} NaN/inf")
+    if probs and ((p < 0).any() or (p > 1).any()):
+        raise ValueError(f"scores: expected probabilities in [0, 1], found range [{p.min():.4g}, {p.max():.4g}]")
+    if need_both:
+        n_pos = int(y.sum())
+        if n_pos == 0 or n_pos == y.size:
+            raise ValueError(
+                f"labels: expected both outcomes (0 and 1), found {y.size} patients with only "
+                f"{'1' if n_pos else '0'}; AUC-type metrics are undefined"
+            )
+    return y.astype(np.int8), p
+
+
+# --------------------------------------------------------------------------- AUC and DeLong
+def auc(y, p) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties 1/2) from midranks."""
+    y, p = _check(y, p)
+    m = int(y.sum())
+    n = y.size - m
+    ranks = stats.rankdata(p)
+    return float((ranks[y == 1].sum() - m * (m + 1) / 2.0) / (m * n))
+
+
+def _structural_components(y: np.ndarray, p: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """AUC and DeLong's structural components V10 (per positive) and V01 (per negative).
+
+    Fast midrank algorithm (Sun & Xu 2014): with Tz the midranks over all scores and Tx / Ty the
+    midranks within positives / negatives, V10_i = (Tz_i - Tx_i) / n and V01_j = 1 - (Tz_j - Ty_j) / m.
+    """
+    pos, neg = p[y == 1], p[y == 0]
+    m, n = pos.size, neg.size
+    tz = stats.rankdata(np.concatenate([pos, neg]))
+    tx = stats.rankdata(pos)
+    ty = stats.rankdata(neg)
+    v10 = (tz[:m] - tx) / n
+    v01 = 1.0 - (tz[m:] - ty) / m
+    a = float(v10.mean())
+    return a, v10, v01
+
+
+def delong_auc_variance(y, p) -> float:
+    """DeLong's variance of the empirical AUC: var(V10) / m + var(V01) / n (sample variances)."""
+    y, p = _check(y, p)
+    _, v10, v01 = _structural_components(y, p)
+    if v10.size < 2 or v01.size < 2:
+        raise ValueError(
+            f"DeLong variance: expected at least 2 positives and 2 negatives, found {v10.size} and {v01.size}"
+        )
+    return float(np.var(v10, ddof=1) / v10.size + np.var(v01, ddof=1) / v01.size)
+
+
+def delong_ci(y, p, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(auc, lo, hi): Wald interval on the AUC scale with DeLong's SE, clipped to [0, 1] like pROC."""
+    a = auc(y, p)
+    se = math.sqrt(delong_auc_variance(y, p))
+    z = float(stats.norm.ppf(1.0 - alpha / 2.0))
+    return a, max(0.0, a - z * se), min(1.0, a + z * se)
+
+
+def delong_test(y, p1, p2) -> tuple[float, float]:
+    """Paired DeLong test of AUC(p1) = AUC(p2) on the same patients: (z, two-sided p).
+
+    z = (AUC1 - AUC2) / SE(diff). When the difference has zero variance (identical rankings)
+    z is 0 and p is 1 if the AUCs are equal; otherwise the test is undefined and raises.
+    """
+    y, p1 = _check(y, p1)
+    _, p2 = _check(y, p2)
+    a1, v10a, v01a = _structural_components(y, p1)
+    a2, v10b, v01b = _structural_components(y, p2)
+    m, n = v10a.size, v01a.size
+    if m < 2 or n < 2:
+        raise ValueError(f"DeLong test: expected at least 2 positives and 2 negatives, found {m} and {n}")
+    s10 = np.cov(np.vstack([v10a, v10b]))
+    s01 = np.cov(np.vstack([v01a, v01b]))
+    cov = s10 / m + s01 / n
+    var = float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1])
+    diff = a1 - a2
+    if var <= 1e-15:
+        if abs(diff) < 1e-12:
+            return 0.0, 1.0
+        raise ValueError("DeLong test: the AUC difference has zero variance but the AUCs differ; use bootstrap")
+    z = diff / math.sqrt(var)
+    return float(z), float(2.0 * stats.norm.sf(abs(z)))
+
+
+def bootstrap_auc_ci(y, p, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(auc, lo, hi) by the percentile bootstrap (stratified: positives and negatives resampled
+    separately, so every resample keeps the observed class counts, as pROC's default does)."""
+    y, p = _check(y, p)
+    if n_boot < 1:
+        raise ValueError(f"n_boot: expected >= 1, found {n_boot}")
+    rng = np.random.default_rng(seed)
+    pos, neg = p[y == 1], p[y == 0]
+    m, n = pos.size, neg.size
+    bp = pos[rng.integers(0, m, size=(n_boot, m))]
+    bn = neg[rng.integers(0, n, size=(n_boot, n))]
+    ranks = stats.rankdata(np.hstack([bp, bn]), axis=1)
+    aucs = (ranks[:, :m].sum(axis=1) - m * (m + 1) / 2.0) / (m * n)
+    lo, hi = np.quantile(aucs, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return auc(y, p), float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------- threshold metrics
+def youden_threshold(y, p) -> float:
+    """Threshold maximising sensitivity + specificity - 1 on these (development) data.
+
+    Candidates are midpoints between consecutive distinct scores (as pROC), so the cut applies
+    cleanly to new patients; ties in the Youden index go to the highest threshold (fewer positives).
+    """
+    y, p = _check(y, p)
+    u = np.unique(p)
+    if u.size == 1:
+        return float(u[0])
+    cands = np.concatenate([(u[:-1] + u[1:]) / 2.0])
+    m = int(y.sum())
+    n = y.size - m
+    pos = np.sort(p[y == 1])
+    neg = np.sort(p[y == 0])
+    tp = m - np.searchsorted(pos, cands, side="left")
+    fp = n - np.searchsorted(neg, cands, side="left")
+    j = tp / m - fp / n
+    best = np.flatnonzero(j >= j.max() - 1e-12)
+    return float(cands[best[-1]])
+
+
+def threshold_metrics(y, p, threshold: float) -> dict:
+    """Confusion counts and rates at `threshold` (positive when p >= threshold).
+
+    A rate whose denominator is zero (e.g. PPV with no test positives) is NaN: undefined, not 0.
+    """
+    y, p = _check(y, p, need_both=False)
+    pred = p >= threshold
+    tp = int(np.sum(pred & (y == 1)))
+    fp = int(np.sum(pred & (y == 0)))
+    tn = int(np.sum(~pred & (y == 0)))
+    fn = int(np.sum(~pred & (y == 1)))
+
+    def rate(a: int, b: int) -> float:
+        return a / b if b else float("nan")
+
+    return {
+        "sensitivity": rate(tp, tp + fn),
+        "specificity": rate(tn, tn + fp),
+        "ppv": rate(tp, tp + fp),
+        "npv": rate(tn, tn + fn),
+        "accuracy": rate(tp + tn, y.size),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
+
+
+# --------------------------------------------------------------------------- calibration
+def brier(y, p) -> float:
+    """Mean squared difference between predicted probability and outcome."""
+    y, p = _check(y, p, need_both=False, probs=True)
+    return float(np.mean((p - y) ** 2))
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, _PROB_EPS, 1.0 - _PROB_EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def calibration_intercept_slope(y, p) -> tuple[float, float]:
+    """Logistic recalibration (Van Calster et al. 2016, "weak calibration").
+
+    slope: b in logit P(y=1) = a + b * logit(p)  (ideal 1; < 1 means predictions too extreme).
+    intercept: a in logit P(y=1) = a + offset(logit(p))  (calibration-in-the-large; ideal 0).
+    Raises LogisticFitError when the recalibration model has no finite fit (e.g. perfect separation).
+    """
+    y, p = _check(y, p, probs=True)
+    lp = _logit(p)
+    slope_fit = newton_fit(lambda b: suff_stats(lp[:, None], y, b), 2)
+    empty = np.zeros((y.size, 0))
+    intercept_fit = newton_fit(lambda b: suff_stats(empty, y, b, offset=lp), 1)
+    return float(intercept_fit.beta[0]), float(slope_fit.beta[1])
+
+
+def _risk_groups(p: np.ndarray, groups: int) -> np.ndarray:
+    """Group index per patient: cut at the quantiles of p (duplicate cut points merged), as
+    ResourceSelection::hoslem.test does in R."""
+    edges = np.unique(np.quantile(p, np.linspace(0.0, 1.0, groups + 1)))
+    if edges.size < 2:
+        return np.zeros(p.size, dtype=int)
+    # right-closed intervals with the lowest included: (e0, e1], (e1, e2], ... and e0 in group 0
+    return np.clip(np.searchsorted(edges, p, side="left") - 1, 0, edges.size - 2)
+
+
+def hosmer_lemeshow(y, p, groups: int = 10) -> tuple[float, float]:
+    """Hosmer-Lemeshow goodness-of-fit: (chi-square statistic, p-value with groups - 2 df).
+
+    Groups are risk quantiles; with heavy ties fewer groups may result (df follows the number of
+    non-empty groups). Groups whose expected count of events or non-events is 0 contribute only
+    through the other class. NaN when fewer than 3 groups remain (no degrees of freedom).
+    """
+    y, p = _check(y, p, need_both=False, probs=True)
+    if groups < 3:
+        raise ValueError(f"groups: expected >= 3, found {groups}")
+    g = _risk_groups(p, groups)
+    stat = 0.0
+    used = 0
+    for k in np.unique(g):
+        sel = g == k
+        obs1 = float(y[sel].sum())
+        exp1 = float(p[sel].sum())
+        obs0 = float(sel.sum()) - obs1
+        exp0 = float(sel.sum()) - exp1
+        if exp1 > 0:
+            stat += (obs1 - exp1) ** 2 / exp1
+        if exp0 > 0:
+            stat += (obs0 - exp0) ** 2 / exp0
+        used += 1
+    df = used - 2
+    if df < 1:
+        return float(stat), float("nan")
+    return float(stat), float(stats.chi2.sf(stat, df))
+
+
+def calibration_bins(y, p, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width bin of [0, 1]: (mean predicted, observed event rate, count).
+
+    Aggregates a site can share (the pooled value of a bin is the count-weighted mean of the
+    sites'). Empty bins have NaN means and count 0.
+    """
+    y, p = _check(y, p, need_both=False, probs=True)
+    idx = _bin_index(p, bins)
+    counts = np.bincount(idx, minlength=bins).astype(np.int64)
+    sum_p = np.bincount(idx, weights=p, minlength=bins)
+    sum_y = np.bincount(idx, weights=y.astype(np.float64), minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_pred = np.where(counts > 0, sum_p / counts, np.nan)
+        obs_rate = np.where(counts > 0, sum_y / counts, np.nan)
+    return mean_pred, obs_rate, counts
+
+
+# --------------------------------------------------------------------------- decision curves
+def _check_thresholds(thresholds) -> np.ndarray:
+    t = np.asarray(DEFAULT_THRESHOLDS if thresholds is None else thresholds, dtype=np.float64).ravel()
+    if t.size == 0 or (t <= 0).any() or (t >= 1).any():
+        raise ValueError("thresholds: expected values strictly between 0 and 1")
+    return t
+
+
+def net_benefit(y, p, thresholds=None) -> np.ndarray:
+    """Net benefit of treating patients with p >= t: TP/N - FP/N * t / (1 - t), per threshold."""
+    y, p = _check(y, p, need_both=False, probs=True)
+    t = _check_thresholds(thresholds)
+    pos = np.sort(p[y == 1])
+    neg = np.sort(p[y == 0])
+    tp = pos.size - np.searchsorted(pos, t, side="left")
+    fp = neg.size - np.searchsorted(neg, t, side="left")
+    return tp / y.size - fp / y.size * t / (1.0 - t)
+
+
+def net_benefit_treat_all(y, thresholds=None) -> np.ndarray:
+    """Net benefit of treating everyone: prevalence - (1 - prevalence) * t / (1 - t)."""
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if y.size == 0 or not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("labels: expected a non-empty array of 0/1")
+    t = _check_thresholds(thresholds)
+    prev = float(y.mean())
+    return prev - (1.0 - prev) * t / (1.0 - t)
+
+
+# --------------------------------------------------------------------------- histogram path
+def _bin_index(p: np.ndarray, bins: int) -> np.ndarray:
+    """Bin k holds [k/bins, (k+1)/bins); p = 1 goes in the last bin. Edges are k/bins exactly
+    (correctly rounded), so thresholds like np.round(0.29, 2) fall exactly on an edge."""
+    if bins < 1:
+        raise ValueError(f"bins: expected >= 1, found {bins}")
+    edges = np.arange(bins + 1) / bins
+    return np.clip(np.searchsorted(edges, p, side="right") - 1, 0, bins - 1)
+
+
+def score_histograms(y, p, bins: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """(neg_counts, pos_counts): per-class counts of p on `bins` equal-width bins of [0, 1]."""
+    y, p = _check(y, p, need_both=False, probs=True)
+    idx = _bin_index(p, bins)
+    neg = np.bincount(idx[y == 0], minlength=bins).astype(np.int64)
+    pos = np.bincount(idx[y == 1], minlength=bins).astype(np.int64)
+    return neg, pos
+
+
+def _check_hist(neg, pos, need_both: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    neg = np.asarray(neg, dtype=np.float64).ravel()
+    pos = np.asarray(pos, dtype=np.float64).ravel()
+    if neg.shape != pos.shape or neg.size == 0:
+        raise ValueError(f"histograms: expected two count arrays of equal length, found {neg.size} and {pos.size}")
+    if (neg < 0).any() or (pos < 0).any() or not (np.isfinite(neg).all() and np.isfinite(pos).all()):
+        raise ValueError("histograms: expected finite counts >= 0")
+    if need_both and (neg.sum() == 0 or pos.sum() == 0):
+        raise ValueError(
+            f"histograms: expected both classes, found {int(neg.sum())} negatives and {int(pos.sum())} positives"
+        )
+    return neg, pos
+
+
+def roc_from_histograms(neg, pos) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) at the bin edges, from the top bin down; starts at (0, 0), ends at (1, 1)."""
+    neg, pos = _check_hist(neg, pos)
+    fpr = np.concatenate([[0.0], np.cumsum(neg[::-1]) / neg.sum()])
+    tpr = np.concatenate([[0.0], np.cumsum(pos[::-1]) / pos.sum()])
+    return fpr, tpr
+
+
+def auc_from_histograms(neg, pos) -> float:
+    """AUC with pairs in the same bin counted 1/2 (the trapezoid area under the binned ROC).
+
+    Differs from the exact AUC by at most sum_k neg_k * pos_k / (2 * N_neg * N_pos).
+    """
+    neg, pos = _check_hist(neg, pos)
+    below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])  # negatives in lower bins
+    return float(np.sum(pos * (below + 0.5 * neg)) / (neg.sum() * pos.sum()))
+
+
+def net_benefit_from_histograms(neg, pos, thresholds=None) -> np.ndarray:
+    """Net benefit from binned scores. Exact when every threshold lies on a bin edge (the default
+    thresholds with 100 bins, or any multiple of 100); otherwise the bin straddling a threshold is
+    split assuming uniform scores within it, and the error is bounded by that bin's counts."""
+    neg, pos = _check_hist(neg, pos, need_both=False)
+    t = _check_thresholds(thresholds)
+    bins = neg.size
+    total = neg.sum() + pos.sum()
+    if total == 0:
+        raise ValueError("histograms: expected at least one patient, found empty histograms")
+
+    def above(counts: np.ndarray) -> np.ndarray:
+        tail = np.concatenate([np.cumsum(counts[::-1])[::-1], [0.0]])  # tail[k] = counts in bins >= k
+        pos_t = t * bins
+        k = np.floor(pos_t + 1e-9).astype(int)
+        k = np.clip(k, 0, bins)
+        frac = np.clip(pos_t - k, 0.0, 1.0)
+        frac[np.isclose(pos_t, np.round(pos_t), atol=1e-9, rtol=0)] = 0.0
+        inside = np.where(k < bins, counts[np.minimum(k, bins - 1)], 0.0)
+        return tail[k] - frac * inside
+
+    tp = above(pos)
+    fp = above(neg)
+    return tp / total - fp / total * t / (1.0 - t)
+
+
+# --------------------------------------------------------------------------- summary
+SUMMARY_KEYS = (
+    "n", "n_pos", "auc", "auc_ci_low", "auc_ci_high", "threshold", "sensitivity", "specificity",
+    "ppv", "npv", "accuracy", "brier", "calib_intercept", "calib_slope", "hl_stat", "hl_p",
+)
+
+
+def summarize(y, p, threshold: float | None = None) -> dict:
+    """The metrics one evaluation reports, as plain int/float (a Flower MetricRecord can carry it).
+
+    `threshold=None` picks the Youden-optimal cut on these data (development use); pass the
+    development threshold when these are test data. NaN appears only where a value is undefined:
+    AUC, its CI, the Youden threshold and calibration when only one class is present (or fewer than
+    2 per class for the CI), a rate with a zero denominator, HL p with fewer than 3 risk groups, and
+    the calibration fit when it has no finite solution (perfect separation).
+    """
+    y, p = _check(y, p, need_both=False, probs=True)
+    nan = float("nan")
+    n_pos = int(y.sum())
+    both = 0 < n_pos < y.size
+    out: dict = {"n": int(y.size), "n_pos": n_pos}
+    if both:
+        out["auc"] = auc(y, p)
+        if min(n_pos, y.size - n_pos) >= 2:
+            _, lo, hi = delong_ci(y, p)
+        else:
+            lo = hi = nan
+        out["auc_ci_low"], out["auc_ci_high"] = lo, hi
+    else:
+        out["auc"] = out["auc_ci_low"] = out["auc_ci_high"] = nan
+    if threshold is None:
+        threshold = youden_threshold(y, p) if both else nan
+    out["threshold"] = float(threshold)
+    tm = threshold_metrics(y, p, threshold) if math.isfinite(threshold) else {}
+    for k in ("sensitivity", "specificity", "ppv", "npv", "accuracy"):
+        out[k] = float(tm.get(k, nan))
+    out["brier"] = brier(y, p)
+    if both:
+        try:
+            out["calib_intercept"], out["calib_slope"] = calibration_intercept_slope(y, p)
+        except LogisticFitError:  # documented: no finite recalibration fit exists -> undefined
+            out["calib_intercept"] = out["calib_slope"] = nan
+    else:
+        out["calib_intercept"] = out["calib_slope"] = nan
+    out["hl_stat"], out["hl_p"] = hosmer_lemeshow(y, p)
+    return {k: (int(out[k]) if k in ("n", "n_pos") else float(out[k])) for k in SUMMARY_KEYS}

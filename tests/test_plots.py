@@ -1,0 +1,77 @@
+"""The paper figures render to valid PNGs of a readable size from tiny inputs."""
+from __future__ import annotations
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+
+from common import metrics as M
+from common import plots
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_png(path, min_px: int = 500):
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    img = mpimg.imread(path)
+    h, w = img.shape[:2]
+    assert min(h, w) >= min_px, f"{path.name}: {w}x{h} px is too small for a paper figure"
+    assert img[..., :3].std() > 0.01, f"{path.name} is blank"  # something was drawn
+    return img
+
+
+def _tiny():
+    rng = np.random.default_rng(0)
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 0, 1, 0, 1, 1])
+    return y, {
+        "CF": np.clip(0.3 + 0.3 * y + rng.normal(0, 0.15, y.size), 0, 1),
+        "DL": np.clip(0.4 + 0.1 * y + rng.normal(0, 0.2, y.size), 0, 1),
+        "Combined": np.clip(0.2 + 0.5 * y + rng.normal(0, 0.1, y.size), 0, 1),
+    }
+
+
+def test_roc_plot_from_metrics(tmp_path):
+    y, models = _tiny()
+    curves = {}
+    for name, p in models.items():
+        fpr, tpr = M.roc_from_histograms(*M.score_histograms(y, p))
+        a, lo, hi = M.delong_ci(y, p)
+        curves[name] = dict(fpr=fpr, tpr=tpr, auc=a, lo=lo, hi=hi)
+    out = plots.plot_roc(curves, tmp_path / "figs" / "roc.png", "ROC, primary cohort")
+    assert out == tmp_path / "figs" / "roc.png"
+    _check_png(out)
+
+
+def test_roc_legend_text():
+    assert plots.roc_label("Combined", 0.887, 0.834, 0.940) == "Combined: AUC 0.89 (0.83-0.94)"
+    assert plots.roc_label("DL", 0.5, float("nan"), float("nan")) == "DL: AUC 0.50"
+
+
+def test_dca_plot_clips_very_negative_treat_all(tmp_path):
+    y, models = _tiny()
+    t = M.DEFAULT_THRESHOLDS
+    nbs = {name: M.net_benefit(y, p, t) for name, p in models.items()}
+    treat_all = M.net_benefit_treat_all(y, t)
+    assert treat_all.min() < -10  # at t = 0.99 treat-all is about -50: the y-axis must not follow it
+    _check_png(plots.plot_dca(t, nbs, treat_all, tmp_path / "dca.png", "Decision curves"))
+    lo, hi = plots.dca_ylim([*nbs.values(), treat_all])
+    best = max(float(nb.max()) for nb in [*nbs.values(), treat_all])
+    assert -0.1 <= lo < 0 and best < hi < 1.2 * best + 0.06
+
+
+def test_calibration_and_learning_curves(tmp_path):
+    y, models = _tiny()
+    curves = {name: M.calibration_bins(y, p, bins=5)[:2] for name, p in models.items()}
+    _check_png(plots.plot_calibration(curves, tmp_path / "cal.png", "Calibration"))
+    hist = {"site A": [(1, 0.6), (2, 0.7), (3, 0.75)], "site B": [(1, 0.55), (2, 0.6), (3, 0.7)]}
+    _check_png(plots.plot_learning_curves(hist, tmp_path / "lc.png", "Validation AUC", "AUC"), min_px=400)
+
+
+def test_bad_plot_input_names_the_curve(tmp_path):
+    with pytest.raises(ValueError, match="curve 'CF' is missing"):
+        plots.plot_roc({"CF": {"fpr": [0, 1], "tpr": [0, 1]}}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="'DL' has 2 values for 3 thresholds"):
+        plots.plot_dca([0.1, 0.2, 0.3], {"DL": [0.1, 0.2]}, [0.1, 0.1, 0.1], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="series 'A'"):
+        plots.plot_learning_curves({"A": [1, 2, 3]}, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
