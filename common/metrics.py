@@ -135,18 +135,31 @@ def bootstrap_auc_ci(y, p, n_boot: int = 2000, seed: int = 0, alpha: float = 0.0
     return auc(y, p), float(lo), float(hi)
 
 
+def roc_curve(y, p) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact ROC: (fpr, tpr, thresholds) for "positive when p >= threshold", one point per distinct
+    score from the highest down, preceded by (0, 0) at threshold +inf."""
+    y, p = _check(y, p)
+    u = np.unique(p)[::-1]
+    pos = np.sort(p[y == 1])
+    neg = np.sort(p[y == 0])
+    tpr = (pos.size - np.searchsorted(pos, u, side="left")) / pos.size
+    fpr = (neg.size - np.searchsorted(neg, u, side="left")) / neg.size
+    return np.r_[0.0, fpr], np.r_[0.0, tpr], np.r_[np.inf, u]
+
+
 # --------------------------------------------------------------------------- threshold metrics
 def youden_threshold(y, p) -> float:
     """Threshold maximising sensitivity + specificity - 1 on these (development) data.
 
     Candidates are midpoints between consecutive distinct scores (as pROC), so the cut applies
     cleanly to new patients; ties in the Youden index go to the highest threshold (fewer positives).
+    With a single distinct score there is no cut: that score is returned (everyone test positive).
     """
     y, p = _check(y, p)
     u = np.unique(p)
     if u.size == 1:
         return float(u[0])
-    cands = np.concatenate([(u[:-1] + u[1:]) / 2.0])
+    cands = (u[:-1] + u[1:]) / 2.0
     m = int(y.sum())
     n = y.size - m
     pos = np.sort(p[y == 1])
@@ -198,19 +211,29 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def calibration_intercept_slope(y, p) -> tuple[float, float]:
-    """Logistic recalibration (Van Calster et al. 2016, "weak calibration").
+def calibration_slope(y, p) -> float:
+    """b in logit P(y=1) = a + b * logit(p): ideal 1; < 1 means predictions too extreme (overfit).
 
-    slope: b in logit P(y=1) = a + b * logit(p)  (ideal 1; < 1 means predictions too extreme).
-    intercept: a in logit P(y=1) = a + offset(logit(p))  (calibration-in-the-large; ideal 0).
-    Raises LogisticFitError when the recalibration model has no finite fit (e.g. perfect separation).
+    Raises LogisticFitError when no finite fit exists (the scores separate the classes perfectly).
     """
     y, p = _check(y, p, probs=True)
     lp = _logit(p)
-    slope_fit = newton_fit(lambda b: suff_stats(lp[:, None], y, b), 2)
+    return float(newton_fit(lambda b: suff_stats(lp[:, None], y, b), 2).beta[1])
+
+
+def calibration_intercept(y, p) -> float:
+    """a in logit P(y=1) = a + offset(logit(p)): calibration-in-the-large, ideal 0
+    (> 0: risks underestimated on average). Finite whenever both outcomes occur."""
+    y, p = _check(y, p, probs=True)
+    lp = _logit(p)
     empty = np.zeros((y.size, 0))
-    intercept_fit = newton_fit(lambda b: suff_stats(empty, y, b, offset=lp), 1)
-    return float(intercept_fit.beta[0]), float(slope_fit.beta[1])
+    return float(newton_fit(lambda b: suff_stats(empty, y, b, offset=lp), 1).beta[0])
+
+
+def calibration_intercept_slope(y, p) -> tuple[float, float]:
+    """(intercept, slope) of logistic recalibration (Van Calster et al. 2016, "weak calibration");
+    see calibration_intercept and calibration_slope."""
+    return calibration_intercept(y, p), calibration_slope(y, p)
 
 
 def _risk_groups(p: np.ndarray, groups: int) -> np.ndarray:
@@ -390,7 +413,7 @@ def summarize(y, p, threshold: float | None = None) -> dict:
     development threshold when these are test data. NaN appears only where a value is undefined:
     AUC, its CI, the Youden threshold and calibration when only one class is present (or fewer than
     2 per class for the CI), a rate with a zero denominator, HL p with fewer than 3 risk groups, and
-    the calibration fit when it has no finite solution (perfect separation).
+    the calibration slope when the scores separate the classes perfectly (its MLE is infinite).
     """
     y, p = _check(y, p, need_both=False, probs=True)
     nan = float("nan")
@@ -414,10 +437,11 @@ def summarize(y, p, threshold: float | None = None) -> dict:
         out[k] = float(tm.get(k, nan))
     out["brier"] = brier(y, p)
     if both:
+        out["calib_intercept"] = calibration_intercept(y, p)
         try:
-            out["calib_intercept"], out["calib_slope"] = calibration_intercept_slope(y, p)
-        except LogisticFitError:  # documented: no finite recalibration fit exists -> undefined
-            out["calib_intercept"] = out["calib_slope"] = nan
+            out["calib_slope"] = calibration_slope(y, p)
+        except LogisticFitError:  # documented: perfectly separating scores have no finite slope
+            out["calib_slope"] = nan
     else:
         out["calib_intercept"] = out["calib_slope"] = nan
     out["hl_stat"], out["hl_p"] = hosmer_lemeshow(y, p)

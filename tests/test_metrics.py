@@ -16,6 +16,7 @@ from scipy import stats
 from sklearn.metrics import brier_score_loss, confusion_matrix, roc_auc_score, roc_curve
 
 from common import metrics as M
+from common.logistic import LogisticFitError
 
 Z975 = stats.norm.ppf(0.975)
 
@@ -95,6 +96,16 @@ def test_bootstrap_ci_agrees_with_mlstatkit_bootstrap_and_delong():
     _, d_lo, d_hi = M.delong_ci(y, p)
     assert lo == pytest.approx(d_lo, abs=0.02) and hi == pytest.approx(d_hi, abs=0.02)
     assert M.bootstrap_auc_ci(y, p, n_boot=300, seed=5) == M.bootstrap_auc_ci(y, p, n_boot=300, seed=5)
+
+
+def test_exact_roc_curve_equals_sklearn_and_integrates_to_the_auc():
+    y, p = _tied_scores(130, 21, decimals=2)
+    fpr, tpr, thr = M.roc_curve(y, p)
+    ref_fpr, ref_tpr, ref_thr = roc_curve(y, p, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, ref_fpr, atol=1e-15)
+    np.testing.assert_allclose(tpr, ref_tpr, atol=1e-15)
+    np.testing.assert_array_equal(thr[1:], ref_thr[1:])
+    assert np.trapezoid(tpr, fpr) == pytest.approx(M.auc(y, p), abs=1e-12)
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -291,6 +302,16 @@ def test_summarize_is_json_friendly_and_consistent():
     assert (s["calib_intercept"], s["calib_slope"]) == pytest.approx(M.calibration_intercept_slope(y, p))
     assert (s["hl_stat"], s["hl_p"]) == pytest.approx(M.hosmer_lemeshow(y, p))
     assert s["brier"] == pytest.approx(brier_score_loss(y, p))
+
+
+def test_summarize_perfect_separation_leaves_only_the_slope_undefined():
+    s = M.summarize([0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.3, 0.6, 0.7, 0.8])
+    assert s["auc"] == 1.0 and s["sensitivity"] == 1.0 and s["specificity"] == 1.0
+    assert math.isnan(s["calib_slope"])
+    assert s["calib_intercept"] == pytest.approx(M.calibration_intercept([0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.3, 0.6, 0.7, 0.8]))
+    assert math.isfinite(s["calib_intercept"])
+    with pytest.raises(LogisticFitError):
+        M.calibration_slope([0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.3, 0.6, 0.7, 0.8])
 
 
 def test_summarize_single_class_site_gives_nan_only_where_undefined():
