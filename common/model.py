@@ -1,0 +1,169 @@
+"""The ResNet fusion model behind the paper's "MRI DL" and "Combined DL" models.
+
+A MONAI ResNet (resnet10/18/34, 2D or 3D, one input channel per MRI sequence, no pretrained
+weights: nothing is ever downloaded) turns the tumour crop into a pooled feature vector. The
+Combined model concatenates a small embedding of the standardised clinical vector
+(common.clinical.FEATURE_NAMES) to it; a two-layer head gives one logit. `use_clinical=False`
+is the image-only "MRI DL" model: same backbone and head, the clinical input is ignored.
+
+Design choices (the paper's abstract does not give them):
+- Stem: MONAI's default 7x7 stride-2 convolution + max-pool. For the default 64x64 crop the
+  last stage works on 2x2 maps, which keeps a CPU-only site at ~130 samples/s (resnet10, one
+  thread); `small_input_stem=True` switches to a 3x3 stride-1 stem (4x4 last stage) that keeps
+  finer texture at ~2.7x the compute.
+- Normalisation is selectable because BatchNorm running statistics averaged by FedAvg across
+  small sites with different scanners are a known failure mode. "instance" uses affine
+  InstanceNorm (MONAI's plain "instance" has no affine parameters and breaks MONAI's ResNet
+  initialisation); "group" uses gcd(32, narrowest stage width) groups, i.e. 32 groups
+  (Wu & He 2018) for the standard widths.
+  MONAI 1.6.1's ResNet applies its `norm` argument to the stem only (`_make_layer` is called
+  without it, so every residual block gets BatchNorm); `_swap_norms` replaces those layers so the
+  chosen normalisation really is used throughout.
+  Measured with `slmfed bench train --compare-norm` (2-site FedAvg on an in-memory phantom whose
+  sites differ in intensity scale; see simulation/bench_train.py): see NORM_MEASUREMENT below.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+from monai.networks.layers import get_norm_layer
+from monai.networks.nets import resnet10, resnet18, resnet34
+from torch import nn
+
+BACKBONES = {"resnet10": resnet10, "resnet18": resnet18, "resnet34": resnet34}
+NORMS = ("batch", "instance", "group")
+GROUP_NORM_GROUPS = 32
+
+NORM_MEASUREMENT = "pending"
+
+
+def norm_spec(norm: str, min_channels: int) -> tuple[str, dict[str, Any]]:
+    """MONAI norm argument for `norm`, valid for every stage width (all multiples of min_channels)."""
+    if norm == "batch":
+        return ("batch", {})
+    if norm == "instance":
+        return ("instance", {"affine": True})
+    if norm == "group":
+        return ("group", {"num_groups": math.gcd(GROUP_NORM_GROUPS, min_channels)})
+    raise ValueError(f"norm: expected one of {', '.join(NORMS)}, found {norm!r}")
+
+
+def _swap_norms(module: nn.Module, norm: tuple[str, dict[str, Any]], spatial_dims: int) -> None:
+    """Replace every BatchNorm left by MONAI's ResNet with the chosen norm layer (same width)."""
+    if norm[0] == "batch":
+        return
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, get_norm_layer(name=norm, spatial_dims=spatial_dims, channels=child.num_features))
+        else:
+            _swap_norms(child, norm, spatial_dims)
+
+
+class FusionResNet(nn.Module):
+    """MONAI ResNet image features (+ clinical embedding) -> one logit per patient."""
+
+    def __init__(
+        self,
+        n_channels: int = 3,
+        n_clinical: int = 7,
+        spatial_dims: int = 2,
+        backbone: str = "resnet10",
+        norm: str = "instance",
+        use_clinical: bool = True,
+        clinical_embed_dim: int = 16,
+        *,
+        widen_factor: float = 1.0,
+        small_input_stem: bool = False,
+        head_hidden: int = 64,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone: expected one of {', '.join(BACKBONES)}, found {backbone!r}")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims: expected 2 or 3, found {spatial_dims!r}")
+        if n_channels < 1:
+            raise ValueError(f"n_channels: expected >= 1 (one per MRI sequence), found {n_channels!r}")
+        if use_clinical and (n_clinical < 1 or clinical_embed_dim < 1):
+            raise ValueError(
+                f"use_clinical=True needs n_clinical >= 1 and clinical_embed_dim >= 1, "
+                f"found {n_clinical} and {clinical_embed_dim}"
+            )
+        min_width = int(64 * widen_factor)  # MONAI's first stage width is 64 * widen_factor
+        if min_width < 1:
+            raise ValueError(f"widen_factor: expected a value giving >= 1 channel, found {widen_factor!r}")
+        stem = (
+            dict(conv1_t_size=3, conv1_t_stride=1, no_max_pool=False)
+            if small_input_stem
+            else dict(conv1_t_size=7, conv1_t_stride=2, no_max_pool=False)
+        )
+        self.config = dict(
+            n_channels=n_channels, n_clinical=n_clinical, spatial_dims=spatial_dims, backbone=backbone,
+            norm=norm, use_clinical=use_clinical, clinical_embed_dim=clinical_embed_dim,
+            widen_factor=widen_factor, small_input_stem=small_input_stem,
+        )
+        self.spatial_dims = spatial_dims
+        self.total_stride = 16 if small_input_stem else 32  # stem (+ max-pool) and three stride-2 stages
+        self.n_channels = n_channels
+        self.n_clinical = n_clinical
+        self.use_clinical = use_clinical
+        norm_arg = norm_spec(norm, min_width)
+        self.backbone = BACKBONES[backbone](
+            pretrained=False,
+            spatial_dims=spatial_dims,
+            n_input_channels=n_channels,
+            feed_forward=False,
+            widen_factor=widen_factor,
+            norm=norm_arg,
+            **stem,
+        )
+        _swap_norms(self.backbone, norm_arg, spatial_dims)
+        n_image = int(512 * widen_factor)  # basic blocks: last stage width = 512 * widen_factor
+        if use_clinical:
+            self.clinical_embed = nn.Sequential(nn.Linear(n_clinical, clinical_embed_dim), nn.ReLU(inplace=True))
+            n_fused = n_image + clinical_embed_dim
+        else:
+            self.clinical_embed = None
+            n_fused = n_image
+        self.head = nn.Sequential(
+            nn.Linear(n_fused, head_hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(head_hidden, 1)
+        )
+
+    def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
+        """image N x C x (D x) H x W, clinical N x F (standardised) -> logits (N,)."""
+        if image.dim() != self.spatial_dims + 2 or image.shape[1] != self.n_channels:
+            raise ValueError(
+                f"image: expected N x {self.n_channels} x {'D x ' if self.spatial_dims == 3 else ''}H x W, "
+                f"found shape {tuple(image.shape)}"
+            )
+        if self.config["norm"] == "instance" and math.prod(-(-n // self.total_stride) for n in image.shape[2:]) < 2:
+            raise ValueError(
+                f"image: instance norm needs more than one voxel in the last ResNet stage (total stride "
+                f"{self.total_stride}), found spatial shape {tuple(image.shape[2:])}; use larger crops or norm group/batch"
+            )
+        features = self.backbone(image)
+        if self.clinical_embed is not None:
+            if clinical is None or clinical.dim() != 2 or clinical.shape != (image.shape[0], self.n_clinical):
+                found = None if clinical is None else tuple(clinical.shape)
+                raise ValueError(f"clinical: expected shape ({image.shape[0]}, {self.n_clinical}), found {found}")
+            features = torch.cat([features, self.clinical_embed(clinical.to(features.dtype))], dim=1)
+        return self.head(features).squeeze(1)
+
+
+def build_model(
+    cfg: Mapping[str, Any], n_channels: int, spatial_dims: int, n_clinical: int, use_clinical: bool
+) -> FusionResNet:
+    """The study's model from config keys backbone, norm, clinical-embed-dim (seeded by `seed`)."""
+    with torch.random.fork_rng(devices=[]):  # same weights for the same seed, global RNG untouched
+        torch.manual_seed(int(cfg.get("seed", 42)))
+        return FusionResNet(
+            n_channels=n_channels,
+            n_clinical=n_clinical,
+            spatial_dims=spatial_dims,
+            backbone=cfg["backbone"],
+            norm=cfg["norm"],
+            use_clinical=use_clinical,
+            clinical_embed_dim=int(cfg["clinical-embed-dim"]),
+        )

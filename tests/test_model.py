@@ -1,0 +1,121 @@
+"""FusionResNet / build_model: shapes, norm choices, fusion behaviour, seeding, clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from common.config import load_config
+from common.model import FusionResNet, build_model, norm_spec
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("norm,layer", [("batch", nn.BatchNorm2d), ("instance", nn.InstanceNorm2d), ("group", nn.GroupNorm)])
+def test_2d_forward_shape_and_norm_layer(norm, layer):
+    m = FusionResNet(n_channels=3, n_clinical=7, spatial_dims=2, norm=norm).eval()
+    out = m(torch.randn(3, 3, 64, 64), torch.randn(3, 7))
+    assert out.shape == (3,) and torch.isfinite(out).all()
+    norms = [mod for mod in m.backbone.modules() if isinstance(mod, (nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm))]
+    assert norms and all(type(mod) is layer for mod in norms)
+    assert all(mod.weight is not None for mod in norms)  # affine everywhere, so FedAvg averages real parameters
+    if norm == "group":
+        assert {mod.num_groups for mod in norms} == {32}
+
+
+def test_3d_forward_and_channel_count():
+    m = FusionResNet(n_channels=2, spatial_dims=3, norm="group", widen_factor=0.25).eval()
+    assert m(torch.randn(2, 2, 8, 32, 32), torch.randn(2, 7)).shape == (2,)
+    assert m.backbone.conv1.in_channels == 2 and isinstance(m.backbone.conv1, nn.Conv3d)
+
+
+def test_backbone_depths_differ():
+    sizes = [_n_params(FusionResNet(backbone=b)) for b in ("resnet10", "resnet18", "resnet34")]
+    assert sizes[0] < sizes[1] < sizes[2]
+
+
+def test_group_norm_groups_divide_narrow_widths():
+    assert norm_spec("group", 16) == ("group", {"num_groups": 16})
+    m = FusionResNet(norm="group", widen_factor=0.25)
+    assert m(torch.randn(2, 3, 32, 32), torch.randn(2, 7)).shape == (2,)
+
+
+def test_mri_only_model_ignores_clinical_and_combined_uses_it():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 64, 64)
+    dl = FusionResNet(use_clinical=False).eval()
+    assert dl.clinical_embed is None
+    with torch.no_grad():
+        a, b, c = dl(x, torch.randn(4, 7)), dl(x, torch.randn(4, 7)), dl(x)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    combined = FusionResNet(use_clinical=True).eval()
+    with torch.no_grad():
+        assert not torch.allclose(combined(x, torch.randn(4, 7)), combined(x, torch.randn(4, 7)))
+
+
+def test_gradients_reach_backbone_and_clinical_embedding():
+    m = FusionResNet(norm="batch")
+    m(torch.randn(4, 3, 64, 64), torch.randn(4, 7)).sum().backward()
+    assert m.backbone.conv1.weight.grad.abs().sum() > 0
+    assert m.clinical_embed[0].weight.grad.abs().sum() > 0
+
+
+def test_no_pretrained_weights_are_fetched(monkeypatch):
+    import monai.networks.nets.resnet as monai_resnet
+
+    def forbidden(*a, **k):
+        raise AssertionError("tried to download pretrained weights")
+
+    monkeypatch.setattr(monai_resnet, "get_pretrained_resnet_medicalnet", forbidden)
+    for backbone in ("resnet10", "resnet18", "resnet34"):
+        FusionResNet(spatial_dims=3, n_channels=1, backbone=backbone, widen_factor=0.25)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(backbone="resnet50"), "backbone: expected one of resnet10, resnet18, resnet34, found 'resnet50'"),
+        (dict(norm="layer"), "norm: expected one of batch, instance, group, found 'layer'"),
+        (dict(spatial_dims=1), "spatial_dims: expected 2 or 3, found 1"),
+        (dict(n_channels=0), "n_channels"),
+        (dict(clinical_embed_dim=0), "clinical_embed_dim"),
+    ],
+)
+def test_bad_construction_is_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FusionResNet(**kwargs)
+
+
+def test_bad_inputs_are_clear_errors():
+    m = FusionResNet(n_channels=3).eval()
+    with pytest.raises(ValueError, match=r"image: expected N x 3 x H x W, found shape \(2, 2, 64, 64\)"):
+        m(torch.randn(2, 2, 64, 64), torch.randn(2, 7))
+    with pytest.raises(ValueError, match=r"instance norm needs more than one voxel .* found spatial shape \(32, 32\)"):
+        m(torch.randn(2, 3, 32, 32), torch.randn(2, 7))
+    with pytest.raises(ValueError, match=r"clinical: expected shape \(2, 7\), found None"):
+        m(torch.randn(2, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"clinical: expected shape \(2, 7\), found \(2, 5\)"):
+        m(torch.randn(2, 3, 64, 64), torch.randn(2, 5))
+
+
+def test_build_model_reads_config_and_is_seeded():
+    cfg = load_config(cli={"backbone": "resnet18", "norm": "group", "clinical-embed-dim": 8, "seed": 3})
+    before = torch.random.get_rng_state()
+    m1 = build_model(cfg, n_channels=3, spatial_dims=2, n_clinical=7, use_clinical=True)
+    assert torch.equal(before, torch.random.get_rng_state())  # global RNG untouched
+    m2 = build_model(cfg, n_channels=3, spatial_dims=2, n_clinical=7, use_clinical=True)
+    m3 = build_model({**cfg, "seed": 4}, n_channels=3, spatial_dims=2, n_clinical=7, use_clinical=True)
+    assert m1.config["backbone"] == "resnet18" and m1.clinical_embed[0].out_features == 8
+    assert any(isinstance(mod, nn.GroupNorm) for mod in m1.modules())
+    s1, s2, s3 = m1.state_dict(), m2.state_dict(), m3.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert not all(torch.equal(s1[k], s3[k]) for k in s1)
+    dl = build_model(cfg, n_channels=3, spatial_dims=2, n_clinical=7, use_clinical=False)
+    assert dl.clinical_embed is None
