@@ -104,6 +104,18 @@ def test_perfect_separation_is_a_clear_error_and_ridge_is_the_escape_hatch():
     assert np.isfinite(m.coef_).all() and m.coef_[1] > 0
 
 
+def test_quasi_complete_separation_by_a_binary_factor_is_a_clear_error():
+    """A small site where no patient with a high tumour has SLM: the MLE slope is -infinity."""
+    rng = np.random.default_rng(0)
+    X = np.c_[rng.integers(0, 2, 40), rng.normal(size=40)]
+    y = (rng.random(40) < 0.5).astype(float)
+    y[X[:, 0] == 1] = 0
+    with pytest.raises(LogisticFitError, match="separation"):
+        LogisticCF().fit(X, y)
+    m = LogisticCF(l2=0.1).fit(X, y)
+    assert np.isfinite(m.coef_).all() and m.coef_[1] < -1
+
+
 def test_collinear_features_are_a_clear_error():
     X, y = _cohort(80, seed=5)
     Xc = np.hstack([X, X[:, :1] * 2.0])
