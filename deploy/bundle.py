@@ -1,0 +1,198 @@
+"""Bundle layout and the one place where Flower command lines are built.
+
+Why: the systemd units, the compose file, `slmfed site join` and the end-to-end test must start
+`flower-superlink` / `flower-supernode` with exactly the same flags, so they all call
+`superlink_argv` / `supernode_argv` here. A bundle is a folder with `bundle.toml` (what it is,
+where it gets installed, its settings) next to the files its commands point at.
+"""
+from __future__ import annotations
+
+import shlex
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUNDLE_FILE = "bundle.toml"
+DEFAULT_INSTALL_DIR = "/etc/slmfed"
+DEFAULT_CACHE_DIR = "/srv/slmfed/cache"
+DEFAULT_STATE_DIR = "/var/lib/slmfed"
+DEFAULT_LOG_DIR = "/var/log/slmfed"
+DEFAULT_VENV = "/opt/slmfed/.venv"
+DEFAULT_SUPERLINK_PORT = 9092
+DEFAULT_SUPERNODE_PORT = 9094
+# A site keeps retrying for a day when the coordinator is down (maintenance windows), then
+# systemd restarts it; never an unbounded loop that nobody notices.
+DEFAULT_MAX_RETRIES = 500
+DEFAULT_MAX_WAIT_TIME = 86400.0
+# subprocess: every ClientApp runs in its own short-lived OS process, as the SuperNode's own
+# unprivileged service user, inside the unit's sandbox; no extra service to run or secure.
+SUPERNODE_ISOLATION = "subprocess"
+
+# Site bundle files
+CA_CERT = "ca.crt"
+SITE_KEY = "supernode.key"
+SITE_PUB = "supernode.pub"
+# Coordinator bundle files
+SERVER_CERT = "certs/server.crt"
+SERVER_KEY = "certs/server.key"
+COORD_CA = "certs/ca.crt"
+SITE_KEYS_DIR = "site-keys"
+
+
+class BundleError(ValueError):
+    """A bundle folder is incomplete or its bundle.toml is wrong."""
+
+
+@dataclass
+class Bundle:
+    """A parsed bundle.toml plus the folder it sits in."""
+
+    root: Path
+    kind: str
+    install_dir: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def local(self, install_path: str | Path) -> Path:
+        """Map a path as it will be on the installed machine to the file in this folder."""
+        p = Path(install_path)
+        try:
+            return self.root / p.relative_to(self.install_dir)
+        except ValueError:
+            return p if p.is_absolute() else self.root / p
+
+
+def read_bundle(root: str | Path) -> Bundle:
+    root = Path(root)
+    path = root / BUNDLE_FILE
+    if not path.is_file():
+        raise BundleError(f"{root}: not a deployment bundle (expected {BUNDLE_FILE}, found none)")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: cannot be read as TOML ({exc})") from None
+    kind = data.get("kind")
+    if kind not in ("site", "coordinator"):
+        raise BundleError(f"{path}: expected kind = \"site\" or \"coordinator\", found {kind!r}")
+    return Bundle(root=root, kind=kind, install_dir=str(data.get("install-dir", DEFAULT_INSTALL_DIR)), data=data)
+
+
+def find_bundle(path: Path, stop: Path | None = None) -> Bundle | None:
+    """The bundle a file belongs to (nearest folder upwards with bundle.toml), if any."""
+    for folder in [path if path.is_dir() else path.parent, *path.parents]:
+        if (folder / BUNDLE_FILE).is_file():
+            return read_bundle(folder)
+        if stop is not None and folder == stop:
+            break
+    return None
+
+
+# ---------------------------------------------------------------- command lines
+
+def node_config_arg(values: dict[str, Any]) -> str:
+    """Flower's --node-config syntax: space separated key=value, strings in double quotes."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            parts.append(f"{key}={value}")
+        else:
+            text = str(value)
+            if '"' in text or "\\" in text:
+                raise BundleError(f"node-config value for {key!r} must not contain quotes or backslashes: {text!r}")
+            parts.append(f'{key}="{text}"')
+    return " ".join(parts)
+
+
+def parse_node_config(arg: str) -> dict[str, str]:
+    """Inverse of `node_config_arg` (values as text), used by the checker."""
+    out: dict[str, str] = {}
+    for token in shlex.split(arg):
+        key, sep, value = token.partition("=")
+        if not sep:
+            raise BundleError(f"--node-config entry {token!r}: expected key=value")
+        out[key] = value
+    return out
+
+
+def superlink_argv(
+    *,
+    ca_cert: str,
+    server_cert: str,
+    server_key: str,
+    host: str = "0.0.0.0",
+    port: int = DEFAULT_SUPERLINK_PORT,
+    database: str | None = None,
+    log_file: str | None = None,
+    program: str = "flower-superlink",
+) -> list[str]:
+    """flower-superlink with TLS, SuperNode authentication, no runtime dependency installation."""
+    argv = [
+        program,
+        "--ssl-ca-certfile", ca_cert,
+        "--ssl-certfile", server_cert,
+        "--ssl-keyfile", server_key,
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--host", host,
+        "--port", str(port),
+    ]
+    if database:
+        argv += ["--database", database]
+    if log_file:
+        argv += ["--log-file", log_file]
+    return argv
+
+
+def supernode_argv(
+    *,
+    superlink: str,
+    ca_cert: str,
+    private_key: str,
+    cache_dir: str,
+    site_name: str,
+    port: int = DEFAULT_SUPERNODE_PORT,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+    max_wait_time: float = DEFAULT_MAX_WAIT_TIME,
+    extra_node_config: dict[str, Any] | None = None,
+    program: str = "flower-supernode",
+) -> list[str]:
+    """flower-supernode with the CA, its authentication key, the site's cache and bounded retries."""
+    node_cfg = {"cache-dir": cache_dir, "site-name": site_name, **(extra_node_config or {})}
+    return [
+        program,
+        "--superlink", superlink,
+        "--root-certificates", ca_cert,
+        "--auth-supernode-private-key", private_key,
+        "--node-config", node_config_arg(node_cfg),
+        "--isolation", SUPERNODE_ISOLATION,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--max-retries", str(max_retries),
+        "--max-wait-time", str(max_wait_time),
+    ]
+
+
+def site_argv(bundle: Bundle, *, cache_dir: str | None = None, installed: bool = True,
+              program: str = "flower-supernode", port: int | None = None) -> list[str]:
+    """The SuperNode command of a site bundle; paths as installed, or into the bundle folder."""
+    if bundle.kind != "site":
+        raise BundleError(f"{bundle.root}: expected a site bundle, found a {bundle.kind} bundle")
+    node = bundle.data.get("node", {})
+    link = bundle.data.get("superlink", {})
+    where = (lambda name: f"{bundle.install_dir}/{name}") if installed else (lambda name: str(bundle.root / name))
+    try:
+        return supernode_argv(
+            superlink=str(link["address"]),
+            ca_cert=where(CA_CERT),
+            private_key=where(SITE_KEY),
+            cache_dir=str(cache_dir or node["cache-dir"]),
+            site_name=str(node["site-name"]),
+            port=int(port or node.get("port", DEFAULT_SUPERNODE_PORT)),
+            max_retries=int(node.get("max-retries", DEFAULT_MAX_RETRIES)),
+            max_wait_time=float(node.get("max-wait-time", DEFAULT_MAX_WAIT_TIME)),
+            program=program,
+        )
+    except KeyError as exc:
+        raise BundleError(f"{bundle.root / BUNDLE_FILE}: missing key {exc.args[0]!r}") from None

@@ -1,0 +1,408 @@
+"""deploy: PKI, generated configs, `deploy check` findings, `site join` checks (no Flower processes)."""
+from __future__ import annotations
+
+import datetime as dt
+import shlex
+import socket
+import ssl
+import stat
+import threading
+import tomllib
+from pathlib import Path
+
+import pytest
+import tomli_w
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from deploy import bundle as B
+from deploy import pki
+from deploy.check import Finding, check_deployment, collect_commands, dp_policy_problems
+from deploy.cli import main as deploy_main
+from deploy.init import DeployPlan, init_deployment
+from deploy.join import JoinError, join_command, preflight_tls
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("deploy") / "out"
+    init_deployment(DeployPlan(out=out, superlink_hosts=["slm.example.org", "10.0.0.5"], sites=["a", "b"]))
+    return out
+
+
+@pytest.fixture
+def dep(generated, tmp_path) -> Path:
+    """A private copy of the generated deployment that a test may break."""
+    import shutil
+
+    out = tmp_path / "dep"
+    shutil.copytree(generated, out)  # copy2 keeps the 0600 modes
+    return out
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def _problems(findings: list[Finding]) -> str:
+    return "\n".join(map(str, findings))
+
+
+# ---------------------------------------------------------------- init / PKI
+
+def test_init_writes_private_keys_0600_and_bundles(generated):
+    for key in ["ca/ca.key", "coordinator/certs/server.key", "sites/a/supernode.key", "sites/b/supernode.key"]:
+        assert _mode(generated / key) == 0o600, key
+    site = generated / "sites" / "a"
+    assert {p.name for p in site.iterdir()} == {
+        "bundle.toml", "ca.crt", "supernode.key", "supernode.pub", "flower-supernode.service", "compose.yaml"}
+    # the site bundle carries no coordinator secret and no other site's key
+    assert not any("server" in p.name or p.name == "ca.key" for p in site.rglob("*"))
+    assert sorted(p.name for p in (generated / "coordinator" / "site-keys").iterdir()) == ["a.pub", "b.pub"]
+
+
+def test_server_certificate_names_the_hosts_and_chains_to_the_ca(generated):
+    ca = pki.load_cert(generated / "ca" / "ca.crt")
+    cert = pki.load_cert(generated / "coordinator" / "certs" / "server.crt")
+    assert sorted(pki.san_hosts(cert)) == ["10.0.0.5", "slm.example.org"]
+    assert pki.issued_by(cert, ca)
+    key = pki.load_private_key(generated / "coordinator" / "certs" / "server.key")
+    assert pki.same_public_key(cert.public_key(), key.public_key())
+    other = pki.make_ca()
+    assert not pki.issued_by(cert, other.cert)
+
+
+def test_site_keys_load_the_way_flower_loads_them(generated):
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.supercore.primitives.asymmetric import uses_nist_ec_curve
+
+    priv = serialization.load_ssh_private_key((generated / "sites/a/supernode.key").read_bytes(), None)
+    assert priv.curve.name == "secp384r1"
+    pub_bytes = try_load_public_key(generated / "coordinator/site-keys/a.pub")  # what `flwr supernode register` sends
+    pub = serialization.load_ssh_public_key((generated / "sites/a/supernode.pub").read_bytes())
+    assert uses_nist_ec_curve(pub) and pki.same_public_key(priv.public_key(), pub) and pub_bytes
+
+
+def test_init_refuses_to_overwrite_and_writes_nothing(dep):
+    key = dep / "sites/a/supernode.key"
+    before = key.read_bytes()
+    (dep / "sites/b/supernode.key").unlink()  # even a partial re-run must not write anything
+    with pytest.raises(pki.PKIError, match="already exists.*--force"):
+        init_deployment(DeployPlan(out=dep, superlink_hosts=["slm.example.org"], sites=["a", "b"]))
+    assert key.read_bytes() == before and not (dep / "sites/b/supernode.key").exists()
+    init_deployment(DeployPlan(out=dep, superlink_hosts=["slm.example.org"], sites=["a", "b"]), force=True)
+    assert key.read_bytes() != before and _mode(key) == 0o600
+
+
+@pytest.mark.parametrize("sites, message", [(["A b"], "lower-case"), (["a", "a"], "duplicates"), ([], "at least one")])
+def test_init_rejects_bad_site_names(tmp_path, sites, message):
+    with pytest.raises(ValueError, match=message):
+        init_deployment(DeployPlan(out=tmp_path, superlink_hosts=["h"], sites=sites))
+    assert not any(tmp_path.iterdir())
+
+
+def test_generated_commands_carry_the_required_flags(generated):
+    unit = generated / "coordinator/flower-superlink.service"
+    (link,) = collect_commands(unit, unit.read_text())
+    for flag in ["--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
+                 "--disable-runtime-dependency-installation"]:
+        assert link.flag(flag) is not None, flag
+    compose = generated / "sites/a/compose.yaml"
+    (node,) = collect_commands(compose, compose.read_text())
+    unit = generated / "sites/a/flower-supernode.service"
+    (node_unit,) = collect_commands(unit, unit.read_text())
+    assert node.argv[1:] == node_unit.argv[1:]  # compose and systemd start the same thing
+    assert node.flag("--isolation") == "subprocess" and node.flag("--insecure") is None
+    assert node.flag("--max-retries") == "500" and float(node.flag("--max-wait-time")) == 86400
+    assert B.parse_node_config(node.flag("--node-config")) == {"cache-dir": "/srv/slmfed/cache", "site-name": "a"}
+    cfg = tomllib.loads((generated / "coordinator/flwr-config.toml").read_text())
+    assert cfg["superlink"]["slmfed"] == {"address": "slm.example.org:9092",
+                                          "root-certificates": "/etc/slmfed/certs/ca.crt"}
+    script = (generated / "coordinator/register-sites.sh").read_text()
+    assert "flwr supernode register site-keys/a.pub slmfed --name a" in script
+
+
+# ---------------------------------------------------------------- deploy check
+
+def test_check_passes_on_generated(generated, capsys):
+    assert check_deployment(generated) == []
+    assert check_deployment(generated / "sites" / "a") == []
+    assert deploy_main(["deploy", "check", str(generated)]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new))
+
+
+def _toml_edit(path: Path, fn) -> None:
+    data = tomllib.loads(path.read_text())
+    fn(data)
+    path.write_text(tomli_w.dumps(data))
+
+
+def _reissue_server_cert(dep: Path, *, hosts=("slm.example.org",), days_from=-10, days_to=-1, other_key=False):
+    ca_key = pki.load_private_key(dep / "ca/ca.key")
+    ca_cert = pki.load_cert(dep / "ca/ca.crt")
+    key = pki.load_private_key(dep / "coordinator/certs/server.key")
+    if other_key:
+        key = pki.make_site_key()
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(ca_cert.subject).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now + dt.timedelta(days=days_from)).not_valid_after(now + dt.timedelta(days=days_to))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    (dep / "coordinator/certs/server.crt").write_bytes(pki.cert_pem(cert))
+
+
+def _v_insecure_site(d):
+    _edit(d / "sites/a/flower-supernode.service", "--isolation subprocess", "--insecure --isolation subprocess")
+
+
+def _v_no_auth(d):
+    _edit(d / "coordinator/flower-superlink.service", "--enable-supernode-auth \\\n", "")
+
+
+def _v_node_no_key(d):
+    _edit(d / "sites/b/compose.yaml", '      - "--auth-supernode-private-key"\n      - "/etc/slmfed/supernode.key"\n', "")
+
+
+def _v_allow_deps(d):
+    _edit(d / "coordinator/compose.yaml", "--disable-runtime-dependency-installation", "--allow-runtime-dependency-installation")
+
+
+def _v_deps_default_on(d):
+    _edit(d / "coordinator/compose.yaml", '      - "--disable-runtime-dependency-installation"\n', "")
+    _edit(d / "coordinator/compose.yaml", 'FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION: "1"', 'FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION: "0"')
+
+
+def _v_key_world(d):
+    (d / "sites/a/supernode.key").chmod(0o644)
+
+
+def _v_key_group(d):
+    (d / "coordinator/certs/server.key").chmod(0o640)
+
+
+def _v_missing_cert(d):
+    (d / "coordinator/certs/server.crt").unlink()
+
+
+def _v_garbage_ca(d):
+    (d / "sites/b/ca.crt").write_text("not a certificate\n")
+
+
+def _v_expired(d):
+    _reissue_server_cert(d)
+
+
+def _v_wrong_host(d):
+    _reissue_server_cert(d, hosts=("other.example.org",), days_from=-1, days_to=30)
+
+
+def _v_key_mismatch(d):
+    _reissue_server_cert(d, days_from=-1, days_to=30, hosts=("slm.example.org", "10.0.0.5"), other_key=True)
+
+
+def _v_site_address(d):
+    _edit(d / "sites/a/flower-supernode.service", "--superlink slm.example.org:9092", "--superlink 192.0.2.7:9092")
+
+
+def _v_foreign_ca(d):
+    (d / "sites/a/ca.crt").write_bytes(pki.cert_pem(pki.make_ca().cert))
+
+
+def _v_tls_flag_missing(d):
+    _edit(d / "coordinator/flower-superlink.service", "--ssl-keyfile /etc/slmfed/certs/server.key \\\n", "")
+
+
+def _v_no_root_cert(d):
+    _edit(d / "sites/a/flower-supernode.service", "--root-certificates /etc/slmfed/ca.crt \\\n", "")
+
+
+def _v_unregistered(d):
+    (d / "sites/a/supernode.key").write_bytes(pki.ssh_private(pki.make_site_key()))
+
+
+def _v_dicom_path(d):
+    _edit(d / "sites/a/flower-supernode.service", 'cache-dir="/srv/slmfed/cache"', 'cache-dir="/data/site-a/dicom"')
+
+
+def _v_flwr_insecure(d):
+    _edit(d / "coordinator/flwr-config.toml", 'root-certificates = "/etc/slmfed/certs/ca.crt"', "insecure = true")
+
+
+def _v_dp_contradiction(d):
+    _toml_edit(d / "coordinator/bundle.toml", lambda t: t["dp"].update({"noise-multiplier": 1.0}))
+
+
+def _v_dp_weak(d):
+    _toml_edit(d / "coordinator/bundle.toml", lambda t: t["dp"].update(
+        {"enabled": True, "clipping-norm": 1.0, "noise-multiplier": 0.1}))
+
+
+def _v_bins(d):
+    _toml_edit(d / "coordinator/bundle.toml", lambda t: t["privacy"].update({"histogram-bins": 1000}))
+
+
+BAD_VARIANTS = {
+    "insecure flag": (_v_insecure_site, "sites/a/flower-supernode.service: line", "--insecure turns TLS off"),
+    "superlink auth off": (_v_no_auth, "coordinator/flower-superlink.service", "SuperNode authentication is off"),
+    "supernode auth off": (_v_node_no_key, "sites/b/compose.yaml", "SuperNode authentication is off"),
+    "runtime install allowed": (_v_allow_deps, "coordinator/compose.yaml", "--allow-runtime-dependency-installation"),
+    "runtime install default": (_v_deps_default_on, "coordinator/compose.yaml", "runtime dependency installation is on"),
+    "world-readable key": (_v_key_world, "sites/a/supernode.key", "readable by everyone (mode 0644)"),
+    "group-readable key": (_v_key_group, "coordinator/certs/server.key", "readable by its group (mode 0640)"),
+    "missing TLS file": (_v_missing_cert, "coordinator/flower-superlink.service", "server.crt is missing"),
+    "unreadable CA": (_v_garbage_ca, "sites/b/compose.yaml", "is not a PEM certificate"),
+    "expired cert": (_v_expired, "coordinator/certs/server.crt", "expired on"),
+    "cert not for host": (_v_wrong_host, "sites/a/bundle.toml", "'slm.example.org' is not in the SuperLink certificate"),
+    "key does not match cert": (_v_key_mismatch, "coordinator/flower-superlink.service", "does not match the certificate"),
+    "site dials another host": (_v_site_address, "sites/a/flower-supernode.service", "'192.0.2.7' is not in the SuperLink certificate"),
+    "site CA is foreign": (_v_foreign_ca, "sites/a/flower-supernode.service", "did not sign the SuperLink certificate"),
+    "TLS flag missing": (_v_tls_flag_missing, "coordinator/flower-superlink.service", "--ssl-keyfile is missing"),
+    "no root certificates": (_v_no_root_cert, "sites/a/flower-supernode.service", "--root-certificates is missing"),
+    "unregistered site key": (_v_unregistered, "sites/a/compose.yaml", "the SuperLink will refuse this SuperNode"),
+    "cache is raw DICOM": (_v_dicom_path, "sites/a/flower-supernode.service", "points at raw DICOM"),
+    "researcher insecure": (_v_flwr_insecure, "coordinator/flwr-config.toml", "insecure = true turns TLS off"),
+    "DP off but noise set": (_v_dp_contradiction, "coordinator/bundle.toml", "enabled = false but"),
+    "DP noise too low": (_v_dp_weak, "coordinator/bundle.toml", "noise-multiplier = 0.1: the policy requires at least 0.5"),
+    "histogram too fine": (_v_bins, "coordinator/bundle.toml", "histogram-bins = 1000"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_VARIANTS))
+def test_check_flags_each_bad_variant(dep, name, capsys):
+    breaker, where, problem = BAD_VARIANTS[name]
+    breaker(dep)
+    findings = check_deployment(dep)
+    hits = [f for f in findings if f.path.endswith(where.split(":")[0]) and problem in str(f)]
+    assert hits, f"expected '{where}: ...{problem}...', got:\n{_problems(findings)}"
+    assert deploy_main(["deploy", "check", str(dep)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert all(": " in line and line.startswith(str(dep)) for line in out)  # one "path: problem" per line
+
+
+def test_check_finds_raw_site_folder_and_unprepared_cache(dep, tmp_path):
+    site = tmp_path / "site-a"
+    (site / "dicom" / "x").mkdir(parents=True)
+    (site / "dicom" / "x" / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
+    (tmp_path / "empty").mkdir()
+    for cache, problem in [(site, "raw site folder"), (site / "dicom", "raw DICOM (IM0001)"),
+                           (tmp_path / "empty", "no manifest.json")]:
+        unit = dep / "sites/a/flower-supernode.service"
+        text = unit.read_text()
+        unit.write_text(text.replace('cache-dir="/srv/slmfed/cache"', f'cache-dir="{cache}"'))
+        assert any(problem in str(f) for f in check_deployment(dep)), problem
+        unit.write_text(text)
+
+
+def test_dp_policy_rules():
+    assert dp_policy_problems({"enabled": False, "clipping-norm": 0.0, "noise-multiplier": 0.0}) == []
+    assert dp_policy_problems({"enabled": True, "clipping-norm": 1.0, "noise-multiplier": 1.0, "min-sites-per-round": 3}) == []
+    assert "min-sites-per-round = 1" in dp_policy_problems(
+        {"enabled": True, "clipping-norm": 1.0, "noise-multiplier": 1.0, "min-sites-per-round": 1})[0]
+    assert "clipping-norm = 0.0" in dp_policy_problems({"enabled": True, "clipping-norm": 0.0, "noise-multiplier": 1.0})[0]
+    assert "expected true or false" in dp_policy_problems({"enabled": "yes"})[0]
+
+
+# ---------------------------------------------------------------- site join
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    c = tmp_path / "cache"
+    c.mkdir()
+    (c / "manifest.json").write_text('{"format_version": 1, "patients": {"p1": {"status": "included"}}}')
+    return c
+
+
+def test_join_command_is_the_systemd_command(dep, cache):
+    site = dep / "sites/a"
+    argv = join_command(site, cache)
+    unit = site / "flower-supernode.service"
+    (cmd,) = collect_commands(unit, unit.read_text())
+    b = B.read_bundle(site)
+    expected = [str(b.local(t)) if t.startswith(b.install_dir) else t for t in cmd.argv[1:]]
+    expected = [t.replace('cache-dir="/srv/slmfed/cache"', f'cache-dir="{cache.resolve()}"') for t in expected]
+    assert Path(argv[0]).name == "flower-supernode"
+    assert [t.replace(str(site.resolve()), str(site)) for t in argv[1:]] == expected
+
+
+def test_join_dry_run_prints_the_command(dep, cache, capsys):
+    assert deploy_main(["site", "join", "--bundle", str(dep / "sites/b"), "--cache", str(cache),
+                        "--dry-run", "--no-preflight"]) == 0
+    argv = shlex.split(capsys.readouterr().out)
+    assert argv[argv.index("--auth-supernode-private-key") + 1].endswith("sites/b/supernode.key")
+
+
+@pytest.mark.parametrize("breaker, message", [
+    (lambda d, c: (d / "sites/a/supernode.key").unlink(), "private key is missing"),
+    (lambda d, c: (d / "sites/a/supernode.key").chmod(0o644), "chmod 600"),
+    (lambda d, c: (d / "sites/a/ca.crt").unlink(), "CA certificate is missing"),
+    (lambda d, c: (c / "manifest.json").unlink(), "no manifest.json"),
+    (lambda d, c: (c / "manifest.json").write_text('{"patients": {}}'), "no included patient"),
+    (lambda d, c: (c / "dicom").mkdir(), "raw site folder"),
+    (lambda d, c: _toml_edit(d / "sites/a/bundle.toml", lambda t: t["superlink"].update({"insecure": True})),
+     "insecure connections are not allowed"),
+])
+def test_join_refuses_incomplete_bundle_or_cache(dep, cache, breaker, message, capsys):
+    breaker(dep, cache)
+    with pytest.raises(JoinError, match=message):
+        join_command(dep / "sites/a", cache)
+    assert deploy_main(["site", "join", "--bundle", str(dep / "sites/a"), "--cache", str(cache), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "error" in err
+
+
+def test_join_refuses_the_coordinator_bundle(dep, cache):
+    with pytest.raises(JoinError, match="coordinator bundle"):
+        join_command(dep / "coordinator", cache)
+
+
+def _tls_server(cert: Path, key: Path):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+
+    def serve():
+        try:
+            conn, _ = sock.accept()
+            with conn:
+                try:
+                    ctx.wrap_socket(conn, server_side=True).close()
+                except ssl.SSLError:
+                    pass  # the client rejected our certificate: exactly what the test provokes
+        except OSError:
+            pass  # socket closed by the test
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return sock, t
+
+
+def test_preflight_accepts_own_superlink_and_rejects_a_foreign_one(tmp_path):
+    ours = tmp_path / "ours"
+    init_deployment(DeployPlan(out=ours, superlink_hosts=["127.0.0.1"], sites=["a"]))
+    theirs = tmp_path / "theirs"
+    init_deployment(DeployPlan(out=theirs, superlink_hosts=["127.0.0.1"], sites=["a"]))
+    certs = ours / "coordinator/certs"
+    for ca, should_pass in [(ours / "sites/a/ca.crt", True), (theirs / "sites/a/ca.crt", False)]:
+        sock, t = _tls_server(certs / "server.crt", certs / "server.key")
+        try:
+            addr = f"127.0.0.1:{sock.getsockname()[1]}"
+            if should_pass:
+                assert preflight_tls(addr, ca) is None
+            else:
+                with pytest.raises(JoinError, match="does not verify"):
+                    preflight_tls(addr, ca)
+        finally:
+            sock.close()
+            t.join(5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    assert "not reachable" in preflight_tls(f"127.0.0.1:{free}", ours / "sites/a/ca.crt")
