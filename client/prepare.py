@@ -1,0 +1,491 @@
+"""`slmfed prepare`: turn a site folder (DICOM + masks + clinical.csv) into the checked site cache.
+
+Steps: scan headers (only new or changed files on a re-run) -> group series per patient -> match
+T2WI / DWI / ADC -> read and check the volumes -> mask on the T2 grid -> DWI and ADC resampled onto
+it -> MONAI crop/normalise chain -> one cache file per patient + manifest.json + qc.csv.
+A patient whose inputs (files, mask, clinical row, parameters) are unchanged since the last run
+keeps its cache file, provided that file still matches its recorded hash.
+
+Privacy: inside the cache patients exist only as salted keys. Everything that holds raw IDs or
+paths (the id map, the scan index, the list of skipped files) lives beside the cache, in
+`<cache>-id-map.csv` and `<cache>-local/`, for the site's own use.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import secrets
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client import cache as cache_mod
+from client.clinical_table import ClinicalRow, ClinicalTableError, read_clinical_table
+from client.dicom_scan import FileRecord, list_files, scan_files
+from client.series import RulesError, Selection, SelectionError, Series, SeriesRules, group_series, select_sequences
+from client.transforms import build_input_transform, channel_names, image_shape
+from common.clinical import FEATURE_NAMES
+from common.config import load_config
+
+log = logging.getLogger(__name__)
+
+PIPELINE_VERSION = "slmfed-prepare-1"
+PREVIEWS = 4
+SCAN_CHUNK = 256
+
+
+class PrepareError(RuntimeError):
+    """The site folder as a whole cannot be prepared (one clear sentence for the user)."""
+
+
+class Excluded(Exception):
+    """One patient cannot be used; str() is the QC reason ("stage: detail")."""
+
+    def __init__(self, stage: str, detail: str):
+        super().__init__(f"{stage}: {detail}")
+        self.stage = stage
+
+
+@dataclass
+class PrepareReport:
+    """What a run did, for the summary and for callers (tests, benchmarks, the simulation runner)."""
+
+    site_dir: str
+    cache_dir: str
+    patients: int = 0
+    included: int = 0
+    excluded: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    sequences: dict[str, dict[str, int]] = field(default_factory=dict)
+    spacing: dict[str, list[float]] = field(default_factory=dict)
+    dicom_files: int = 0
+    skipped_files: dict[str, int] = field(default_factory=dict)
+    parsed_files: int = 0
+    redone: int = 0
+    reused: int = 0
+    warnings: list[str] = field(default_factory=list)
+    previews: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"prepared {self.site_dir} -> {self.cache_dir}"]
+        lines.append(f"  patients found: {self.patients}; included: {self.included}; excluded: {self.excluded}")
+        for reason, n in sorted(self.reasons.items(), key=lambda kv: -kv[1]):
+            lines.append(f"    excluded ({reason}): {n}")
+        skipped = sum(self.skipped_files.values())
+        lines.append(f"  DICOM images: {self.dicom_files}; files skipped: {skipped}"
+                     + (" (" + ", ".join(f"{r}: {n}" for r, n in self.skipped_files.items()) + ")" if skipped else ""))
+        for seq, names in self.sequences.items():
+            lines.append(f"  {seq}: " + "; ".join(f"{name} x{n}" for name, n in sorted(names.items(), key=lambda kv: -kv[1])))
+        for what, (lo, hi) in self.spacing.items():
+            lines.append(f"  {what}: {lo:.2f} - {hi:.2f} mm")
+        lines.append(f"  rebuilt: {self.redone}; unchanged: {self.reused}; header reads: {self.parsed_files}; "
+                     f"elapsed: {self.elapsed_s:.1f} s")
+        for w in self.warnings[:10]:
+            lines.append(f"  warning: {w}")
+        if self.previews:
+            lines.append(f"  previews: {', '.join(self.previews)}")
+        lines.append(f"  per-patient QC: {Path(self.cache_dir) / cache_mod.QC_CSV}")
+        return "\n".join(lines)
+
+
+def local_dir(cache_dir: str | Path) -> Path:
+    """Site-private folder beside the cache (scan index, skipped files): holds raw paths and IDs."""
+    cache_dir = Path(cache_dir).resolve()
+    return cache_dir.parent / f"{cache_dir.name}-local"
+
+
+def preprocessing_params(cfg: dict) -> dict:
+    return {
+        "pipeline_version": PIPELINE_VERSION,
+        "input-mode": cfg["input-mode"],
+        "fov-mm": cfg["fov-mm"],
+        "crop-size": cfg["crop-size"],
+        "crop-depth": cfg["crop-depth"],
+        "context-slices": cfg["context-slices"],
+        "cea-unit": cfg["cea-unit"],
+        "ca199-unit": cfg["ca199-unit"],
+        "series-rules": cfg["series-rules"],
+        "orientation": "LPS (sitk.DICOMOrient of the T2WI)",
+        "t2-dwi-normalisation": "1st-99th percentile of the crop -> [0, 1]",
+        "adc-normalisation": "ADC [mm^2/s] / 3e-3, clipped to [0, 1.5]",
+        "registration": "scanner coordinates (linear resampling onto the T2 grid)",
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# one patient (runs in a worker process)
+# ----------------------------------------------------------------------------------------------
+
+def build_patient_image(series: list[Series], mask_path: Path | None, rules: SeriesRules, cfg: dict) -> tuple[np.ndarray, dict]:
+    """The model input of one patient and what it was built from; raises Excluded with the reason."""
+    import SimpleITK as sitk
+
+    from client import volumes as vol
+
+    def mask_match(s: Series) -> bool:
+        f = s.first
+        ps = f.pixel_spacing or (1.0, 1.0)
+        return vol.mask_header_matches(mask_path, (f.cols, f.rows, s.n_positions()), (ps[1], ps[0]))
+
+    try:
+        sel: Selection = select_sequences(series, rules, mask_match if mask_path else None)
+    except SelectionError as exc:
+        raise Excluded("sequences", str(exc)) from None
+    if mask_path is None:
+        raise Excluded("mask", "missing (expected masks/<patient_id>.nii.gz, .nii, .nrrd or .mha)")
+    notes = list(sel.notes)
+    try:
+        t2, n = vol.read_volume(sel.t2.files, sel.t2.label)
+        notes += n
+    except vol.VolumeError as exc:
+        raise Excluded("T2WI", str(exc)) from None
+    try:
+        mask = vol.load_mask(mask_path, t2)
+    except vol.VolumeError as exc:
+        raise Excluded("mask", str(exc)) from None
+    t2 = sitk.DICOMOrient(t2, "LPS")
+    mask = sitk.DICOMOrient(mask, "LPS")
+    roi = sitk.GetArrayFromImage(mask)
+    dwi_label = f"{sel.dwi.label} b={sel.dwi_b:g}"
+    try:
+        dwi_native, n = vol.read_volume(sel.dwi_files, dwi_label)
+        notes += n
+    except vol.VolumeError as exc:
+        raise Excluded("DWI", str(exc)) from None
+    dwi = sitk.GetArrayFromImage(vol.resample_like(dwi_native, t2))
+    if not (dwi[roi > 0] != 0).mean() >= 0.5:
+        raise Excluded("DWI", f"{dwi_label} does not cover the ROI (no overlap in scanner coordinates)")
+    try:
+        if sel.adc is not None:
+            adc_native, n = vol.read_volume(sel.adc_files, sel.adc.label)
+            notes += n
+            adc_raw = sitk.GetArrayFromImage(vol.resample_like(adc_native, t2))
+            adc, scale = vol.adc_to_mm2_s(adc_raw, roi, rules.adc_scale)
+            adc_source = f"scanner {sel.adc.description} (x{scale:g} -> mm^2/s)"
+        else:
+            low, n = vol.read_volume(sel.low_files, f"{sel.dwi.label} b={sel.low_b:g}")
+            if low.GetSize() != dwi_native.GetSize():
+                raise vol.VolumeError(f"b={sel.low_b:g} and b={sel.dwi_b:g} images are not on the same slices")
+            adc = sitk.GetArrayFromImage(vol.resample_like(vol.compute_adc(low, dwi_native, sel.low_b, sel.dwi_b), t2))
+            adc_source = f"computed from b={sel.low_b:g} and b={sel.dwi_b:g}"
+    except vol.VolumeError as exc:
+        raise Excluded("ADC", str(exc)) from None
+    sp = t2.GetSpacing()
+    data = {"t2": sitk.GetArrayFromImage(t2), "dwi": dwi, "adc": adc, "mask": roi, "spacing": sp}
+    out = build_input_transform(cfg["input-mode"], cfg["fov-mm"], cfg["crop-size"], cfg["crop-depth"],
+                                cfg["context-slices"])(data)
+    image = np.asarray(out["image"], dtype=np.float32)
+    if not np.isfinite(image).all():
+        raise Excluded("image", "the model input contains non-finite values")
+    dsp = dwi_native.GetSpacing()
+    info = {
+        "sequences": {"t2": sel.t2.description, "dwi": f"{sel.dwi.description} b={sel.dwi_b:g}", "adc": adc_source},
+        "t2_spacing": [round(float(x), 4) for x in sp],
+        "dwi_spacing": [round(float(x), 4) for x in dsp],
+        "roi_area_mm2": round(out["roi_area_mm2"], 1),
+        "notes": notes,
+    }
+    return image, info
+
+
+def _process(job: dict) -> dict:
+    """Worker entry point: build, write and describe one patient; never raises for patient problems."""
+    key, row = job["key"], job["row"]
+    base = {"source_hash": job["source_hash"], "label": row.slm if row else -1, "warnings": row.warnings if row else []}
+    try:
+        image, info = build_patient_image(job["series"], job["mask"], SeriesRules(job["cfg"]["series-rules"]), job["cfg"])
+    except Excluded as exc:
+        return {**base, "status": "excluded", "reason": str(exc)}
+    except Exception as exc:  # a bug or an unforeseen input: exclude this patient, keep the others, say what
+        log.exception("patient %s: unexpected error", key)
+        return {**base, "status": "excluded", "reason": f"internal error: {type(exc).__name__}: {exc}"[:300]}
+    sha = cache_mod.write_patient(job["cache_dir"], key, image, row.encode(), row.slm)
+    return {**base, "status": "included", "reason": "", "sha256": sha, **info}
+
+
+def _worker_init() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except Exception:  # torch is optional for prepare itself
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# the site
+# ----------------------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _scan(dicom_dir: Path, local: Path, pool) -> tuple[list[FileRecord], list[tuple[str, str]], int]:
+    """Header records of every image file, re-reading only files new or changed since the index."""
+    index_path = local / "scan-index.json"
+    old = _read_json(index_path) or {}
+    if old.get("version") != PIPELINE_VERSION:
+        old = {}
+    old_files = old.get("files", {})
+    records: list[FileRecord] = []
+    skipped: list[tuple[str, str]] = []
+    todo: list[str] = []
+    new_index: dict[str, Any] = {}
+    for path, size, mtime in list_files(dicom_dir):
+        prev = old_files.get(path)
+        if prev and prev["size"] == size and prev["mtime_ns"] == mtime:
+            new_index[path] = prev
+            if prev.get("record"):
+                records.append(FileRecord.from_json(prev["record"]))
+            else:
+                skipped.append((path, prev["skip"]))
+        else:
+            todo.append(path)
+    chunks = [todo[i: i + SCAN_CHUNK] for i in range(0, len(todo), SCAN_CHUNK)]
+    results = pool.map(scan_files, chunks) if (pool and len(chunks) > 1) else map(scan_files, chunks)
+    for chunk in results:
+        for path, rec, reason in chunk:
+            st = os.stat(path)
+            entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            if rec is not None:
+                entry["record"] = rec.to_json()
+                records.append(rec)
+            else:
+                entry["skip"] = reason
+                skipped.append((path, reason))
+            new_index[path] = entry
+    if todo or set(old_files) != set(new_index):
+        cache_mod.atomic_write_json(index_path, {"version": PIPELINE_VERSION, "files": new_index})
+    return records, skipped, len(todo)
+
+
+def _source_hash(salt: str, params: dict, series: list[Series], mask: Path | None, row: ClinicalRow | None) -> str:
+    h = hashlib.sha256(f"{salt}|{json.dumps(params, sort_keys=True, default=str)}".encode())
+    for s in series:
+        for f in s.files:
+            h.update(f"{f.path}|{f.size}|{f.mtime_ns}\n".encode())
+    if mask is not None:
+        st = mask.stat()
+        h.update(f"mask|{mask}|{st.st_size}|{st.st_mtime_ns}".encode())
+    h.update(f"row|{row.fingerprint() if row else None}".encode())
+    return h.hexdigest()
+
+
+def _still_valid(cache_dir: Path, key: str, entry: dict | None, source_hash: str) -> bool:
+    if not entry or entry.get("source_hash") != source_hash:
+        return False
+    if entry.get("status") != "included":
+        return entry.get("status") == "excluded"
+    try:
+        data = (cache_dir / cache_mod.PATIENTS_DIR / f"{key}.npz").read_bytes()
+    except OSError:
+        return False
+    return cache_mod.sha256_bytes(data) == entry.get("sha256")
+
+
+def _write_qc(cache_dir: Path, patients: dict[str, dict]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["patient_key", "status", "reason", "label", "t2", "dwi", "adc", "t2_spacing_mm", "roi_area_mm2", "notes"])
+    for key, e in sorted(patients.items()):
+        seq = e.get("sequences", {})
+        w.writerow([key, e["status"], e.get("reason", ""), e.get("label", -1), seq.get("t2", ""), seq.get("dwi", ""),
+                    seq.get("adc", ""), "x".join(f"{v:g}" for v in e.get("t2_spacing", [])),
+                    e.get("roi_area_mm2", ""), " | ".join(e.get("notes", []) + e.get("warnings", []))])
+    cache_mod.atomic_write_text(cache_dir / cache_mod.QC_CSV, buf.getvalue())
+
+
+def _write_previews(cache_dir: Path, keys: list[str], channels: list[str], force: set[str]) -> list[str]:
+    """A PNG per patient with the crop of each channel (crosshair = ROI centre) to eyeball."""
+    out_dir = cache_dir / "previews"
+    written, todo = [], []
+    for key in keys:
+        p = out_dir / f"{key}.png"
+        written.append(str(p))
+        if key in force or not p.is_file():
+            todo.append((key, p))
+    if not todo:
+        return written
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, p in todo:
+        with np.load(cache_dir / cache_mod.PATIENTS_DIR / f"{key}.npz") as npz:
+            img = npz["image"]
+        if img.ndim == 4:  # 3d: show the centre slice
+            img = img[:, img.shape[1] // 2]
+        fig, axes = plt.subplots(1, img.shape[0], figsize=(2.2 * img.shape[0], 2.4), squeeze=False)
+        c = (img.shape[-1] - 1) / 2
+        for ax, ch, name in zip(axes[0], img, channels):
+            ax.imshow(ch, cmap="gray", vmin=0, vmax=1.5 if name.startswith("adc") else 1)
+            ax.axhline(c, color="y", lw=0.4)
+            ax.axvline(c, color="y", lw=0.4)
+            ax.set_title(name, fontsize=8)
+            ax.axis("off")
+        fig.suptitle(key, fontsize=8)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+        plt.close(fig)
+        cache_mod.atomic_write_bytes(p, buf.getvalue())
+    return written
+
+
+def prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None = None, progress: bool = True) -> PrepareReport:
+    """Prepare (or bring up to date) the cache of one site; raises PrepareError when nothing can be done."""
+    t0 = time.perf_counter()
+    site_dir, cache_dir = Path(site_dir), Path(cache_dir)
+    if cfg is None:
+        toml = site_dir / "site.toml"
+        cfg = load_config(toml_path=toml if toml.is_file() else None)
+    if not site_dir.is_dir():
+        raise PrepareError(f"site folder {site_dir} does not exist")
+    dicom_dir = site_dir / "dicom"
+    if not dicom_dir.is_dir():
+        raise PrepareError(f"{site_dir} has no dicom/ folder: is this a site folder (dicom/, masks/, clinical.csv)?")
+    try:
+        table = read_clinical_table(site_dir / "clinical.csv", cfg["cea-unit"], cfg["ca199-unit"])
+    except ClinicalTableError as exc:
+        raise PrepareError(str(exc)) from None
+    try:
+        SeriesRules(cfg["series-rules"])
+    except RulesError as exc:
+        raise PrepareError(str(exc)) from None
+    params = preprocessing_params(cfg)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    local = local_dir(cache_dir)
+    local.mkdir(parents=True, exist_ok=True)
+    old = _read_json(cache_dir / cache_mod.MANIFEST) or {}
+    if old.get("format_version") != cache_mod.CACHE_FORMAT_VERSION:
+        old = {}
+    salt = old.get("salt") or secrets.token_hex(16)
+    old_patients = old.get("patients", {})
+    report = PrepareReport(str(site_dir), str(cache_dir))
+
+    workers = max(1, int(cfg.get("workers", 1)))
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) if workers > 1 else None
+    try:
+        records, skipped, report.parsed_files = _scan(dicom_dir, local, pool)
+        no_pid = [r for r in records if not r.patient_id]
+        skipped += [(r.path, "DICOM image without PatientID") for r in no_pid]
+        records = [r for r in records if r.patient_id]
+        report.dicom_files = len(records)
+        report.skipped_files = dict(Counter(reason for _, reason in skipped))
+        by_patient = group_series(records)
+        ids = sorted(set(by_patient) | set(table.rows))
+        report.patients = len(ids)
+        masks_dir = site_dir / "masks"
+        from client.volumes import find_mask
+
+        entries: dict[str, dict] = {}
+        jobs: list[dict] = []
+        id_rows = []
+        for pid in ids:
+            key = cache_mod.patient_key(pid, salt)
+            id_rows.append((key, pid))
+            series, row = by_patient.get(pid, []), table.rows.get(pid)
+            mask = find_mask(masks_dir, pid) if masks_dir.is_dir() else None
+            sh = _source_hash(salt, params, series, mask, row)
+            if _still_valid(cache_dir, key, old_patients.get(key), sh):
+                entries[key] = old_patients[key]
+                report.reused += 1
+                continue
+            base = {"source_hash": sh, "label": row.slm if row and not row.error else -1, "status": "excluded"}
+            if row is None:
+                entries[key] = {**base, "reason": "clinical: no row in clinical.csv for this DICOM patient"}
+            elif row.error:
+                entries[key] = {**base, "reason": f"clinical: {row.error}"}
+            elif not series:
+                entries[key] = {**base, "reason": f"DICOM: no DICOM images found for this patient_id (clinical.csv line {row.line})"}
+            else:
+                jobs.append({"key": key, "row": row, "series": series, "mask": mask, "source_hash": sh,
+                             "cfg": cfg, "cache_dir": str(cache_dir)})
+        report.redone = len(ids) - report.reused
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc="prepare", unit="patient", disable=not progress or not jobs, leave=False)
+        results = pool.map(_process, jobs) if pool else map(_process, jobs)
+        for job, res in zip(jobs, results):
+            entries[job["key"]] = res
+            bar.update(1)
+        bar.close()
+    finally:
+        if pool:
+            pool.shutdown()
+
+    # stale patient files (patients gone or now excluded) are removed so the cache holds no leftovers
+    pdir = cache_dir / cache_mod.PATIENTS_DIR
+    if pdir.is_dir():
+        for p in pdir.glob("*.npz"):
+            if entries.get(p.stem, {}).get("status") != "included":
+                p.unlink()
+    included = sorted(k for k, e in entries.items() if e["status"] == "included")
+    report.included, report.excluded = len(included), len(entries) - len(included)
+    report.reasons = dict(Counter(e["reason"].split(":")[0] for e in entries.values() if e["status"] != "included"))
+    seqs: dict[str, Counter] = {"T2WI": Counter(), "DWI": Counter(), "ADC": Counter()}
+    spacing: dict[str, list[float]] = {}
+    for k in included:
+        e = entries[k]
+        s = e.get("sequences", {})
+        seqs["T2WI"][s.get("t2", "?")] += 1
+        seqs["DWI"][s.get("dwi", "?")] += 1
+        seqs["ADC"]["computed" if s.get("adc", "").startswith("computed") else "scanner"] += 1
+        for name, vals in (("T2 in-plane spacing", e["t2_spacing"][:2]), ("T2 slice spacing", e["t2_spacing"][2:]),
+                           ("DWI in-plane spacing", e["dwi_spacing"][:2]), ("DWI slice spacing", e["dwi_spacing"][2:])):
+            lo, hi = spacing.get(name, [np.inf, -np.inf])
+            spacing[name] = [min(lo, *vals), max(hi, *vals)]
+        report.warnings += [f"{k}: {w}" for w in e.get("warnings", [])]
+    report.sequences = {k: dict(v) for k, v in seqs.items() if v}
+    report.spacing = spacing
+    mode, ctxs = cfg["input-mode"], cfg["context-slices"]
+    manifest = {
+        "format_version": cache_mod.CACHE_FORMAT_VERSION,
+        "pipeline_version": PIPELINE_VERSION,
+        "preprocessing": params,
+        "input_mode": mode,
+        "spatial_dims": 3 if mode == "3d" else 2,
+        "channels": channel_names(mode, ctxs),
+        "image_shape": image_shape(mode, cfg["crop-size"], cfg["crop-depth"], ctxs),
+        "feature_names": list(FEATURE_NAMES),
+        "has_label": table.has_label,
+        "salt": salt,
+        "counts": {"patients": report.patients, "included": report.included, "excluded": report.excluded,
+                   "dicom_files": report.dicom_files, "skipped_files": sum(report.skipped_files.values()),
+                   "excluded_by_reason": report.reasons},
+        "patients": entries,
+    }
+    # patient files are in place before the manifest that vouches for them
+    cache_mod.atomic_write_json(cache_dir / cache_mod.MANIFEST, manifest)
+    _write_qc(cache_dir, entries)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["patient_key", "patient_id"])
+    w.writerows(id_rows)
+    cache_mod.atomic_write_text(cache_mod.id_map_path(cache_dir), buf.getvalue())
+    sk = io.StringIO()
+    w = csv.writer(sk, lineterminator="\n")
+    w.writerow(["path", "reason"])
+    w.writerows(skipped)
+    cache_mod.atomic_write_text(local / "skipped-files.csv", sk.getvalue())
+    redone = {j["key"] for j in jobs}
+    if included:
+        report.previews = _write_previews(cache_dir, included[:PREVIEWS], manifest["channels"], redone)
+    report.elapsed_s = time.perf_counter() - t0
+    return report

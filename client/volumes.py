@@ -1,0 +1,213 @@
+"""Turn checked slice lists into SimpleITK volumes on one grid: the patient's T2WI.
+
+Slices are ordered by their position along the slice normal (ImageOrientationPatient x
+ImagePositionPatient), never by file name or InstanceNumber, and the stack is checked for missing
+or duplicated positions and uneven spacing before SimpleITK reads it (which applies each file's
+RescaleSlope / RescaleIntercept). DWI and ADC are resampled onto the T2 grid through scanner
+coordinates; the mask must already lie on the T2 grid (a mere difference of origin / direction
+representation is fixed by nearest-neighbour resampling). Every problem is a VolumeError whose
+message is the patient's QC reason.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from client.dicom_scan import FileRecord
+
+MASK_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+ADC_MAX_MM2_S = 5e-3  # free water at body temperature is ~3e-3; beyond 5e-3 is noise
+
+
+class VolumeError(ValueError):
+    """A series or mask cannot be used; the message is the QC reason."""
+
+
+def slice_normal(iop) -> np.ndarray:
+    n = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+    return n / (np.linalg.norm(n) + 1e-12)
+
+
+def check_stack(files: list[FileRecord], what: str) -> tuple[list[FileRecord], float, list[str]]:
+    """Order slices along the normal and check the stack; returns (sorted files, slice spacing, notes)."""
+    notes: list[str] = []
+    bad = [f for f in files if f.truncated]
+    if bad:
+        raise VolumeError(f"{what}: {len(bad)} truncated DICOM file(s) (pixel data incomplete)")
+    if any(f.frames > 1 for f in files):
+        raise VolumeError(f"{what}: multi-frame (enhanced) DICOM is not supported; export single-frame images")
+    if any(f.ipp is None or f.iop is None or f.pixel_spacing is None for f in files):
+        raise VolumeError(f"{what}: slices lack ImagePositionPatient / ImageOrientationPatient / PixelSpacing")
+    seen: dict[str, FileRecord] = {}
+    for f in files:
+        if f.sop_uid and f.sop_uid in seen:
+            continue
+        seen[f.sop_uid or f.path] = f
+    if len(seen) < len(files):
+        notes.append(f"{what}: {len(files) - len(seen)} identical copies of a slice file ignored")
+    files = list(seen.values())
+    iops = np.array([f.iop for f in files])
+    if np.abs(iops - iops[0]).max() > 1e-3:
+        raise VolumeError(f"{what}: slices have different orientations (ImageOrientationPatient)")
+    if len({(f.rows, f.cols) for f in files}) > 1:
+        raise VolumeError(f"{what}: slices have different matrix sizes")
+    if np.abs(np.array([f.pixel_spacing for f in files]) - files[0].pixel_spacing).max() > 1e-4:
+        raise VolumeError(f"{what}: slices have different pixel spacings")
+    n = slice_normal(files[0].iop)
+    d = np.array([np.dot(n, f.ipp) for f in files])
+    order = np.argsort(d, kind="stable")
+    files, d = [files[i] for i in order], d[order]
+    if len(files) == 1:
+        return files, 1.0, notes
+    gaps = np.diff(d)
+    dup = np.flatnonzero(gaps < 1e-3)
+    if dup.size:
+        raise VolumeError(
+            f"{what}: duplicated slice: {dup.size + 1} slices share the position {d[dup[0]]:.1f} mm along the slice normal"
+        )
+    step = float(np.median(gaps))
+    big = np.flatnonzero(gaps > 1.5 * step)
+    if big.size:
+        i = big[0]
+        missing = int(round(gaps[i] / step)) - 1
+        raise VolumeError(
+            f"{what}: missing slice(s): a gap of {gaps[i]:.1f} mm between {d[i]:.1f} and {d[i + 1]:.1f} mm "
+            f"where the spacing is {step:.1f} mm (about {max(missing, 1)} slice(s) missing)"
+        )
+    if np.abs(gaps - step).max() > 0.05 * step + 0.01:
+        raise VolumeError(f"{what}: inconsistent slice spacing ({gaps.min():.2f} to {gaps.max():.2f} mm)")
+    return files, step, notes
+
+
+def read_volume(files: list[FileRecord], what: str) -> tuple[sitk.Image, list[str]]:
+    """Check and read one slice stack as a float32 image (rescale slope/intercept applied)."""
+    files, step, notes = check_stack(files, what)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([f.path for f in files])
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    try:
+        img = reader.Execute()
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
+        raise VolumeError(f"{what}: SimpleITK could not read the series ({first})") from None
+    f = files[0]
+    if img.GetSize() != (f.cols, f.rows, len(files)):
+        raise VolumeError(f"{what}: read {img.GetSize()} voxels, expected {(f.cols, f.rows, len(files))}")
+    row_sp, col_sp = f.pixel_spacing
+    n = slice_normal(f.iop)
+    img.SetSpacing((col_sp, row_sp, step))
+    img.SetOrigin(tuple(float(x) for x in f.ipp))
+    img.SetDirection(tuple(np.column_stack([f.iop[:3], f.iop[3:], n]).ravel().tolist()))
+    return img, notes
+
+
+def resample_like(img: sitk.Image, ref: sitk.Image, nearest: bool = False) -> sitk.Image:
+    """Resample through scanner coordinates onto ref's grid (outside the field of view = 0)."""
+    interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+    ptype = sitk.sitkUInt8 if nearest else sitk.sitkFloat32
+    return sitk.Resample(img, ref, sitk.Transform(), interp, 0.0, ptype)
+
+
+def compute_adc(low: sitk.Image, high: sitk.Image, b_low: float, b_high: float) -> sitk.Image:
+    """ADC = ln(S_low / S_high) / (b_high - b_low) in mm^2/s, clipped to [0, ADC_MAX_MM2_S]."""
+    s0 = sitk.GetArrayViewFromImage(low).astype(np.float64)
+    s1 = sitk.GetArrayViewFromImage(high).astype(np.float64)
+    floor = 1e-3 * max(float(np.percentile(s0, 99)), 1e-6)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        adc = np.log(np.maximum(s0, floor) / np.maximum(s1, floor)) / (b_high - b_low)
+    adc[s0 <= floor] = 0.0  # background: no signal to fit
+    adc = np.clip(np.nan_to_num(adc), 0.0, ADC_MAX_MM2_S).astype(np.float32)
+    out = sitk.GetImageFromArray(adc)
+    out.CopyInformation(high)
+    return out
+
+
+def adc_to_mm2_s(adc: np.ndarray, roi: np.ndarray, scale: float | None) -> tuple[np.ndarray, float]:
+    """Bring a scanner ADC map to mm^2/s. `scale` None = guess from the magnitude inside the ROI
+    (tissue ADC is 0.3-3e-3 mm^2/s, so ~1000 means 1e-6 units and ~1 means 1e-3 units)."""
+    if scale is None:
+        vals = adc[(roi > 0) & (adc > 0)]
+        if vals.size == 0:
+            vals = adc[adc > 0]
+        med = float(np.median(vals)) if vals.size else 0.0
+        scale = 1e-6 if med > 50 else 1e-3 if med > 0.05 else 1.0
+    return np.clip(adc * scale, 0.0, ADC_MAX_MM2_S).astype(np.float32), scale
+
+
+def find_mask(masks_dir: Path, patient_id: str) -> Path | None:
+    for suffix in MASK_SUFFIXES:
+        p = masks_dir / f"{patient_id}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _same_grid(mask: sitk.Image, ref: sitk.Image, tol: float = 0.1) -> bool:
+    """True when every mask voxel centre is a T2 voxel centre (axes may be flipped or permuted)."""
+    if int(np.prod(mask.GetSize())) != int(np.prod(ref.GetSize())):
+        return False
+    if sorted(np.round(mask.GetSpacing(), 3)) != sorted(np.round(ref.GetSpacing(), 3)):
+        return False
+    size = np.array(ref.GetSize())
+    for corner in itertools.product(*[(0, s - 1) for s in mask.GetSize()]):
+        pt = mask.TransformIndexToPhysicalPoint([int(c) for c in corner])
+        idx = np.array(ref.TransformPhysicalPointToContinuousIndex(pt))
+        if np.abs(idx - np.round(idx)).max() > tol or (idx < -tol).any() or (idx > size - 1 + tol).any():
+            return False
+    return True
+
+
+def load_mask(path: Path, t2: sitk.Image) -> sitk.Image:
+    """Read the ROI mask, check it is binary and non-empty and bring it onto the T2 grid (uint8 0/1)."""
+    try:
+        mask = sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise VolumeError(f"mask could not be read (not a NIfTI/NRRD/MHA image?)") from None
+    if mask.GetDimension() != 3:
+        raise VolumeError(f"mask is {mask.GetDimension()}D; expected a 3D volume on the T2 grid")
+    if mask.GetNumberOfComponentsPerPixel() != 1:
+        raise VolumeError(f"mask has {mask.GetNumberOfComponentsPerPixel()} components; expected one label")
+    arr = sitk.GetArrayViewFromImage(mask)
+    values = np.unique(arr)
+    nonzero = values[values != 0]
+    if nonzero.size == 0:
+        raise VolumeError(f"mask is empty (no voxel > 0)")
+    if nonzero.size > 1 or not float(nonzero[0]).is_integer() or nonzero[0] < 0:
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
+        raise VolumeError(f"mask is not binary (values found: {shown})")
+    binary = sitk.Cast(mask != 0, sitk.sitkUInt8)
+    if mask.GetSize() == t2.GetSize() and np.allclose(mask.GetSpacing(), t2.GetSpacing(), rtol=1e-3) and np.allclose(
+        mask.GetOrigin(), t2.GetOrigin(), atol=1e-3
+    ) and np.allclose(mask.GetDirection(), t2.GetDirection(), atol=1e-4):
+        binary.CopyInformation(t2)
+        return binary
+    if not _same_grid(mask, t2):
+        ms, ts = mask.GetSize(), t2.GetSize()
+        msp = tuple(round(float(v), 3) for v in mask.GetSpacing())
+        tsp = tuple(round(float(v), 3) for v in t2.GetSpacing())
+        if sorted(ms) != sorted(ts):
+            raise VolumeError(f"mask has shape {ms} but the T2 series has {ts} (x, y, z voxels)")
+        if sorted(msp) != sorted(tsp):
+            raise VolumeError(f"mask has spacing {msp} mm but the T2 series has {tsp} mm")
+        shift = np.linalg.norm(np.subtract(mask.GetOrigin(), t2.GetOrigin()))
+        raise VolumeError(f"mask is not on the T2 grid (origin {shift:.1f} mm away or different orientation)")
+    out = resample_like(binary, t2, nearest=True)
+    if not sitk.GetArrayViewFromImage(out).any():
+        raise VolumeError(f"mask is empty after alignment to the T2 grid")
+    return out
+
+
+def mask_header_matches(path: Path | None, size: tuple, spacing: tuple) -> bool:
+    """Cheap header-only check used to prefer the T2 series the mask was drawn on."""
+    if path is None:
+        return True
+    try:
+        r = sitk.ImageFileReader()
+        r.SetFileName(str(path))
+        r.ReadImageInformation()
+    except RuntimeError:
+        return True
+    return sorted(r.GetSize()) == sorted(size) and sorted(np.round(r.GetSpacing(), 2)) == sorted(np.round(spacing, 2))
