@@ -1,0 +1,190 @@
+"""Generate a whole synthetic cohort: site folders (clinical.csv, dicom/, masks/) + truth.json.
+
+The cohort is built in a sibling temporary folder and renamed into place at the end, so a reader
+never sees a half-written cohort. Every random choice comes from generators seeded by
+(seed, site, patient), so the output is byte-identical for a seed and independent of run order.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from .dicom import ExamWriter, PatientInfo
+from .model import TARGET_AUC, LatentDraw, Population, draw, oracle_aucs, oracle_risks, population_summary
+from .phantom import Exam, Patient, TumourLook, acquire
+from .scanners import PRESETS, SiteSpec, site_specs
+
+GENERATOR = "slmfed-synth"
+GENERATOR_VERSION = "1.0"
+TRUTH_JSON = "truth.json"
+CLINICAL_COLUMNS = ("patient_id", "sex", "tumor_site", "cea", "ca199", "slm")
+
+
+def draw_site(spec: SiteSpec, seed: int, site_index: int) -> LatentDraw:
+    """The site's patients: the population's conditional draws with exactly round(n * prevalence) SLM.
+
+    Taking a fixed number of cases and controls from the population keeps every conditional
+    distribution (and so the oracles) unchanged while the sample prevalence hits the target.
+    """
+    n_pos = int(round(spec.n * spec.population.prevalence))
+    rng = np.random.default_rng([seed, site_index, 0])
+    pool = draw(spec.population, 0, rng)
+    while (pool.slm == 1).sum() < n_pos or (pool.slm == 0).sum() < spec.n - n_pos:
+        more = draw(spec.population, 4 * spec.n + 50, rng)
+        pool = LatentDraw(*(np.concatenate([getattr(pool, f), getattr(more, f)]) for f in pool.__dataclass_fields__))
+    pos = np.flatnonzero(pool.slm == 1)[:n_pos]
+    neg = np.flatnonzero(pool.slm == 0)[: spec.n - n_pos]
+    keep = np.sort(np.concatenate([pos, neg]))
+    return LatentDraw(*(getattr(pool, f)[keep] for f in pool.__dataclass_fields__))
+
+
+def _clinical_csv(ids: list[str], d: LatentDraw) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CLINICAL_COLUMNS)
+    for pid, i in zip(ids, range(len(d))):
+        r = d.row(i)
+        w.writerow([pid, r["sex"], r["tumor_site"], f"{r['cea']:.1f}", f"{r['ca199']:.1f}", r["slm"]])
+    return buf.getvalue()
+
+
+def write_mask(exam: Exam, grid_spacing: tuple[float, float, float], path: Path) -> None:
+    """The ROI on the T2 grid, with the T2 series' own origin/spacing/direction (ascending z)."""
+    img = sitk.GetImageFromArray(exam.mask)
+    img.SetOrigin(exam.t2_place.origin)
+    img.SetSpacing(grid_spacing)
+    img.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(img, str(path), useCompression=True)
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse to overwrite anything that is not a previous synthetic cohort."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    entries = {p.name for p in out.iterdir()}
+    if not entries:
+        return
+    truth = out / TRUTH_JSON
+    try:
+        previous = json.loads(truth.read_text())
+        ours = previous.get("generator") == GENERATOR and entries <= {TRUTH_JSON, *previous["sites"]}
+    except (OSError, ValueError, KeyError, AttributeError):
+        ours = False
+    if not ours:
+        raise FileExistsError(
+            f"{out} is not empty and does not hold only a previous synthetic cohort ({TRUTH_JSON} + its site folders); "
+            "choose a new folder"
+        )
+
+
+def generate_cohort(out_dir, preset: str = "paper", seed: int = 0, sites: int | None = None,
+                    progress: bool = True) -> dict:
+    """Write the synthetic cohort to `out_dir` and return the summary that truth.json holds.
+
+    preset: "paper" (176 + 31 patients), "small" (28 + 12) or "tiny" (8 + 4), sites: None for the
+    two centres, or N for N non-identically distributed hospitals site-01..site-NN.
+    """
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed: expected an integer >= 0, found {seed!r}")
+    out = Path(out_dir).resolve()
+    specs = site_specs(preset, sites, seed)
+    _check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        truth = _generate(tmp, out, specs, preset, seed, sites, progress)
+        (tmp / TRUTH_JSON).write_text(json.dumps(truth, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return truth
+
+
+def _generate(tmp: Path, out: Path, specs: list[SiteSpec], preset: str, seed: int, sites, progress: bool) -> dict:
+    draws = [draw_site(spec, seed, k) for k, spec in enumerate(specs)]
+    total = sum(spec.n for spec in specs)
+    truth: dict = {
+        "generator": GENERATOR,
+        "version": GENERATOR_VERSION,
+        "preset": preset,
+        "seed": int(seed),
+        "out_dir": str(out),
+        "n_sites": len(specs),
+        "targets": {"oracle_auc": dict(TARGET_AUC)},
+        "risk_model": asdict(specs[0].population.risk),
+        "sites": {},
+        "patients": {},
+    }
+    bar = tqdm(total=total, desc=f"synth {preset}", unit="patient", disable=not progress, leave=False)
+    with bar:
+        for k, (spec, d) in enumerate(zip(specs, draws)):
+            site_dir = tmp / spec.name
+            (site_dir / "dicom").mkdir(parents=True)
+            (site_dir / "masks").mkdir()
+            ids = [f"{spec.id_prefix}-{i + 1:04d}" for i in range(spec.n)]
+            risks = oracle_risks(spec.population, d)
+            for i, pid in enumerate(ids):
+                truth["patients"][pid] = _write_patient(site_dir, spec, d, i, pid, seed, k, risks)
+                bar.update(1)
+            (site_dir / "clinical.csv").write_text(_clinical_csv(ids, d))
+            pop = population_summary(spec.population)
+            truth["sites"][spec.name] = {
+                "path": str(out / spec.name),
+                "id_prefix": spec.id_prefix,
+                "n": spec.n,
+                "n_slm": int(d.slm.sum()),
+                "prevalence": float(d.slm.mean()) if spec.n else float("nan"),
+                "oracle_auc": pop["oracle_auc"],
+                "sample_oracle_auc": oracle_aucs(spec.population, d),
+                "population": {
+                    "prevalence": spec.population.prevalence,
+                    "p_male": spec.population.p_male,
+                    "p_site": dict(zip(("low", "mid", "high"), spec.population.p_site)),
+                    "alpha": pop["alpha"],
+                    "oracle_mc_n": pop["mc_n"],
+                },
+                "scanner": spec.scanner.describe(),
+            }
+    return truth
+
+
+def _write_patient(site_dir: Path, spec: SiteSpec, d: LatentDraw, i: int, pid: str, seed: int, site_index: int,
+                   risks: dict) -> dict:
+    rng = np.random.default_rng([seed, site_index, i + 1, 1])
+    look = TumourLook.from_features(d.features[i], spec.population.risk.sd_image)
+    patient = Patient(look, rng)
+    exam = acquire(patient, spec.scanner, rng)
+    row = d.row(i)
+    year, day = 2016 + int(rng.integers(0, 6)), int(rng.integers(0, 365))
+    date = np.datetime64(f"{year}-01-01") + np.timedelta64(day, "D")
+    info = PatientInfo(pid, row["sex"], int(np.clip(rng.normal(62, 10), 30, 88)), str(date).replace("-", ""),
+                       spec.name.replace("-", " ").title())
+    ExamWriter(site_dir / "dicom", spec.scanner, info, seed, rng).write(exam)
+    g = spec.scanner.t2
+    write_mask(exam, (g.pixel_mm, g.pixel_mm, g.spacing_mm), site_dir / "masks" / f"{pid}.nii.gz")
+    voxel_ml = g.pixel_mm**2 * g.spacing_mm / 1000
+    return {
+        "site": spec.name,
+        "slm": row["slm"],
+        "risk": float(d.risk[i]),
+        "oracle_risk": {k: float(v[i]) for k, v in risks.items()},
+        "z": float(d.z[i]),
+        "tumor": {**look.as_dict(), "mask_volume_ml": float(exam.mask.sum() * voxel_ml),
+                  "centre_mm": [round(float(c), 3) for c in patient.tumour_centre()]},
+    }
