@@ -1,0 +1,218 @@
+"""A real deployment on one machine (loopback): SuperLink with TLS + SuperNode authentication,
+SuperNodes started by `slmfed site join` from generated bundles, a study submitted with `flwr run`.
+
+Why: the end-to-end test and `slmfed bench deploy` must exercise exactly the generated configs.
+Every process is started in its own session and stopped by PID (its descendants too, found via
+/proc before the parent goes), never by name, so other users' Flower processes are untouched.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deploy import bundle as B
+from deploy.init import FEDERATION, DeployPlan, init_deployment
+from deploy.join import preflight_tls
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    """All descendants of pid (Linux /proc), deepest last."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited while we looked
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process and its descendants by PID, SIGKILL whatever is left after `grace`."""
+    pids = [proc.pid, *_children(proc.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # already gone
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + grace
+    for pid in pids:
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    if proc.poll() is None:
+        proc.wait(timeout=grace)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@dataclass
+class LoopbackFederation:
+    """One coordinator + N sites on 127.0.0.1, from `deploy init` bundles."""
+
+    work: Path
+    sites: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        self.work = Path(self.work)
+        self.out = self.work / "deployment"
+        self.logs = self.work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        init_deployment(DeployPlan(out=self.out, superlink_hosts=["127.0.0.1", "localhost"],
+                                   sites=self.sites, port=self.port, bind_host="127.0.0.1"))
+        self.coord = B.read_bundle(self.out / "coordinator")
+        self.flwr_home = self.work / "flwr-researcher"
+        self.flwr_home.mkdir(exist_ok=True)
+        # The researcher's connection, as flwr-config.toml says, with the CA where it lies here.
+        (self.flwr_home / "config.toml").write_text(
+            (self.coord.root / "flwr-config.toml").read_text()
+            .replace(f"{self.coord.install_dir}/{B.COORD_CA}", str(self.coord.root / B.COORD_CA))
+        )
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _env(self, flwr_home: Path) -> dict[str, str]:
+        env = {**os.environ, **self.env, "FLWR_HOME": str(flwr_home),
+               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
+        return env
+
+    def _spawn(self, name: str, argv: list[str], flwr_home: Path) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self._env(flwr_home),
+                                start_new_session=True)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # --- coordinator
+    def start_superlink(self, timeout: float = 60.0) -> None:
+        link = self.coord.data["superlink"]
+        argv = B.superlink_argv(
+            ca_cert=str(self.coord.root / B.COORD_CA), server_cert=str(self.coord.root / B.SERVER_CERT),
+            server_key=str(self.coord.root / B.SERVER_KEY), host=link["bind-host"], port=int(link["port"]),
+            database=str(self.work / "superlink.db"),
+            program=str(Path(sys.executable).with_name("flower-superlink")),
+        )
+        home = self.work / "flwr-superlink"
+        home.mkdir(exist_ok=True)
+        proc = self._spawn("superlink", argv, home)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with {proc.returncode}:\n{self.log('superlink')[-3000:]}")
+            if preflight_tls(self.address, self.coord.root / B.COORD_CA, timeout=1.0) is None:
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"flower-superlink did not accept TLS connections within {timeout:.0f}s")
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run([str(Path(sys.executable).with_name("flwr")), *args], capture_output=True, text=True,
+                              env=self._env(self.flwr_home), timeout=timeout, cwd=self.work)
+
+    def register(self, site: str) -> subprocess.CompletedProcess:
+        res = self.flwr("supernode", "register", str(self.coord.root / B.SITE_KEYS_DIR / f"{site}.pub"),
+                        FEDERATION, "--name", site)
+        if res.returncode != 0:
+            raise RuntimeError(f"flwr supernode register {site} failed:\n{res.stdout}\n{res.stderr}")
+        return res
+
+    # --- sites
+    def site_bundle(self, site: str) -> Path:
+        return self.out / "sites" / site
+
+    def join(self, site: str, cache: Path, *, bundle: Path | None = None) -> subprocess.Popen:
+        """`slmfed site join` as a site runs it (via python -m deploy.cli, the same code)."""
+        argv = [sys.executable, "-m", "deploy.cli", "site", "join", "--bundle", str(bundle or self.site_bundle(site)),
+                "--cache", str(cache), "--port", str(free_port())]
+        home = self.work / f"flwr-{site}"
+        home.mkdir(exist_ok=True)
+        return self._spawn(f"site-{site}", argv, home)
+
+    def supernode(self, name: str, argv_tail: list[str]) -> subprocess.Popen:
+        """A hand-configured flower-supernode (for the refusal tests)."""
+        argv = [str(Path(sys.executable).with_name("flower-supernode")), "--superlink", self.address,
+                "--port", str(free_port()), *argv_tail]
+        home = self.work / f"flwr-{name}"
+        home.mkdir(exist_ok=True)
+        return self._spawn(name, argv, home)
+
+    def wait_connected(self, n: int, timeout: float = 60.0) -> None:
+        """Until the SuperLink lists n online SuperNodes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            res = self.flwr("supernode", "list", FEDERATION, "--format", "json", timeout=30)
+            if res.returncode == 0 and res.stdout.count('"online"') >= n:
+                return
+            time.sleep(1.0)
+        raise RuntimeError(f"fewer than {n} SuperNodes online after {timeout:.0f}s:\n{res.stdout[-2000:]}")
+
+    # --- researcher
+    def run_study(self, app_dir: Path, run_config: dict, timeout: float = 900.0) -> tuple[subprocess.CompletedProcess, float]:
+        cfg = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+        t0 = time.perf_counter()
+        res = self.flwr("run", str(app_dir), FEDERATION, "--run-config", cfg, "--stream", timeout=timeout)
+        return res, time.perf_counter() - t0
+
+    def stop(self) -> None:
+        for name in reversed(list(self.procs)):
+            stop_process(self.procs[name])
+
+    def __enter__(self) -> "LoopbackFederation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    return '"' + str(v).replace('"', '\\"') + '"'
+
+
+def command_line(argv: list[str]) -> str:
+    return shlex.join(argv)
