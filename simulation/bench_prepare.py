@@ -1,0 +1,91 @@
+"""`slmfed bench prepare`: prepare throughput next to a bare pydicom parse of the same files.
+
+Figures (medians over --runs, warm OS file cache for both):
+    parse      time for pydicom.dcmread of every file under each site's dicom/ once (one process)
+    prepare    `prepare_site` into a fresh cache with --workers, patients/s
+    ratio      prepare / parse                  (target <= 2.0 with --workers 2)
+    re-run     prepare again with nothing changed, as % of the first run (target < 10 %)
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="a site folder, or a cohort folder of site folders "
+                                       "(default: a fresh `slmfed synth --preset tiny` cohort)")
+    parser.add_argument("--runs", type=int, default=3, help="repetitions (median reported)")
+    parser.add_argument("--workers", type=int, default=2, help="prepare worker processes")
+
+
+def _sites(data: Path) -> list[Path]:
+    if (data / "dicom").is_dir():
+        return [data]
+    sites = sorted(p for p in data.iterdir() if (p / "dicom").is_dir())
+    if not sites:
+        raise SystemExit(f"bench prepare: {data} is neither a site folder nor a folder of site folders")
+    return sites
+
+
+def _parse_all(files: list[Path]) -> int:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    n = 0
+    for f in files:
+        try:
+            pydicom.dcmread(f)
+            n += 1
+        except InvalidDicomError:
+            pass
+    return n
+
+
+def run(args) -> int:
+    from client.prepare import prepare_site
+    from common.config import load_config
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
+    try:
+        if args.data:
+            data = Path(args.data)
+        else:
+            from simulation.synth import generate_cohort
+
+            data = tmp / "cohort"
+            generate_cohort(data, preset="tiny", seed=0)
+        sites = _sites(data)
+        files = sorted(p for s in sites for p in (s / "dicom").rglob("*") if p.is_file())
+        n_dicom = _parse_all(files)  # warm-up: both measurements see a warm file cache
+        parse, first, rerun, patients = [], [], [], 0
+        cfg = load_config(cli={"workers": args.workers})
+        for r in range(args.runs):
+            t = time.perf_counter()
+            _parse_all(files)
+            parse.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            patients = 0
+            for s in sites:
+                rep = prepare_site(s, tmp / f"run{r}" / s.name, cfg, progress=False)
+                patients += rep.included
+            first.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for s in sites:
+                rep = prepare_site(s, tmp / f"run{r}" / s.name, cfg, progress=False)
+                assert rep.redone == 0, "a re-run with nothing changed rebuilt patients"
+            rerun.append(time.perf_counter() - t)
+            shutil.rmtree(tmp / f"run{r}", ignore_errors=True)
+        mp, mf, mr = statistics.median(parse), statistics.median(first), statistics.median(rerun)
+        print(f"data: {data} ({len(sites)} site(s), {n_dicom} DICOM files, {patients} patients included)")
+        print(f"pydicom parse of every file once : {mp:8.3f} s  ({n_dicom / mp:,.0f} files/s)   median of {args.runs}")
+        print(f"prepare --workers {args.workers}              : {mf:8.3f} s  ({patients / mf:.2f} patients/s)")
+        print(f"prepare / parse                  : {mf / mp:8.2f} x   (target <= 2.0)")
+        print(f"re-run, nothing changed          : {mr:8.3f} s  ({100 * mr / mf:.1f} % of first run, target < 10 %)")
+        return 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
