@@ -35,6 +35,7 @@ SCHEMA: dict[str, Key] = {
     "seed": Key(int, 42, "seed for folds, initialisation and augmentation"),
     "folds": Key(int, 5, "cross-validation folds in the training cohort(s)"),
     "models": Key(str, "cf,dl,combined", "which of the three models to run (comma list)"),
+    "cf-l2": Key(float, 0.0, "ridge penalty on the CF model's slopes (0 = plain maximum likelihood)"),
     "num-rounds": Key(int, 10, "federated rounds per DL model fit"),
     "local-epochs": Key(int, 2, "local epochs per round at each training site"),
     "batch-size": Key(int, 16, "local mini-batch size"),
@@ -51,7 +52,11 @@ SCHEMA: dict[str, Key] = {
     "share-histograms": Key(bool, True, "sites send per-class score histograms for pooled ROC/DCA"),
     "run-dir": Key(str, "runs/latest", "where the ServerApp writes the run folder"),
     "resume": Key(bool, False, "continue the study from the run folder's last checkpoint"),
-    "stop-after-rounds": Key(int, 0, "testing aid: stop after N DL rounds in total (0 = never)"),
+    "eval-sites": Key(str, "center-external", "paper scenario: sites that only evaluate (comma list)"),
+    "min-sites": Key(int, 2, "wait until this many sites are connected before starting"),
+    "site-timeout-s": Key(float, 3600.0, "how long to wait for sites to connect / reply (seconds)"),
+    "truth-file": Key(str, "", "synthetic cohort truth.json: the report puts oracle AUCs beside achieved"),
+    "stop-after-rounds": Key(int, 0, "testing aid: stop after N DL rounds in this run (0 = never)"),
     # --- site (ClientApp, node_config) ---
     "cache-dir": Key(str, "", "the site's prepared cache (output of `slmfed prepare`)"),
     "site-name": Key(str, "", "the site's name as the study refers to it"),
@@ -68,6 +73,12 @@ SCHEMA: dict[str, Key] = {
     "workers": Key(int, 1, "parallel worker processes for `slmfed prepare`"),
     "series-rules": Key(dict, {}, "site.toml table overriding the sequence-matching rules"),
 }
+
+
+# Training settings the server decides for every site and sends with each train / evaluate message
+# (a site keeps its own device, paths and privacy settings).
+SENT_MODEL_KEYS = ("backbone", "norm", "clinical-embed-dim", "lr", "weight-decay", "batch-size", "augment",
+                   "local-epochs", "fedprox-mu", "amp")
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -179,3 +190,30 @@ def model_list(cfg: Mapping[str, Any]) -> list[str]:
     if bad or not names:
         raise ConfigError(f"config key 'models': expected a comma list of cf, dl, combined, found {cfg['models']!r}")
     return [m for m in ("cf", "dl", "combined") if m in names]
+
+
+# --- how the apps get their settings -------------------------------------------------------------
+# `slmfed simulate` runs the apps through Flower's Python simulation API, which hands them an empty
+# run_config and a node_config holding only partition-id / num-partitions. The runner therefore puts
+# the study's run_config and the per-partition site settings into these environment variables
+# (inherited by the Ray workers). Deployed apps never see them and use the real Flower configs.
+ENV_RUN_CONFIG = "SLMFED_RUN_CONFIG"
+ENV_SIM_SITES = "SLMFED_SIM_SITES"
+
+
+def app_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The merged config of a ServerApp (node_config None) or ClientApp, simulation-aware."""
+    import json
+    import os
+
+    run_layer = dict(run_config or {})
+    if os.environ.get(ENV_RUN_CONFIG):
+        run_layer.update(json.loads(os.environ[ENV_RUN_CONFIG]))
+    node_layer = dict(node_config or {})
+    if node_config is not None and "cache-dir" not in node_layer and os.environ.get(ENV_SIM_SITES):
+        sites = json.loads(os.environ[ENV_SIM_SITES])
+        pid = int(node_layer.get("partition-id", -1))
+        if not 0 <= pid < len(sites):
+            raise ConfigError(f"simulation node partition-id {pid} has no site (there are {len(sites)} sites)")
+        node_layer.update(sites[pid])
+    return load_config(run_config=run_layer, node_config=node_layer, ignore_unknown_from=["node_config"])

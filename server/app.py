@@ -1,0 +1,35 @@
+"""The Flower ServerApp: reads the config, runs the study protocol, writes the run folder.
+
+Thin on purpose: the protocol is server/protocol.py, the outputs server/report.py.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import app_config
+from server.checkpoint import Checkpoint, StudyInterrupted
+from server.protocol import Federation, Study
+from server.report import write_run_folder
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = app_config(context.run_config)
+    run_dir = Path(cfg["run-dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fed = Federation(grid, min_sites=int(cfg["min-sites"]), timeout_s=float(cfg["site-timeout-s"]))
+    study = Study(fed, cfg, Checkpoint(run_dir))
+    try:
+        state = study.run()
+    except StudyInterrupted as exc:
+        log.warning("%s; resume with resume=true and the same run-dir (%s)", exc, run_dir)
+        return
+    write_run_folder(run_dir, state, cfg)
+    log.info("study %s finished: %s", state["study_id"], run_dir / "report.md")

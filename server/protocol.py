@@ -1,0 +1,327 @@
+"""The study protocol the ServerApp runs: CF model, MRI DL model and Combined model, CV + validation.
+
+A study is a list of fits (`study_plan`). Each fit names the sites that train, the sites whose
+held-out fold is evaluated ("val", cross-validation) and the sites evaluated on all patients ("test",
+external validation). For each fit and model:
+  - clinical standardisation from summed feature statistics of the training sites;
+  - CF model: exact federated logistic regression, Newton-Raphson on summed gradients / Hessians;
+  - DL / Combined: R rounds of local training + FedAvg (the aggregation Flower's FedAvg strategy uses,
+    weighted by num-examples; FedProx via fedprox-mu at the sites), a checkpoint after every round;
+  - evaluation: sites store per-patient scores locally and reply aggregates + score histograms.
+At the end each site summarises its stored predictions (AUC with DeLong CI, metrics at the Youden
+threshold chosen on the pooled out-of-fold histograms of the training sites, DCA, calibration, DeLong
+tests) and the server assembles results.json.
+
+The protocol talks to sites only through `Federation`, a thin wrapper over Flower's Grid.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import (
+    aggregate_arrayrecords,
+    aggregate_metricrecords,
+    validate_message_reply_consistency,
+)
+
+from common.config import SENT_MODEL_KEYS, model_list
+from common.logistic import LogisticFitError, newton_fit
+from common.records import record_to_state, to_config_record
+from server.checkpoint import Checkpoint, StudyInterrupted
+
+log = logging.getLogger(__name__)
+DL_MODELS = ("dl", "combined")
+
+
+
+class StudyError(RuntimeError):
+    """The study cannot go on (a site failed, too few sites, inconsistent data)."""
+
+
+# ---- talking to sites ---------------------------------------------------------------------------
+class Federation:
+    """Node discovery and request/reply over a Flower Grid, with site names instead of node ids."""
+
+    def __init__(self, grid: Grid, min_sites: int, timeout_s: float):
+        self.grid = grid
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.node_ids = sorted(grid.get_node_ids())
+            if len(self.node_ids) >= min_sites:
+                break
+            if time.monotonic() > deadline:
+                raise StudyError(f"only {len(self.node_ids)} site(s) connected after {timeout_s:.0f} s, need {min_sites}")
+            time.sleep(1.0)
+        self.timeout_s = timeout_s
+        self.bytes_sent = 0
+        self.site_of: dict[int, str] = {}
+        self.node_of: dict[str, int] = {}
+
+    def ask(self, sites: list[str] | list[int], message_type: str, config: dict, arrays: ArrayRecord | None = None,
+            group: str = "") -> dict[str, RecordDict]:
+        """Send one message to each site and return {site: reply content}; any site error is fatal."""
+        nodes = [s if isinstance(s, int) else self.node_of[s] for s in sites]
+        if not nodes:
+            return {}
+        messages = []
+        for node in nodes:
+            content = RecordDict({"config": to_config_record(config)})
+            if arrays is not None:
+                content["arrays"] = arrays
+                self.bytes_sent += arrays.count_bytes()
+            messages.append(Message(content=content, dst_node_id=node, message_type=message_type, group_id=group))
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout_s))
+        out: dict[str, RecordDict] = {}
+        for rep in replies:
+            node = rep.metadata.src_node_id
+            name = self.site_of.get(node, f"node {node}")
+            if rep.has_error():
+                raise StudyError(f"site {name} failed on {message_type}: {rep.error.reason}")
+            out[name if node in self.site_of else node] = rep.content
+        missing = [self.site_of.get(n, n) for n in nodes if (self.site_of.get(n, n)) not in out]
+        if missing:
+            raise StudyError(f"no reply to {message_type} from {missing} within {self.timeout_s:.0f} s")
+        return out
+
+
+def metrics_of(content: RecordDict) -> dict[str, Any]:
+    return dict(content["metrics"])
+
+
+# ---- the plan -----------------------------------------------------------------------------------
+@dataclass
+class Fit:
+    tag: str                      # prediction-store namespace: "cv", "final", "loco-<site>", "local-<site>"
+    fold: int                     # 0..folds-1, or -1 for a fit on all training patients
+    train: list[str]
+    val: list[str] = field(default_factory=list)
+    test: list[str] = field(default_factory=list)
+
+
+def study_plan(scenario: str, sites: dict[str, dict], folds: int, eval_sites: list[str]) -> list[Fit]:
+    names = sorted(sites)
+    labelled = [s for s in names if sites[s]["has-labels"]]
+    if scenario == "paper":
+        train = [s for s in labelled if s not in eval_sites]
+        test = [s for s in names if s in eval_sites]
+        if not train:
+            raise StudyError(f"paper scenario: no training site (sites {names}, evaluate-only {eval_sites})")
+        plan = [Fit("cv", k, train, val=train) for k in range(folds)]
+        return plan + [Fit("final", -1, train, test=test)]
+    if scenario in ("federated", "multisite"):
+        if len(labelled) < 2:
+            raise StudyError(f"{scenario} scenario needs at least two labelled sites, found {labelled}")
+        plan = [Fit("cv", k, labelled, val=labelled) for k in range(folds)]
+        plan += [Fit(f"loco-{h}", -1, [s for s in labelled if s != h], test=[h]) for h in labelled]
+        if scenario == "multisite":
+            for s in labelled:
+                plan += [Fit(f"local-{s}", k, [s], val=[s]) for k in range(folds)]
+        return plan
+    raise StudyError(f"unknown scenario {scenario!r}")
+
+
+def youden_from_histograms(neg: np.ndarray, pos: np.ndarray) -> float:
+    """Threshold (a bin edge) maximising sensitivity + specificity - 1 on pooled score histograms."""
+    neg, pos = np.asarray(neg, float), np.asarray(pos, float)
+    bins = len(neg)
+    edges = np.arange(bins + 1) / bins
+    sens = np.array([pos[j:].sum() for j in range(bins + 1)]) / max(pos.sum(), 1)
+    spec = np.array([neg[:j].sum() for j in range(bins + 1)]) / max(neg.sum(), 1)
+    return float(edges[int(np.argmax(sens + spec - 1))])
+
+
+# ---- the study ----------------------------------------------------------------------------------
+class Study:
+    """Runs the plan; all state needed to resume lives in `self.state` (JSON) + the current weights."""
+
+    def __init__(self, fed: Federation, cfg: dict, checkpoint: Checkpoint,
+                 on_progress: Callable[[str], None] | None = None):
+        self.fed, self.cfg, self.ckpt = fed, cfg, checkpoint
+        self.models = model_list(cfg)
+        self.say = on_progress or (lambda m: log.info(m))
+        self.rounds_done_this_run = 0
+        self.state: dict[str, Any] = {}
+
+    # -- set-up --
+    def start(self) -> None:
+        if self.cfg["resume"] and self.ckpt.exists():
+            self.state = self.ckpt.load_state()
+            self.say(f"resuming study {self.state['study_id']} at {self.state['position']}")
+        else:
+            self.state = {"study_id": uuid.uuid4().hex[:12], "position": {"fit": 0, "model": 0, "round": 0},
+                          "evaluations": [], "cf": {}, "history": [], "bytes": {}}
+        info = self.fed.ask(self.fed.node_ids, "query.info", {})
+        sites = {}
+        for node, content in info.items():
+            m = metrics_of(content)
+            name = str(self._site_name(node, content))
+            if name in sites:
+                raise StudyError(f"two sites call themselves {name!r}: give each SuperNode its own site-name")
+            sites[name] = m
+            self.fed.site_of[node] = name
+            self.fed.node_of[name] = node
+        self.sites = sites
+        self.state["sites"] = {s: {"num-examples": int(m["num-examples"]), "num-positive": int(m["num-positive"]),
+                                   "has-labels": bool(m["has-labels"])} for s, m in sites.items()}
+        shapes = {tuple(int(x) for x in m["image-shape"]) for m in sites.values()}
+        if len(shapes) != 1:
+            raise StudyError(f"sites prepared different model inputs {sorted(shapes)}: use the same `slmfed prepare` settings")
+        first = next(iter(sites.values()))
+        self.n_channels, self.spatial_dims, self.n_features = int(first["n-channels"]), int(first["spatial-dims"]), int(first["n-features"])
+        eval_sites = [s.strip() for s in str(self.cfg["eval-sites"]).split(",") if s.strip()]
+        self.plan = study_plan(self.cfg["scenario"], sites, int(self.cfg["folds"]), eval_sites)
+        self.state["plan"] = [asdict(f) for f in self.plan]
+
+    def _site_name(self, node: int, content: RecordDict) -> str:
+        cfgrec = content.get("site") if hasattr(content, "get") else None
+        if cfgrec is not None and "site-name" in cfgrec:
+            return str(cfgrec["site-name"])
+        return f"node-{node}"
+
+    # -- helpers --
+    def _base(self, fit: Fit) -> dict:
+        return {"fold": fit.fold, "folds": int(self.cfg["folds"]), "seed": int(self.cfg["seed"])}
+
+    def _model_keys(self) -> dict:
+        return {k: self.cfg[k] for k in SENT_MODEL_KEYS}
+
+    def standardisation(self, fit: Fit) -> tuple[np.ndarray, np.ndarray]:
+        replies = self.fed.ask(fit.train, "query.clinical_sums", self._base(fit), group=f"{fit.tag}/{fit.fold}/std")
+        n = sum(int(metrics_of(c)["num-examples"]) for c in replies.values())
+        s = sum(np.asarray(metrics_of(c)["sum"]) for c in replies.values())
+        ss = sum(np.asarray(metrics_of(c)["sumsq"]) for c in replies.values())
+        mean = s / n
+        std = np.sqrt(np.maximum(ss / n - mean**2, 0.0) * n / max(n - 1, 1))
+        return mean, std
+
+    def fit_cf(self, fit: Fit, mean, std) -> dict:
+        base = {**self._base(fit), "clinical-mean": mean, "clinical-std": std}
+        p = self.n_features + 1
+
+        def stats(beta: np.ndarray) -> dict:
+            replies = self.fed.ask(fit.train, "query.logistic_stats", {**base, "beta": np.asarray(beta, float)},
+                                   group=f"{fit.tag}/{fit.fold}/cf")
+            ms = [metrics_of(c) for c in replies.values()]
+            return {"grad": sum(np.asarray(m["grad"]) for m in ms), "hess": sum(np.asarray(m["hess"]).reshape(p, p) for m in ms),
+                    "loglik": sum(float(m["loglik"]) for m in ms), "n": sum(int(m["num-examples"]) for m in ms)}
+
+        try:
+            res = newton_fit(stats, p, l2=float(self.cfg["cf-l2"]))
+        except LogisticFitError as exc:
+            raise StudyError(f"CF model, {fit.tag} fold {fit.fold}: {exc}") from None
+        return {"beta": np.asarray(res.beta).tolist(), "cov": np.asarray(res.cov).tolist(),
+                "n_iter": int(res.n_iter), "converged": bool(res.converged), "loglik": float(res.loglik)}
+
+    def evaluate(self, fit: Fit, model: str, mean, std, arrays: ArrayRecord | None, beta=None, *, store: bool,
+                 rnd: int | None = None) -> None:
+        base = {**self._base(fit), **self._model_keys(), "clinical-mean": mean, "clinical-std": std, "model": model,
+                "study-id": f"{self.state['study_id']}/{fit.tag}", "store": store,
+                "histogram-bins": int(self.cfg["histogram-bins"])}
+        if beta is not None:
+            base["beta"] = np.asarray(beta, float)
+        for part, sites in (("val", fit.val), ("all", fit.test)):
+            if not sites:
+                continue
+            replies = self.fed.ask(sites, "evaluate", {**base, "part": part}, arrays=arrays,
+                                   group=f"{fit.tag}/{fit.fold}/{model}/eval")
+            for site, content in replies.items():
+                m = metrics_of(content)
+                rec = {"tag": fit.tag, "fold": fit.fold, "model": model, "site": site, "part": part,
+                       "round": rnd, "stored": store, **{k: m[k] for k in m}}
+                (self.state["history"] if rnd is not None else self.state["evaluations"]).append(rec)
+
+    def initial_state(self, model: str, fit_index: int) -> ArrayRecord:
+        from common.model import build_model
+
+        torch.manual_seed(int(np.random.SeedSequence([int(self.cfg["seed"]), fit_index, DL_MODELS.index(model)]).generate_state(1)[0] % 2**31))
+        net = build_model(self.cfg, self.n_channels, self.spatial_dims, self.n_features, use_clinical=(model == "combined"))
+        return ArrayRecord(net.state_dict())
+
+    def fit_dl(self, fit_index: int, fit: Fit, model: str, mean, std, start_round: int, arrays: ArrayRecord | None) -> ArrayRecord:
+        rounds = int(self.cfg["num-rounds"])
+        arrays = arrays if arrays is not None else self.initial_state(model, fit_index)
+        train_cfg = {**self._base(fit), **self._model_keys(), "clinical-mean": mean, "clinical-std": std, "model": model}
+        for rnd in range(start_round + 1, rounds + 1):
+            replies = self.fed.ask(fit.train, "train", {**train_cfg, "round": rnd}, arrays=arrays,
+                                   group=f"{fit.tag}/{fit.fold}/{model}/{rnd}")
+            contents = list(replies.values())
+            validate_message_reply_consistency(contents, weighted_by_key="num-examples", check_arrayrecord=True)
+            arrays = aggregate_arrayrecords(contents, "num-examples")  # FedAvg: example-weighted mean
+            agg = aggregate_metricrecords(contents, "num-examples")
+            sizes = [c["arrays"].count_bytes() for c in replies.values()]
+            self.state["bytes"] = {"per-client-per-round": int(np.median(sizes)), "weights": int(arrays.count_bytes())}
+            self.state["history"].append({"tag": fit.tag, "fold": fit.fold, "model": model, "round": rnd,
+                                          "part": "train", "train-loss": float(agg["train-loss"]) if agg else float("nan")})
+            if fit.val:
+                self.evaluate(fit, model, mean, std, arrays, store=False, rnd=rnd)
+            self.state["position"] = {"fit": fit_index, "model": self.models.index(model), "round": rnd}
+            self.ckpt.save(self.state, arrays)
+            self.rounds_done_this_run += 1
+            self.say(f"{fit.tag} fold {fit.fold} {model}: round {rnd}/{rounds} done")
+            stop = int(self.cfg["stop-after-rounds"])
+            if stop and self.rounds_done_this_run >= stop:
+                raise StudyInterrupted(f"stopped after {stop} rounds as configured (stop-after-rounds)")
+        return arrays
+
+    # -- the whole run --
+    def run(self) -> dict:
+        self.start()
+        pos = self.state["position"]
+        final_weights: dict[str, ArrayRecord] = {}
+        for i, fit in enumerate(self.plan):
+            if i < pos["fit"]:
+                continue
+            mean, std = self.standardisation(fit)
+            for j, model in enumerate(self.models):
+                if i == pos["fit"] and j < pos["model"]:
+                    continue
+                resume_here = i == pos["fit"] and j == pos["model"] and pos["round"] > 0
+                if model == "cf":
+                    cf = self.fit_cf(fit, mean, std)
+                    self.state["cf"][f"{fit.tag}/{fit.fold}"] = {**cf, "mean": mean.tolist(), "std": std.tolist()}
+                    self.evaluate(fit, "cf", mean, std, None, beta=cf["beta"], store=True)
+                else:
+                    start = pos["round"] if resume_here else 0
+                    arrays = self.ckpt.load_arrays() if resume_here else None
+                    if start < int(self.cfg["num-rounds"]):
+                        arrays = self.fit_dl(i, fit, model, mean, std, start, arrays)
+                    self.evaluate(fit, model, mean, std, arrays, store=True)
+                    if fit.fold < 0:
+                        final_weights[f"{fit.tag}/{model}"] = arrays
+                        self.ckpt.save_model(f"{fit.tag}-{model}", arrays)
+                self.state["position"] = {"fit": i, "model": j + 1, "round": 0}
+            self.state["position"] = {"fit": i + 1, "model": 0, "round": 0}
+        return self.summarise()
+
+    def summarise(self) -> dict:
+        """Thresholds from pooled OOF histograms of the training sites, then each site's result rows."""
+        thresholds = {}
+        for model in self.models:
+            ev = [e for e in self.state["evaluations"] if e["model"] == model and e["part"] == "val" and e["tag"] == "cv"
+                  and "hist-neg" in e]
+            if not ev:
+                ev = [e for e in self.state["evaluations"] if e["model"] == model and e["part"] == "val" and "hist-neg" in e]
+            if ev:
+                thresholds[model] = youden_from_histograms(sum(np.asarray(e["hist-neg"]) for e in ev),
+                                                           sum(np.asarray(e["hist-pos"]) for e in ev))
+        summaries = []
+        for tag in dict.fromkeys(f.tag for f in self.plan):
+            fits = [f for f in self.plan if f.tag == tag]
+            kind = "oof" if fits[0].fold >= 0 else "final"
+            sites = sorted({s for f in fits for s in (f.val if kind == "oof" else f.test)})
+            req = {"study-id": f"{self.state['study_id']}/{tag}", "models": ",".join(self.models), "kind": kind,
+                   "folds": int(self.cfg["folds"]), "histogram-bins": int(self.cfg["histogram-bins"]),
+                   **{f"threshold.{m}": t for m, t in thresholds.items()}}
+            for site, content in self.fed.ask(sites, "query.summary", req, group=f"summary/{tag}").items():
+                summaries.append({"tag": tag, "kind": kind, "site": site, "metrics": metrics_of(content)})
+        self.state["thresholds"] = thresholds
+        self.state["summaries"] = summaries
+        return self.state
