@@ -74,9 +74,11 @@ class ExamWriter:
             items = [(bi, k) for k in order for bi in range(len(volumes))]
         series_dir = self.exam_dir if s.file_style == "flat-dcm" else self.exam_dir / f"Se{number}"
         series_dir.mkdir(parents=True, exist_ok=True)
+        ds = self._base(series_uid, number, description, image_type, grid, tr_te)  # reused: only per-image tags change
+        ds.RescaleSlope = _ds(slope)
+        ds.RescaleIntercept = "0"
         for inst, (bi, k) in enumerate(items, start=1):
             b, vol = volumes[bi]
-            ds = self._base(series_uid, number, description, image_type, grid, tr_te)
             z = place.origin[2] + k * grid.spacing_mm
             ds.SOPInstanceUID = uid(self.seed, info.patient_id, kind, inst)
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -86,8 +88,6 @@ class ExamWriter:
             if b is not None:
                 ds.DiffusionBValue = float(b)
                 ds.DiffusionDirectionality = "ISOTROPIC" if b > 0 else "NONE"
-            ds.RescaleSlope = _ds(slope)
-            ds.RescaleIntercept = "0"
             ds.PixelData = np.ascontiguousarray(vol[k]).tobytes()
             name = f"{self.rng.integers(16**10):010X}"
             path = series_dir / (f"{name}.dcm" if s.file_style == "flat-dcm" else name)

@@ -22,12 +22,12 @@ from .scanners import Grid, Scanner
 
 # tissue: (T2 signal, DWI b0 signal, ADC in 1e-6 mm^2/s)
 TISSUES: dict[str, tuple[float, float, float]] = {
-    "pelvic_fat": (950.0, 60.0, 600.0),
+    "pelvic_fat": (950.0, 40.0, 600.0),
     "muscle": (280.0, 220.0, 1400.0),
     "marrow": (700.0, 120.0, 500.0),
     "cortex": (60.0, 20.0, 800.0),
     "urine": (1800.0, 1100.0, 2900.0),
-    "meso_fat": (1000.0, 55.0, 600.0),
+    "meso_fat": (1000.0, 40.0, 600.0),
     "fascia": (220.0, 100.0, 1200.0),
     "muscularis": (300.0, 380.0, 1550.0),
     "mucosa": (650.0, 450.0, 1650.0),
@@ -54,7 +54,7 @@ class TumourLook:
         squash = 2.5 * np.tanh(u / 2.5)  # monotone, bounded: keeps the tumour in the FOV
         return cls(
             volume_ml=float(6.0 * np.exp(0.6 * squash[0])),
-            irregularity=float(0.03 + 0.30 * ndtr(u[1])),
+            irregularity=float(0.03 + 0.22 * ndtr(u[1])),
             adc=float(1000.0 - 140.0 * squash[2]),
             heterogeneity=float(0.04 + 0.30 * ndtr(u[3])),
         )
@@ -87,11 +87,11 @@ class Patient:
         self.tz = u(-4, 4)
         r = (3 * look.volume_ml * 1000 / (4 * math.pi)) ** (1 / 3)
         self.axes = np.array([0.75, 1.15, 1.16]) * r  # radial, tangential, along z
-        self.harm = [(int(rng.integers(2, 8)), int(rng.integers(0, 4)), u(0, 2 * math.pi), u(0, 2 * math.pi),
+        self.harm = [(int(rng.integers(2, 7)), int(rng.integers(0, 4)), u(0, 2 * math.pi), u(0, 2 * math.pi),
                       1.0 / math.sqrt(k + 1)) for k in range(6)]
         self.harm_norm = math.sqrt(sum(a * a for *_, a in self.harm) / 4.0)
         self.tex = _waves(rng, 20, 2.5, 8.0)
-        self.bg_tex = _waves(rng, 8, 8.0, 25.0)
+        self.bg_tex = _waves(rng, 4, 8.0, 25.0)
         self.bias = rng.normal(0, 0.12, size=4)
 
     def axis_at(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -103,46 +103,54 @@ class Patient:
         return np.array([cx + rad * math.cos(self.theta), cy + rad * math.sin(self.theta), self.tz])
 
     def tissue_maps(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, ...]:
-        """T2, b0 and ADC property maps, tumour membership (0..1), tumour signed 'inside' score."""
-        shape = np.broadcast_shapes(x.shape, y.shape, z.shape)
-        props = np.empty((3,) + shape)
-        props[:] = np.asarray(TISSUES["pelvic_fat"]).reshape(3, *([1] * len(shape)))
+        """T2, b0 and ADC property maps and the tumour 'inside' score (mm inside the margin).
 
-        def paint(tissue, member):
-            vals = np.asarray(TISSUES[tissue]).reshape(3, *([1] * len(shape)))
-            props[:] = props * (1 - member) + vals * member
-
+        x, y, z are 1-D coordinate arrays shaped (1, 1, nx), (1, ny, 1), (nz, 1, 1). Structures
+        that do not change along z are painted once in 2-D; every structure is painted only inside
+        its bounding box (the soft edge is negligible 3 mm out).
+        """
+        nz, ny, nx = z.shape[0], y.shape[1], x.shape[2]
+        xs, ys = x.ravel(), y.ravel()
+        plane = np.empty((3, 1, ny, nx), dtype=np.float32)
+        plane[:] = np.asarray(TISSUES["pelvic_fat"], dtype=np.float32)[:, None, None, None]
         for sx in (-1, 1):
-            paint("muscle", _ellipse(x - sx * self.muscle_x, y - 4, 10, 26))
-            paint("cortex", _ellipse(x - sx * self.femur_x, y + 2, 22, 22))
-            paint("marrow", _ellipse(x - sx * self.femur_x, y + 2, 19, 19))
+            _paint(plane, "muscle", x, y, sx * self.muscle_x, 4, 10, 26)
+            _paint(plane, "cortex", x, y, sx * self.femur_x, -2, 22, 22)
+            _paint(plane, "marrow", x, y, sx * self.femur_x, -2, 19, 19)
         bx, by, ba, bb = self.sacrum
-        paint("cortex", _ellipse(x - bx, y - by, ba, bb))
-        paint("marrow", _ellipse(x - bx, y - by, ba - 2.5, bb - 2.5))
+        _paint(plane, "cortex", x, y, bx, by, ba, bb)
+        _paint(plane, "marrow", x, y, bx, by, ba - 2.5, bb - 2.5)
+        props = np.repeat(plane, nz, axis=1)
         qx, qy, qa, qb = self.bladder
         shrink = np.clip(1 - (z / 70.0) ** 2, 0.3, 1)
-        paint("muscle", _ellipse(x - qx, y - qy, qa * shrink + 2, qb * shrink + 2))
-        paint("urine", _ellipse(x - qx, y - qy, qa * shrink, qb * shrink))
+        _paint(props, "muscle", x, y, qx, qy, qa * shrink + 2, qb * shrink + 2, box=(qa + 2, qb + 2))
+        _paint(props, "urine", x, y, qx, qy, qa * shrink, qb * shrink, box=(qa, qb))
         cx, cy = self.axis_at(z)
-        rx, ry = x - cx, y - cy
         ma, mb = self.meso_ab
-        paint("fascia", _ellipse(rx, ry - self.meso_dy, ma + 1.2, mb + 1.2))
-        paint("meso_fat", _ellipse(rx, ry - self.meso_dy, ma, mb))
         la, lb = self.lumen_ab
-        paint("muscularis", _ellipse(rx, ry, la + self.wall, lb + self.wall))
-        paint("mucosa", _ellipse(rx, ry, la + 1.3, lb + 1.3))
-        paint("gel" if self.gel else "gas", _ellipse(rx, ry, la, lb))
+        layers = [("fascia", self.meso_dy, ma + 1.2, mb + 1.2), ("meso_fat", self.meso_dy, ma, mb),
+                  ("muscularis", 0, la + self.wall, lb + self.wall), ("mucosa", 0, la + 1.3, lb + 1.3),
+                  ("gel" if self.gel else "gas", 0, la, lb)]
+        for tissue, dy, a, b in layers:
+            _paint(props, tissue, x, y, cx, cy + dy, a, b, box=(a, b))
         props[0] *= 1 + 0.03 * _field(self.bg_tex, x, y, z)
 
-        inside, member = self._tumour(x, y, z)
-        tex = _field(self.tex, x, y, z)
-        h = self.look.heterogeneity
-        t_t2 = TUMOUR_T2 * (1 + 0.9 * h * tex)
-        t_s0 = TUMOUR_S0 * (1 + 0.3 * h * tex)
-        t_adc = np.maximum(self.look.adc * (1 - h * tex), 250.0)
-        for i, v in enumerate((t_t2, t_s0, t_adc)):
-            props[i] = props[i] * (1 - member) + v * member
-        return props[0], props[1], props[2], member, inside
+        inside = np.full((nz, ny, nx), -1e3, dtype=np.float32)
+        c = self.tumour_centre()
+        reach = float(np.max(self.axes)) * (1 + 3 * self.look.irregularity) + 3 * EDGE_MM
+        bx_, by_, bz_ = (_span(v, ci - reach, ci + reach) for v, ci in ((xs, c[0]), (ys, c[1]), (z.ravel(), c[2])))
+        if all(b.stop > b.start for b in (bx_, by_, bz_)):
+            sub = (x[:, :, bx_], y[:, by_, :], z[bz_])
+            ins, member = self._tumour(*sub)
+            inside[bz_, by_, bx_] = ins
+            tex = _field(self.tex, *sub)
+            h = self.look.heterogeneity
+            tumour = (TUMOUR_T2 * (1 + 0.9 * h * tex), TUMOUR_S0 * (1 + 0.3 * h * tex),
+                      np.maximum(self.look.adc * (1 - h * tex), 250.0))
+            for i, v in enumerate(tumour):
+                region = props[i, bz_, by_, bx_]
+                props[i, bz_, by_, bx_] = region * (1 - member) + v * member
+        return props[0], props[1], props[2], inside
 
     def _tumour(self, x, y, z):
         c = self.tumour_centre()
@@ -168,7 +176,32 @@ class Patient:
 def _ellipse(x, y, a, b) -> np.ndarray:
     """Soft membership of an ellipse (1 inside, 0 outside, EDGE_MM transition)."""
     r = np.sqrt((x / a) ** 2 + (y / b) ** 2)
-    return expit((1 - r) * np.minimum(a, b) / EDGE_MM * 4)
+    return expit((1 - r) * np.minimum(a, b) / EDGE_MM * 4).astype(np.float32)
+
+
+def _span(v: np.ndarray, lo, hi) -> slice:
+    """Index range of the sorted 1-D coordinates v that fall in [min(lo), max(hi)]."""
+    lo, hi = float(np.min(lo)), float(np.max(hi))
+    return slice(int(np.searchsorted(v, lo)), int(np.searchsorted(v, hi, side="right")))
+
+
+def _paint(props, tissue, x, y, cx, cy, a, b, box=None) -> None:
+    """Blend `tissue` into props (3, z, y, x) inside a soft ellipse centred (cx, cy), in place.
+
+    cx, cy, a, b may vary along z (arrays shaped (nz, 1, 1)); `box` gives the largest half-axes
+    when they do, so the work stays inside the ellipse's bounding box.
+    """
+    ha, hb = box if box is not None else (a, b)
+    m = 3 * EDGE_MM
+    bx = _span(x.ravel(), np.asarray(cx) - ha - m, np.asarray(cx) + ha + m)
+    by = _span(y.ravel(), np.asarray(cy) - hb - m, np.asarray(cy) + hb + m)
+    if bx.stop <= bx.start or by.stop <= by.start:
+        return
+    member = _ellipse(x[..., bx] - cx, y[:, by, :] - cy, a, b)
+    vals = np.asarray(TISSUES[tissue], dtype=np.float32)
+    for i in range(3):
+        region = props[i, :, by, bx]
+        props[i, :, by, bx] = region + (vals[i] - region) * member
 
 
 def _waves(rng: np.random.Generator, k: int, lo_mm: float, hi_mm: float) -> tuple[np.ndarray, np.ndarray]:
@@ -180,11 +213,15 @@ def _waves(rng: np.random.Generator, k: int, lo_mm: float, hi_mm: float) -> tupl
 
 
 def _field(waves, x, y, z) -> np.ndarray:
+    """Sum of plane waves, each built from per-axis complex exponentials (cheap broadcasting)."""
     kv, ph = waves
     out = 0.0
     for (kx, ky, kz), p in zip(kv, ph):
-        out = out + np.cos(kx * x + ky * y + kz * z + p)
-    return out * math.sqrt(2.0 / len(ph))
+        ex = np.exp(1j * (kx * x + p)).astype(np.complex64)
+        ey = np.exp(1j * ky * y).astype(np.complex64)
+        ez = np.exp(1j * kz * z).astype(np.complex64)
+        out = out + ((ex * ey) * ez).real
+    return out * np.float32(math.sqrt(2.0 / len(ph)))
 
 
 @dataclass(frozen=True)
@@ -246,7 +283,7 @@ def acquire(patient: Patient, scanner: Scanner, rng: np.random.Generator, dwi_su
     centre = np.array([patient.rect_c[0], patient.rect_c[1], 0.0]) * 0.5  # FOV roughly on the rectum
     t2_place = Placement.centred(scanner.t2, centre)
     x, y, z = grid_points(scanner.t2, t2_place)
-    t2, _, _, _, inside = patient.tissue_maps(x, y, z)
+    t2, _, _, inside = patient.tissue_maps(x, y, z)
     fat = TISSUES["pelvic_fat"][0]
     t2 = t2 * patient.bias_field(x, y) * scanner.t2_scale
     t2 = _rician(rng, t2, scanner.t2_noise * fat * scanner.t2_scale)
@@ -254,7 +291,7 @@ def acquire(patient: Patient, scanner: Scanner, rng: np.random.Generator, dwi_su
 
     dwi_place = Placement.centred(scanner.dwi, centre + np.asarray(scanner.dwi_offset_mm))
     x, y, z = grid_points(scanner.dwi, dwi_place, dwi_sub)
-    _, s0, adc_true, _, _ = patient.tissue_maps(x, y, z)
+    _, s0, adc_true, _ = patient.tissue_maps(x, y, z)
     s0 = s0 * patient.bias_field(x, y) * scanner.dwi_scale
     sigma = scanner.dwi_noise * TISSUES["muscularis"][1] * scanner.dwi_scale
     dwi = {b: _rician(rng, _block_mean(s0 * np.exp(-b * adc_true * 1e-6), dwi_sub), sigma) for b in scanner.b_values}
