@@ -219,10 +219,13 @@ def summary(site: Site, study_id: str, models: list[str], kind: str, folds: int,
         neg, pos = M.score_histograms(y, p, bins=bins)
         out[f"{m}.hist-neg"], out[f"{m}.hist-pos"] = neg, pos
     out["treat-all"] = M.net_benefit_treat_all(y_ref, ths)
+    n_pos = int(np.sum(y_ref))
     if "combined" in preds:
         for other in ("cf", "dl"):
             if other in preds:
-                z, pval = M.delong_test(y_ref, preds["combined"][2], preds[other][2])
+                # undefined (NaN) with fewer than 2 patients in a class, as the DeLong variance is
+                z, pval = (M.delong_test(y_ref, preds["combined"][2], preds[other][2])
+                           if min(n_pos, len(y_ref) - n_pos) >= 2 else (float("nan"), float("nan")))
                 out[f"delong.combined-vs-{other}.z"], out[f"delong.combined-vs-{other}.p"] = float(z), float(pval)
     out["num-examples"] = int(len(y_ref))
     out["num-positive"] = int(np.sum(y_ref))

@@ -115,7 +115,7 @@ def _versions() -> dict:
 def _oracle(truth: dict | None) -> dict:
     if not truth:
         return {}
-    return {name: c.get("oracle_auc", {}) for name, c in truth.get("centers", {}).items()}
+    return {name: dict(c.get("oracle_auc", {})) for name, c in truth.get("sites", {}).items()}
 
 
 def _learning_curves(history: list[dict]) -> dict:

@@ -1,6 +1,142 @@
-"""`slmfed simulate` (stub until its issue lands)."""
+"""`slmfed simulate`: the whole study on one machine, on the embedded synthetic cohort by default.
+
+With no arguments: generate the paper cohort once (data/synthetic-paper, reused afterwards), prepare
+both centers (incremental: a re-run only redoes what changed), run the `paper` scenario through
+Flower's simulation runtime, print the results table and where the report is.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+from pathlib import Path
+
+from common.cli import CommandError
+from common.config import SCHEMA, ConfigError, load_config
+
+PRESET_ROUNDS = {"quick": {"num-rounds": 3, "local-epochs": 1, "folds": 3, "cf-l2": 0.1}}
 
 
 def register(sub) -> None:
-    p = sub.add_parser("simulate", help="run the federated study on one machine")
-    p.set_defaults(func=lambda a: print("not implemented yet") or 1)
+    p = sub.add_parser(
+        "simulate",
+        help="run the federated study on one machine (synthetic cohort by default)",
+        description=__doc__,
+    )
+    p.add_argument("--scenario", choices=SCHEMA["scenario"].choices, default=None,
+                   help="paper: primary trains (5-fold CV), external only evaluates; federated: both train "
+                        "(CV + leave-center-out); multisite: N synthetic hospitals, federated vs each site alone")
+    p.add_argument("--data", metavar="DIR", help="folder of site folders (default: generated synthetic cohort)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/<scenario>-<time>)")
+    p.add_argument("--quick", action="store_true", help="small cohort, 3 folds, 3 rounds: a smoke run in about a minute")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted study from its last checkpoint")
+    p.add_argument("--config", metavar="TOML", help="study settings file (keys as in pyproject [tool.flwr.app.config])")
+    p.add_argument("--sites", type=int, default=4, help="multisite: number of synthetic hospitals (default 4)")
+    p.add_argument("--ray-address", help="run the virtual sites on an existing Ray cluster instead of a local one")
+    for key in ("num-rounds", "local-epochs", "folds", "seed", "backbone", "norm", "models", "fedprox-mu"):
+        p.add_argument(f"--{key}", dest=key.replace("-", "_"), default=None, help=SCHEMA[key].help)
+    p.set_defaults(func=run)
+
+
+def default_data_dir(scenario: str, quick: bool, sites: int) -> tuple[Path, str, int | None]:
+    preset = "small" if quick else "paper"
+    if scenario == "multisite":
+        return Path("data") / f"synthetic-{preset}-{sites}sites", preset, sites
+    return Path("data") / f"synthetic-{preset}", preset, None
+
+
+def site_folders(data_dir: Path) -> list[Path]:
+    sites = sorted(p for p in data_dir.iterdir() if (p / "clinical.csv").is_file())
+    if not sites:
+        raise CommandError(f"{data_dir} holds no site folder (a folder with clinical.csv, dicom/ and masks/)")
+    return sites
+
+
+def prepare_all(data_dir: Path, sites: list[Path]) -> list[dict]:
+    from client.prepare import PrepareError, prepare_site
+
+    nodes = []
+    for site in sites:
+        cache = data_dir / "caches" / site.name
+        try:
+            report = prepare_site(site, cache, progress=True)
+        except PrepareError as exc:
+            raise CommandError(f"preparing {site}: {exc}") from None
+        print(f"  {site.name}: {report.included} of {report.patients} patients included "
+              f"({report.reused} reused from the cache)")
+        nodes.append({"cache-dir": str(cache.resolve()), "site-name": site.name})
+    return nodes
+
+
+def run(args) -> int:
+    from simulation.runner import run_study
+
+    cli = {k: getattr(args, k.replace("-", "_")) for k in ("num-rounds", "local-epochs", "folds", "seed", "backbone",
+                                                           "norm", "models", "fedprox-mu")}
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "simulation.json"
+        if not saved.is_file():
+            raise CommandError(f"{run_dir} is not a simulation run folder ({saved.name} is missing)")
+        meta = json.loads(saved.read_text())
+        run_config, nodes = {**meta["run_config"], "resume": True}, meta["sites"]
+    else:
+        try:
+            base = load_config(toml_path=args.config, cli={**(PRESET_ROUNDS["quick"] if args.quick else {}), **cli,
+                                                           "scenario": args.scenario})
+        except ConfigError as exc:
+            raise CommandError(str(exc)) from None
+        scenario = base["scenario"]
+        if args.data:
+            data_dir = Path(args.data)
+            if not data_dir.is_dir():
+                raise CommandError(f"--data {data_dir} does not exist")
+        else:
+            data_dir, preset, n_sites = default_data_dir(scenario, args.quick, args.sites)
+            if not (data_dir / "truth.json").is_file():
+                from simulation.synth import generate_cohort
+
+                print(f"generating the synthetic cohort ({preset} preset) in {data_dir} (once; reused afterwards)")
+                generate_cohort(data_dir, preset=preset, seed=0, sites=n_sites)
+        print(f"preparing site caches in {data_dir / 'caches'}")
+        nodes = prepare_all(data_dir, site_folders(data_dir))
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(args.out or f"runs/{scenario}-{stamp}")
+        truth = data_dir / "truth.json"
+        run_config = {k: v for k, v in base.items() if k in _study_keys()}
+        run_config.update({"run-dir": str(run_dir.resolve()), "truth-file": str(truth.resolve()) if truth.is_file() else ""})
+        if scenario == "paper" and not any(n["site-name"] in base["eval-sites"].split(",") for n in nodes):
+            raise CommandError(f"paper scenario: no evaluate-only site named {base['eval-sites']!r} in {data_dir}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from common.atomic import atomic_write_json
+
+        atomic_write_json(run_dir / "simulation.json", {"run_config": run_config, "sites": nodes})
+    print(f"running the {run_config['scenario']} study with {len(nodes)} virtual sites -> {run_dir}")
+    t0 = time.perf_counter()
+    run_study(nodes, run_config, ray_address=args.ray_address)
+    results = run_dir / "results.json"
+    if not results.is_file():
+        raise CommandError(f"the study stopped before writing {results}; resume with `slmfed simulate --resume {run_dir}`")
+    res = json.loads(results.read_text())
+    print(format_table(res))
+    print(f"\nfinished in {time.perf_counter() - t0:.0f} s; report: {run_dir / 'report.md'}")
+    return 0
+
+
+def _study_keys() -> set[str]:
+    from common.config import flower_run_config_defaults
+
+    return set(flower_run_config_defaults())
+
+
+def format_table(res: dict) -> str:
+    from server.report import MODEL_LABEL, auc_cell
+
+    key = {"cf": "clinical", "dl": "image", "combined": "combined"}
+    lines = [f"{'model':<18} {'cohort':<36} {'AUC (95% CI)':<22} {'sens':>6} {'spec':>6} {'oracle':>7}"]
+    for r in res["rows"]:
+        oracle = res.get("oracle", {}).get(r["site"], {}).get(key[r["model"]])
+        fmt = lambda x: "  n/a" if x is None else f"{x:.3f}"  # noqa: E731
+        lines.append(f"{MODEL_LABEL[r['model']]:<18} {r['cohort']:<36} {auc_cell(r):<22} {fmt(r['sensitivity']):>6} "
+                     f"{fmt(r['specificity']):>6} {fmt(oracle):>7}")
+    return "\n".join(lines)
