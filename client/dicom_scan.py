@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -32,6 +33,7 @@ HEADER_TAGS = [
     "InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
     "Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames", "StudyDate",
     "RescaleSlope", "RescaleIntercept", "SliceThickness", "FrameOfReferenceUID", "PixelData",
+    "PixelRepresentation", "BitsStored", "PhotometricInterpretation",
     TAG_BVALUE, TAG_SIEMENS_B, TAG_GE_B, TAG_PHILIPS_B,
 ]
 
@@ -65,29 +67,76 @@ class FileRecord:
     slope: float = 1.0
     intercept: float = 0.0
     truncated: bool = False
-    extra: dict = field(default_factory=dict)
+    pixel_offset: int = -1  # byte offset of the PixelData element when it can be read raw, else -1
+    pixel_dtype: str = ""  # numpy dtype of the raw pixels (e.g. "<u2") for that fast path
+    bits_stored: int = 0
+    pixel_header: int = 12  # 12 bytes before the pixels in explicit VR, 8 in implicit VR
 
-    def to_json(self) -> dict:
-        return asdict(self)
+    def to_json(self) -> list:
+        """Compact form for the scan index (field order of the dataclass)."""
+        return [getattr(self, f) for f in _FIELDS]
 
     @classmethod
-    def from_json(cls, d: dict) -> "FileRecord":
-        d = dict(d)
+    def from_json(cls, values: list) -> "FileRecord":
+        d = dict(zip(_FIELDS, values))
         for k in ("image_type", "ipp", "iop", "pixel_spacing"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)
 
 
+_FIELDS = tuple(f.name for f in fields(FileRecord))
+
+
 class NotAnImage(Exception):
     """The file is unreadable, not DICOM, or DICOM without an image."""
 
 
-def _text(ds, name: str) -> str:
-    v = ds.get(name)
+_US = {0x00280010, 0x00280011, 0x00280100, 0x00280002}
+
+
+def _raw(ds, tag: int):
+    """An element's value without pydicom's (slow) conversion: bytes for raw elements."""
+    elem = ds.get_item(tag)
+    return None if elem is None else elem.value
+
+
+def _strs(ds, tag: int) -> list[str]:
+    v = _raw(ds, tag)
     if v is None:
-        return ""
-    return str(v.value if hasattr(v, "value") else v).strip()
+        return []
+    if isinstance(v, bytes):
+        try:
+            text = v.decode("utf-8")
+        except UnicodeDecodeError:
+            text = v.decode("latin-1")
+        return [x.strip(" \x00") for x in text.split("\\")]
+    if isinstance(v, (list, tuple, MultiValue)):
+        return [str(x).strip() for x in v]
+    return [str(v).strip()]
+
+
+def _str(ds, tag: int) -> str:
+    return "\\".join(_strs(ds, tag))
+
+
+def _floats(ds, tag: int) -> list[float] | None:
+    try:
+        vals = [float(x) for x in _strs(ds, tag) if x != ""]
+    except ValueError:
+        return None
+    return vals or None
+
+
+def _int(ds, tag: int, default: int = 0) -> int:
+    v = _raw(ds, tag)
+    if v is None:
+        return default
+    if isinstance(v, bytes) and tag in _US:
+        little = ds.original_encoding[1] is not False
+        return int.from_bytes(v[:2], "little" if little else "big") if len(v) >= 2 else default
+    f = _floats(ds, tag)
+    return int(f[0]) if f else default
 
 
 def _float_or_none(v) -> float | None:
@@ -103,10 +152,7 @@ def _private_b(elem, vendor: str) -> float | None:
     if isinstance(value, bytes):
         if vendor == "philips" and len(value) == 4:
             return float(struct.unpack("<f", value)[0])
-        try:
-            value = value.decode("ascii", "ignore").strip("\x00 ").split("\\")
-        except Exception:
-            return None
+        value = value.decode("ascii", "ignore").strip("\x00 ").split("\\")
     if isinstance(value, (list, tuple, MultiValue)):
         value = value[0] if len(value) else None
     b = _float_or_none(value)
@@ -119,17 +165,24 @@ def _private_b(elem, vendor: str) -> float | None:
 
 def _bvalue(ds) -> float | None:
     if TAG_BVALUE in ds:
-        b = _float_or_none(ds[TAG_BVALUE].value)
+        v = _raw(ds, TAG_BVALUE)
+        if isinstance(v, bytes) and len(v) == 8:
+            little = ds.original_encoding[1] is not False
+            return float(struct.unpack("<d" if little else ">d", v)[0])
+        b = _float_or_none(v)
         if b is not None:
             return b
     for tag, vendor in ((TAG_SIEMENS_B, "siemens"), (TAG_GE_B, "ge"), (TAG_PHILIPS_B, "philips")):
         if tag in ds:
-            b = _private_b(ds[tag], vendor)
+            try:
+                b = _private_b(ds[tag], vendor)
+            except Exception:  # a malformed private element only means "no b-value here"
+                b = None
             if b is not None and 0 <= b < 1e5:
                 return b
-    seq = _text(ds, "SequenceName")  # Siemens: "*ep_b800t"
+    seq = _str(ds, 0x00180024)  # Siemens SequenceName: "*ep_b800t"
     if seq.startswith("*ep_b"):
-        digits = "".join(ch for ch in seq[5:] if ch.isdigit())
+        digits = "".join(ch for ch in seq[5:].split("t")[0] if ch.isdigit())
         if digits:
             return float(digits)
     return None
@@ -149,52 +202,99 @@ def read_header(path: str | os.PathLike) -> FileRecord:
         raise NotAnImage(f"unreadable DICOM header ({type(exc).__name__})") from None
     if len(ds) == 0:
         raise NotAnImage("truncated or empty DICOM header")
-    series_uid = _text(ds, "SeriesInstanceUID")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    try:
+        return _record(ds, path, st, pixel_offset)
+    except (ValueError, TypeError, struct.error) as exc:
+        raise NotAnImage(f"malformed DICOM header value ({type(exc).__name__}: {exc})"[:160]) from None
+
+
+def _record(ds, path: str, st, pixel_offset: int) -> FileRecord:
+    series_uid = _str(ds, 0x0020000E)
+    rows, cols = _int(ds, 0x00280010), _int(ds, 0x00280011)
     if not series_uid or not rows or not cols:
         raise NotAnImage("DICOM file without an image (no series UID or no rows/columns)")
-    frames = int(_float_or_none(ds.get("NumberOfFrames", 1)) or 1)
-    bits = int(ds.get("BitsAllocated", 16) or 16)
-    spp = int(ds.get("SamplesPerPixel", 1) or 1)
-    implicit = getattr(ds, "original_encoding", (False, True))[0]
+    frames = max(1, _int(ds, 0x00280008, 1))
+    bits = _int(ds, 0x00280100, 16) or 16
+    spp = _int(ds, 0x00280002, 1) or 1
+    implicit = ds.original_encoding[0]
     header_len = 8 if implicit else 12
     ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     truncated = False
     if pixel_offset >= st.st_size:
         truncated = True  # the file ends before its pixel data starts
-    elif not getattr(ts and pydicom.uid.UID(ts), "is_compressed", False):
-        expected = rows * cols * frames * spp * bits // 8
-        truncated = st.st_size < pixel_offset + header_len + expected
-    iop = ds.get("ImageOrientationPatient")
-    ipp = ds.get("ImagePositionPatient")
-    ps = ds.get("PixelSpacing")
+    elif not (ts and pydicom.uid.UID(ts).is_compressed):
+        truncated = st.st_size < pixel_offset + header_len + rows * cols * frames * spp * bits // 8
+    pixel_dtype = ""
+    signed = _int(ds, 0x00280103) == 1
+    stored = _int(ds, 0x00280101, bits) or bits
+    little = ds.original_encoding[1] is not False
+    plain = (not truncated and little and not (ts and pydicom.uid.UID(ts).is_compressed) and frames == 1 and spp == 1
+             and _str(ds, 0x00280004) == "MONOCHROME2" and bits in (8, 16, 32) and (not signed or stored == bits))
+    if plain:
+        pixel_dtype = f"<{'i' if signed else 'u'}{bits // 8}"
+    ipp, iop, ps = _floats(ds, 0x00200032), _floats(ds, 0x00200037), _floats(ds, 0x00280030)
+    slope, intercept = _floats(ds, 0x00281053), _floats(ds, 0x00281052)
     return FileRecord(
         path=path,
         size=st.st_size,
         mtime_ns=st.st_mtime_ns,
-        patient_id=_text(ds, "PatientID"),
-        study_uid=_text(ds, "StudyInstanceUID"),
+        patient_id=_str(ds, 0x00100020),
+        study_uid=_str(ds, 0x0020000D),
         series_uid=series_uid,
-        sop_uid=_text(ds, "SOPInstanceUID"),
-        modality=_text(ds, "Modality").upper(),
-        description=_text(ds, "SeriesDescription"),
-        protocol=_text(ds, "ProtocolName"),
-        sequence_name=_text(ds, "SequenceName"),
-        image_type=tuple(str(x).upper() for x in (ds.get("ImageType") or [])),
-        series_number=int(_float_or_none(ds.get("SeriesNumber")) or 0),
-        instance_number=int(_float_or_none(ds.get("InstanceNumber")) or 0),
-        ipp=tuple(float(x) for x in ipp) if ipp is not None and len(ipp) == 3 else None,
-        iop=tuple(float(x) for x in iop) if iop is not None and len(iop) == 6 else None,
-        pixel_spacing=tuple(float(x) for x in ps) if ps is not None and len(ps) == 2 else None,
+        sop_uid=_str(ds, 0x00080018),
+        modality=_str(ds, 0x00080060).upper(),
+        description=_str(ds, 0x0008103E),
+        protocol=_str(ds, 0x00181030),
+        sequence_name=_str(ds, 0x00180024),
+        image_type=tuple(x.upper() for x in _strs(ds, 0x00080008)),
+        series_number=_int(ds, 0x00200011),
+        instance_number=_int(ds, 0x00200013),
+        ipp=tuple(ipp) if ipp and len(ipp) == 3 else None,
+        iop=tuple(iop) if iop and len(iop) == 6 else None,
+        pixel_spacing=tuple(ps) if ps and len(ps) == 2 else None,
         rows=rows,
         cols=cols,
         frames=frames,
         bvalue=_bvalue(ds),
-        study_date=_text(ds, "StudyDate"),
-        slope=_float_or_none(ds.get("RescaleSlope")) or 1.0,
-        intercept=_float_or_none(ds.get("RescaleIntercept")) or 0.0,
+        study_date=_str(ds, 0x00080020),
+        slope=slope[0] if slope else 1.0,
+        intercept=intercept[0] if intercept else 0.0,
         truncated=truncated,
+        pixel_offset=pixel_offset if plain else -1,
+        pixel_dtype=pixel_dtype,
+        bits_stored=stored,
+        pixel_header=header_len,
     )
+
+
+_PIXEL_TAG = b"\xe0\x7f\x10\x00"
+
+
+def read_raw_pixels(rec: FileRecord) -> "np.ndarray | None":
+    """Pixels of a plain (uncompressed, little-endian, single-frame, MONOCHROME2) file straight from
+    disk at the offset found by the header scan, rescale applied; None when the file is not as the
+    scan saw it (then the caller uses SimpleITK)."""
+    if rec.pixel_offset < 0 or not rec.pixel_dtype:
+        return None
+    dtype = np.dtype(rec.pixel_dtype)
+    n = rec.rows * rec.cols
+    with open(rec.path, "rb") as fh:
+        fh.seek(rec.pixel_offset)
+        head = fh.read(12)
+        if head[:4] != _PIXEL_TAG:
+            return None
+        start = rec.pixel_header
+        length = int.from_bytes(head[start - 4: start], "little")
+        if length == 0xFFFFFFFF or length < n * dtype.itemsize:
+            return None
+        fh.seek(rec.pixel_offset + start)
+        buf = fh.read(n * dtype.itemsize)
+    if len(buf) < n * dtype.itemsize:
+        return None
+    arr = np.frombuffer(buf, dtype=dtype).reshape(rec.rows, rec.cols)
+    if dtype.kind == "u" and rec.bits_stored < dtype.itemsize * 8:
+        arr = arr & np.array((1 << rec.bits_stored) - 1, dtype=dtype)
+    return arr.astype(np.float32) * np.float32(rec.slope) + np.float32(rec.intercept)
 
 
 def list_files(dicom_dir: str | Path) -> list[tuple[str, int, int]]:

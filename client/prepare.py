@@ -31,6 +31,7 @@ import numpy as np
 
 from client import cache as cache_mod
 from client.clinical_table import ClinicalRow, ClinicalTableError, read_clinical_table
+from client.dicom_scan import _FIELDS as _RECORD_FIELDS
 from client.dicom_scan import FileRecord, list_files, scan_files
 from client.series import RulesError, Selection, SelectionError, Series, SeriesRules, group_series, select_sequences
 from client.transforms import build_input_transform, channel_names, image_shape
@@ -239,7 +240,7 @@ def _scan(dicom_dir: Path, local: Path, pool) -> tuple[list[FileRecord], list[tu
     """Header records of every image file, re-reading only files new or changed since the index."""
     index_path = local / "scan-index.json"
     old = _read_json(index_path) or {}
-    if old.get("version") != PIPELINE_VERSION:
+    if old.get("version") != PIPELINE_VERSION or old.get("fields") != list(_RECORD_FIELDS):
         old = {}
     old_files = old.get("files", {})
     records: list[FileRecord] = []
@@ -270,7 +271,8 @@ def _scan(dicom_dir: Path, local: Path, pool) -> tuple[list[FileRecord], list[tu
                 skipped.append((path, reason))
             new_index[path] = entry
     if todo or set(old_files) != set(new_index):
-        cache_mod.atomic_write_json(index_path, {"version": PIPELINE_VERSION, "files": new_index})
+        index = {"version": PIPELINE_VERSION, "fields": list(_RECORD_FIELDS), "files": new_index}
+        cache_mod.atomic_write_bytes(index_path, json.dumps(index, separators=(",", ":")).encode("utf-8"))
     return records, skipped, len(todo)
 
 
@@ -311,39 +313,33 @@ def _write_qc(cache_dir: Path, patients: dict[str, dict]) -> None:
 
 
 def _write_previews(cache_dir: Path, keys: list[str], channels: list[str], force: set[str]) -> list[str]:
-    """A PNG per patient with the crop of each channel (crosshair = ROI centre) to eyeball."""
+    """A PNG per patient with each channel's crop side by side, in the manifest's channel order
+    (3d: the centre slice), 3x enlarged, with a tick mark at the ROI centre, for a radiologist to eyeball."""
+    import SimpleITK as sitk
+
     out_dir = cache_dir / "previews"
-    written, todo = [], []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
     for key in keys:
         p = out_dir / f"{key}.png"
         written.append(str(p))
-        if key in force or not p.is_file():
-            todo.append((key, p))
-    if not todo:
-        return written
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    for key, p in todo:
+        if key not in force and p.is_file():
+            continue
         with np.load(cache_dir / cache_mod.PATIENTS_DIR / f"{key}.npz") as npz:
             img = npz["image"]
-        if img.ndim == 4:  # 3d: show the centre slice
+        if img.ndim == 4:
             img = img[:, img.shape[1] // 2]
-        fig, axes = plt.subplots(1, img.shape[0], figsize=(2.2 * img.shape[0], 2.4), squeeze=False)
-        c = (img.shape[-1] - 1) / 2
-        for ax, ch, name in zip(axes[0], img, channels):
-            ax.imshow(ch, cmap="gray", vmin=0, vmax=1.5 if name.startswith("adc") else 1)
-            ax.axhline(c, color="y", lw=0.4)
-            ax.axvline(c, color="y", lw=0.4)
-            ax.set_title(name, fontsize=8)
-            ax.axis("off")
-        fig.suptitle(key, fontsize=8)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-        plt.close(fig)
-        cache_mod.atomic_write_bytes(p, buf.getvalue())
+        tiles = []
+        for ch, name in zip(img, channels):
+            t = np.clip(ch / (1.5 if name.startswith("adc") else 1.0), 0, 1)
+            t = np.kron(t, np.ones((3, 3)))
+            c = t.shape[0] // 2
+            t[c, :6] = t[c, -6:] = t[:6, c] = t[-6:, c] = 1.0  # ROI centre ticks on the borders
+            tiles += [t, np.zeros((t.shape[0], 4))]
+        tile = (np.hstack(tiles[:-1]) * 255).astype(np.uint8)
+        tmp = out_dir / f".{key}.tmp.png"
+        sitk.WriteImage(sitk.GetImageFromArray(tile), str(tmp))
+        os.replace(tmp, p)
     return written
 
 

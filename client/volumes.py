@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from client.dicom_scan import FileRecord
+from client.dicom_scan import FileRecord, read_raw_pixels
 
 MASK_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 ADC_MAX_MM2_S = 5e-3  # free water at body temperature is ~3e-3; beyond 5e-3 is noise
@@ -85,14 +85,11 @@ def check_stack(files: list[FileRecord], what: str) -> tuple[list[FileRecord], f
 def read_volume(files: list[FileRecord], what: str) -> tuple[sitk.Image, list[str]]:
     """Check and read one slice stack as a float32 image (rescale slope/intercept applied)."""
     files, step, notes = check_stack(files, what)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([f.path for f in files])
-    reader.SetOutputPixelType(sitk.sitkFloat32)
-    try:
-        img = reader.Execute()
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
-        raise VolumeError(f"{what}: SimpleITK could not read the series ({first})") from None
+    slices = [read_raw_pixels(f) for f in files] if all(f.pixel_offset >= 0 for f in files) else [None]
+    if all(s is not None for s in slices):
+        img = sitk.GetImageFromArray(np.stack(slices))
+    else:
+        img = read_series_sitk([f.path for f in files], what)
     f = files[0]
     if img.GetSize() != (f.cols, f.rows, len(files)):
         raise VolumeError(f"{what}: read {img.GetSize()} voxels, expected {(f.cols, f.rows, len(files))}")
@@ -102,6 +99,18 @@ def read_volume(files: list[FileRecord], what: str) -> tuple[sitk.Image, list[st
     img.SetOrigin(tuple(float(x) for x in f.ipp))
     img.SetDirection(tuple(np.column_stack([f.iop[:3], f.iop[3:], n]).ravel().tolist()))
     return img, notes
+
+
+def read_series_sitk(paths: list[str], what: str) -> sitk.Image:
+    """SimpleITK (GDCM) reading of a slice list in our order: any transfer syntax, per-file rescale."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(paths)
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
+        raise VolumeError(f"{what}: SimpleITK could not read the series ({first})") from None
 
 
 def resample_like(img: sitk.Image, ref: sitk.Image, nearest: bool = False) -> sitk.Image:

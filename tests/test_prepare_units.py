@@ -124,3 +124,24 @@ def test_group_series_keys_patient_study_series(tmp_path):
                      description="t2", number=1)
     groups = group_series(read_header(p) for p in a + b)
     assert sorted(groups) == ["P1", "P2"] and [len(s.files) for s in groups["P1"]] == [2]
+
+
+def test_raw_pixel_path_matches_simpleitk(tmp_path):
+    """The plain-file fast path gives exactly what SimpleITK/GDCM reads (slope applied)."""
+    import SimpleITK as sitk
+
+    from client.volumes import read_series_sitk
+
+    rng = np.random.default_rng(0)
+    vol = rng.integers(0, 4000, (4, 12, 10)).astype(float)
+    paths = write_series(tmp_path, vol, Grid((10, 12, 4), (0.7, 0.9, 3.0), (1, 2, 3)), patient_id="P",
+                         study_uid="1.2", description="t2", number=1, slope=0.25)
+    recs = [read_header(p) for p in paths]
+    assert all(r.pixel_offset > 0 and r.pixel_dtype == "<u2" for r in recs)
+    fast, _ = read_volume(recs, "s")
+    ref = read_series_sitk([str(p) for p in paths], "s")
+    np.testing.assert_allclose(sitk.GetArrayFromImage(fast), sitk.GetArrayFromImage(ref), rtol=1e-6)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(fast), np.round(vol / 0.25) * 0.25, rtol=1e-6)
+    recs[0].pixel_offset += 2  # the file is not where the scan saw it: fall back to SimpleITK
+    again, _ = read_volume(recs, "s")
+    np.testing.assert_allclose(sitk.GetArrayFromImage(again), sitk.GetArrayFromImage(ref), rtol=1e-6)
