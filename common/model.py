@@ -19,8 +19,14 @@ Design choices (the paper's abstract does not give them):
   MONAI 1.6.1's ResNet applies its `norm` argument to the stem only (`_make_layer` is called
   without it, so every residual block gets BatchNorm); `_swap_norms` replaces those layers so the
   chosen normalisation really is used throughout.
-  Measured with `slmfed bench train --compare-norm` (2-site FedAvg on an in-memory phantom whose
-  sites differ in intensity scale; see simulation/bench_train.py): see NORM_MEASUREMENT below.
+  Measured with `slmfed bench train --compare-norm --threads 1` (2-site FedAvg, sites of 96 and 57
+  phantom patients whose scanners differ in intensity gain / offset / noise, 6 rounds x 1 local
+  epoch, MRI-only resnet10, held-out 120 patients from both scanners, 2 seeds; median final AUC):
+      instance 0.824 (mean over rounds 0.787)   group 0.814 (0.800)   batch 0.726 (0.717)
+  BatchNorm was the worst and unstable from round to round (0.645-0.807); instance and group are
+  within noise of each other. Default: "instance" (the config default). Instance norm needs more
+  than one voxel in the last stage, i.e. crops larger than the total stride (32 px by default);
+  forward() says so clearly.
 """
 from __future__ import annotations
 
@@ -35,8 +41,6 @@ from torch import nn
 BACKBONES = {"resnet10": resnet10, "resnet18": resnet18, "resnet34": resnet34}
 NORMS = ("batch", "instance", "group")
 GROUP_NORM_GROUPS = 32
-
-NORM_MEASUREMENT = "pending"
 
 
 def norm_spec(norm: str, min_channels: int) -> tuple[str, dict[str, Any]]:

@@ -200,3 +200,37 @@ def test_short_training_run_learns_held_out(use_clinical):
     bound = _chance_bound(test_site.labels)
     assert bound < 0.72
     assert after["auc"] > max(0.75, bound), (before, after)
+
+
+# --- on the real pipeline: synthetic DICOM cohort -> prepare -> cache -> train ---------------------
+
+@pytest.fixture(scope="module")
+def tiny_caches(tmp_path_factory):
+    from client.cache import load_cache
+    from client.prepare import prepare_site
+    from simulation.synth import generate_cohort
+
+    root = tmp_path_factory.mktemp("tiny-cohort")
+    generate_cohort(root / "sites", preset="tiny", seed=0, progress=False, workers=1)
+    out = {}
+    for site in ("center-primary", "center-external"):
+        prepare_site(root / "sites" / site, root / "cache" / site, progress=False)
+        out[site] = load_cache(root / "cache" / site)
+    return out
+
+
+def test_prepared_cache_trains_and_can_be_fitted(tiny_caches):
+    """The model consumes what `prepare` writes, and can fit its training set (memorisation check;
+    the tiny cohort is too small for a held-out claim, which the phantom test above makes)."""
+    primary, external = tiny_caches["center-primary"], tiny_caches["center-external"]
+    mean, std = clinical_stats(primary)
+    cfg = load_config(cli={"device": "cpu", "seed": 0, "augment": False, "batch-size": 4, "lr": 3e-3})
+    model = build_model(cfg, n_channels=primary.images.shape[1], spatial_dims=primary.images.ndim - 2,
+                        n_clinical=primary.clinical.shape[1], use_clinical=False)
+    first = train(model, primary, cfg, mean, std, epochs=1)
+    last = train(model, primary, cfg, mean, std, epochs=12)
+    fitted, _ = evaluate(model, primary, mean, std, cfg)
+    assert last["loss"] < 0.5 * first["loss"], (first, last)
+    assert fitted["auc"] == 1.0
+    metrics, probs = evaluate(model, external, mean, std, cfg)
+    assert metrics["num_examples"] == len(external) and probs.shape == (len(external),)
