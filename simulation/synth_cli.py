@@ -19,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, identical output)")
     p.add_argument("--sites", type=int, default=None, metavar="N",
                    help="split a larger population into N non-identically distributed hospitals site-01..site-NN")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes rendering patients (default 1; the output is the same for any N)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -29,7 +31,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     try:
         summary = generate_cohort(args.out, preset=args.preset, seed=args.seed, sites=args.sites,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, workers=args.workers)
     except (ValueError, FileExistsError) as exc:
         raise CommandError(str(exc)) from None
     print(format_summary(summary, time.perf_counter() - t0))

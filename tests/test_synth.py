@@ -220,7 +220,8 @@ def test_cli_prints_summary_and_same_seed_gives_identical_output(tiny, tmp_path,
 
     out, summary = tiny
     again = tmp_path / "again"
-    assert main(["synth", "--out", str(again), "--preset", "tiny", "--seed", "0", "--no-progress"]) == 0
+    # two worker processes write exactly what the in-process fixture wrote
+    assert main(["synth", "--out", str(again), "--preset", "tiny", "--seed", "0", "--no-progress", "--workers", "2"]) == 0
     text = capsys.readouterr().out
     assert str(again.resolve()) in text
     for site in SITES:
@@ -302,7 +303,8 @@ def test_multisite_split(tmp_path):
     "kwargs, message",
     [({"preset": "huge"}, "preset: expected one of paper, small, tiny"),
      ({"sites": 0}, "sites: expected an integer from 1 to 99"),
-     ({"seed": -1}, "seed: expected an integer >= 0")],
+     ({"seed": -1}, "seed: expected an integer >= 0"),
+     ({"workers": 0}, "workers: expected an integer >= 1")],
 )
 def test_bad_arguments_are_refused_with_a_clear_message(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -13,7 +13,9 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +93,16 @@ def _check_out_dir(out: Path) -> None:
 
 
 def generate_cohort(out_dir, preset: str = "paper", seed: int = 0, sites: int | None = None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, *, workers: int = 1) -> dict:
     """Write the synthetic cohort to `out_dir` and return the summary that truth.json holds.
 
     preset: "paper" (176 + 31 patients), "small" (28 + 12) or "tiny" (8 + 4), sites: None for the
-    two centres, or N for N non-identically distributed hospitals site-01..site-NN.
+    two centres, or N for N non-identically distributed hospitals site-01..site-NN. workers:
+    processes that render patients; the output does not depend on it. Workers are spawned, so a
+    script that passes workers > 1 needs the usual `if __name__ == "__main__":` guard.
     """
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers: expected an integer >= 1, found {workers!r}")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed: expected an integer >= 0, found {seed!r}")
     out = Path(out_dir).resolve()
@@ -105,7 +111,7 @@ def generate_cohort(out_dir, preset: str = "paper", seed: int = 0, sites: int | 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        truth = _generate(tmp, out, specs, preset, seed, sites, progress)
+        truth = _generate(tmp, out, specs, preset, seed, progress, workers)
         (tmp / TRUTH_JSON).write_text(json.dumps(truth, indent=2, sort_keys=True) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -116,9 +122,9 @@ def generate_cohort(out_dir, preset: str = "paper", seed: int = 0, sites: int | 
     return truth
 
 
-def _generate(tmp: Path, out: Path, specs: list[SiteSpec], preset: str, seed: int, sites, progress: bool) -> dict:
+def _generate(tmp: Path, out: Path, specs: list[SiteSpec], preset: str, seed: int, progress: bool,
+              workers: int) -> dict:
     draws = [draw_site(spec, seed, k) for k, spec in enumerate(specs)]
-    total = sum(spec.n for spec in specs)
     truth: dict = {
         "generator": GENERATOR,
         "version": GENERATOR_VERSION,
@@ -131,46 +137,75 @@ def _generate(tmp: Path, out: Path, specs: list[SiteSpec], preset: str, seed: in
         "sites": {},
         "patients": {},
     }
-    bar = tqdm(total=total, desc=f"synth {preset}", unit="patient", disable=not progress, leave=False)
-    with bar:
-        for k, (spec, d) in enumerate(zip(specs, draws)):
-            site_dir = tmp / spec.name
-            (site_dir / "dicom").mkdir(parents=True)
-            (site_dir / "masks").mkdir()
-            ids = [f"{spec.id_prefix}-{i + 1:04d}" for i in range(spec.n)]
-            risks = oracle_risks(spec.population, d)
-            for i, pid in enumerate(ids):
-                truth["patients"][pid] = _write_patient(site_dir, spec, d, i, pid, seed, k, risks)
+    tasks = []
+    for k, (spec, d) in enumerate(zip(specs, draws)):
+        site_dir = tmp / spec.name
+        (site_dir / "dicom").mkdir(parents=True)
+        (site_dir / "masks").mkdir()
+        ids = [f"{spec.id_prefix}-{i + 1:04d}" for i in range(spec.n)]
+        risks = oracle_risks(spec.population, d)
+        (site_dir / "clinical.csv").write_text(_clinical_csv(ids, d))
+        for i, pid in enumerate(ids):
+            tasks.append(_PatientTask(site_dir, spec, pid, seed, k, i, d.features[i], d.row(i), float(d.risk[i]),
+                                      float(d.z[i]), {name: float(r[i]) for name, r in risks.items()}))
+    n_workers = min(workers, len(tasks)) or 1
+    with tqdm(total=len(tasks), desc=f"synth {preset}", unit="patient", disable=not progress, leave=False) as bar:
+        if n_workers == 1:
+            for t in tasks:
+                truth["patients"][t.pid] = _write_patient(t)
                 bar.update(1)
-            (site_dir / "clinical.csv").write_text(_clinical_csv(ids, d))
-            pop = population_summary(spec.population)
-            truth["sites"][spec.name] = {
-                "path": str(out / spec.name),
-                "id_prefix": spec.id_prefix,
-                "n": spec.n,
-                "n_slm": int(d.slm.sum()),
-                "prevalence": float(d.slm.mean()) if spec.n else float("nan"),
-                "oracle_auc": pop["oracle_auc"],
-                "sample_oracle_auc": oracle_aucs(spec.population, d),
-                "population": {
-                    "prevalence": spec.population.prevalence,
-                    "p_male": spec.population.p_male,
-                    "p_site": dict(zip(("low", "mid", "high"), spec.population.p_site)),
-                    "alpha": pop["alpha"],
-                    "oracle_mc_n": pop["mc_n"],
-                },
-                "scanner": spec.scanner.describe(),
-            }
+        else:
+            ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+            with ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
+                for t, row in zip(tasks, pool.map(_write_patient, tasks, chunksize=4)):
+                    truth["patients"][t.pid] = row
+                    bar.update(1)
+    for spec, d in zip(specs, draws):
+        pop = population_summary(spec.population)
+        truth["sites"][spec.name] = {
+            "path": str(out / spec.name),
+            "id_prefix": spec.id_prefix,
+            "n": spec.n,
+            "n_slm": int(d.slm.sum()),
+            "prevalence": float(d.slm.mean()) if spec.n else float("nan"),
+            "oracle_auc": pop["oracle_auc"],
+            "sample_oracle_auc": oracle_aucs(spec.population, d),
+            "population": {
+                "prevalence": spec.population.prevalence,
+                "p_male": spec.population.p_male,
+                "p_site": dict(zip(("low", "mid", "high"), spec.population.p_site)),
+                "alpha": pop["alpha"],
+                "oracle_mc_n": pop["mc_n"],
+            },
+            "scanner": spec.scanner.describe(),
+        }
     return truth
 
 
-def _write_patient(site_dir: Path, spec: SiteSpec, d: LatentDraw, i: int, pid: str, seed: int, site_index: int,
-                   risks: dict) -> dict:
-    rng = np.random.default_rng([seed, site_index, i + 1, 1])
-    look = TumourLook.from_features(d.features[i], spec.population.risk.sd_image)
+@dataclass(frozen=True)
+class _PatientTask:
+    """Everything one worker needs to render and write one patient (picklable)."""
+
+    site_dir: Path
+    spec: SiteSpec
+    pid: str
+    seed: int
+    site_index: int
+    index: int
+    features: np.ndarray
+    row: dict
+    risk: float
+    z: float
+    oracle_risk: dict
+
+
+def _write_patient(t: _PatientTask) -> dict:
+    spec, pid, row = t.spec, t.pid, t.row
+    rng = np.random.default_rng([t.seed, t.site_index, t.index + 1, 1])
+    site_dir, seed, d_features = t.site_dir, t.seed, t.features
+    look = TumourLook.from_features(d_features, spec.population.risk.sd_image)
     patient = Patient(look, rng)
     exam = acquire(patient, spec.scanner, rng)
-    row = d.row(i)
     year, day = 2016 + int(rng.integers(0, 6)), int(rng.integers(0, 365))
     date = np.datetime64(f"{year}-01-01") + np.timedelta64(day, "D")
     info = PatientInfo(pid, row["sex"], int(np.clip(rng.normal(62, 10), 30, 88)), str(date).replace("-", ""),
@@ -182,9 +217,9 @@ def _write_patient(site_dir: Path, spec: SiteSpec, d: LatentDraw, i: int, pid: s
     return {
         "site": spec.name,
         "slm": row["slm"],
-        "risk": float(d.risk[i]),
-        "oracle_risk": {k: float(v[i]) for k, v in risks.items()},
-        "z": float(d.z[i]),
+        "risk": t.risk,
+        "oracle_risk": t.oracle_risk,
+        "z": t.z,
         "tumor": {**look.as_dict(), "mask_volume_ml": float(exam.mask.sum() * voxel_ml),
                   "centre_mm": [round(float(c), 3) for c in patient.tumour_centre()]},
     }
