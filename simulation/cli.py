@@ -14,6 +14,7 @@ from pathlib import Path
 from common.cli import CommandError
 from common.config import SCHEMA, ConfigError, load_config
 
+SIM_FLAGS = ("num-rounds", "local-epochs", "folds", "seed", "backbone", "norm", "models", "fedprox-mu", "cf-l2")
 PRESET_ROUNDS = {"quick": {"num-rounds": 3, "local-epochs": 1, "folds": 3, "cf-l2": 0.1}}
 
 
@@ -33,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--config", metavar="TOML", help="study settings file (keys as in pyproject [tool.flwr.app.config])")
     p.add_argument("--sites", type=int, default=4, help="multisite: number of synthetic hospitals (default 4)")
     p.add_argument("--ray-address", help="run the virtual sites on an existing Ray cluster instead of a local one")
-    for key in ("num-rounds", "local-epochs", "folds", "seed", "backbone", "norm", "models", "fedprox-mu"):
+    for key in SIM_FLAGS:
         p.add_argument(f"--{key}", dest=key.replace("-", "_"), default=None, help=SCHEMA[key].help)
     p.set_defaults(func=run)
 
@@ -71,8 +72,7 @@ def prepare_all(data_dir: Path, sites: list[Path]) -> list[dict]:
 def run(args) -> int:
     from simulation.runner import run_study
 
-    cli = {k: getattr(args, k.replace("-", "_")) for k in ("num-rounds", "local-epochs", "folds", "seed", "backbone",
-                                                           "norm", "models", "fedprox-mu")}
+    cli = {k: getattr(args, k.replace("-", "_")) for k in SIM_FLAGS}
     if args.resume:
         run_dir = Path(args.resume)
         saved = run_dir / "simulation.json"

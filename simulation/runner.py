@@ -71,14 +71,44 @@ def run_study(sites: list[dict[str, str]], run_config: dict[str, Any], ray_addre
                 backend_config=backend_config(ray_address),
             )
         finally:
-            _shutdown_ray()
+            _shutdown_ray(marker=env[ENV_RUN_CONFIG])
     return run_dir
 
 
-def _shutdown_ray() -> None:
+def _processes_with_env(name: str, value: str) -> list[int]:
+    """PIDs of processes whose environment holds name=value (our Ray workers inherit the run config)."""
+    needle = f"{name}={value}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return pids
+
+
+def _shutdown_ray(marker: str, grace_s: float = 30.0) -> None:
+    """Shut Ray down and wait until every worker process of this run has exited (killing stragglers)."""
+    import signal
+    import time
+
     try:
         import ray
     except ImportError:  # pragma: no cover - ray comes with flwr[simulation]
         return
     if ray.is_initialized():
         ray.shutdown()
+    if not Path("/proc").is_dir():  # pragma: no cover - not Linux: rely on ray.shutdown
+        return
+    deadline = time.monotonic() + grace_s
+    while (left := _processes_with_env(ENV_RUN_CONFIG, marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        log.warning("Ray worker %d still running %.0f s after shutdown: stopping it", pid, grace_s)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -115,3 +115,49 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(caches, pape
     _, _, resumed, _ = run(nodes, run_dir, resume=True)
     strip = lambda rows: [{k: v for k, v in r.items()} for r in rows]  # noqa: E731
     assert strip(resumed["rows"]) == strip(full["rows"])
+
+
+@pytest.fixture(scope="module")
+def two_training_sites(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fedsites")
+    make_cache(root / "a", 30, seed=11, site_name="hospital-a", prevalence=0.5)
+    make_cache(root / "b", 20, seed=12, site_name="hospital-b", prevalence=0.3)
+    return [{"cache-dir": str(root / "a"), "site-name": "hospital-a"},
+            {"cache-dir": str(root / "b"), "site-name": "hospital-b"}]
+
+
+def test_federated_logistic_regression_equals_the_pooled_fit(two_training_sites, tmp_path):
+    from client.study import Site
+    from common.clinical import standardise
+    from common.logistic import LogisticCF
+
+    _, state, _, cfg = run(two_training_sites, tmp_path / "cf", scenario="federated", models="cf")
+    # pool the fold-0 training patients of both sites by hand and fit centrally
+    parts = [Site.open({**cfg, **n}).partition(0, "train", cfg["folds"], cfg["seed"]) for n in two_training_sites]
+    x = np.concatenate([p.clinical for p in parts]).astype(np.float64)
+    y = np.concatenate([p.labels for p in parts])
+    mean, std = x.mean(0), x.std(0, ddof=1)
+    pooled = LogisticCF(l2=cfg["cf-l2"]).fit(standardise(x, mean, std), y)
+    fed = state["cf"]["cv/0"]
+    np.testing.assert_allclose(fed["mean"], mean, rtol=1e-6)
+    np.testing.assert_allclose(fed["beta"], pooled.coef_, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(fed["cov"]), pooled.cov_, rtol=1e-5, atol=1e-8)
+
+
+def test_fedavg_of_two_sites_is_the_example_weighted_mean(two_training_sites, tmp_path):
+    run_dir = tmp_path / "fedavg"
+    cfg = load_config(run_config={**TINY, "run-dir": str(run_dir), "scenario": "federated", "models": "dl",
+                                  "stop-after-rounds": 1})
+    grid = LocalGrid(client_app, two_training_sites)
+    with pytest.raises(StudyInterrupted):
+        Study(Federation(grid, min_sites=2, timeout_s=5), cfg, Checkpoint(run_dir)).run()
+    replies = [r.content for t, r in grid.replies if t == "train"]
+    assert len(replies) == 2
+    n = [int(r["metrics"]["num-examples"]) for r in replies]
+    assert n == [15, 10]  # fold-0 training halves of 30 and 20 patients
+    agg = Checkpoint(run_dir).load_arrays()
+    for key in agg:
+        if key.endswith("num_batches_tracked"):
+            continue
+        expected = sum(w * r["arrays"][key].numpy() for w, r in zip(n, replies)) / sum(n)
+        np.testing.assert_allclose(agg[key].numpy(), expected, rtol=1e-5, atol=1e-7)
