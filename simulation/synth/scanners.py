@@ -120,14 +120,14 @@ def _grid_dict(g: Grid) -> dict:
 # Paper-size scanners. Pixel sizes are a cropped pelvic FOV (~100 mm) around the rectum.
 SIEMENS_3T = Scanner(
     key="siemens-skyra-3t", manufacturer="SIEMENS", model_name="Skyra", field_t=3.0,
-    t2=Grid(128, 128, 20, 0.8, 3.0, 3.3), dwi=Grid(64, 64, 14, 1.6, 4.5, 5.0),
+    t2=Grid(128, 128, 22, 0.8, 3.0, 3.3), dwi=Grid(64, 64, 15, 1.6, 4.5, 5.0),
     t2_description="t2_tse_tra", dwi_description="ep2d_diff_b0_800_tra", adc_description="ep2d_diff_b0_800_tra_ADC",
     b_values=(0.0, 800.0), t2_scale=1.0, dwi_scale=1.0, t2_noise=0.025, dwi_noise=0.05, adc_slope=1.0,
     dwi_interleaved=False, descending_slices=True, file_style="flat-dcm", dwi_offset_mm=(1.6, -2.4, 1.5),
 )
 GE_15T = Scanner(
     key="ge-signa-1.5t", manufacturer="GE MEDICAL SYSTEMS", model_name="Signa HDxt", field_t=1.5,
-    t2=Grid(144, 144, 18, 0.7, 3.5, 3.5), dwi=Grid(56, 56, 16, 1.8, 4.0, 4.0),
+    t2=Grid(144, 144, 21, 0.7, 3.5, 3.5), dwi=Grid(56, 56, 19, 1.8, 4.0, 4.0),
     t2_description="Ax T2 FRFSE", dwi_description="DWI b1000", adc_description="dADC",
     b_values=(0.0, 1000.0), t2_scale=3.1, dwi_scale=0.45, t2_noise=0.04, dwi_noise=0.08, adc_slope=0.1,
     dwi_interleaved=True, descending_slices=False, file_style="series-noext", dwi_offset_mm=(-2.0, 3.0, -2.0),
