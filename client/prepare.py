@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 PIPELINE_VERSION = "slmfed-prepare-1"
 PREVIEWS = 4
-SCAN_CHUNK = 256
+SCAN_CHUNK_MIN = 32  # files per scan task, at least
 
 
 class PrepareError(RuntimeError):
@@ -155,6 +155,9 @@ def build_patient_image(series: list[Series], mask_path: Path | None, rules: Ser
         mask = vol.load_mask(mask_path, t2)
     except vol.VolumeError as exc:
         raise Excluded("mask", str(exc)) from None
+    mode = cfg["input-mode"]
+    margin = cfg["crop-depth"] // 2 + 1 if mode == "3d" else cfg["context-slices"] if mode == "2.5d" else 0
+    t2, mask = vol.crop_to_roi(t2, mask, cfg["fov-mm"], margin)
     t2 = sitk.DICOMOrient(t2, "LPS")
     mask = sitk.DICOMOrient(mask, "LPS")
     roi = sitk.GetArrayFromImage(mask)
@@ -257,11 +260,15 @@ def _scan(dicom_dir: Path, local: Path, pool) -> tuple[list[FileRecord], list[tu
                 skipped.append((path, prev["skip"]))
         else:
             todo.append(path)
-    chunks = [todo[i: i + SCAN_CHUNK] for i in range(0, len(todo), SCAN_CHUNK)]
+    n_chunks = max(1, min(-(-len(todo) // SCAN_CHUNK_MIN), 4 * (pool._max_workers if pool else 1)))
+    chunks = [todo[i::n_chunks] for i in range(n_chunks)]  # strided: balanced work per chunk
     results = pool.map(scan_files, chunks) if (pool and len(chunks) > 1) else map(scan_files, chunks)
     for chunk in results:
         for path, rec, reason in chunk:
-            st = os.stat(path)
+            try:
+                st = os.stat(path)
+            except OSError:  # vanished since it was listed: not part of this run
+                continue
             entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
             if rec is not None:
                 entry["record"] = rec.to_json()
@@ -340,6 +347,9 @@ def _write_previews(cache_dir: Path, keys: list[str], channels: list[str], force
         tmp = out_dir / f".{key}.tmp.png"
         sitk.WriteImage(sitk.GetImageFromArray(tile), str(tmp))
         os.replace(tmp, p)
+    for p in out_dir.glob("*.png"):  # previews of patients no longer shown or no longer included
+        if str(p) not in written:
+            p.unlink()
     return written
 
 

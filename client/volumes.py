@@ -146,7 +146,23 @@ def adc_to_mm2_s(adc: np.ndarray, roi: np.ndarray, scale: float | None) -> tuple
     return np.clip(adc * scale, 0.0, ADC_MAX_MM2_S).astype(np.float32), scale
 
 
+def crop_to_roi(t2: sitk.Image, mask: sitk.Image, fov_mm: float, margin_slices: int) -> tuple[sitk.Image, sitk.Image]:
+    """The part of the T2 grid that any crop around the ROI can touch (ROI bounding box + fov/2
+    in-plane, + margin slices), so DWI/ADC are resampled onto that sub-grid only. Same voxels,
+    same physical positions: the crops are identical to those taken from the whole grid."""
+    zz, yy, xx = np.nonzero(sitk.GetArrayViewFromImage(mask))
+    sx, sy, _ = t2.GetSpacing()
+    nx, ny, nz = t2.GetSize()
+    hx, hy = fov_mm / 2 / sx + 2, fov_mm / 2 / sy + 2
+    x0, x1 = max(0, int(np.floor(xx.min() - hx))), min(nx, int(np.ceil(xx.max() + hx)) + 1)
+    y0, y1 = max(0, int(np.floor(yy.min() - hy))), min(ny, int(np.ceil(yy.max() + hy)) + 1)
+    z0, z1 = max(0, int(zz.min()) - margin_slices), min(nz, int(zz.max()) + margin_slices + 1)
+    return t2[x0:x1, y0:y1, z0:z1], mask[x0:x1, y0:y1, z0:z1]
+
+
 def find_mask(masks_dir: Path, patient_id: str) -> Path | None:
+    if not patient_id or "/" in patient_id or "\\" in patient_id or patient_id in (".", ".."):
+        return None  # such an ID cannot name a file inside masks/
     for suffix in MASK_SUFFIXES:
         p = masks_dir / f"{patient_id}{suffix}"
         if p.is_file():
@@ -187,7 +203,8 @@ def load_mask(path: Path, t2: sitk.Image) -> sitk.Image:
     if nonzero.size > 1 or not float(nonzero[0]).is_integer() or nonzero[0] < 0:
         shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
         raise VolumeError(f"mask is not binary (values found: {shown})")
-    binary = sitk.Cast(mask != 0, sitk.sitkUInt8)
+    binary = sitk.GetImageFromArray((arr != 0).astype(np.uint8))
+    binary.CopyInformation(mask)
     if mask.GetSize() == t2.GetSize() and np.allclose(mask.GetSpacing(), t2.GetSpacing(), rtol=1e-3) and np.allclose(
         mask.GetOrigin(), t2.GetOrigin(), atol=1e-3
     ) and np.allclose(mask.GetDirection(), t2.GetDirection(), atol=1e-4):
