@@ -309,4 +309,21 @@ def test_multisite_split(tmp_path):
 def test_bad_arguments_are_refused_with_a_clear_message(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate_cohort(tmp_path / "x", progress=False, **kwargs)
-    assert not (tmp_path / "x").exists()
+    assert list(tmp_path.iterdir()) == [], "nothing, not even a partial folder, is left behind"
+
+
+def test_a_failure_mid_cohort_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import simulation.synth.cohort as cohort
+
+    real, calls = cohort._write_patient, []
+
+    def flaky(task):
+        calls.append(task.pid)
+        if len(calls) == 3:
+            raise OSError(f"disk full while writing {task.pid}")
+        return real(task)
+
+    monkeypatch.setattr(cohort, "_write_patient", flaky)
+    with pytest.raises(OSError, match="disk full while writing P1-0003"):
+        generate_cohort(tmp_path / "cohort", preset="tiny", progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -9,11 +9,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
+import multiprocessing
 import os
 import shutil
 import tempfile
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,9 +22,9 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from .dicom import ExamWriter, PatientInfo
-from .model import TARGET_AUC, LatentDraw, Population, draw, oracle_aucs, oracle_risks, population_summary
+from .model import TARGET_AUC, LatentDraw, draw, oracle_aucs, oracle_risks, population_summary
 from .phantom import Exam, Patient, TumourLook, acquire
-from .scanners import PRESETS, SiteSpec, site_specs
+from .scanners import SiteSpec, site_specs
 
 GENERATOR = "slmfed-synth"
 GENERATOR_VERSION = "1.0"
