@@ -29,11 +29,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from monai.networks.layers import AffineTransform
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from client.cache import SiteData
 from common.clinical import standardise
+from common.metrics import auc as roc_auc
 
 GRAD_CLIP_NORM = 1.0
 
@@ -205,6 +205,8 @@ def train(
     Returns dict(loss = mean class-weighted BCE of the last epoch, num_examples, epochs, seconds).
     """
     labels_np = check_labels(data, "train")
+    if len(labels_np) < 2:
+        raise ValueError(f"cannot train on {len(labels_np)} patient(s): local training needs at least 2")
     epochs = int(cfg["local-epochs"] if epochs is None else epochs)
     if epochs < 1:
         raise ValueError(f"epochs: expected >= 1, found {epochs}")
@@ -290,5 +292,5 @@ def evaluate(
     probs = predict_proba(model, data, clinical_mean, clinical_std, cfg)
     p = np.clip(probs, 1e-7, 1 - 1e-7)
     loss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
-    auc = float(roc_auc_score(labels, probs)) if 0 < labels.sum() < len(labels) else float("nan")
+    auc = roc_auc(labels, probs) if 0 < labels.sum() < len(labels) else float("nan")
     return dict(loss=loss, auc=auc, num_examples=len(labels)), probs

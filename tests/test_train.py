@@ -65,6 +65,12 @@ def test_unknown_labels_cannot_be_trained_or_evaluated(site):
     assert check_labels(site, "train").dtype == np.float32
 
 
+def test_too_few_patients_is_a_clear_error(site):
+    mean, std = clinical_stats(site)
+    with pytest.raises(ValueError, match=r"cannot train on 1 patient\(s\)"):
+        train(_small_model(), site.subset([0]), _cfg(), mean, std)
+
+
 def test_mismatched_standardisation_is_a_clear_error(site):
     with pytest.raises(ValueError, match=r"clinical_mean / clinical_std: expected shape \(7,\)"):
         train(_small_model(), site, _cfg(), np.zeros(5), np.ones(5))
