@@ -44,7 +44,7 @@ class Site:
             raise StudyError("node config has no 'cache-dir': point the site at its prepared cache")
         cache_dir = Path(cfg["cache-dir"])
         study_dir = Path(cfg["study-dir"]) if cfg.get("study-dir") else cache_dir.parent / f"{cache_dir.name}-study"
-        return cls(dict(cfg), load_cache(cache_dir), study_dir)
+        return cls(dict(cfg), _cached_site_data(cache_dir), study_dir)
 
     @property
     def name(self) -> str:
@@ -109,6 +109,30 @@ class Site:
         keys = np.concatenate([p[0] for p in parts])
         order = np.argsort(keys)
         return keys[order], np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
+
+
+_LOADED: dict[str, tuple[tuple, SiteData]] = {}
+
+
+def _cached_site_data(cache_dir: Path) -> SiteData:
+    """load_cache, memoised per process while manifest.json is unchanged.
+
+    In deployment every message is a fresh process (a fresh load); in simulation the Ray actor lives
+    on, and re-reading and re-hashing the cache for every message was most of the per-round overhead.
+    The cache is only ever replaced file by file through atomic renames, and `slmfed prepare` always
+    rewrites manifest.json last, so an unchanged manifest (inode, size, mtime) means unchanged data.
+    """
+    manifest = Path(cache_dir) / "manifest.json"
+    try:
+        st = manifest.stat()
+    except FileNotFoundError:
+        return load_cache(cache_dir)  # raises the clear "not a prepared cache" error
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    key = str(Path(cache_dir).resolve())
+    hit = _LOADED.get(key)
+    if hit is None or hit[0] != stamp:
+        _LOADED[key] = (stamp, load_cache(cache_dir))
+    return _LOADED[key][1]
 
 
 # ---- message handlers (plain functions) ------------------------------------------------------------

@@ -250,12 +250,16 @@ class Study:
         arrays = arrays if arrays is not None else self.initial_state(model, fit_index)
         train_cfg = {**self._base(fit), **self._model_keys(), "clinical-mean": mean, "clinical-std": std, "model": model}
         for rnd in range(start_round + 1, rounds + 1):
+            t0 = time.perf_counter()
             replies = self.fed.ask(fit.train, "train", {**train_cfg, "round": rnd}, arrays=arrays,
                                    group=f"{fit.tag}/{fit.fold}/{model}/{rnd}")
             contents = list(replies.values())
             validate_message_reply_consistency(contents, weighted_by_key="num-examples", check_arrayrecord=True)
             arrays = aggregate_arrayrecords(contents, "num-examples")  # FedAvg: example-weighted mean
             agg = aggregate_metricrecords(contents, "num-examples")
+            timing = self.state.setdefault("timing", {"train-rounds-s": 0.0, "train-rounds": 0})
+            timing["train-rounds-s"] += time.perf_counter() - t0  # send, local training, reply, FedAvg
+            timing["train-rounds"] += 1
             sizes = [c["arrays"].count_bytes() for c in replies.values()]
             self.state["bytes"] = {"per-client-per-round": int(np.median(sizes)), "weights": int(arrays.count_bytes())}
             self.state["history"].append({"tag": fit.tag, "fold": fit.fold, "model": model, "round": rnd,

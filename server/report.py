@@ -88,7 +88,7 @@ def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": {k: v for k, v in cfg.items() if not isinstance(v, dict)},
         "versions": _versions(),
-        "sites": state["sites"],
+        "sites": {name: {**s, "role": _role(name, state.get("plan", []))} for name, s in state["sites"].items()},
         "thresholds": state.get("thresholds", {}),
         "rows": rows,
         "delong": delong,
@@ -97,9 +97,16 @@ def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
         "oracle": _oracle(truth),
         "learning_curves": _learning_curves(state["history"]),
         "communication": state.get("bytes", {}),
+        "timing": state.get("timing", {}),
         "curves": curves,
         "thresholds_grid": M.DEFAULT_THRESHOLDS.tolist(),
     }
+
+
+def _role(site: str, plan: list[dict]) -> str:
+    if any(site in f["train"] for f in plan):
+        return "trains"
+    return "evaluates only" if any(site in f["test"] for f in plan) else "not used"
 
 
 def _versions() -> dict:
@@ -149,8 +156,7 @@ def render_report(res: dict) -> str:
              f"torch {res['versions'].get('torch')}.", "", "## Sites", "", "| site | patients | with SLM | role |",
              "|---|---|---|---|"]
     for name, s in sorted(res["sites"].items()):
-        roles = sorted({r["kind"] for r in res["rows"] if r["site"] == name})
-        lines.append(f"| {name} | {s['num-examples']} | {s['num-positive']} | {', '.join(roles) or 'none'} |")
+        lines.append(f"| {name} | {s['num-examples']} | {s['num-positive']} | {s['role']} |")
     lines += ["", "## Results (AUC with DeLong 95% CI; sensitivity / specificity at the Youden threshold of the "
               "development out-of-fold scores)", "",
               "| model | cohort | n | AUC (95% CI) | threshold | sensitivity | specificity | Brier |",

@@ -1,0 +1,101 @@
+"""`slmfed bench federated`: what federation costs over plain centralized training.
+
+One run does both, on the same prepared caches and the same fits (the `federated` scenario's CV folds
+and leave-center-out fits, DL model only):
+  - federated: the study through Flower's simulation runtime; the figure is the wall time of the DL
+    training rounds as the server sees them (send weights, local training at each site, replies,
+    FedAvg), summed over all fits;
+  - centralized: for each fit, the training sites' patients pooled in one process and trained for
+    the same total epochs (rounds x local epochs) with the same `client.train.train`.
+Also: bytes per client per round (the weights in a training reply) against the fp32 weight size.
+Targets: time ratio <= 1.3, bytes ratio <= 1.02. Medians over --runs.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def configure(p) -> None:
+    p.add_argument("--data", help="folder of site folders (default: a generated small synthetic cohort)")
+    p.add_argument("--runs", type=int, default=3, help="repetitions (median reported)")
+    p.add_argument("--num-rounds", type=int, default=3)
+    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--folds", type=int, default=3)
+
+
+def _fp32_weight_bytes(cfg: dict, n_channels: int, spatial_dims: int, n_features: int) -> int:
+    from common.model import build_model
+
+    net = build_model(cfg, n_channels, spatial_dims, n_features, use_clinical=False)
+    return int(sum(t.numel() for t in net.state_dict().values()) * 4)
+
+
+def centralized_seconds(nodes: list[dict], cfg: dict) -> float:
+    """Train each fit of the federated plan on the pooled training patients; total wall seconds."""
+    import torch
+
+    from client.cache import SiteData
+    from client.study import Site
+    from client.train import train
+    from common.model import build_model
+
+    sites = {n["site-name"]: Site.open({**cfg, **n}) for n in nodes}
+    names = sorted(sites)
+    fits = [(k, names) for k in range(cfg["folds"])] + [(-1, [s for s in names if s != h]) for h in names]
+    total = 0.0
+    for fold, train_sites in fits:
+        parts = [sites[s].partition(fold, "train", cfg["folds"], cfg["seed"]) for s in train_sites]
+        pooled = SiteData(sum((p.keys for p in parts), []), np.concatenate([p.images for p in parts]),
+                          np.concatenate([p.clinical for p in parts]), np.concatenate([p.labels for p in parts]), {})
+        x = pooled.clinical.astype(np.float64)
+        mean, std = x.mean(0), x.std(0, ddof=1)
+        torch.manual_seed(cfg["seed"])
+        net = build_model(cfg, pooled.images.shape[1], 2 if pooled.images.ndim == 4 else 3, x.shape[1], use_clinical=False)
+        t0 = time.perf_counter()
+        train(net, pooled, cfg, mean, std, epochs=cfg["num-rounds"] * cfg["local-epochs"], seed=cfg["seed"])
+        total += time.perf_counter() - t0
+    return total
+
+
+def run(args) -> int:
+    from common.config import load_config
+    from simulation.cli import prepare_all, site_folders
+    from simulation.runner import run_study
+
+    work = Path(tempfile.mkdtemp(prefix="slmfed-bench-fed-"))
+    data = Path(args.data) if args.data else work / "cohort"
+    if not args.data:
+        from simulation.synth import generate_cohort
+
+        generate_cohort(data, preset="small", seed=0, progress=False)
+    nodes = prepare_all(data, site_folders(data))
+    cfg = load_config(run_config={"scenario": "federated", "models": "dl", "num-rounds": args.num_rounds,
+                                  "local-epochs": args.local_epochs, "folds": args.folds})
+    fed_s, cen_s, sent = [], [], []
+    for i in range(args.runs):
+        run_dir = work / f"run{i}"
+        run_study(nodes, {**cfg, "run-dir": str(run_dir)})
+        res = json.loads((run_dir / "results.json").read_text())
+        fed_s.append(res["timing"]["train-rounds-s"])
+        sent.append(res["communication"]["per-client-per-round"])
+        cen_s.append(centralized_seconds(nodes, cfg))
+        print(f"run {i + 1}/{args.runs}: federated DL training {fed_s[-1]:.1f} s, centralized {cen_s[-1]:.1f} s")
+    from client.cache import load_cache
+
+    d = load_cache(nodes[0]["cache-dir"])
+    weights = _fp32_weight_bytes(cfg, d.images.shape[1], int(d.manifest.get("spatial_dims", 2)), d.clinical.shape[1])
+    f, c = statistics.median(fed_s), statistics.median(cen_s)
+    b = statistics.median(sent)
+    print(f"\nfederated scenario, DL model, {len(nodes)} sites, {args.folds} folds + leave-center-out, "
+          f"{args.num_rounds} rounds x {args.local_epochs} local epochs, median of {args.runs} runs")
+    print(f"  federated training rounds: {f:8.1f} s")
+    print(f"  centralized, same epochs:  {c:8.1f} s")
+    print(f"  ratio federated/centralized: {f / c:.2f}  (target <= 1.30)")
+    print(f"  bytes per client per round: {b:,}  fp32 weights: {weights:,}  ratio {b / weights:.4f}  (target <= 1.02)")
+    return 0
