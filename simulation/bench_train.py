@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from client.cache import SiteData
-from client.train import evaluate, select_device, train
-from common.clinical import encode_row
+from client.train import _autocast, evaluate, make_optimizer, select_device, train
+from common.clinical import encode_row, standardise
 from common.config import load_config
-from common.model import FusionResNet
+from common.model import build_model
 
 
 def phantom_site(
@@ -131,17 +131,13 @@ def _sync(device: torch.device) -> None:
 
 
 def run_throughput(args) -> int:
-    from client.train import _autocast, make_optimizer  # same AMP policy / optimizer as train(): like for like
-    from common.model import build_model
-
+    # _autocast / make_optimizer: the bare loop uses train()'s AMP policy and optimizer kernel (like for like)
     cfg = load_config(cli={"batch-size": args.batch_size, "device": args.device, "local-epochs": 1})
     device = select_device(cfg)
     data = phantom_site(args.patients, seed=1)
     mean, std = clinical_stats(data)
     model = build_model(cfg, n_channels=3, spatial_dims=2, n_clinical=7, use_clinical=True).to(device)
     bare = build_model(cfg, n_channels=3, spatial_dims=2, n_clinical=7, use_clinical=True).to(device)
-    from common.clinical import standardise
-
     images = torch.from_numpy(data.images).to(device)
     clinical = torch.from_numpy(standardise(data.clinical, mean, std)).to(device)
     labels = torch.from_numpy(data.labels.astype(np.float32)).to(device)
@@ -211,8 +207,6 @@ def run_throughput(args) -> int:
 # --- norm-layer study ------------------------------------------------------------------------------
 
 def run_compare_norm(args) -> int:
-    from common.model import build_model
-
     scanners = [dict(gain=1.0, offset=0.0, noise=0.6), dict(gain=1.8, offset=0.7, noise=0.9)]
     sizes = [args.patients, max(8, args.patients * 3 // 5)]
     results: dict[str, list[list[float]]] = {}

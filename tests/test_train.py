@@ -240,3 +240,26 @@ def test_prepared_cache_trains_and_can_be_fitted(tiny_caches):
     assert fitted["auc"] == 1.0
     metrics, probs = evaluate(model, external, mean, std, cfg)
     assert metrics["num_examples"] == len(external) and probs.shape == (len(external),)
+
+
+# --- benchmark helpers -----------------------------------------------------------------------------
+
+def test_fedavg_is_example_weighted():
+    from simulation.bench_train import fedavg
+
+    a = {"w": torch.tensor([0.0, 4.0]), "n": torch.tensor(2)}
+    b = {"w": torch.tensor([3.0, 1.0]), "n": torch.tensor(5)}
+    out = fedavg([a, b], [1, 2])
+    torch.testing.assert_close(out["w"], torch.tensor([2.0, 2.0]))
+    assert out["n"].dtype == torch.int64 and int(out["n"]) == 4  # (2 + 10) / 3, rounded
+
+
+def test_bench_train_command_prints_figures(capsys):
+    from common.cli import main
+
+    rc = main(["bench", "train", "--runs", "1", "--epochs", "1", "--patients", "8", "--batch-size", "4", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for line in ("bare PyTorch loop", "train() augment=on", "train() augment=off", "peak memory: max RSS"):
+        assert line in out
+    assert main(["bench", "train", "--runs", "0"]) == 2
