@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 from client.cache import SiteData, atomic_write_bytes, load_cache
 from common import metrics as M
@@ -66,6 +65,8 @@ class Site:
                 f"site {self.name}: {folds}-fold stratified CV needs at least {folds} patients per class, "
                 f"found {int(np.sum(y == 1))} with SLM and {int(np.sum(y == 0))} without"
             )
+        from sklearn.model_selection import StratifiedKFold  # lazy: each message may be a fresh process
+
         skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
         ids = np.empty(len(y), dtype=int)
         for k, (_, val) in enumerate(skf.split(np.zeros(len(y)), y)):

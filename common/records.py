@@ -6,14 +6,16 @@ ARCHITECTURE.md); these helpers refuse anything else rather than silently droppi
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
+if TYPE_CHECKING:  # torch is imported only by the messages that carry weights
+    import torch
 
-def state_to_record(model: torch.nn.Module) -> ArrayRecord:
+
+def state_to_record(model: "torch.nn.Module") -> ArrayRecord:
     """All parameters and buffers (BatchNorm statistics included) as one ArrayRecord."""
     return ArrayRecord(model.state_dict())
 
