@@ -77,6 +77,7 @@ class PrepareReport:
     warnings: list[str] = field(default_factory=list)
     previews: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (scan, plan, build, write)
 
     def summary(self) -> str:
         lines = [f"prepared {self.site_dir} -> {self.cache_dir}"]
@@ -388,7 +389,9 @@ def prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None =
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) if workers > 1 else None
     try:
+        t_scan = time.perf_counter()
         records, skipped, report.parsed_files = _scan(dicom_dir, local, pool)
+        report.timings["scan"] = time.perf_counter() - t_scan
         no_pid = [r for r in records if not r.patient_id]
         skipped += [(r.path, "DICOM image without PatientID") for r in no_pid]
         records = [r for r in records if r.patient_id]
@@ -426,12 +429,16 @@ def prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None =
         report.redone = len(ids) - report.reused
         from tqdm import tqdm
 
+        t_build = time.perf_counter()
+        report.timings["plan"] = t_build - t_scan - report.timings["scan"]
+
         bar = tqdm(total=len(jobs), desc="prepare", unit="patient", disable=not progress or not jobs, leave=False)
         results = pool.map(_process, jobs) if pool else map(_process, jobs)
         for job, res in zip(jobs, results):
             entries[job["key"]] = res
             bar.update(1)
         bar.close()
+        report.timings["build"] = time.perf_counter() - t_build
     finally:
         if pool:
             pool.shutdown()
@@ -494,4 +501,5 @@ def prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None =
     if included:
         report.previews = _write_previews(cache_dir, included[:PREVIEWS], manifest["channels"], redone)
     report.elapsed_s = time.perf_counter() - t0
+    report.timings["write"] = report.elapsed_s - sum(report.timings.values())
     return report

@@ -62,7 +62,7 @@ def run(args) -> int:
         sites = _sites(data)
         files = sorted(p for s in sites for p in (s / "dicom").rglob("*") if p.is_file())
         n_dicom = _parse_all(files)  # warm-up: both measurements see a warm file cache
-        parse, first, rerun, patients = [], [], [], 0
+        parse, first, rerun, patients, phases = [], [], [], 0, {}
         cfg = load_config(cli={"workers": args.workers})
         for r in range(args.runs):
             t = time.perf_counter()
@@ -73,6 +73,8 @@ def run(args) -> int:
             for s in sites:
                 rep = prepare_site(s, tmp / f"run{r}" / s.name, cfg, progress=False)
                 patients += rep.included
+                for k, v in rep.timings.items():
+                    phases.setdefault(k, []).append(v)
             first.append(time.perf_counter() - t)
             t = time.perf_counter()
             for s in sites:
@@ -84,6 +86,8 @@ def run(args) -> int:
         print(f"data: {data} ({len(sites)} site(s), {n_dicom} DICOM files, {patients} patients included)")
         print(f"pydicom parse of every file once : {mp:8.3f} s  ({n_dicom / mp:,.0f} files/s)   median of {args.runs}")
         print(f"prepare --workers {args.workers}              : {mf:8.3f} s  ({patients / mf:.2f} patients/s)")
+        print("prepare phases (s, median per site-run)  : "
+              + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in phases.items()))
         print(f"prepare / parse                  : {mf / mp:8.2f} x   (target <= 2.0)")
         print(f"re-run, nothing changed          : {mr:8.3f} s  ({100 * mr / mf:.1f} % of first run, target < 10 %)")
         return 0

@@ -137,6 +137,24 @@ def test_rerun_redoes_only_what_changed(site, tmp_path):
     fixed = prepare_site(root, cache, progress=False)
     assert (fixed.redone, fixed.parsed_files) == (1, 0)
     assert victim.read_bytes() == good
+    # a touched DICOM file: one header re-read, one patient rebuilt (same content, same file hash)
+    import os
+
+    some_file = next(p for p in sorted((root / "dicom").rglob("IM*")))
+    st = some_file.stat()
+    os.utime(some_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    touched = prepare_site(root, cache, progress=False)
+    assert (touched.redone, touched.parsed_files) == (1, 1)
+    # a mask that disappears excludes the patient and removes its stale cache file
+    mask = root / "masks" / "A002.nii.gz"
+    saved = mask.read_bytes()
+    mask.unlink()
+    try:
+        gone = prepare_site(root, cache, progress=False)
+        assert (gone.included, gone.redone) == (3, 1) and len(list((cache / "patients").glob("*.npz"))) == 3
+    finally:
+        mask.write_bytes(saved)
+    assert prepare_site(root, cache, progress=False).redone == 1  # the restored mask is new to prepare
     # a changed clinical row redoes that patient only, with the new label
     csv_path = root / "clinical.csv"
     text = csv_path.read_text()
