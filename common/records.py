@@ -21,6 +21,8 @@ def state_to_record(model: "torch.nn.Module") -> ArrayRecord:
 
 
 def record_to_state(record: ArrayRecord) -> "OrderedDict[str, torch.Tensor]":
+    import torch  # noqa: F401  (Flower converts only once torch is imported)
+
     return record.to_torch_state_dict()
 
 

@@ -39,6 +39,8 @@ from server.checkpoint import Checkpoint, StudyInterrupted
 
 log = logging.getLogger(__name__)
 DL_MODELS = ("dl", "combined")
+# multisite simulation: the site holding all hospitals' patients, for the "centralized" comparison
+CENTRAL_SITE = "pooled-centralized"
 
 
 
@@ -117,13 +119,17 @@ def study_plan(scenario: str, sites: dict[str, dict], folds: int, eval_sites: li
         plan = [Fit("cv", k, train, val=train) for k in range(folds)]
         return plan + [Fit("final", -1, train, test=test)]
     if scenario in ("federated", "multisite"):
-        if len(labelled) < 2:
-            raise StudyError(f"{scenario} scenario needs at least two labelled sites, found {labelled}")
-        plan = [Fit("cv", k, labelled, val=labelled) for k in range(folds)]
-        plan += [Fit(f"loco-{h}", -1, [s for s in labelled if s != h], test=[h]) for h in labelled]
+        central = [s for s in labelled if s == CENTRAL_SITE]
+        hospitals = [s for s in labelled if s != CENTRAL_SITE]
+        if len(hospitals) < 2:
+            raise StudyError(f"{scenario} scenario needs at least two labelled sites, found {hospitals}")
+        plan = [Fit("cv", k, hospitals, val=hospitals) for k in range(folds)]
+        plan += [Fit(f"loco-{h}", -1, [s for s in hospitals if s != h], test=[h]) for h in hospitals]
         if scenario == "multisite":
-            for s in labelled:
+            for s in hospitals:
                 plan += [Fit(f"local-{s}", k, [s], val=[s]) for k in range(folds)]
+            # the centralized comparison: a simulation-only site holding every hospital's patients
+            plan += [Fit("central", k, central, val=central) for k in range(folds)] if central else []
         return plan
     raise StudyError(f"unknown scenario {scenario!r}")
 

@@ -33,6 +33,8 @@ def cohort_label(tag: str, kind: str, site: str, folds: int) -> str:
         return f"{site}: external validation"
     if tag.startswith("loco-"):
         return f"{site}: leave-center-out"
+    if tag == "central":
+        return f"all hospitals pooled centrally: {folds}-fold CV"
     if tag.startswith("local-"):
         return f"{site}: site alone, {folds}-fold CV"
     return f"{site}: {tag} ({kind})"

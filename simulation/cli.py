@@ -100,6 +100,11 @@ def run(args) -> int:
                 generate_cohort(data_dir, preset=preset, seed=0, sites=n_sites)
         print(f"preparing site caches in {data_dir / 'caches'}")
         nodes = prepare_all(data_dir, site_folders(data_dir))
+        if scenario == "multisite":
+            from server.protocol import CENTRAL_SITE
+            from simulation.runner import pooled_cache
+
+            nodes.append(pooled_cache(nodes, data_dir / "caches" / CENTRAL_SITE, CENTRAL_SITE))
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{scenario}-{stamp}")
         truth = data_dir / "truth.json"

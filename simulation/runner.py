@@ -112,3 +112,26 @@ def _shutdown_ray(marker: str, grace_s: float = 30.0) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def pooled_cache(nodes: list[dict[str, str]], out_dir: str | Path, name: str) -> dict[str, str]:
+    """Merge the hospitals' caches into one (simulation only): the "centralized" comparison of the
+    multisite scenario, as if every hospital had sent its data to one place."""
+    from client.cache import MANIFEST, atomic_write_json, load_cache, read_manifest, write_patient
+
+    out_dir = Path(out_dir)
+    manifests = [read_manifest(n["cache-dir"]) for n in nodes]
+    stamp = [m.get("patients") for m in manifests]
+    existing = out_dir / MANIFEST
+    if existing.is_file() and json.loads(existing.read_text()).get("merged_from") == stamp:
+        return {"cache-dir": str(out_dir.resolve()), "site-name": name}
+    patients = {}
+    for node in nodes:
+        data = load_cache(node["cache-dir"])
+        for i, key in enumerate(data.keys):
+            sha = write_patient(out_dir, key, data.images[i], data.clinical[i], int(data.labels[i]))
+            patients[key] = {"status": "included", "reason": "", "sha256": sha, "label": int(data.labels[i])}
+    first = {k: v for k, v in manifests[0].items() if k not in ("patients", "counts", "salt", "site_name")}
+    atomic_write_json(existing, {**first, "site_name": name, "patients": patients, "merged_from": stamp,
+                                 "counts": {"included": len(patients), "excluded": 0}})
+    return {"cache-dir": str(out_dir.resolve()), "site-name": name}

@@ -161,3 +161,21 @@ def test_fedavg_of_two_sites_is_the_example_weighted_mean(two_training_sites, tm
             continue
         expected = sum(w * r["arrays"][key].numpy() for w, r in zip(n, replies)) / sum(n)
         np.testing.assert_allclose(agg[key].numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_multisite_compares_federated_site_alone_and_centralized(two_training_sites, tmp_path):
+    from server.protocol import CENTRAL_SITE
+    from simulation.runner import pooled_cache
+
+    root = tmp_path / "third"
+    make_cache(root, 24, seed=13, site_name="hospital-c", prevalence=0.4)
+    nodes = two_training_sites + [{"cache-dir": str(root), "site-name": "hospital-c"}]
+    nodes.append(pooled_cache(nodes, tmp_path / "pooled", CENTRAL_SITE))
+    _, _, res, _ = run(nodes, tmp_path / "multi", scenario="multisite", models="cf")
+    cohorts = {r["cohort"]: r for r in res["rows"]}
+    for h, n in (("hospital-a", 30), ("hospital-b", 20), ("hospital-c", 24)):
+        assert cohorts[f"{h}: 2-fold CV"]["n"] == n                      # federated CV
+        assert cohorts[f"{h}: site alone, 2-fold CV"]["n"] == n          # each site alone
+        assert cohorts[f"{h}: leave-center-out"]["n"] == n               # trained on the others
+    assert cohorts["all hospitals pooled centrally: 2-fold CV"]["n"] == 74
+    assert res["pooled"][0]["n"] == 74  # federated CV pooled over the hospitals by histograms
