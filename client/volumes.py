@@ -190,7 +190,7 @@ def load_mask(path: Path, t2: sitk.Image) -> sitk.Image:
     try:
         mask = sitk.ReadImage(str(path))
     except RuntimeError:
-        raise VolumeError(f"mask could not be read (not a NIfTI/NRRD/MHA image?)") from None
+        raise VolumeError("mask could not be read (not a NIfTI/NRRD/MHA image?)") from None
     if mask.GetDimension() != 3:
         raise VolumeError(f"mask is {mask.GetDimension()}D; expected a 3D volume on the T2 grid")
     if mask.GetNumberOfComponentsPerPixel() != 1:
@@ -199,7 +199,7 @@ def load_mask(path: Path, t2: sitk.Image) -> sitk.Image:
     values = np.unique(arr)
     nonzero = values[values != 0]
     if nonzero.size == 0:
-        raise VolumeError(f"mask is empty (no voxel > 0)")
+        raise VolumeError("mask is empty (no voxel > 0)")
     if nonzero.size > 1 or not float(nonzero[0]).is_integer() or nonzero[0] < 0:
         shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
         raise VolumeError(f"mask is not binary (values found: {shown})")
@@ -222,7 +222,7 @@ def load_mask(path: Path, t2: sitk.Image) -> sitk.Image:
         raise VolumeError(f"mask is not on the T2 grid (origin {shift:.1f} mm away or different orientation)")
     out = resample_like(binary, t2, nearest=True)
     if not sitk.GetArrayViewFromImage(out).any():
-        raise VolumeError(f"mask is empty after alignment to the T2 grid")
+        raise VolumeError("mask is empty after alignment to the T2 grid")
     return out
 
 

@@ -9,6 +9,8 @@ Figures (medians over --runs, warm OS file cache for both):
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -46,6 +48,12 @@ def _parse_all(files: list[Path]) -> int:
     return n
 
 
+def _cpu() -> float:
+    """CPU seconds of this process plus its reaped children (the prepare workers)."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
 def run(args) -> int:
     from client.prepare import prepare_site
     from common.config import load_config
@@ -63,12 +71,14 @@ def run(args) -> int:
         files = sorted(p for s in sites for p in (s / "dicom").rglob("*") if p.is_file())
         n_dicom = _parse_all(files)  # warm-up: both measurements see a warm file cache
         parse, first, rerun, patients, phases = [], [], [], 0, {}
+        parse_cpu, first_cpu = [], []
         cfg = load_config(cli={"workers": args.workers})
         for r in range(args.runs):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), _cpu()
             _parse_all(files)
             parse.append(time.perf_counter() - t)
-            t = time.perf_counter()
+            parse_cpu.append(_cpu() - c)
+            t, c = time.perf_counter(), _cpu()
             patients = 0
             for s in sites:
                 rep = prepare_site(s, tmp / f"run{r}" / s.name, cfg, progress=False)
@@ -76,6 +86,7 @@ def run(args) -> int:
                 for k, v in rep.timings.items():
                     phases.setdefault(k, []).append(v)
             first.append(time.perf_counter() - t)
+            first_cpu.append(_cpu() - c)
             t = time.perf_counter()
             for s in sites:
                 rep = prepare_site(s, tmp / f"run{r}" / s.name, cfg, progress=False)
@@ -84,11 +95,17 @@ def run(args) -> int:
             shutil.rmtree(tmp / f"run{r}", ignore_errors=True)
         mp, mf, mr = statistics.median(parse), statistics.median(first), statistics.median(rerun)
         print(f"data: {data} ({len(sites)} site(s), {n_dicom} DICOM files, {patients} patients included)")
-        print(f"pydicom parse of every file once : {mp:8.3f} s  ({n_dicom / mp:,.0f} files/s)   median of {args.runs}")
-        print(f"prepare --workers {args.workers}              : {mf:8.3f} s  ({patients / mf:.2f} patients/s)")
+        pc, fc = statistics.median(parse_cpu), statistics.median(first_cpu)
+        print(f"pydicom parse of every file once : {mp:8.3f} s  ({n_dicom / mp:,.0f} files/s; CPU {pc:.2f} s)   "
+              f"median of {args.runs}")
+        print(f"prepare --workers {args.workers}              : {mf:8.3f} s  ({patients / mf:.2f} patients/s; "
+              f"CPU {fc:.2f} s in all processes)")
         print("prepare phases (s, median per site-run)  : "
               + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in phases.items()))
-        print(f"prepare / parse                  : {mf / mp:8.2f} x   (target <= 2.0)")
+        print(f"prepare / parse                  : {mf / mp:8.2f} x wall   (target <= 2.0)   "
+              f"{fc / pc:.2f} x CPU")
+        print(f"machine load (1 min)             : {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+              "(a busy machine starves the workers: compare CPU when load > CPUs)")
         print(f"re-run, nothing changed          : {mr:8.3f} s  ({100 * mr / mf:.1f} % of first run, target < 10 %)")
         return 0
     finally:

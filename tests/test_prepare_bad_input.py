@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import csv
-import json
-import os
 
 import numpy as np
 import pytest
