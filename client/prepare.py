@@ -213,8 +213,12 @@ def _process(job: dict) -> dict:
     except Excluded as exc:
         return {**base, "status": "excluded", "reason": str(exc)}
     except Exception as exc:  # a bug or an unforeseen input: exclude this patient, keep the others, say what
-        log.exception("patient %s: unexpected error", key)
-        return {**base, "status": "excluded", "reason": f"internal error: {type(exc).__name__}: {exc}"[:300]}
+        import traceback
+
+        # the traceback may hold paths (and so IDs): it goes to the site-local errors.log only
+        log.error("patient %s: unexpected %s; traceback in %s", key, type(exc).__name__, local_dir(job["cache_dir"]))
+        return {**base, "status": "excluded", "_traceback": traceback.format_exc(),
+                "reason": f"internal error: {type(exc).__name__} (traceback in the site-local errors.log)"}
     sha = cache_mod.write_patient(job["cache_dir"], key, image, row.encode(), row.slm)
     return {**base, "status": "included", "reason": "", "sha256": sha, **info}
 
@@ -434,7 +438,10 @@ def prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None =
 
         bar = tqdm(total=len(jobs), desc="prepare", unit="patient", disable=not progress or not jobs, leave=False)
         results = pool.map(_process, jobs) if pool else map(_process, jobs)
+        errors = []
         for job, res in zip(jobs, results):
+            if "_traceback" in res:
+                errors.append(f"patient {job['key']}:\n{res.pop('_traceback')}")
             entries[job["key"]] = res
             bar.update(1)
         bar.close()
@@ -497,6 +504,8 @@ def prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None =
     w.writerow(["path", "reason"])
     w.writerows(skipped)
     cache_mod.atomic_write_text(local / "skipped-files.csv", sk.getvalue())
+    if errors:
+        cache_mod.atomic_write_text(local / "errors.log", "\n".join(errors))
     redone = {j["key"] for j in jobs}
     if included:
         report.previews = _write_previews(cache_dir, included[:PREVIEWS], manifest["channels"], redone)

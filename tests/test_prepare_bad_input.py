@@ -196,3 +196,28 @@ def test_bad_series_rules_named(tmp_path):
     cfg = load_config(cli={"series-rules": {"t3": ["x"]}})
     with pytest.raises(PrepareError, match="unknown key"):
         prepare_site(root, tmp_path / "cache", cfg, progress=False)
+
+
+def test_unforeseen_error_excludes_one_patient_and_keeps_paths_local(tmp_path, monkeypatch):
+    import client.transforms as tr
+    from client.prepare import local_dir
+
+    root = make_site(tmp_path / "site", [PatientSpec("P1"), PatientSpec("P2", lesion=(-6.0, 4.0, 0.0))])
+    real = tr.build_input_transform
+
+    def flaky(*a, **k):  # the chain fails for the patient whose lesion sits left of centre
+        chain = real(*a, **k)
+
+        def run(d):
+            if d["mask"].nonzero()[2].mean() < d["mask"].shape[2] / 2:
+                raise RuntimeError(f"boom in {root}")
+            return chain(d)
+        return run
+
+    monkeypatch.setattr("client.prepare.build_input_transform", flaky)
+    rep = prepare_site(root, tmp_path / "cache", progress=False)
+    r = reasons(tmp_path / "cache")
+    assert r["P1"] == "" and r["P2"] == "internal error: RuntimeError (traceback in the site-local errors.log)"
+    assert rep.included == 1
+    assert str(root) in (local_dir(tmp_path / "cache") / "errors.log").read_text()
+    assert str(root).encode() not in (tmp_path / "cache" / "manifest.json").read_bytes()
