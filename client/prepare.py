@@ -121,7 +121,8 @@ def preprocessing_params(cfg: dict) -> dict:
         "orientation": "LPS (sitk.DICOMOrient of the T2WI)",
         "t2-dwi-normalisation": "1st-99th percentile of the crop -> [0, 1]",
         "adc-normalisation": "ADC [mm^2/s] / 3e-3, clipped to [0, 1.5]",
-        "registration": "scanner coordinates (linear resampling onto the T2 grid)",
+        "registration": "scanner coordinates (linear resampling onto the T2 grid)"
+        + ("; rigid refinement (Mattes MI, Euler 3D, ROI neighbourhood)" if cfg.get("rigid-refine") else ""),
     }
 
 
@@ -168,21 +169,26 @@ def build_patient_image(series: list[Series], mask_path: Path | None, rules: Ser
         notes += n
     except vol.VolumeError as exc:
         raise Excluded("DWI", str(exc)) from None
-    dwi = sitk.GetArrayFromImage(vol.resample_like(dwi_native, t2))
+    tx = None
+    if cfg.get("rigid-refine", False):  # needs the config key (see the report); off = scanner coordinates
+        tx, note = vol.rigid_refine(t2, dwi_native, mask)
+        notes.append(note)
+    dwi = sitk.GetArrayFromImage(vol.resample_like(dwi_native, t2, transform=tx))
     if not (dwi[roi > 0] != 0).mean() >= 0.5:
         raise Excluded("DWI", f"{dwi_label} does not cover the ROI (no overlap in scanner coordinates)")
     try:
         if sel.adc is not None:
             adc_native, n = vol.read_volume(sel.adc_files, sel.adc.label)
             notes += n
-            adc_raw = sitk.GetArrayFromImage(vol.resample_like(adc_native, t2))
+            adc_raw = sitk.GetArrayFromImage(vol.resample_like(adc_native, t2, transform=tx))
             adc, scale = vol.adc_to_mm2_s(adc_raw, roi, rules.adc_scale)
             adc_source = f"scanner {sel.adc.description} (x{scale:g} -> mm^2/s)"
         else:
             low, n = vol.read_volume(sel.low_files, f"{sel.dwi.label} b={sel.low_b:g}")
             if low.GetSize() != dwi_native.GetSize():
                 raise vol.VolumeError(f"b={sel.low_b:g} and b={sel.dwi_b:g} images are not on the same slices")
-            adc = sitk.GetArrayFromImage(vol.resample_like(vol.compute_adc(low, dwi_native, sel.low_b, sel.dwi_b), t2))
+            adc_map = vol.compute_adc(low, dwi_native, sel.low_b, sel.dwi_b)
+            adc = sitk.GetArrayFromImage(vol.resample_like(adc_map, t2, transform=tx))
             adc_source = f"computed from b={sel.low_b:g} and b={sel.dwi_b:g}"
     except vol.VolumeError as exc:
         raise Excluded("ADC", str(exc)) from None

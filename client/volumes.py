@@ -113,11 +113,49 @@ def read_series_sitk(paths: list[str], what: str) -> sitk.Image:
         raise VolumeError(f"{what}: SimpleITK could not read the series ({first})") from None
 
 
-def resample_like(img: sitk.Image, ref: sitk.Image, nearest: bool = False) -> sitk.Image:
-    """Resample through scanner coordinates onto ref's grid (outside the field of view = 0)."""
+def resample_like(img: sitk.Image, ref: sitk.Image, nearest: bool = False,
+                  transform: sitk.Transform | None = None) -> sitk.Image:
+    """Resample through scanner coordinates (optionally refined by `transform`, which maps ref's
+    points into img) onto ref's grid; outside the field of view = 0."""
     interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
     ptype = sitk.sitkUInt8 if nearest else sitk.sitkFloat32
-    return sitk.Resample(img, ref, sitk.Transform(), interp, 0.0, ptype)
+    return sitk.Resample(img, ref, transform or sitk.Transform(), interp, 0.0, ptype)
+
+
+def rigid_refine(fixed: sitk.Image, moving: sitk.Image, roi: sitk.Image, max_shift_mm: float = 10.0,
+                 max_angle_deg: float = 5.0) -> tuple[sitk.Transform, str]:
+    """Optional rigid refinement of the scanner-coordinate alignment (patient motion between series).
+
+    Mattes mutual information (T2 and DWI differ in contrast) in a neighbourhood of the ROI, Euler
+    3D transform starting at identity. A result beyond max_shift_mm / max_angle_deg is rejected and
+    the scanner alignment kept, because a large jump is more likely a failed optimisation than motion.
+    Returns the transform to hand to resample_like and a note saying what happened.
+    """
+    region = sitk.BinaryDilate(roi, [8, 8, 2]) > 0
+    fixed_f = sitk.Cast(fixed, sitk.sitkFloat32)
+    moving_f = sitk.Cast(moving, sitk.sitkFloat32)
+    centre = fixed.TransformContinuousIndexToPhysicalPoint(
+        [float(v) for v in np.argwhere(sitk.GetArrayViewFromImage(roi))[:, ::-1].mean(axis=0)])
+    tx = sitk.Euler3DTransform()
+    tx.SetCenter(centre)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricFixedMask(region)
+    reg.SetMetricSamplingStrategy(reg.NONE)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=0.01, numberOfIterations=100)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetInitialTransform(tx, inPlace=True)
+    try:
+        reg.Execute(fixed_f, moving_f)
+    except RuntimeError as exc:
+        return sitk.Transform(), f"rigid refinement failed ({str(exc).strip().splitlines()[-1][:80]}); scanner alignment kept"
+    ax, ay, az, dx, dy, dz = tx.GetParameters()
+    shift = float(np.linalg.norm([dx, dy, dz]))
+    angle = float(np.degrees(max(abs(ax), abs(ay), abs(az))))
+    if shift > max_shift_mm or angle > max_angle_deg:
+        return sitk.Transform(), f"rigid refinement rejected ({shift:.1f} mm, {angle:.1f} deg); scanner alignment kept"
+    return tx, f"rigid refinement: {shift:.1f} mm, {angle:.1f} deg"
 
 
 def compute_adc(low: sitk.Image, high: sitk.Image, b_low: float, b_high: float) -> sitk.Image:

@@ -51,6 +51,7 @@ class PatientSpec:
     adc_desc: str = "ep2d_diff_b0_800_ADC"
     study_uid: str = ""
     markers: tuple[tuple[float, float, float], ...] = ()  # small extra blobs (not in the mask), physical mm
+    dwi_motion: tuple[float, float, float] = (0.0, 0.0, 0.0)  # patient moved by this much before the DWI
 
 
 def _dataset(pid, study, series, number, desc, image_type, modality="MR") -> Dataset:
@@ -124,10 +125,11 @@ def write_patient(site: Path, spec: PatientSpec, write_mask: bool = True) -> dic
         t2 += 600.0 * np.exp(-(_dist(spec.t2, m) / 2.0) ** 2)
     out["t2"] = write_series(folder / "s1", t2, spec.t2, patient_id=spec.patient_id, study_uid=study,
                              description=spec.t2_desc, number=3)
-    d_dwi = _dist(spec.dwi, spec.lesion)
+    moved = np.add(spec.lesion, spec.dwi_motion)
+    d_dwi = _dist(spec.dwi, moved)
     adc = 2.0e-3 - 1.2e-3 * np.exp(-(d_dwi / spec.radius) ** 2)  # mm^2/s, restricted in the lesion
     for m in spec.markers:
-        adc -= 1.2e-3 * np.exp(-(_dist(spec.dwi, m) / 2.5) ** 2)
+        adc -= 1.2e-3 * np.exp(-(_dist(spec.dwi, np.add(m, spec.dwi_motion)) / 2.5) ** 2)
     s0 = 1000.0
     dwi_paths = []
     dwi_uid = generate_uid()
