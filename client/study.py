@@ -230,19 +230,22 @@ def summary(site: Site, study_id: str, models: list[str], kind: str, folds: int,
     if not site.has_labels:
         raise StudyError(f"site {site.name}: a results summary needs slm labels")
     preds = {m: site.pooled_predictions(study_id, m, kind, folds) for m in models}
+    keys_ref, y_ref, _ = next(iter(preds.values()))
+    for m, (keys, _, _) in preds.items():
+        if not np.array_equal(keys, keys_ref):
+            raise StudyError(f"site {site.name}: stored {m} predictions cover other patients than the other models'")
     out: dict[str, Any] = {}
-    ths = M.DEFAULT_THRESHOLDS if hasattr(M, "DEFAULT_THRESHOLDS") else np.round(np.arange(0.01, 1.0, 0.01), 2)
-    y_ref = None
+    ths = M.DEFAULT_THRESHOLDS
     for m, (_, y, p) in preds.items():
-        y_ref = y if y_ref is None else y_ref
         s = M.summarize(y, p, threshold=thresholds.get(m))
         for k, v in s.items():
             out[f"{m}.{k}"] = v
         out[f"{m}.net-benefit"] = M.net_benefit(y, p, ths)
         mp, obs, cnt = M.calibration_bins(y, p, bins=10)
         out[f"{m}.calib-mean-pred"], out[f"{m}.calib-obs-rate"], out[f"{m}.calib-count"] = mp, obs, cnt
-        neg, pos = M.score_histograms(y, p, bins=bins)
-        out[f"{m}.hist-neg"], out[f"{m}.hist-pos"] = neg, pos
+        if site.cfg["share-histograms"]:
+            neg, pos = M.score_histograms(y, p, bins=bins)
+            out[f"{m}.hist-neg"], out[f"{m}.hist-pos"] = neg, pos
     out["treat-all"] = M.net_benefit_treat_all(y_ref, ths)
     n_pos = int(np.sum(y_ref))
     if "combined" in preds:
@@ -254,4 +257,4 @@ def summary(site: Site, study_id: str, models: list[str], kind: str, folds: int,
                 out[f"delong.combined-vs-{other}.z"], out[f"delong.combined-vs-{other}.p"] = float(z), float(pval)
     out["num-examples"] = int(len(y_ref))
     out["num-positive"] = int(np.sum(y_ref))
-    return {k: (np.nan_to_num(np.asarray(v, dtype=float), nan=np.nan) if isinstance(v, (list, np.ndarray)) else v) for k, v in out.items()}
+    return out

@@ -57,15 +57,17 @@ def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
             row.update({k: _f(m[f"{model}.{k}"]) for k in SUMMARY_FIELDS})
             row["n"], row["n_pos"] = int(m[f"{model}.n"]), int(m[f"{model}.n_pos"])
             rows.append(row)
-            neg, pos = np.asarray(m[f"{model}.hist-neg"]), np.asarray(m[f"{model}.hist-pos"])
-            fpr, tpr = M.roc_from_histograms(neg, pos)
-            curves.setdefault(cohort, {})[model] = {
-                "fpr": fpr.tolist(), "tpr": tpr.tolist(),
+            curve = curves.setdefault(cohort, {})[model] = {
                 "net_benefit": list(m[f"{model}.net-benefit"]),
                 "calib_mean_pred": list(m[f"{model}.calib-mean-pred"]),
                 "calib_obs_rate": list(m[f"{model}.calib-obs-rate"]),
-                "hist_neg": neg.astype(int).tolist(), "hist_pos": pos.astype(int).tolist(),
             }
+            if f"{model}.hist-neg" in m:  # the site shares score histograms (share-histograms)
+                neg, pos = np.asarray(m[f"{model}.hist-neg"]), np.asarray(m[f"{model}.hist-pos"])
+                curve["hist_neg"], curve["hist_pos"] = neg.astype(int).tolist(), pos.astype(int).tolist()
+                if neg.sum() and pos.sum():
+                    fpr, tpr = M.roc_from_histograms(neg, pos)
+                    curve["fpr"], curve["tpr"] = fpr.tolist(), tpr.tolist()
         curves[cohort]["treat_all"] = list(m["treat-all"])
         for other in ("cf", "dl"):
             if f"delong.combined-vs-{other}.p" in m:
@@ -73,8 +75,8 @@ def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
                                "z": _f(m[f"delong.combined-vs-{other}.z"]), "p_value": _f(m[f"delong.combined-vs-{other}.p"])})
     pooled = []
     cv_cohorts = [c for c in curves if any(r["cohort"] == c and r["tag"] == "cv" for r in rows)]
-    if len(cv_cohorts) > 1:  # several training sites: pool their out-of-fold histograms
-        for model in models:
+    if len(cv_cohorts) > 1 and all("hist_neg" in curves[c][m] for c in cv_cohorts for m in models):
+        for model in models:  # several training sites: pool their out-of-fold histograms
             neg = sum(np.asarray(curves[c][model]["hist_neg"]) for c in cv_cohorts)
             pos = sum(np.asarray(curves[c][model]["hist_pos"]) for c in cv_cohorts)
             pooled.append({"model": model, "cohort": "all training sites: pooled CV (histograms)",
@@ -159,8 +161,10 @@ def render_report(res: dict) -> str:
              "|---|---|---|---|"]
     for name, s in sorted(res["sites"].items()):
         lines.append(f"| {name} | {s['num-examples']} | {s['num-positive']} | {s['role']} |")
-    lines += ["", "## Results (AUC with DeLong 95% CI; sensitivity / specificity at the Youden threshold of the "
-              "development out-of-fold scores)", "",
+    source = ("the Youden threshold of the development out-of-fold scores (pooled histograms), applied to every cohort"
+              if res["thresholds"] else "each cohort's own Youden threshold (the sites withheld score histograms; "
+              "optimistic for external cohorts)")
+    lines += ["", "## Results", "", f"AUC with DeLong 95% CI; sensitivity / specificity at {source}.", "",
               "| model | cohort | n | AUC (95% CI) | threshold | sensitivity | specificity | Brier |",
               "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
@@ -226,9 +230,11 @@ def _figures(run_dir: Path, res: dict) -> None:
     for cohort, cc in res["curves"].items():
         models = [m for m in cc if m != "treat_all"]
         roc = {MODEL_LABEL[m]: {"fpr": cc[m]["fpr"], "tpr": cc[m]["tpr"], "auc": rows[(cohort, m)]["auc"] or float("nan"),
-                                "lo": rows[(cohort, m)]["auc_ci_low"], "hi": rows[(cohort, m)]["auc_ci_high"]} for m in models}
+                                "lo": rows[(cohort, m)]["auc_ci_low"], "hi": rows[(cohort, m)]["auc_ci_high"]}
+               for m in models if "fpr" in cc[m]}
         slug = _slug(cohort)
-        plots.plot_roc(roc, run_dir / f"roc-{slug}.png", title=f"ROC: {cohort}")
+        if roc:  # ROC points come from the shared histograms
+            plots.plot_roc(roc, run_dir / f"roc-{slug}.png", title=f"ROC: {cohort}")
         plots.plot_dca(t, {MODEL_LABEL[m]: cc[m]["net_benefit"] for m in models}, cc["treat_all"],
                        run_dir / f"dca-{slug}.png", title=f"Decision curves: {cohort}")
         plots.plot_calibration({MODEL_LABEL[m]: (cc[m]["calib_mean_pred"], cc[m]["calib_obs_rate"]) for m in models},

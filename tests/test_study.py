@@ -179,3 +179,12 @@ def test_multisite_compares_federated_site_alone_and_centralized(two_training_si
         assert cohorts[f"{h}: leave-center-out"]["n"] == n               # trained on the others
     assert cohorts["all hospitals pooled centrally: 2-fold CV"]["n"] == 74
     assert res["pooled"][0]["n"] == 74  # federated CV pooled over the hospitals by histograms
+
+
+def test_sites_can_withhold_score_histograms(caches, tmp_path):
+    nodes, _ = caches
+    nodes = [{**n, "share-histograms": False} for n in nodes]
+    grid, _, res, _ = run(nodes, tmp_path / "nohist", models="cf")
+    keys = {k for _, reply in grid.replies for rec in reply.content.values() for k in rec}
+    assert not [k for k in keys if "hist" in k]
+    assert res["rows"] and not list((tmp_path / "nohist").glob("roc-*.png"))  # no ROC without histograms
