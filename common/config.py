@@ -71,6 +71,7 @@ SCHEMA: dict[str, Key] = {
     "cea-unit": Key(str, "ng/mL", "unit of the CEA column", ("ng/mL", "ug/L")),
     "ca199-unit": Key(str, "U/mL", "unit of the CA19-9 column", ("U/mL", "kU/L")),
     "workers": Key(int, 1, "parallel worker processes for `slmfed prepare`"),
+    "rigid-refine": Key(bool, False, "refine the DWI/ADC-to-T2 alignment with a rigid registration around the ROI"),
     "series-rules": Key(dict, {}, "site.toml table overriding the sequence-matching rules"),
 }
 
