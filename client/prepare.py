@@ -229,7 +229,24 @@ def _process(job: dict) -> dict:
     return {**base, "status": "included", "reason": "", "sha256": sha, **info}
 
 
+def _serial(jobs: list[dict]):
+    """In-process jobs, one SimpleITK thread each (as in _worker_init), the caller's setting restored."""
+    import SimpleITK as sitk
+
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        for job in jobs:
+            yield _process(job)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
 def _worker_init() -> None:
+    """One thread per worker: the images are small, and thread start-up would cost more than it saves."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         import torch
@@ -443,7 +460,7 @@ def prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None =
         report.timings["plan"] = t_build - t_scan - report.timings["scan"]
 
         bar = tqdm(total=len(jobs), desc="prepare", unit="patient", disable=not progress or not jobs, leave=False)
-        results = pool.map(_process, jobs) if pool else map(_process, jobs)
+        results = pool.map(_process, jobs) if pool else _serial(jobs)
         errors = []
         for job, res in zip(jobs, results):
             if "_traceback" in res:

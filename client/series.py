@@ -225,7 +225,7 @@ def select_sequences(
         raise SelectionError(f"no T2WI series found (series seen: {_seen(series, rules)})")
     t2s = classes["t2"]
     match = t2_matches_mask or (lambda s: True)
-    ranked = sorted(
+    ranked = t2s if len(t2s) == 1 else sorted(
         t2s,
         key=lambda s: (match(s), not FATSAT.search(normalise(s.text)), round(s.axiality(), 2),
                        -s.inplane_spacing(), s.n_positions(), s.first.series_number),
