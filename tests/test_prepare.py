@@ -231,3 +231,12 @@ def test_rigid_refinement_corrects_patient_motion(tmp_path):
     m = json.loads((tmp_path / "c1" / "manifest.json").read_text())
     assert "rigid refinement" in m["preprocessing"]["registration"]
     assert any(n.startswith("rigid refinement: 3.") for e in m["patients"].values() for n in e["notes"])
+
+
+def test_prediction_only_site_has_label_minus_one(tmp_path):
+    root = make_site(tmp_path / "site", [PatientSpec("Q1")], rows=["Q1,F,high,7.5,40\n"])
+    (root / "clinical.csv").write_text("patient_id,sex,tumor_site,cea,ca199\nQ1,F,high,7.5,40\n", encoding="utf-8")
+    prepare_site(root, tmp_path / "c", progress=False)
+    data = load_cache(tmp_path / "c")
+    assert data.labels.tolist() == [-1] and data.manifest["has_label"] is False
+    np.testing.assert_array_equal(data.clinical[0], encode_row("F", "high", 7.5, 40.0))
