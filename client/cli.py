@@ -15,6 +15,8 @@ def register(sub) -> None:
     p.add_argument("--config", metavar="SITE_TOML", help="site.toml (default: SITE_DIR/site.toml when present)")
     p.add_argument("--workers", type=int, help="parallel worker processes (config key workers)")
     p.add_argument("--input-mode", choices=("2d", "2.5d", "3d"), help="model input (config key input-mode)")
+    p.add_argument("--rigid-refine", action="store_true", default=None,
+                   help="refine the DWI/ADC alignment with a rigid registration (config key rigid-refine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_prepare)
 
@@ -25,7 +27,8 @@ def run_prepare(args) -> int:
     site = Path(args.site_dir)
     toml = Path(args.config) if args.config else (site / "site.toml" if (site / "site.toml").is_file() else None)
     try:
-        cfg = load_config(toml_path=toml, cli={"workers": args.workers, "input-mode": args.input_mode})
+        cfg = load_config(toml_path=toml, cli={"workers": args.workers, "input-mode": args.input_mode,
+                                                 "rigid-refine": args.rigid_refine})
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
     try:

@@ -118,6 +118,7 @@ def preprocessing_params(cfg: dict) -> dict:
         "cea-unit": cfg["cea-unit"],
         "ca199-unit": cfg["ca199-unit"],
         "series-rules": cfg["series-rules"],
+        "rigid-refine": bool(cfg.get("rigid-refine", False)),
         "orientation": "LPS (sitk.DICOMOrient of the T2WI)",
         "t2-dwi-normalisation": "1st-99th percentile of the crop -> [0, 1]",
         "adc-normalisation": "ADC [mm^2/s] / 3e-3, clipped to [0, 1.5]",
@@ -170,7 +171,7 @@ def build_patient_image(series: list[Series], mask_path: Path | None, rules: Ser
     except vol.VolumeError as exc:
         raise Excluded("DWI", str(exc)) from None
     tx = None
-    if cfg.get("rigid-refine", False):  # needs the config key (see the report); off = scanner coordinates
+    if cfg.get("rigid-refine", False):  # off: scanner coordinates only
         tx, note = vol.rigid_refine(t2, dwi_native, mask)
         notes.append(note)
     dwi = sitk.GetArrayFromImage(vol.resample_like(dwi_native, t2, transform=tx))
