@@ -36,7 +36,7 @@ SCHEMA: dict[str, Key] = {
     "folds": Key(int, 5, "cross-validation folds in the training cohort(s)"),
     "models": Key(str, "cf,dl,combined", "which of the three models to run (comma list)"),
     "cf-l2": Key(float, 0.0, "ridge penalty on the CF model's slopes (0 = plain maximum likelihood)"),
-    "num-rounds": Key(int, 10, "federated rounds per DL model fit"),
+    "num-rounds": Key(int, 8, "federated rounds per DL model fit"),
     "local-epochs": Key(int, 2, "local epochs per round at each training site"),
     "batch-size": Key(int, 16, "local mini-batch size"),
     "lr": Key(float, 1e-3, "AdamW learning rate"),

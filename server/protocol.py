@@ -244,16 +244,20 @@ class Study:
                        "round": rnd, "stored": store, **{k: m[k] for k in m}}
                 (self.state["history"] if rnd is not None else self.state["evaluations"]).append(rec)
 
-    def initial_state(self, model: str, fit_index: int) -> ArrayRecord:
+    def initial_state(self, model: str, fit_index: int, cf_beta=None) -> ArrayRecord:
+        """Seeded initial weights; the Combined model starts from this fit's CF model when there is one."""
         from common.model import build_model
 
         torch.manual_seed(int(np.random.SeedSequence([int(self.cfg["seed"]), fit_index, DL_MODELS.index(model)]).generate_state(1)[0] % 2**31))
         net = build_model(self.cfg, self.n_channels, self.spatial_dims, self.n_features, use_clinical=(model == "combined"))
+        if model == "combined" and cf_beta is not None:
+            net.start_from_logistic(cf_beta)
         return ArrayRecord(net.state_dict())
 
     def fit_dl(self, fit_index: int, fit: Fit, model: str, mean, std, start_round: int, arrays: ArrayRecord | None) -> ArrayRecord:
         rounds = int(self.cfg["num-rounds"])
-        arrays = arrays if arrays is not None else self.initial_state(model, fit_index)
+        cf = self.state["cf"].get(f"{fit.tag}/{fit.fold}")
+        arrays = arrays if arrays is not None else self.initial_state(model, fit_index, cf["beta"] if cf else None)
         train_cfg = {**self._base(fit), **self._model_keys(), "clinical-mean": mean, "clinical-std": std, "model": model}
         for rnd in range(start_round + 1, rounds + 1):
             t0 = time.perf_counter()

@@ -1,6 +1,7 @@
 """FusionResNet / build_model: shapes, norm choices, fusion behaviour, seeding, clear errors."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -119,3 +120,21 @@ def test_build_model_reads_config_and_is_seeded():
     assert not all(torch.equal(s1[k], s3[k]) for k in s1)
     dl = build_model(cfg, n_channels=3, spatial_dims=2, n_clinical=7, use_clinical=False)
     assert dl.clinical_embed is None
+
+
+def test_combined_model_warm_started_from_cf_predicts_exactly_the_cf_model():
+    from common.logistic import LogisticCF
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 7)).astype(np.float32)
+    y = (x[:, 3] + rng.normal(size=40) > 0).astype(int)
+    cf = LogisticCF(l2=0.1).fit(x, y)
+    cfg = load_config(cli={"seed": 1})
+    net = build_model(cfg, n_channels=3, spatial_dims=2, n_clinical=7, use_clinical=True).eval()
+    net.start_from_logistic(cf.coef_)
+    images = torch.randn(40, 3, 64, 64)
+    with torch.no_grad():
+        p = torch.sigmoid(net(images, torch.from_numpy(x))).numpy()
+    np.testing.assert_allclose(p, cf.predict_proba(x), atol=1e-5)
+    with pytest.raises(ValueError, match="expected 8 coefficients, found 3"):
+        net.start_from_logistic([0.0, 1.0, 2.0])
