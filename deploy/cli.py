@@ -127,22 +127,3 @@ def register(sub) -> None:
     pj.add_argument("--dry-run", action="store_true", help="print the flower-supernode command instead of starting it")
     pj.add_argument("--no-preflight", action="store_true", help="skip the TLS handshake check against the SuperLink")
     pj.set_defaults(func=cmd_join)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m deploy.cli ...`: the deploy/site commands without loading every package."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="slmfed")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except CommandError as exc:
-        print(f"slmfed {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -163,8 +163,8 @@ class LoopbackFederation:
         return self.out / "sites" / site
 
     def join(self, site: str, cache: Path, *, bundle: Path | None = None) -> subprocess.Popen:
-        """`slmfed site join` as a site runs it (via python -m deploy.cli, the same code)."""
-        argv = [sys.executable, "-m", "deploy.cli", "site", "join", "--bundle", str(bundle or self.site_bundle(site)),
+        """`slmfed site join` as a site runs it (python -m common.cli is the `slmfed` entry point)."""
+        argv = [sys.executable, "-m", "common.cli", "site", "join", "--bundle", str(bundle or self.site_bundle(site)),
                 "--cache", str(cache), "--port", str(free_port())]
         home = self.work / f"flwr-{site}"
         home.mkdir(exist_ok=True)

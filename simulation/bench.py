@@ -5,6 +5,7 @@ Each benchmark lives in its own module `simulation/bench_<name>.py` with
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 
 BENCHMARKS = {
@@ -16,16 +17,17 @@ BENCHMARKS = {
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks that print figures (medians over runs)")
-    bsub = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
-    for name, help_text in BENCHMARKS.items():
-        bp = bsub.add_parser(name, help=help_text)
-        try:
-            mod = importlib.import_module(f"simulation.bench_{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"simulation.bench_{name}":
-                raise
-            bp.set_defaults(func=lambda a, n=name: print(f"benchmark '{n}' is not available yet") or 1)
-            continue
-        mod.configure(bp)
-        bp.set_defaults(func=mod.run)
+    p = sub.add_parser("bench", help="benchmarks that print figures (medians over runs)",
+                       description="\n".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))
+    p.add_argument("benchmark", choices=list(BENCHMARKS), help="which benchmark")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own flags (see slmfed bench NAME --help)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """Import the benchmark only now (they pull in torch / MONAI), then parse its own flags."""
+    mod = importlib.import_module(f"simulation.bench_{args.benchmark}")
+    parser = argparse.ArgumentParser(prog=f"slmfed bench {args.benchmark}", description=mod.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    mod.configure(parser)
+    return int(mod.run(parser.parse_args(args.options)) or 0)

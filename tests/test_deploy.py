@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from deploy import bundle as B
 from deploy import pki
 from deploy.check import Finding, check_deployment, collect_commands, dp_policy_problems
-from deploy.cli import main as deploy_main
+from common.cli import main as deploy_main
 from deploy.init import DeployPlan, init_deployment
 from deploy.join import JoinError, join_command, preflight_tls
 
