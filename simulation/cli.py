@@ -72,7 +72,7 @@ def prepare_all(data_dir: Path, sites: list[Path]) -> list[dict]:
 def run(args) -> int:
     from simulation.runner import run_study
 
-    cli = {k: getattr(args, k.replace("-", "_")) for k in SIM_FLAGS}
+    cli = {k: v for k in SIM_FLAGS if (v := getattr(args, k.replace("-", "_"))) is not None}
     if args.resume:
         run_dir = Path(args.resume)
         saved = run_dir / "simulation.json"
