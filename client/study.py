@@ -185,7 +185,8 @@ def train_dl(site: Site, model_name: str, state, fold: int, folds: int, seed: in
     # a different, reproducible stream per (model, fold, round, site): resume gives identical results
     local_seed = int(np.random.SeedSequence([seed, MODELS.index(model_name), fold + 1, rnd, _site_hash(site.name)]).generate_state(1)[0] % (2**31))
     out = train(net, d, site.cfg, mean, std, seed=local_seed, global_params=global_params)
-    return net.state_dict(), {"num-examples": int(out["num_examples"]), "train-loss": float(out["loss"])}
+    return net.state_dict(), {"num-examples": int(out["num_examples"]), "train-loss": float(out["loss"]),
+                              "train-seconds": float(out["seconds"])}
 
 
 def _site_hash(name: str) -> int:

@@ -124,7 +124,7 @@ def _files(plan: DeployPlan) -> dict[Path, tuple[bytes, bool]]:
             max_retries=plan.max_retries, max_wait_time=plan.max_wait_time,
         )
         common = dict(site_name=site, install_dir=inst, cache_dir=plan.cache_dir, state_dir=plan.state_dir,
-                      study_dir=str(Path(plan.cache_dir).parent / "study"), image=plan.image)
+                      study_dir=str(Path(plan.cache_dir).parent / "study"), image=plan.image, venv=plan.venv)
         files[sdir / "flower-supernode.service"] = (render(
             "flower-supernode.service", exec_start=systemd_exec(argv, f"{plan.venv}/bin/flower-supernode"), **common
         ).encode(), False)
@@ -146,7 +146,8 @@ def _files(plan: DeployPlan) -> dict[Path, tuple[bytes, bool]]:
         host=plan.bind_host, port=plan.port, database=f"{plan.state_dir}/superlink.db",
         log_file=f"{plan.log_dir}/superlink.log",
     )
-    common = dict(install_dir=inst, state_dir=plan.state_dir, log_dir=plan.log_dir, image=plan.image, port=plan.port)
+    common = dict(install_dir=inst, state_dir=plan.state_dir, log_dir=plan.log_dir, image=plan.image, port=plan.port,
+                  venv=plan.venv)
     files[coord / "flower-superlink.service"] = (render(
         "flower-superlink.service", exec_start=systemd_exec(link_argv, f"{plan.venv}/bin/flower-superlink"), **common
     ).encode(), False)

@@ -125,4 +125,6 @@ def join_command(bundle_dir: str | Path, cache: str | Path, *, port: int | None 
 def join_env() -> dict[str, str]:
     env = dict(os.environ)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    # the SuperNode starts flwr-clientapp by name: this environment's bin dir first, venv activated or not
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env

@@ -110,7 +110,10 @@ class LoopbackFederation:
         self.address = f"127.0.0.1:{self.port}"
 
     def _env(self, flwr_home: Path) -> dict[str, str]:
-        env = {**os.environ, **self.env, "FLWR_HOME": str(flwr_home),
+        # Flower starts flower-superexec / flwr-clientapp by name: this interpreter's bin dir comes
+        # first, also when the venv is not activated (as in CI)
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        env = {**os.environ, **self.env, "FLWR_HOME": str(flwr_home), "PATH": path,
                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
         return env
 

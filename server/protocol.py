@@ -267,9 +267,10 @@ class Study:
             validate_message_reply_consistency(contents, weighted_by_key="num-examples", check_arrayrecord=True)
             arrays = aggregate_arrayrecords(contents, "num-examples")  # FedAvg: example-weighted mean
             agg = aggregate_metricrecords(contents, "num-examples")
-            timing = self.state.setdefault("timing", {"train-rounds-s": 0.0, "train-rounds": 0})
+            timing = self.state.setdefault("timing", {"train-rounds-s": 0.0, "train-rounds": 0, "local-training-s": 0.0})
             timing["train-rounds-s"] += time.perf_counter() - t0  # send, local training, reply, FedAvg
             timing["train-rounds"] += 1
+            timing["local-training-s"] += sum(float(c["metrics"]["train-seconds"]) for c in contents)
             sizes = [c["arrays"].count_bytes() for c in replies.values()]
             self.state["bytes"] = {"per-client-per-round": int(np.median(sizes)), "weights": int(arrays.count_bytes())}
             self.state["history"].append({"tag": fit.tag, "fold": fit.fold, "model": model, "round": rnd,
