@@ -290,7 +290,6 @@ class Study:
     def run(self) -> dict:
         self.start()
         pos = self.state["position"]
-        final_weights: dict[str, ArrayRecord] = {}
         for i, fit in enumerate(self.plan):
             if i < pos["fit"]:
                 continue
@@ -310,7 +309,6 @@ class Study:
                         arrays = self.fit_dl(i, fit, model, mean, std, start, arrays)
                     self.evaluate(fit, model, mean, std, arrays, store=True)
                     if fit.fold < 0:
-                        final_weights[f"{fit.tag}/{model}"] = arrays
                         self.ckpt.save_model(f"{fit.tag}-{model}", arrays)
                 self.state["position"] = {"fit": i, "model": j + 1, "round": 0}
             self.state["position"] = {"fit": i + 1, "model": 0, "round": 0}

@@ -61,6 +61,7 @@ def run_study(sites: list[dict[str, str]], run_config: dict[str, Any], ray_addre
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "RAY_DEDUP_LOGS": "0",
     }
+    started = _boot_ticks_now() if Path("/proc/uptime").is_file() else 0
     with _env(env), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
@@ -71,27 +72,41 @@ def run_study(sites: list[dict[str, str]], run_config: dict[str, Any], ray_addre
                 backend_config=backend_config(ray_address),
             )
         finally:
-            _shutdown_ray(marker=env[ENV_RUN_CONFIG])
+            _shutdown_ray(marker=env[ENV_RUN_CONFIG], since_ticks=started)
     return run_dir
 
 
-def _processes_with_env(name: str, value: str) -> list[int]:
-    """PIDs of processes whose environment holds name=value (our Ray workers inherit the run config)."""
-    needle = f"{name}={value}".encode()
+_RAY_MARKS = (b"ray::", b"raylet", b"gcs_server", b"/ray/")
+
+
+def _boot_ticks_now() -> int:
+    """Now, in clock ticks since boot (the unit of /proc/PID/stat's start time)."""
+    return int(float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
+
+
+def _our_ray_processes(marker: bytes, since_ticks: int) -> list[int]:
+    """Processes of this run's Ray: those whose environment holds our run config (workers inherit
+    it), and Ray's own processes (raylet, GCS, dashboard/log monitor, workers) started since the run
+    began. Looked up in /proc; a process gone or unreadable meanwhile is skipped."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            if needle in (proc / "environ").read_bytes().split(b"\0"):
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
                 pids.append(int(proc.name))
-        except OSError:  # gone, or not ours to read
+                continue
+            cmd = (proc / "cmdline").read_bytes()
+            started = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[19])
+        except (OSError, IndexError, ValueError):
             continue
+        if started >= since_ticks and any(m in cmd for m in _RAY_MARKS):
+            pids.append(int(proc.name))
     return pids
 
 
-def _shutdown_ray(marker: str, grace_s: float = 30.0) -> None:
-    """Shut Ray down and wait until every worker process of this run has exited (killing stragglers)."""
+def _shutdown_ray(marker: str, since_ticks: int, grace_s: float = 30.0) -> None:
+    """Shut Ray down and wait until every process of this run's Ray has exited (killing stragglers)."""
     import signal
     import time
 
@@ -103,11 +118,12 @@ def _shutdown_ray(marker: str, grace_s: float = 30.0) -> None:
         ray.shutdown()
     if not Path("/proc").is_dir():  # pragma: no cover - not Linux: rely on ray.shutdown
         return
+    needle = f"{ENV_RUN_CONFIG}={marker}".encode()
     deadline = time.monotonic() + grace_s
-    while (left := _processes_with_env(ENV_RUN_CONFIG, marker)) and time.monotonic() < deadline:
+    while (left := _our_ray_processes(needle, since_ticks)) and time.monotonic() < deadline:
         time.sleep(0.5)
     for pid in left:
-        log.warning("Ray worker %d still running %.0f s after shutdown: stopping it", pid, grace_s)
+        log.warning("Ray process %d still running %.0f s after shutdown: stopping it", pid, grace_s)
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
