@@ -12,8 +12,6 @@ Replies carry a MetricRecord "metrics" (always with num-examples) and, for train
 """
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -22,7 +20,6 @@ from client import study
 from common.config import SENT_MODEL_KEYS, app_config
 from common.records import record_to_state, to_metric_record
 
-log = logging.getLogger(__name__)
 app = ClientApp()
 
 

@@ -61,7 +61,6 @@ SCHEMA: dict[str, Key] = {
     "cache-dir": Key(str, "", "the site's prepared cache (output of `slmfed prepare`)"),
     "site-name": Key(str, "", "the site's name as the study refers to it"),
     "study-dir": Key(str, "", "site-local folder for per-patient predictions (default: CACHE/../study)"),
-    "share-patient-rows": Key(bool, False, "opt-in: let per-patient scores leave the site"),
     # --- site preprocessing (`slmfed prepare`, site.toml) ---
     "input-mode": Key(str, "2d", "model input built from the volumes", ("2d", "2.5d", "3d")),
     "fov-mm": Key(float, 48.0, "physical in-plane field of view of the ROI crop (mm)"),

@@ -362,7 +362,7 @@ class Checker:
         if privacy.get("share-histograms", True) and (not isinstance(bins, int) or bins > MAX_HISTOGRAM_BINS):
             self.add(path, f"[privacy] histogram-bins = {bins!r}: the documented resolution is at most {MAX_HISTOGRAM_BINS} bins")
         if privacy.get("share-patient-rows", False):
-            self.add(path, "[privacy] share-patient-rows = true: only a site's own node-config may opt in, never the coordinator")
+            self.add(path, "[privacy] share-patient-rows = true: SLM-Fed never sends per-patient rows; the policy is false")
 
     # --- driver
     def run(self) -> list[Finding]:
