@@ -103,7 +103,8 @@ def read_manifest(cache_dir: str | Path) -> dict:
 
 
 def load_cache(cache_dir: str | Path, verify: bool = True) -> SiteData:
-    """Load every included patient of a prepared cache, checking hashes against the manifest."""
+    """Load every included patient of a prepared cache (checking hashes against the manifest), in an
+    order fixed by the patients' data, not by their salted keys."""
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
     keys, images, clinical, labels = [], [], [], []
@@ -124,10 +125,14 @@ def load_cache(cache_dir: str | Path, verify: bool = True) -> SiteData:
         keys.append(key)
     if not keys:
         raise CacheError(f"{cache_dir}: the cache holds no included patient")
+    # A stable patient order, independent of the cache's random salt: the content itself. Folds and
+    # mini-batches derive from this order, so two caches of the same data give the same study.
+    order = sorted(range(len(keys)), key=lambda i: hashlib.sha256(
+        images[i].tobytes() + clinical[i].tobytes() + bytes([labels[i] & 0xFF])).hexdigest())
     return SiteData(
-        keys=keys,
-        images=np.stack(images).astype(np.float32, copy=False),
-        clinical=np.stack(clinical).astype(np.float32, copy=False),
-        labels=np.asarray(labels, dtype=np.int64),
+        keys=[keys[i] for i in order],
+        images=np.stack([images[i] for i in order]).astype(np.float32, copy=False),
+        clinical=np.stack([clinical[i] for i in order]).astype(np.float32, copy=False),
+        labels=np.asarray([labels[i] for i in order], dtype=np.int64),
         manifest=manifest,
     )

@@ -66,12 +66,12 @@ class LocalGrid(Grid):
 
 
 def make_cache(cache_dir: Path, n: int, seed: int, site_name: str, prevalence: float = 0.4,
-               shape=(3, 40, 40), labelled: bool = True) -> list[str]:
+               shape=(3, 40, 40), labelled: bool = True, salt: str | None = None) -> list[str]:
     """A prepared cache with a learnable signal: SLM patients have a bigger, darker-ADC blob and
     higher tumour markers. Returns the raw patient_ids (for leak checks)."""
     rng = np.random.default_rng(seed)
     cache_dir = Path(cache_dir)
-    salt = f"salt-{seed}"
+    salt = salt or f"salt-{seed}"
     y = (rng.random(n) < prevalence).astype(int)
     y[:2] = [0, 1]  # both classes present
     yy, xx = np.mgrid[: shape[1], : shape[2]]

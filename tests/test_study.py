@@ -188,3 +188,16 @@ def test_sites_can_withhold_score_histograms(caches, tmp_path):
     keys = {k for _, reply in grid.replies for rec in reply.content.values() for k in rec}
     assert not [k for k in keys if "hist" in k]
     assert res["rows"] and not list((tmp_path / "nohist").glob("roc-*.png"))  # no ROC without histograms
+
+
+def test_folds_and_patient_order_do_not_depend_on_the_cache_salt(tmp_path):
+    from client.study import Site
+
+    sites = []
+    for salt in ("one-salt", "another-salt"):
+        make_cache(tmp_path / salt, 30, seed=5, site_name="x", salt=salt)
+        sites.append(Site.open(load_config(node_config={"cache-dir": str(tmp_path / salt)})))
+    a, b = sites
+    assert a.data.keys != b.data.keys  # different salted keys ...
+    np.testing.assert_array_equal(a.data.images, b.data.images)  # ... same patient order
+    np.testing.assert_array_equal(a.fold_ids(3, 7), b.fold_ids(3, 7))
