@@ -11,6 +11,8 @@ came from, what was expected and what was found.
 """
 from __future__ import annotations
 
+import json
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,9 +205,6 @@ ENV_SIM_SITES = "SLMFED_SIM_SITES"
 
 def app_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The merged config of a ServerApp (node_config None) or ClientApp, simulation-aware."""
-    import json
-    import os
-
     run_layer = dict(run_config or {})
     if os.environ.get(ENV_RUN_CONFIG):
         run_layer.update(json.loads(os.environ[ENV_RUN_CONFIG]))

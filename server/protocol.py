@@ -187,9 +187,8 @@ class Study:
         self.state["plan"] = [asdict(f) for f in self.plan]
 
     def _site_name(self, node: int, content: RecordDict) -> str:
-        cfgrec = content.get("site") if hasattr(content, "get") else None
-        if cfgrec is not None and "site-name" in cfgrec:
-            return str(cfgrec["site-name"])
+        if "site" in content and "site-name" in content["site"]:
+            return str(content["site"]["site-name"])
         return f"node-{node}"
 
     # -- helpers --
