@@ -10,8 +10,19 @@ import pytest
 
 
 def _ray_pids() -> set[int]:
+    """Running Ray processes. Zombies are not running: an exited worker waits in the process table
+    until its parent (or PID 1, which in some containers never reaps) collects it, and pgrep -f
+    still matches it by name."""
     out = subprocess.run(["pgrep", "-f", "raylet|gcs_server|ray::"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+    running = set()
+    for pid in map(int, out.split()):
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if state != "Z":
+            running.add(pid)
+    return running
 
 
 @pytest.mark.slow
