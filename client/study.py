@@ -213,13 +213,9 @@ def evaluate_model(site: Site, model_name: str, payload, fold: int, part: str, f
         site.store_predictions(study_id, model_name, fold, part, d.keys, d.labels, probs)
     out: dict[str, Any] = {"num-examples": len(d)}
     if site.has_labels:
-        y = d.labels
-        eps = 1e-7
-        pc = np.clip(probs, eps, 1 - eps)
-        out["loss"] = float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc)))
-        out["auc"] = float(M.auc(y, probs)) if 0 < y.sum() < len(y) else float("nan")
+        out["loss"], out["auc"] = M.loss_and_auc(d.labels, probs)
         if site.cfg["share-histograms"]:
-            neg, pos = M.score_histograms(y, probs, bins=bins)
+            neg, pos = M.score_histograms(d.labels, probs, bins=bins)
             out["hist-neg"], out["hist-pos"] = neg, pos
     return out
 

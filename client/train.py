@@ -33,7 +33,7 @@ from torch import nn
 
 from client.cache import SiteData
 from common.clinical import standardise
-from common.metrics import auc as roc_auc
+from common.metrics import loss_and_auc
 
 GRAD_CLIP_NORM = 1.0
 
@@ -290,7 +290,5 @@ def evaluate(
     """(dict(loss = mean unweighted BCE, auc = ROC AUC or NaN with one class, num_examples), probabilities)."""
     labels = check_labels(data, "evaluate")
     probs = predict_proba(model, data, clinical_mean, clinical_std, cfg)
-    p = np.clip(probs, 1e-7, 1 - 1e-7)
-    loss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
-    auc = roc_auc(labels, probs) if 0 < labels.sum() < len(labels) else float("nan")
+    loss, auc = loss_and_auc(labels, probs)
     return dict(loss=loss, auc=auc, num_examples=len(labels)), probs

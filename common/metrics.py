@@ -47,6 +47,14 @@ def _check(y, p, *, need_both: bool = True, probs: bool = False) -> tuple[np.nda
 
 
 # --------------------------------------------------------------------------- AUC and DeLong
+def loss_and_auc(y, p) -> tuple[float, float]:
+    """Mean (unweighted) binary cross-entropy of probabilities, and the AUC (NaN with one class)."""
+    y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    pc = np.clip(p, 1e-7, 1 - 1e-7)
+    loss = float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc)))
+    return loss, (auc(y, p) if 0 < y.sum() < y.size else float("nan"))
+
+
 def auc(y, p) -> float:
     """Area under the ROC curve (Mann-Whitney, ties 1/2) from midranks."""
     y, p = _check(y, p)

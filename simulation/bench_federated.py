@@ -45,12 +45,13 @@ def centralized_seconds(nodes: list[dict], cfg: dict) -> float:
     from client.train import train
     from common.model import build_model
 
+    from server.protocol import study_plan
+
     sites = {n["site-name"]: Site.open({**cfg, **n}) for n in nodes}
-    names = sorted(sites)
-    fits = [(k, names) for k in range(cfg["folds"])] + [(-1, [s for s in names if s != h]) for h in names]
+    plan = study_plan("federated", {s: {"has-labels": site.has_labels} for s, site in sites.items()}, cfg["folds"], [])
     total = 0.0
-    for fold, train_sites in fits:
-        parts = [sites[s].partition(fold, "train", cfg["folds"], cfg["seed"]) for s in train_sites]
+    for fit in plan:
+        parts = [sites[s].partition(fit.fold, "train", cfg["folds"], cfg["seed"]) for s in fit.train]
         pooled = SiteData(sum((p.keys for p in parts), []), np.concatenate([p.images for p in parts]),
                           np.concatenate([p.clinical for p in parts]), np.concatenate([p.labels for p in parts]), {})
         x = pooled.clinical.astype(np.float64)
