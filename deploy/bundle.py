@@ -10,8 +10,10 @@ from __future__ import annotations
 import shlex
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+
+from common.config import SCHEMA, SITE_POLICY_KEYS, ConfigError, load_config
 
 BUNDLE_FILE = "bundle.toml"
 DEFAULT_INSTALL_DIR = "/etc/slmfed"
@@ -28,6 +30,23 @@ DEFAULT_MAX_WAIT_TIME = 86400.0
 # subprocess: every ClientApp runs in its own short-lived OS process, as the SuperNode's own
 # unprivileged service user, inside the unit's sandbox; no extra service to run or secure.
 SUPERNODE_ISOLATION = "subprocess"
+
+# The site's privacy policy as `deploy init` writes it into each site's bundle.toml ([privacy]):
+# the defaults of common/config.py. The site's privacy officer owns and edits that table; the
+# SuperNode command passes it to the ClientApp in --node-config, the only place the ClientApp
+# reads it from (the coordinator's run config cannot set it). The ledger path is left to its
+# default, STUDY_DIR/disclosure-ledger.json.
+DEFAULT_SITE_PRIVACY: dict[str, Any] = {k: SCHEMA[k].default for k in SITE_POLICY_KEYS if k != "privacy-ledger"}
+
+
+def default_study_dir(cache_dir: str) -> str:
+    """The site's study folder in a generated deployment: beside the cache, `<cache>/../study`.
+
+    The systemd unit and the compose file make exactly this folder writable, and the SuperNode
+    command passes it as `study-dir`, so the ClientApp writes its per-patient predictions and
+    its disclosure ledger where the sandbox allows it.
+    """
+    return str(PurePosixPath(cache_dir).parent / "study")
 
 # Site bundle files
 CA_CERT = "ca.crt"
@@ -155,11 +174,23 @@ def supernode_argv(
     port: int = DEFAULT_SUPERNODE_PORT,
     max_retries: int = DEFAULT_MAX_RETRIES,
     max_wait_time: float = DEFAULT_MAX_WAIT_TIME,
+    study_dir: str | None = None,
+    privacy: dict[str, Any] | None = None,
     extra_node_config: dict[str, Any] | None = None,
     program: str = "flower-supernode",
 ) -> list[str]:
-    """flower-supernode with the CA, its authentication key, the site's cache and bounded retries."""
-    node_cfg = {"cache-dir": cache_dir, "site-name": site_name, **(extra_node_config or {})}
+    """flower-supernode with the CA, its authentication key, the site's cache and bounded retries.
+
+    The node config carries the site's cache, name, study folder (default: `default_study_dir`)
+    and privacy policy (`privacy`, the site bundle's [privacy] table; only SITE_POLICY_KEYS).
+    """
+    unknown = sorted(set(privacy or {}) - set(SITE_POLICY_KEYS))
+    if unknown:
+        raise BundleError(f"[privacy] {', '.join(unknown)}: not a site privacy key "
+                          f"(known: {', '.join(SITE_POLICY_KEYS)})")
+    node_cfg = {"cache-dir": cache_dir, "site-name": site_name,
+                "study-dir": study_dir or default_study_dir(cache_dir),
+                **(privacy or {}), **(extra_node_config or {})}
     return [
         program,
         "--superlink", superlink,
@@ -174,9 +205,66 @@ def supernode_argv(
     ]
 
 
+def site_privacy(bundle: Bundle) -> dict[str, Any]:
+    """The site bundle's [privacy] table (the site's policy); an error when it is missing."""
+    privacy = bundle.data.get("privacy")
+    if not isinstance(privacy, dict):
+        raise BundleError(f"{bundle.root / BUNDLE_FILE}: the [privacy] table (the site's privacy policy) is missing; "
+                          "regenerate the bundle (slmfed deploy init) or add it with the keys "
+                          f"{', '.join(DEFAULT_SITE_PRIVACY)}")
+    return dict(privacy)
+
+
+def privacy_problems(privacy: dict[str, Any], where: str = "[privacy]") -> list[str]:
+    """Why a site privacy policy is not valid (unknown keys, wrong types, out of bounds); [] when it is.
+
+    Validated exactly as the ClientApp validates its node config (common.config.load_config).
+    """
+    out = []
+    unknown = [k for k in privacy if k not in SITE_POLICY_KEYS]
+    for key in unknown:
+        out.append(f"{where} {key}: not a site privacy key; the ClientApp knows only {', '.join(SITE_POLICY_KEYS)}"
+                   + (" (SLM-Fed never sends per-patient rows; there is nothing to switch on)"
+                      if key == "share-patient-rows" else ""))
+    for key, value in privacy.items():
+        if key in unknown:
+            continue
+        try:
+            load_config(node_config={key: value})
+        except ConfigError as exc:
+            out.append(f"{where} {key} = {value!r}: {exc}")
+    return out
+
+
+def policy_values(privacy: dict[str, Any]) -> dict[str, Any]:
+    """The effective policy (defaults filled in, values typed) of a valid privacy table."""
+    cfg = load_config(node_config={k: v for k, v in privacy.items() if k in SITE_POLICY_KEYS})
+    return {k: cfg[k] for k in SITE_POLICY_KEYS}
+
+
+def site_study_dir(bundle: Bundle, cache_dir: str | None = None) -> str:
+    """The study folder a site bundle's SuperNode passes as `study-dir`.
+
+    With the bundle's own cache: its [node] study-dir (what the unit / compose file make
+    writable). With another cache (`slmfed site join --cache` elsewhere): a folder beside that
+    cache, `<cache>-study` (the ClientApp's own default, stated explicitly), so that two sites'
+    caches in one folder never share a study folder or a disclosure ledger.
+    """
+    node = bundle.data.get("node", {})
+    own_cache = str(node.get("cache-dir", ""))
+    if cache_dir is None or str(cache_dir) == own_cache:
+        return str(node.get("study-dir") or default_study_dir(own_cache))
+    cache = PurePosixPath(str(cache_dir))
+    return str(cache.parent / f"{cache.name}-study")
+
+
 def site_argv(bundle: Bundle, *, cache_dir: str | None = None, installed: bool = True,
               program: str = "flower-supernode", port: int | None = None) -> list[str]:
-    """The SuperNode command of a site bundle; paths as installed, or into the bundle folder."""
+    """The SuperNode command of a site bundle; paths as installed, or into the bundle folder.
+
+    Used by `deploy init` (systemd unit, compose file) and `slmfed site join`, so the same
+    privacy policy ([privacy]) and study folder reach the ClientApp however the site starts it.
+    """
     if bundle.kind != "site":
         raise BundleError(f"{bundle.root}: expected a site bundle, found a {bundle.kind} bundle")
     node = bundle.data.get("node", {})
@@ -192,6 +280,8 @@ def site_argv(bundle: Bundle, *, cache_dir: str | None = None, installed: bool =
             port=int(port or node.get("port", DEFAULT_SUPERNODE_PORT)),
             max_retries=int(node.get("max-retries", DEFAULT_MAX_RETRIES)),
             max_wait_time=float(node.get("max-wait-time", DEFAULT_MAX_WAIT_TIME)),
+            study_dir=site_study_dir(bundle, cache_dir),
+            privacy=site_privacy(bundle),
             program=program,
         )
     except KeyError as exc:

@@ -5,6 +5,11 @@ runtime dependency installation the way `deploy init` generated them, and if eve
 stays private. The checker reads what will actually run (systemd ExecStart lines, compose
 commands, shell scripts, Flower connection files, bundle.toml) and reports one line per finding,
 "path: problem". It passes on what `deploy init` generates.
+
+Privacy settings: each site's bundle.toml holds the site's privacy policy ([privacy], validated as
+the ClientApp validates its node config), and every SuperNode command must pass exactly that
+policy in --node-config; the coordinator bundle holds no [privacy] (it cannot set it) and a [dp]
+table that says DP is off, because no code in SLM-Fed applies DP.
 """
 from __future__ import annotations
 
@@ -15,12 +20,13 @@ import shlex
 import stat
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 import yaml
 from cryptography import x509
 
+from common.config import SCHEMA, SITE_POLICY_KEYS
 from deploy import bundle as B
 from deploy import pki
 
@@ -28,11 +34,9 @@ TEXT_SUFFIXES = {".service", ".yaml", ".yml", ".sh", ".toml", ".env", ".conf", "
 FLOWER_PROGRAMS = ("flower-superlink", "flower-supernode")
 MAX_SCAN_BYTES = 1 << 20
 
-# The documented DP / privacy policy (deploy/README.md, section "DP policy").
-DP_MAX_CLIPPING_NORM = 10.0
-DP_MIN_NOISE_MULTIPLIER = 0.5
-DP_MIN_SITES_PER_ROUND = 2
-MAX_HISTOGRAM_BINS = 100
+# deploy/README.md, "Site privacy policy": DP is not implemented, so [dp] may only say it is off.
+DP_KEYS = ("enabled", "clipping-norm", "noise-multiplier")
+DP_NOT_IMPLEMENTED = "DP is not implemented in SLM-Fed: no code applies it; a config must not claim it"
 
 
 @dataclass(frozen=True, order=True)
@@ -51,6 +55,9 @@ class Command:
     source: Path
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    # the only paths the process may write, when its sandbox says so (systemd ProtectSystem=strict,
+    # compose read_only); None when the file does not restrict writes
+    writable: list[str] | None = None
 
     @property
     def program(self) -> str:
@@ -82,16 +89,42 @@ def _systemd_commands(path: Path, text: str) -> Iterator[Command]:
     joined = re.sub(r"\\\n", " ", text)
     env: dict[str, str] = {}
     execs: list[str] = []
+    strict = False
+    rw: list[str] = []
     for line in joined.splitlines():
         line = line.strip()
-        if line.startswith("Environment="):
+        if re.match(r"^ProtectSystem\s*=\s*strict\s*$", line):
+            strict = True
+        elif line.startswith("ReadWritePaths="):
+            rw += [p.lstrip("-+") for p in shlex.split(line.split("=", 1)[1])]
+        elif line.startswith("Environment="):
             for item in shlex.split(line.split("=", 1)[1]):
                 k, _, v = item.partition("=")
                 env[k] = v
         elif line.startswith("ExecStart="):
             execs.append(line.split("=", 1)[1].lstrip("-@+!:"))
     for value in execs:
-        yield Command(path, shlex.split(value), env)
+        yield Command(path, shlex.split(value), env, writable=rw if strict else None)
+
+
+def _compose_writable(svc: dict) -> list[str] | None:
+    """Targets of a read-only container's writable mounts (volumes without :ro, tmpfs)."""
+    if svc.get("read_only") is not True:
+        return None
+    out: list[str] = []
+    for vol in svc.get("volumes") or []:
+        if isinstance(vol, dict):
+            if vol.get("target") and not vol.get("read_only"):
+                out.append(str(vol["target"]))
+            continue
+        parts = str(vol).split(":")
+        target = parts[1] if len(parts) > 1 else parts[0]
+        if len(parts) > 2 and "ro" in parts[2].split(","):
+            continue
+        out.append(target)
+    tmpfs = svc.get("tmpfs") or []
+    out += [str(t).split(":")[0] for t in ([tmpfs] if isinstance(tmpfs, str) else tmpfs)]
+    return out
 
 
 def _compose_commands(path: Path, text: str) -> Iterator[Command]:
@@ -111,7 +144,7 @@ def _compose_commands(path: Path, text: str) -> Iterator[Command]:
         env = ({str(k): str(v) for k, v in raw_env.items()} if isinstance(raw_env, dict)
                else dict(str(e).partition("=")[::2] for e in raw_env))
         if argv:
-            yield Command(path, argv, env)
+            yield Command(path, argv, env, writable=_compose_writable(svc))
 
 
 def _shell_commands(path: Path, text: str) -> Iterator[Command]:
@@ -340,6 +373,12 @@ class Checker:
         except (B.BundleError, ValueError) as exc:
             self.add(cmd.source, f"--node-config: {exc}")
             return
+        for key in node:
+            if key not in SCHEMA:
+                self.add(cmd.source, f"--node-config {key}: unknown key; the ClientApp ignores it"
+                                     + (" (SLM-Fed never sends per-patient rows)" if key == "share-patient-rows" else
+                                        " (a misspelt privacy setting leaves the default in force)"))
+        self.check_node_policy(cmd, node)
         cache = node.get("cache-dir")
         if not cache:
             self.add(cmd.source, "--node-config: cache-dir is missing; the ClientApp needs the prepared cache")
@@ -347,22 +386,73 @@ class Checker:
         problem = raw_dicom_problem(Path(cache))
         if problem:
             self.add(cmd.source, f"--node-config cache-dir={cache}: {problem}")
+        self.check_study_dir(cmd, node, cache)
+
+    def check_study_dir(self, cmd: Command, node: dict[str, str], cache: str) -> None:
+        """The ClientApp must be able to write its study folder (predictions, disclosure ledger)."""
+        if cmd.writable is None:
+            return
+        cache_path = PurePosixPath(cache)
+        wanted = [("study-dir", node.get("study-dir") or str(cache_path.parent / f"{cache_path.name}-study"))]
+        if node.get("privacy-ledger"):
+            wanted.append(("privacy-ledger", node["privacy-ledger"]))
+        roots = [PurePosixPath(w) for w in cmd.writable if w]
+        for key, value in wanted:
+            target = PurePosixPath(value)
+            if any(target == r or r in target.parents for r in roots):
+                continue
+            how = (f"--node-config {key}={value}" if key in node else
+                   f"--node-config has no study-dir, so the ClientApp uses {value}, which")
+            self.add(cmd.source, f"{how} is not writable in this sandbox "
+                                 f"(writable: {', '.join(map(str, roots)) or 'nothing'}); the ClientApp could not "
+                                 "keep its per-patient predictions or its disclosure ledger; "
+                                 "pass the study folder the sandbox makes writable")
+
+    def check_node_policy(self, cmd: Command, node: dict[str, str]) -> None:
+        """The privacy values the SuperNode passes: valid, and exactly the site bundle's [privacy]."""
+        given = {k: v for k, v in node.items() if k in SITE_POLICY_KEYS}
+        problems = B.privacy_problems(given, "--node-config")
+        for problem in problems:
+            self.add(cmd.source, problem)
+        bundle = B.find_bundle(cmd.source, stop=self.root)
+        if problems or bundle is None or bundle.kind != "site":
+            return
+        privacy = bundle.data.get("privacy")
+        if not isinstance(privacy, dict) or B.privacy_problems(privacy):
+            return  # reported on the bundle itself
+        policy, passed = B.policy_values(privacy), B.policy_values(given)
+        for key in SITE_POLICY_KEYS:
+            if policy[key] != passed[key]:
+                self.add(cmd.source, f"--node-config {key}={_toml_value(passed[key])} differs from the site's privacy "
+                                     f"policy ({bundle.root / B.BUNDLE_FILE} [privacy] {key} = "
+                                     f"{_toml_value(policy[key])}); the site's privacy officer sets it there; "
+                                     "regenerate this file from the bundle")
 
     # --- policy
     def check_policy(self, bundle: B.Bundle) -> None:
+        """Coordinator bundle: DP stated as off (not implemented); no privacy policy of its own."""
         path = bundle.root / B.BUNDLE_FILE
         dp = bundle.data.get("dp")
         if not isinstance(dp, dict):
-            self.add(path, "[dp] section is missing; the documented DP policy must be stated explicitly")
+            self.add(path, "[dp] section is missing; state explicitly that DP is off (enabled = false)")
         else:
             for problem in dp_policy_problems(dp):
                 self.add(path, problem)
-        privacy = bundle.data.get("privacy", {})
-        bins = privacy.get("histogram-bins", MAX_HISTOGRAM_BINS)
-        if privacy.get("share-histograms", True) and (not isinstance(bins, int) or bins > MAX_HISTOGRAM_BINS):
-            self.add(path, f"[privacy] histogram-bins = {bins!r}: the documented resolution is at most {MAX_HISTOGRAM_BINS} bins")
-        if privacy.get("share-patient-rows", False):
-            self.add(path, "[privacy] share-patient-rows = true: SLM-Fed never sends per-patient rows; the policy is false")
+        if "privacy" in bundle.data:
+            self.add(path, "[privacy] in the coordinator bundle: the privacy policy belongs to each site "
+                           "(sites/<name>/bundle.toml, passed in the SuperNode's --node-config); "
+                           "the coordinator cannot set it; remove this table")
+
+    def check_site_policy(self, bundle: B.Bundle) -> None:
+        """Site bundle: [privacy] present, only known keys, each valid as the ClientApp checks it."""
+        path = bundle.root / B.BUNDLE_FILE
+        privacy = bundle.data.get("privacy")
+        if not isinstance(privacy, dict):
+            self.add(path, "[privacy] table is missing: the site's privacy policy must be stated explicitly "
+                           f"({', '.join(B.DEFAULT_SITE_PRIVACY)})")
+            return
+        for problem in B.privacy_problems(privacy):
+            self.add(path, problem)
 
     # --- driver
     def run(self) -> list[Finding]:
@@ -401,6 +491,7 @@ class Checker:
             for host in b.data.get("superlink", {}).get("hosts", []):
                 self.check_host(b.root / B.BUNDLE_FILE, f"{host}:0", "[superlink] hosts")
         for b in self.sites:
+            self.check_site_policy(b)
             addr = b.data.get("superlink", {}).get("address")
             if addr:
                 self.check_host(b.root / B.BUNDLE_FILE, str(addr), "[superlink] address")
@@ -410,32 +501,30 @@ class Checker:
 
 
 def dp_policy_problems(dp: dict[str, Any]) -> list[str]:
-    """Contradictions between a [dp] table and the documented policy."""
-    out = []
+    """Why a [dp] table claims more than SLM-Fed does: DP is not implemented, so it must say off."""
     enabled = dp.get("enabled")
-    clip = dp.get("clipping-norm", 0.0)
-    noise = dp.get("noise-multiplier", 0.0)
-    sites = dp.get("min-sites-per-round", DP_MIN_SITES_PER_ROUND)
     if not isinstance(enabled, bool):
-        return [f"[dp] enabled = {enabled!r}: expected true or false"]
-    for name, value in (("clipping-norm", clip), ("noise-multiplier", noise), ("min-sites-per-round", sites)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            out.append(f"[dp] {name} = {value!r}: expected a number >= 0")
-    if out:
-        return out
-    if not enabled:
-        if clip or noise:
-            out.append(f"[dp] enabled = false but clipping-norm = {clip} / noise-multiplier = {noise} are set: "
-                       "DP is either on (enabled = true) or both are 0")
-        return out
-    if not 0 < clip <= DP_MAX_CLIPPING_NORM:
-        out.append(f"[dp] clipping-norm = {clip}: the policy requires 0 < clipping-norm <= {DP_MAX_CLIPPING_NORM}")
-    if noise < DP_MIN_NOISE_MULTIPLIER:
-        out.append(f"[dp] noise-multiplier = {noise}: the policy requires at least {DP_MIN_NOISE_MULTIPLIER} when DP is on")
-    if sites < DP_MIN_SITES_PER_ROUND:
-        out.append(f"[dp] min-sites-per-round = {sites}: the policy requires at least {DP_MIN_SITES_PER_ROUND} "
-                   "(one site's update alone is that site's data)")
+        return [f"[dp] enabled = {enabled!r}: expected true or false (and false: {DP_NOT_IMPLEMENTED})"]
+    out = []
+    if enabled:
+        out.append(f"[dp] enabled = true: {DP_NOT_IMPLEMENTED}; set enabled = false")
+    for name in ("clipping-norm", "noise-multiplier"):
+        value = dp.get(name, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            out.append(f"[dp] {name} = {value!r}: expected 0")
+        elif value != 0:
+            out.append(f"[dp] {name} = {value}: {DP_NOT_IMPLEMENTED}, so nothing is clipped or noised; "
+                       "set it to 0")
+    for name in dp:
+        if name not in DP_KEYS:
+            out.append(f"[dp] {name}: unknown key (known: {', '.join(DP_KEYS)}); {DP_NOT_IMPLEMENTED}")
     return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def _is_dicom(path: Path) -> bool:

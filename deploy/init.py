@@ -26,9 +26,11 @@ SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 FEDERATION = "slmfed"
 DEFAULT_IMAGE = "slmfed:0.1.0"
 
-# The documented DP / privacy policy (deploy/README.md, "DP policy"); `deploy check` enforces it.
-DEFAULT_DP = {"enabled": False, "clipping-norm": 0.0, "noise-multiplier": 0.0, "min-sites-per-round": 2}
-DEFAULT_PRIVACY = {"share-histograms": True, "histogram-bins": 100, "share-patient-rows": False}
+# Differential privacy is not implemented anywhere in SLM-Fed: the coordinator bundle says so
+# explicitly, and `deploy check` rejects a [dp] table that claims otherwise (deploy/README.md).
+DEFAULT_DP = {"enabled": False, "clipping-norm": 0.0, "noise-multiplier": 0.0}
+# Each site's privacy policy ([privacy] in sites/<name>/bundle.toml; the coordinator has none).
+DEFAULT_PRIVACY = B.DEFAULT_SITE_PRIVACY
 
 
 @dataclass
@@ -48,6 +50,7 @@ class DeployPlan:
     max_retries: int = B.DEFAULT_MAX_RETRIES
     max_wait_time: float = B.DEFAULT_MAX_WAIT_TIME
     dp: dict = field(default_factory=lambda: dict(DEFAULT_DP))
+    # every site's [privacy] starts from this; each site's privacy officer then edits their own
     privacy: dict = field(default_factory=lambda: dict(DEFAULT_PRIVACY))
 
     def validate(self) -> None:
@@ -66,6 +69,9 @@ class DeployPlan:
             raise ValueError(f"--sites: each site name once, found duplicates {', '.join(dup)}")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"--port: expected 1-65535, found {self.port}")
+        problems = B.privacy_problems(self.privacy, "site privacy policy:")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @property
     def address(self) -> str:
@@ -104,6 +110,7 @@ def _files(plan: DeployPlan) -> dict[Path, tuple[bytes, bool]]:
         register_lines.append(shlex.join(
             ["flwr", "supernode", "register", f"{B.SITE_KEYS_DIR}/{site}.pub", FEDERATION, "--name", site]
         ))
+        study_dir = B.default_study_dir(plan.cache_dir)  # writable in the unit / compose file, passed as study-dir
         site_toml = {
             "kind": "site",
             "install-dir": inst,
@@ -115,16 +122,17 @@ def _files(plan: DeployPlan) -> dict[Path, tuple[bytes, bool]]:
                 "max-retries": plan.max_retries,
                 "max-wait-time": plan.max_wait_time,
                 "isolation": B.SUPERNODE_ISOLATION,
+                "study-dir": study_dir,
             },
+            # The site's privacy policy: owned and edited by the site's privacy officer, passed to
+            # the ClientApp in --node-config (the only place it reads it from); see deploy/README.md.
+            "privacy": dict(plan.privacy),
         }
         files[sdir / B.BUNDLE_FILE] = (tomli_w.dumps(site_toml).encode(), False)
-        argv = B.supernode_argv(
-            superlink=plan.address, ca_cert=f"{inst}/{B.CA_CERT}", private_key=f"{inst}/{B.SITE_KEY}",
-            cache_dir=plan.cache_dir, site_name=site, port=plan.supernode_port,
-            max_retries=plan.max_retries, max_wait_time=plan.max_wait_time,
-        )
+        # the one argv builder `slmfed site join` uses too: same flags, same policy, same study dir
+        argv = B.site_argv(B.Bundle(root=sdir, kind="site", install_dir=inst, data=site_toml))
         common = dict(site_name=site, install_dir=inst, cache_dir=plan.cache_dir, state_dir=plan.state_dir,
-                      study_dir=str(Path(plan.cache_dir).parent / "study"), image=plan.image, venv=plan.venv)
+                      study_dir=study_dir, image=plan.image, venv=plan.venv)
         files[sdir / "flower-supernode.service"] = (render(
             "flower-supernode.service", exec_start=systemd_exec(argv, f"{plan.venv}/bin/flower-supernode"), **common
         ).encode(), False)
@@ -137,8 +145,9 @@ def _files(plan: DeployPlan) -> dict[Path, tuple[bytes, bool]]:
                       "port": plan.port, "database": f"{plan.state_dir}/superlink.db",
                       "log-file": f"{plan.log_dir}/superlink.log"},
         "sites": {"names": plan.sites},
+        # DP is not implemented: stated as off, and `deploy check` fails on a table that claims it.
+        # No [privacy] here: the privacy policy belongs to each site, the coordinator cannot set it.
         "dp": plan.dp,
-        "privacy": plan.privacy,
     }
     files[coord / B.BUNDLE_FILE] = (tomli_w.dumps(coord_toml).encode(), False)
     link_argv = B.superlink_argv(

@@ -3,8 +3,10 @@
 Why: a site's IT person should not assemble Flower flags by hand. This checks the bundle is
 complete (CA certificate, a private key only the service user can read, bundle.toml), that CACHE
 is a prepared cache and not raw DICOM, that the SuperLink's certificate verifies against the
-bundle's CA (when the SuperLink is reachable), and then replaces itself with `flower-supernode`
-started with exactly the flags the bundle's systemd unit and compose file use (deploy.bundle).
+bundle's CA (when the SuperLink is reachable), and that the bundle's [privacy] table (the site's
+privacy policy) is valid, and then replaces itself with `flower-supernode` started with exactly the
+flags the bundle's systemd unit and compose file use (deploy.bundle.site_argv): the same policy and
+the same kind of study folder reach the ClientApp in --node-config.
 """
 from __future__ import annotations
 
@@ -38,6 +40,14 @@ def check_bundle(bundle: B.Bundle) -> None:
         raise JoinError(f"{bundle.root / B.BUNDLE_FILE}: [superlink] address is missing")
     if bundle.data.get("superlink", {}).get("insecure") or node.get("insecure"):
         raise JoinError(f"{bundle.root / B.BUNDLE_FILE}: insecure connections are not allowed; remove `insecure`")
+    # the site's privacy policy reaches the ClientApp only through this command's --node-config:
+    # never start a SuperNode without it, or with a policy the ClientApp would reject
+    try:
+        problems = B.privacy_problems(B.site_privacy(bundle))
+    except B.BundleError as exc:
+        raise JoinError(str(exc)) from None
+    if problems:
+        raise JoinError(f"{bundle.root / B.BUNDLE_FILE}: " + "; ".join(problems))
     ca_file = bundle.root / B.CA_CERT
     if not ca_file.is_file():
         raise JoinError(f"{ca_file}: the deployment CA certificate is missing from the bundle")

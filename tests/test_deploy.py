@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from deploy import bundle as B
 from deploy import pki
+from common.config import SITE_POLICY_KEYS, load_config
 from deploy.check import Finding, check_deployment, collect_commands, dp_policy_problems
 from common.cli import main as deploy_main
 from deploy.init import DeployPlan, init_deployment
@@ -59,6 +60,44 @@ def test_init_writes_private_keys_0600_and_bundles(generated):
     # the site bundle carries no coordinator secret and no other site's key
     assert not any("server" in p.name or p.name == "ca.key" for p in site.rglob("*"))
     assert sorted(p.name for p in (generated / "coordinator" / "site-keys").iterdir()) == ["a.pub", "b.pub"]
+
+
+def test_privacy_policy_belongs_to_each_site_and_dp_is_stated_off(generated):
+    coord = tomllib.loads((generated / "coordinator/bundle.toml").read_text())
+    assert "privacy" not in coord  # the coordinator cannot set the sites' policy
+    assert coord["dp"] == {"enabled": False, "clipping-norm": 0.0, "noise-multiplier": 0.0}  # DP is not implemented
+    for site in ("a", "b"):
+        privacy = tomllib.loads((generated / f"sites/{site}/bundle.toml").read_text())["privacy"]
+        assert privacy == {"min-cell-size": 10, "histogram-bins": 100, "share-histograms": True,
+                           "max-logit-slope": 10.0, "max-partitions": 24, "max-studies": 50}
+        assert set(privacy) == set(SITE_POLICY_KEYS) - {"privacy-ledger"}  # ledger: STUDY_DIR default
+
+
+def test_node_config_carries_the_site_policy_and_a_writable_study_dir(generated):
+    site = generated / "sites/a"
+    bundle = tomllib.loads((site / "bundle.toml").read_text())
+    unit_text = (site / "flower-supernode.service").read_text()
+    (unit,) = collect_commands(site / "flower-supernode.service", unit_text)
+    (comp,) = collect_commands(site / "compose.yaml", (site / "compose.yaml").read_text())
+    for cmd in (unit, comp):
+        node = B.parse_node_config(cmd.flag("--node-config"))
+        # what the ClientApp reads: load_config(node_config=...) gives exactly the bundle's policy
+        cfg = load_config(node_config=node)
+        assert {k: cfg[k] for k in bundle["privacy"]} == bundle["privacy"]
+        assert node["study-dir"] == bundle["node"]["study-dir"] == "/srv/slmfed/study"
+        assert node["study-dir"] in cmd.writable  # the sandbox lets the ClientApp write it
+    assert "ReadWritePaths=/var/lib/slmfed /srv/slmfed/study" in unit_text
+    assert "site-study:/srv/slmfed/study" in (site / "compose.yaml").read_text()
+
+
+def test_init_refuses_an_invalid_site_policy(tmp_path):
+    with pytest.raises(ValueError, match="min-cell-size"):
+        init_deployment(DeployPlan(out=tmp_path, superlink_hosts=["h"], sites=["a"],
+                                   privacy={**B.DEFAULT_SITE_PRIVACY, "min-cell-size": 2}))
+    with pytest.raises(ValueError, match="share-patient-rows: not a site privacy key"):
+        init_deployment(DeployPlan(out=tmp_path, superlink_hosts=["h"], sites=["a"],
+                                   privacy={**B.DEFAULT_SITE_PRIVACY, "share-patient-rows": False}))
+    assert not any(tmp_path.iterdir())
 
 
 def test_server_certificate_names_the_hosts_and_chains_to_the_ca(generated):
@@ -114,7 +153,10 @@ def test_generated_commands_carry_the_required_flags(generated):
     assert node.argv[1:] == node_unit.argv[1:]  # compose and systemd start the same thing
     assert node.flag("--isolation") == "subprocess" and node.flag("--insecure") is None
     assert node.flag("--max-retries") == "500" and float(node.flag("--max-wait-time")) == 86400
-    assert B.parse_node_config(node.flag("--node-config")) == {"cache-dir": "/srv/slmfed/cache", "site-name": "a"}
+    assert B.parse_node_config(node.flag("--node-config")) == {
+        "cache-dir": "/srv/slmfed/cache", "site-name": "a", "study-dir": "/srv/slmfed/study",
+        "min-cell-size": "10", "histogram-bins": "100", "share-histograms": "true", "max-logit-slope": "10.0",
+        "max-partitions": "24", "max-studies": "50"}
     cfg = tomllib.loads((generated / "coordinator/flwr-config.toml").read_text())
     assert cfg["superlink"]["slmfed"] == {"address": "slm.example.org:9092",
                                           "root-certificates": "/etc/slmfed/certs/ca.crt"}
@@ -239,13 +281,61 @@ def _v_dp_contradiction(d):
     _toml_edit(d / "coordinator/bundle.toml", lambda t: t["dp"].update({"noise-multiplier": 1.0}))
 
 
-def _v_dp_weak(d):
+def _v_dp_claimed(d):  # even with "enough" noise: no code applies DP, so no config may claim it
     _toml_edit(d / "coordinator/bundle.toml", lambda t: t["dp"].update(
-        {"enabled": True, "clipping-norm": 1.0, "noise-multiplier": 0.1}))
+        {"enabled": True, "clipping-norm": 1.0, "noise-multiplier": 1.0}))
+
+
+def _v_dp_clipping(d):
+    _toml_edit(d / "coordinator/bundle.toml", lambda t: t["dp"].update({"clipping-norm": 1.0}))
+
+
+def _v_coord_privacy(d):
+    _toml_edit(d / "coordinator/bundle.toml", lambda t: t.update({"privacy": {"min-cell-size": 20}}))
 
 
 def _v_bins(d):
-    _toml_edit(d / "coordinator/bundle.toml", lambda t: t["privacy"].update({"histogram-bins": 1000}))
+    _toml_edit(d / "sites/a/bundle.toml", lambda t: t["privacy"].update({"histogram-bins": 1000}))
+
+
+def _v_k_low(d):
+    _toml_edit(d / "sites/b/bundle.toml", lambda t: t["privacy"].update({"min-cell-size": 2}))
+
+
+def _v_k_not_int(d):
+    _toml_edit(d / "sites/b/bundle.toml", lambda t: t["privacy"].update({"min-cell-size": "ten"}))
+
+
+def _v_patient_rows(d):
+    _toml_edit(d / "sites/a/bundle.toml", lambda t: t["privacy"].update({"share-patient-rows": True}))
+
+
+def _v_no_privacy(d):
+    _toml_edit(d / "sites/b/bundle.toml", lambda t: t.pop("privacy"))
+
+
+def _v_unit_lowers_k(d):
+    _edit(d / "sites/a/flower-supernode.service", "min-cell-size=10", "min-cell-size=5")
+
+
+def _v_compose_more_bins(d):  # still within the ClientApp's bounds, but not what the officer set
+    _toml_edit(d / "sites/b/bundle.toml", lambda t: t["privacy"].update({"histogram-bins": 20}))
+
+
+def _v_unit_k_invalid(d):
+    _edit(d / "sites/a/flower-supernode.service", "min-cell-size=10", "min-cell-size=1")
+
+
+def _v_unit_typo(d):
+    _edit(d / "sites/a/flower-supernode.service", "min-cell-size=10", "min-cell-size=10 min-cel-size=20")
+
+
+def _v_study_elsewhere(d):
+    _edit(d / "sites/a/flower-supernode.service", 'study-dir="/srv/slmfed/study"', 'study-dir="/srv/slmfed/other"')
+
+
+def _v_study_missing(d):
+    _edit(d / "sites/b/compose.yaml", 'study-dir=\\"/srv/slmfed/study\\" ', "")
 
 
 BAD_VARIANTS = {
@@ -268,9 +358,27 @@ BAD_VARIANTS = {
     "unregistered site key": (_v_unregistered, "sites/a/compose.yaml", "the SuperLink will refuse this SuperNode"),
     "cache is raw DICOM": (_v_dicom_path, "sites/a/flower-supernode.service", "points at raw DICOM"),
     "researcher insecure": (_v_flwr_insecure, "coordinator/flwr-config.toml", "insecure = true turns TLS off"),
-    "DP off but noise set": (_v_dp_contradiction, "coordinator/bundle.toml", "enabled = false but"),
-    "DP noise too low": (_v_dp_weak, "coordinator/bundle.toml", "noise-multiplier = 0.1: the policy requires at least 0.5"),
-    "histogram too fine": (_v_bins, "coordinator/bundle.toml", "histogram-bins = 1000"),
+    "DP off but noise set": (_v_dp_contradiction, "coordinator/bundle.toml",
+                             "noise-multiplier = 1.0: DP is not implemented in SLM-Fed"),
+    "DP clipping set": (_v_dp_clipping, "coordinator/bundle.toml", "clipping-norm = 1.0: DP is not implemented"),
+    "DP claimed": (_v_dp_claimed, "coordinator/bundle.toml",
+                   "enabled = true: DP is not implemented in SLM-Fed: no code applies it; a config must not claim it"),
+    "coordinator sets privacy": (_v_coord_privacy, "coordinator/bundle.toml", "the coordinator cannot set it"),
+    "histogram too fine": (_v_bins, "sites/a/bundle.toml", "histogram-bins = 1000"),
+    "k below 3": (_v_k_low, "sites/b/bundle.toml", "[privacy] min-cell-size = 2"),
+    "k not a number": (_v_k_not_int, "sites/b/bundle.toml", "expected an integer"),
+    "patient rows asked for": (_v_patient_rows, "sites/a/bundle.toml", "share-patient-rows: not a site privacy key"),
+    "privacy table missing": (_v_no_privacy, "sites/b/bundle.toml", "[privacy] table is missing"),
+    "unit lowers k": (_v_unit_lowers_k, "sites/a/flower-supernode.service",
+                      "--node-config min-cell-size=5 differs from the site's privacy policy"),
+    "compose out of date": (_v_compose_more_bins, "sites/b/compose.yaml",
+                            "--node-config histogram-bins=100 differs from the site's privacy policy"),
+    "unit k invalid": (_v_unit_k_invalid, "sites/a/flower-supernode.service", "--node-config min-cell-size = '1'"),
+    "unit misspells a policy key": (_v_unit_typo, "sites/a/flower-supernode.service", "min-cel-size: unknown key"),
+    "study dir not writable": (_v_study_elsewhere, "sites/a/flower-supernode.service",
+                               "study-dir=/srv/slmfed/other is not writable in this sandbox"),
+    "study dir not passed": (_v_study_missing, "sites/b/compose.yaml",
+                             "no study-dir, so the ClientApp uses /srv/slmfed/cache-study, which is not writable"),
 }
 
 
@@ -301,12 +409,28 @@ def test_check_finds_raw_site_folder_and_unprepared_cache(dep, tmp_path):
 
 
 def test_dp_policy_rules():
+    # DP is not implemented anywhere in SLM-Fed: the only acceptable [dp] says it is off
     assert dp_policy_problems({"enabled": False, "clipping-norm": 0.0, "noise-multiplier": 0.0}) == []
-    assert dp_policy_problems({"enabled": True, "clipping-norm": 1.0, "noise-multiplier": 1.0, "min-sites-per-round": 3}) == []
-    assert "min-sites-per-round = 1" in dp_policy_problems(
-        {"enabled": True, "clipping-norm": 1.0, "noise-multiplier": 1.0, "min-sites-per-round": 1})[0]
-    assert "clipping-norm = 0.0" in dp_policy_problems({"enabled": True, "clipping-norm": 0.0, "noise-multiplier": 1.0})[0]
+    assert dp_policy_problems({"enabled": False}) == []
+    for strong in ({"enabled": True, "clipping-norm": 1.0, "noise-multiplier": 1.0},
+                   {"enabled": True, "clipping-norm": 1.0, "noise-multiplier": 5.0}):
+        assert any("enabled = true: DP is not implemented in SLM-Fed: no code applies it; a config must not claim it" in p
+                   for p in dp_policy_problems(strong))
+    assert "noise-multiplier = 0.5" in dp_policy_problems({"enabled": False, "noise-multiplier": 0.5})[0]
+    assert "clipping-norm = 2" in dp_policy_problems({"enabled": False, "clipping-norm": 2})[0]
+    assert "expected 0" in dp_policy_problems({"enabled": False, "clipping-norm": "1"})[0]
+    assert "min-sites-per-round: unknown key" in dp_policy_problems({"enabled": False, "min-sites-per-round": 2})[0]
     assert "expected true or false" in dp_policy_problems({"enabled": "yes"})[0]
+
+
+def test_privacy_problems_validate_as_the_clientapp_does():
+    assert B.privacy_problems(dict(B.DEFAULT_SITE_PRIVACY)) == []
+    assert B.privacy_problems({}) == []  # every key has a default
+    for bad, where in [({"min-cell-size": 2}, "min-cell-size"), ({"histogram-bins": 101}, "histogram-bins"),
+                       ({"histogram-bins": 1}, "histogram-bins"), ({"share-histograms": "maybe"}, "share-histograms"),
+                       ({"max-partitions": 0}, "max-partitions"), ({"share-patient-rows": False}, "share-patient-rows")]:
+        (problem,) = B.privacy_problems(bad)
+        assert problem.startswith(f"[privacy] {where}"), problem
 
 
 # ---------------------------------------------------------------- site join
@@ -326,9 +450,24 @@ def test_join_command_is_the_systemd_command(dep, cache):
     (cmd,) = collect_commands(unit, unit.read_text())
     b = B.read_bundle(site)
     expected = [str(b.local(t)) if t.startswith(b.install_dir) else t for t in cmd.argv[1:]]
-    expected = [t.replace('cache-dir="/srv/slmfed/cache"', f'cache-dir="{cache.resolve()}"') for t in expected]
+    # another cache than the bundle's: the study folder sits beside it (writable there), nothing else changes
+    expected = [t.replace('cache-dir="/srv/slmfed/cache"', f'cache-dir="{cache.resolve()}"')
+                 .replace('study-dir="/srv/slmfed/study"', f'study-dir="{cache.resolve()}-study"') for t in expected]
     assert Path(argv[0]).name == "flower-supernode"
     assert [t.replace(str(site.resolve()), str(site)) for t in argv[1:]] == expected
+
+
+def test_join_passes_the_sites_own_policy(dep, cache):
+    site = dep / "sites/a"
+    _toml_edit(site / "bundle.toml", lambda t: t["privacy"].update({"min-cell-size": 25, "share-histograms": False}))
+    argv = join_command(site, cache)
+    node = B.parse_node_config(argv[argv.index("--node-config") + 1])
+    cfg = load_config(node_config=node)
+    assert cfg["min-cell-size"] == 25 and cfg["share-histograms"] is False and cfg["histogram-bins"] == 100
+    # with the bundle's own cache, join passes the bundle's study dir (the one the unit makes writable)
+    b = B.read_bundle(site)
+    own = B.parse_node_config(B.site_argv(b)[B.site_argv(b).index("--node-config") + 1])
+    assert own["study-dir"] == "/srv/slmfed/study" and own["min-cell-size"] == "25"
 
 
 def test_join_dry_run_prints_the_command(dep, cache, capsys):
@@ -347,6 +486,9 @@ def test_join_dry_run_prints_the_command(dep, cache, capsys):
     (lambda d, c: (c / "dicom").mkdir(), "raw site folder"),
     (lambda d, c: _toml_edit(d / "sites/a/bundle.toml", lambda t: t["superlink"].update({"insecure": True})),
      "insecure connections are not allowed"),
+    (lambda d, c: _toml_edit(d / "sites/a/bundle.toml", lambda t: t.pop("privacy")), "the site's privacy policy"),
+    (lambda d, c: _toml_edit(d / "sites/a/bundle.toml", lambda t: t["privacy"].update({"min-cell-size": 1})),
+     "min-cell-size = 1"),
 ])
 def test_join_refuses_incomplete_bundle_or_cache(dep, cache, breaker, message, capsys):
     breaker(dep, cache)
