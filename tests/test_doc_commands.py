@@ -265,12 +265,11 @@ def _flwr_problem(args: list[str]) -> str | None:
     path = ["flwr"]
     rest = list(args)
     while isinstance(cmd, click.Group):
-        # group options (`-V`, `--help`) come before the subcommand name
-        while rest and rest[0].startswith("-"):
-            opt = rest.pop(0)
+        if rest and rest[0].startswith("-"):  # group options (`-V`, `--help`) end the command
+            opt = rest[0]
             if not any(opt in p.opts for p in cmd.params) and opt not in ("-h", "--help"):
                 return f"{' '.join(path)}: no such option {opt!r}"
-            return None  # --version / --help: nothing further is parsed
+            return None
         if not rest:
             return None
         ctx = click.Context(cmd, info_name=path[-1])
@@ -349,6 +348,103 @@ def test_untagged_fences_hold_no_commands():
                 first = line.split()[0] if line.split() else ""
                 assert not CHECKED.match(first.rsplit("/", 1)[-1]), (
                     f"{name}:{no}: command in a ```{info} block; tag the block ```bash so it is checked")
+
+
+# ---- inline `slmfed ...` spans in the prose (usage table, revoke steps) -------------------------
+
+def inline_spans(name: str) -> list[tuple[int, str]]:
+    """(line, text) of each inline code span that starts with slmfed / flwr / flower-*, outside
+    code blocks; a span wrapped over two lines counts from its first line."""
+    lines = (ROOT / name).read_text(encoding="utf-8").splitlines()
+    in_block = {no for _, body in markdown_blocks("\n".join(lines)) for no, _ in body}
+    text = "\n".join("" if no in in_block or re.match(r"^\s*(```|~~~)", l) else l
+                     for no, l in enumerate(lines, 1))
+    spans = []
+    for m in re.finditer(r"(?<!`)`([^`]+)`(?!`)", text):
+        words = m.group(1).split()
+        if words and CHECKED.match(words[0].rsplit("/", 1)[-1]):
+            spans.append((text.count("\n", 0, m.start()) + 1, " ".join(words)))
+    return spans
+
+
+def _options_and_children(node):
+    """(option strings -> choices or None, subcommand name -> node, positional choices) of one
+    argparse parser or click command."""
+    import argparse
+
+    import click
+
+    if isinstance(node, argparse.ArgumentParser):
+        opts = {o: (a.choices if a.nargs != 0 else None) for o, a in node._option_string_actions.items()}
+        children, pos_choices = {}, None
+        for a in node._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                children = dict(a.choices)
+            elif not a.option_strings and a.choices and pos_choices is None:
+                pos_choices = list(a.choices)
+        return opts, children, pos_choices
+    opts = {"-h": None, "--help": None}
+    for prm in node.params:
+        choices = getattr(prm.type, "choices", None) if isinstance(prm, click.Option) else None
+        opts.update({o: choices for o in [*prm.opts, *prm.secondary_opts]} if isinstance(prm, click.Option) else {})
+    children = {}
+    if isinstance(node, click.Group):
+        ctx = click.Context(node)
+        children = {n: node.get_command(ctx, n) for n in node.list_commands(ctx)}
+    return opts, children, None
+
+
+def inline_problem(span: str) -> str | None:
+    """Usage-style check of a prose span (`slmfed synth --out DIR [--preset paper|small|tiny]`):
+    the subcommands exist, every flag exists for that subcommand, and listed choices are valid.
+    Positional arguments and required flags are not checked (a span may show part of a command)."""
+    words = re.sub(r"\s+/\s+", "|", span.replace("\\|", "|")).replace("[", " ").replace("]", " ").split()
+    prog, words = words[0].rsplit("/", 1)[-1], words[1:]
+    if prog == "slmfed":
+        node = slmfed_parser()
+    elif prog == "flwr":
+        from flwr.cli.app import typer_click_object as node
+    elif prog in FLOWER_ARGPARSE:
+        node = flower_argparse(prog)
+    else:
+        return f"{prog}: no parser known for this Flower command (add it to FLOWER_ARGPARSE)"
+    path, resolving, checked_positional = [prog], True, False
+    for i, w in enumerate(words):
+        opts, children, pos_choices = _options_and_children(node)
+        flag = w.split("=", 1)[0]
+        if w.startswith("-"):
+            if flag not in opts:
+                return f"{' '.join(path)}: no such option {flag!r}"
+            choices = opts[flag]
+            value = w.split("=", 1)[1] if "=" in w else (words[i + 1] if i + 1 < len(words) else "")
+            if choices and value and not value.startswith("-") and not PLACEHOLDER.match(value):
+                bad = [v for v in value.split("|") if v not in choices]
+                if bad:
+                    return f"{' '.join(path)} {flag}: invalid choice(s) {bad} (choose from {list(choices)})"
+            continue
+        if resolving and children and not PLACEHOLDER.match(w) and w not in ("...", "|"):
+            alternatives = [a for a in w.split("|") if a]
+            bad = [a for a in alternatives if a not in children]
+            if bad:
+                return f"{' '.join(path)}: no such command(s) {bad} (has: {', '.join(sorted(children))})"
+            node = children[alternatives[0]]
+            path.append(alternatives[0])
+            continue
+        resolving = False
+        if pos_choices and not checked_positional and not PLACEHOLDER.match(w) and i > 0 \
+                and not words[i - 1].startswith("-"):
+            checked_positional = True
+            bad = [a for a in w.split("|") if a and a not in pos_choices]
+            if bad:
+                return f"{' '.join(path)}: invalid choice(s) {bad} (choose from {pos_choices})"
+    return None
+
+
+@pytest.mark.parametrize("name", DOCS)
+def test_every_inline_command_uses_real_subcommands_and_flags(name):
+    spans = inline_spans(name)
+    bad = [f"{name}:{no}: `{span}`\n    -> {why}" for no, span in spans if (why := inline_problem(span))]
+    assert not bad, f"{name}: {len(bad)} inline command(s) naming what the CLI lacks:\n" + "\n".join(bad)
 
 
 # ---- the generated deployment -------------------------------------------------------------------
@@ -494,11 +590,31 @@ def test_markdown_blocks_fenced_and_indented():
     ("flower-supernode --root-certificates ca.crt --no-such", "--no-such"),
     ("flower-superlink --ssl-certfile", "--ssl-certfile"),
     ("flower-superbogus --x", "no parser"),
+    ("flwr --bogus", "--bogus"),
 ])
 def test_checker_rejects_bad_commands(line, fragment):
     (cmd,) = shell_commands([(7, line)], "doc.md")
     why = problem(cmd)
     assert why and fragment in why, why
+
+
+@pytest.mark.parametrize("span, fragment", [
+    ("slmfed synth --out DIR [--preset paper\\|huge]", "huge"),
+    ("slmfed simulate [--rounds N]", "--rounds"),
+    ("slmfed deploy init / verify", "verify"),
+    ("slmfed bench prepare\\|speed", "speed"),
+    ("flwr supernode remove NODE_ID slmfed", "remove"),
+    ("flower-supernode --trusted-entity", "--trusted-entity"),
+])
+def test_inline_check_rejects_bad_spans(span, fragment):
+    why = inline_problem(span)
+    assert why and fragment in why, why
+
+
+def test_inline_spans_found_including_wrapped_ones():
+    spans = [s for _, s in inline_spans("deploy/README.md")]
+    assert any(s.startswith("slmfed deploy init --out NEW --superlink-host HOST") for s in spans), spans
+    assert any(s.startswith("flwr supernode unregister") for s in spans), spans
 
 
 @pytest.mark.parametrize("line", [
