@@ -1,114 +1,116 @@
-"""The Flower ClientApp: translates study messages into calls of client/study.py.
+"""The Flower ClientApp: translates study messages into calls of client/study.py, through the gate.
 
 Message types (the server side is server/protocol.py):
-    query.info           -> data shape and counts
+    query.info           -> data shape, the site's privacy policy, cohort counts (when releasable)
     query.clinical_sums  -> feature sums for standardisation
     query.logistic_stats -> gradient / Hessian of the CF model at the sent coefficients
     train                -> one round of local training of a DL model (weights in, weights out)
-    evaluate             -> predict a partition, store per-patient scores locally, reply aggregates
+    evaluate             -> predict a partition, store per-patient scores locally, reply loss / AUC
     query.summary        -> the site's result rows from its stored predictions
-Replies carry a MetricRecord "metrics" (always with num-examples) and, for train, an ArrayRecord
-"arrays". Nothing per-patient is ever put into a reply.
+Every request is validated and every reply released by client/disclosure.py under the site's own
+policy (client/policy.py, from the node config). A refusal is an error reply (code SITE_REFUSED)
+whose reason names the rule; it is logged here, at the site. Replies carry a MetricRecord "metrics"
+and, where there is something to say, a ConfigRecord "notes" (fixed texts: why a value is n/a);
+only train replies carry an ArrayRecord "arrays" (the model weights).
 """
 from __future__ import annotations
 
-import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+import logging
+from typing import Any, Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import study
+from client.disclosure import Refused, validate_request
 from common.config import SENT_MODEL_KEYS, app_config
-from common.records import record_to_state, to_metric_record
+from common.records import SITE_CANNOT, SITE_REFUSED, record_to_state, to_metric_record
 
 app = ClientApp()
+log = logging.getLogger(__name__)
+_ARRAYS_IN = ("train", "evaluate")  # the only requests that may carry weights
 
 
-def _site(context: Context, msg: Message | None = None) -> study.Site:
-    """The site's data and config; the model/training settings the server sent take precedence."""
+def _handle(msg: Message, context: Context, fn: Callable[[study.Site, Any, dict], Any]) -> Message:
+    """Validate, answer through the gate, reply; refusals and can't-do become error replies."""
+    mtype = msg.metadata.message_type
     site = study.Site.open(app_config(context.run_config, context.node_config))
-    if msg is not None and "config" in msg.content:
-        sent = msg.content["config"]
-        site.cfg.update({k: sent[k] for k in SENT_MODEL_KEYS if k in sent})
-    return site
-
-
-def _common(cfg) -> dict:
-    return {
-        "fold": int(cfg["fold"]),
-        "folds": int(cfg["folds"]),
-        "seed": int(cfg["seed"]),
-    }
-
-
-def _norm(cfg):
-    return np.asarray(cfg["clinical-mean"], dtype=np.float64), np.asarray(cfg["clinical-std"], dtype=np.float64)
-
-
-def _reply(msg: Message, metrics: dict, arrays=None) -> Message:
+    try:
+        records = set(msg.content.keys())
+        allowed = {"config", "arrays"} if mtype in _ARRAYS_IN else {"config"}
+        if not records <= allowed:
+            raise Refused("request", f"{mtype} takes no record(s) {sorted(records - allowed)}")
+        cfg = dict(msg.content["config"]) if "config" in msg.content else {}
+        req = validate_request(mtype, cfg, site.n_features)
+        site.cfg.update({k: req[k] for k in SENT_MODEL_KEYS if k in req})
+        gate = site.gate()
+        answer = gate.answer(mtype, lambda: fn(site, gate, req))
+    except Refused as exc:
+        log.warning("site %s refused %s: %s", site.name, mtype, exc)
+        return Message(error=Error(code=SITE_REFUSED, reason=str(exc)), reply_to=msg)
+    except study.StudyError as exc:
+        log.warning("site %s cannot answer %s: %s", site.name, mtype, exc)
+        return Message(error=Error(code=SITE_CANNOT, reason=str(exc)), reply_to=msg)
+    metrics, notes, arrays, extra = answer
     content = RecordDict({"metrics": to_metric_record(metrics)})
+    if notes:
+        content["notes"] = ConfigRecord({k: str(v) for k, v in notes.items()})
     if arrays is not None:
         content["arrays"] = arrays
+    for name, record in extra.items():
+        content[name] = record
     return Message(content=content, reply_to=msg)
+
+
+def _metrics_only(fn):
+    def run(site, gate, req):
+        out = fn(site, gate, req)
+        metrics, notes = out if isinstance(out, tuple) else (out, {})
+        return metrics, notes, None, {}
+    return run
+
+
+def _arrays(msg: Message) -> ArrayRecord:
+    if "arrays" not in msg.content:
+        raise Refused("request", f"{msg.metadata.message_type} of a DL model needs the model weights ('arrays')")
+    return msg.content["arrays"]
 
 
 @app.query("info")
 def info(msg: Message, context: Context) -> Message:
-    site = _site(context)
-    reply = _reply(msg, study.site_info(site))
-    reply.content["site"] = ConfigRecord({"site-name": site.name})
-    return reply
+    def run(site, gate, req):
+        metrics, notes = study.site_info(site, gate)
+        extra = {"site": ConfigRecord({"site-name": site.name}), "policy": ConfigRecord(site.policy.as_record())}
+        return metrics, notes, None, extra
+    return _handle(msg, context, run)
 
 
 @app.query("clinical_sums")
 def clinical_sums(msg: Message, context: Context) -> Message:
-    cfg = msg.content["config"]
-    return _reply(msg, study.clinical_sums(_site(context), **_common(cfg)))
+    return _handle(msg, context, _metrics_only(study.clinical_sums))
 
 
 @app.query("logistic_stats")
 def logistic_stats(msg: Message, context: Context) -> Message:
-    cfg = msg.content["config"]
-    mean, std = _norm(cfg)
-    return _reply(msg, study.logistic_stats(_site(context), **_common(cfg), beta=cfg["beta"], mean=mean, std=std))
+    return _handle(msg, context, _metrics_only(study.logistic_stats))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = msg.content["config"]
-    site = _site(context, msg)
-    mean, std = _norm(cfg)
-    state, metrics = study.train_dl(
-        site, str(cfg["model"]), record_to_state(msg.content["arrays"]), **_common(cfg), rnd=int(cfg["round"]),
-        mean=mean, std=std,
-    )
-    return _reply(msg, metrics, arrays=ArrayRecord(state))
+    def run(site, gate, req):
+        state, metrics = study.train_dl(site, gate, req, record_to_state(_arrays(msg)))
+        return metrics, {}, ArrayRecord(state), {}
+    return _handle(msg, context, run)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg = msg.content["config"]
-    site = _site(context, msg)
-    mean, std = _norm(cfg)
-    model = str(cfg["model"])
-    if model == "cf":
-        payload = {"beta": list(cfg["beta"])}
-    else:
-        payload = {"state": record_to_state(msg.content["arrays"])}
-    out = study.evaluate_model(
-        site, model, payload, **_common(cfg), part=str(cfg["part"]), mean=mean, std=std,
-        study_id=str(cfg["study-id"]), store=bool(cfg["store"]), bins=int(cfg["histogram-bins"]),
-    )
-    return _reply(msg, out)
+    def run(site, gate, req):
+        payload = {"beta": req["beta"]} if req["model"] == "cf" else {"state": record_to_state(_arrays(msg))}
+        return study.evaluate_model(site, gate, req, payload), {}, None, {}
+    return _handle(msg, context, run)
 
 
 @app.query("summary")
 def summary(msg: Message, context: Context) -> Message:
-    cfg = msg.content["config"]
-    models = [m for m in str(cfg["models"]).split(",") if m]
-    thresholds = {m: float(cfg[f"threshold.{m}"]) for m in models if f"threshold.{m}" in cfg}
-    out = study.summary(
-        _site(context), str(cfg["study-id"]), models, str(cfg["kind"]), int(cfg["folds"]), thresholds,
-        int(cfg["histogram-bins"]),
-    )
-    return _reply(msg, out)
-
+    return _handle(msg, context, _metrics_only(study.summary))

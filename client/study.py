@@ -7,6 +7,10 @@ messages (each message may run in a fresh process).
 
 Partitions: `fold` is 0..folds-1 for cross-validation or -1 for the final fit on all patients;
 `part` is "train" (the fold's training patients), "val" (its held-out patients) or "all".
+
+Every handler gets the request already validated (client/disclosure.py `validate_request`) and a
+`Gate`: before computing anything on a patient group it calls `gate.release` (min-cell-size,
+no-differencing), spends the query budget, and releases score summaries only as k-safe cells.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from client.cache import SiteData, atomic_write_bytes, load_cache
+from client.disclosure import LOGISTIC_QUERIES, Gate, Refused, digest
+from client.policy import Ledger, SitePolicy
 from common import metrics as M
 from common.clinical import standardise
 from common.logistic import add_intercept, suff_stats
@@ -50,6 +56,18 @@ class Site:
         return self.cfg.get("site-name") or self.data.manifest.get("site_name") or Path(self.cfg["cache-dir"]).name
 
     @property
+    def policy(self) -> SitePolicy:
+        return SitePolicy.from_config(self.cfg)
+
+    def gate(self) -> Gate:
+        ledger = Path(self.cfg["privacy-ledger"]) if self.cfg.get("privacy-ledger") else self.study_dir / "disclosure-ledger.json"
+        return Gate(self.policy, Ledger(ledger), list(self.data.keys), self.data.labels)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.data.clinical.shape[1])
+
+    @property
     def has_labels(self) -> bool:
         return bool(np.all(self.data.labels >= 0))
 
@@ -61,8 +79,8 @@ class Site:
             raise StudyError(f"site {self.name}: cross-validation needs an slm label for every patient")
         n_min = int(min(np.sum(y == 0), np.sum(y == 1)))
         if n_min < folds:
-            raise StudyError(
-                f"site {self.name}: {folds}-fold stratified CV needs at least {folds} patients per class, "
+            raise Refused(
+                "min-cell-size", f"site {self.name}: {folds}-fold stratified CV needs at least {folds} patients per class, "
                 f"found {int(np.sum(y == 1))} with SLM and {int(np.sum(y == 0))} without"
             )
         from sklearn.model_selection import StratifiedKFold  # lazy: each message may be a fresh process
@@ -87,8 +105,12 @@ class Site:
 
     # ---- prediction store (site-local) ----------------------------------------------------------
     def _pred_path(self, study_id: str, model: str, fold: int, part: str) -> Path:
-        # study_id is "<study>/<plan tag>", e.g. "a1b2c3/cv" or "a1b2c3/final"
-        return self.study_dir / study_id / model / f"fold{fold}-{part}.npz"
+        # study_id is "<study>/<plan tag>" and matched disclosure.STUDY_ID before it gets here; the
+        # resolved path is checked to stay inside the study folder all the same
+        path = (self.study_dir / study_id / model / f"fold{int(fold)}-{part}.npz").resolve()
+        if model not in MODELS or part not in ("train", "val", "all") or not path.is_relative_to(self.study_dir.resolve()):
+            raise StudyError(f"site {self.name}: refusing a prediction path outside {self.study_dir}")
+        return path
 
     def store_predictions(self, study_id: str, model: str, fold: int, part: str, keys, labels, probs) -> None:
         buf = io.BytesIO()
@@ -137,31 +159,65 @@ def _cached_site_data(cache_dir: Path) -> SiteData:
 
 
 # ---- message handlers (plain functions) ------------------------------------------------------------
-def site_info(site: Site) -> dict[str, Any]:
+# Each takes the validated request `req` (keys as in the message) and the request's Gate.
+def site_info(site: Site, gate: Gate) -> tuple[dict[str, Any], dict[str, str]]:
+    """Shapes always; the cohort's counts only when the policy lets the whole cohort be released."""
     m = site.data.manifest
-    return {
-        "num-examples": len(site.data),
-        "num-positive": int(np.sum(site.data.labels == 1)) if site.has_labels else -1,
+    out: dict[str, Any] = {
         "has-labels": int(site.has_labels),
         "spatial-dims": int(m.get("spatial_dims", 2)),
         "n-channels": int(site.data.images.shape[1]),
-        "n-features": int(site.data.clinical.shape[1]),
+        "n-features": site.n_features,
         "image-shape": list(site.data.images.shape[1:]),
     }
+    notes: dict[str, str] = {}
+    try:
+        gate.release(site.data.keys, site.data.labels, "the whole cohort")
+        out["num-examples"] = len(site.data)
+        out["num-positive"] = int(np.sum(site.data.labels == 1)) if site.has_labels else -1
+        out["cohort-released"] = 1
+    except Refused as exc:
+        out["num-examples"] = out["num-positive"] = -1
+        out["cohort-released"] = 0
+        notes["cohort"] = str(exc)
+    return out, notes
 
 
-def clinical_sums(site: Site, fold: int, folds: int, seed: int) -> dict[str, Any]:
+def _partition(site: Site, gate: Gate, req: Mapping[str, Any], part: str) -> SiteData:
+    """The requested patient group, released by the gate (or Refused)."""
+    gate.study(req["study-id"])
+    fold = req["fold"]
+    d = site.partition(fold, part, req["folds"], req["seed"])
+    what = {"all": "all patients", "train": f"training patients of fold {fold}" if fold >= 0 else "all patients",
+            "val": f"held-out patients of fold {fold}"}[part]
+    gate.release(d.keys, d.labels, what)
+    return d
+
+
+def clinical_sums(site: Site, gate: Gate, req: Mapping[str, Any]) -> dict[str, Any]:
     """Sums and sums of squares of the clinical features on the training partition (for standardisation)."""
-    x = site.partition(fold, "train", folds, seed).clinical.astype(np.float64)
+    x = _partition(site, gate, req, "train").clinical.astype(np.float64)
     return {"num-examples": len(x), "sum": x.sum(axis=0), "sumsq": (x**2).sum(axis=0)}
 
 
-def logistic_stats(site: Site, fold: int, folds: int, seed: int, beta, mean, std) -> dict[str, Any]:
+def _site_sd(site: Site) -> np.ndarray:
+    return site.data.clinical.astype(np.float64).std(axis=0)
+
+
+def logistic_stats(site: Site, gate: Gate, req: Mapping[str, Any]) -> dict[str, Any]:
     """Gradient / Hessian / log-likelihood of the CF model at beta on the training partition."""
-    d = site.partition(fold, "train", folds, seed)
+    d = _partition(site, gate, req, "train")
     if np.any(d.labels < 0):
         raise StudyError(f"site {site.name}: cannot fit the CF model without slm labels")
-    s = suff_stats(standardise(d.clinical, mean, std), d.labels, np.asarray(beta, dtype=np.float64))
+    beta, mean, std = req["beta"], req["clinical-mean"], req["clinical-std"]
+    gate.logit_slopes(beta, std, _site_sd(site))
+    gate.spend(f"{req['study-id']}|cf-stats|fold{req['fold']}", digest(beta, mean, std), limit=LOGISTIC_QUERIES)
+    x = standardise(d.clinical, mean, std)
+    p = 1.0 / (1.0 + np.exp(-(add_intercept(x).astype(np.float64) @ beta)))
+    # near a step function the Hessian's weight sits on the few patients at the boundary (the slope
+    # bound keeps crafted coefficients away from that; this refuses what is left)
+    gate.weighted(p * (1.0 - p), "CF Hessian")
+    s = suff_stats(x, d.labels, beta)
     return {"num-examples": int(s["n"]), "grad": s["grad"], "hess": np.asarray(s["hess"]).ravel(), "loglik": float(s["loglik"])}
 
 
@@ -169,22 +225,38 @@ def _model(site: Site, model_name: str, state=None):
     from common.model import build_model
 
     n_ch, dims = site.data.images.shape[1], int(site.data.manifest.get("spatial_dims", 2))
-    net = build_model(site.cfg, n_ch, dims, site.data.clinical.shape[1], use_clinical=(model_name == "combined"))
+    net = build_model(site.cfg, n_ch, dims, site.n_features, use_clinical=(model_name == "combined"))
     if state is not None:
+        expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        sent = {k: tuple(v.shape) for k, v in state.items()}
+        if sent != expected:
+            odd = sorted(set(sent) ^ set(expected)) or [k for k in sent if sent[k] != expected[k]]
+            raise Refused("model-weights", f"the {model_name} weights do not match the model the settings describe "
+                                           f"(first mismatch: {odd[0]!r})")
+        if not all(bool(v.isfinite().all()) for v in state.values() if v.is_floating_point()):
+            raise Refused("model-weights", f"the {model_name} weights hold NaN or infinite values")
         net.load_state_dict(state)
     return net
 
 
-def train_dl(site: Site, model_name: str, state, fold: int, folds: int, seed: int, rnd: int, mean, std) -> tuple[Any, dict]:
+def _weights_digest(state) -> str:
+    return digest(*[k for k in state], *[v.detach().cpu().numpy() for v in state.values()])
+
+
+def train_dl(site: Site, gate: Gate, req: Mapping[str, Any], state) -> tuple[Any, dict]:
     """One federated round of local training; returns the new state_dict and aggregate metrics."""
     from client.train import train
 
-    d = site.partition(fold, "train", folds, seed)
+    model_name, fold, rnd = req["model"], req["fold"], req["round"]
+    d = _partition(site, gate, req, "train")
     net = _model(site, model_name, state)
+    settings = {k: req[k] for k in req if k not in ("clinical-mean", "clinical-std")}
+    gate.spend(f"{req['study-id']}|train|{model_name}|fold{fold}|round{rnd}",
+               digest(settings, req["clinical-mean"], req["clinical-std"], _weights_digest(state)))
     global_params = dict(state) if float(site.cfg["fedprox-mu"]) > 0 else None
     # a different, reproducible stream per (model, fold, round, site): resume gives identical results
-    local_seed = int(np.random.SeedSequence([seed, MODELS.index(model_name), fold + 1, rnd, _site_hash(site.name)]).generate_state(1)[0] % (2**31))
-    out = train(net, d, site.cfg, mean, std, seed=local_seed, global_params=global_params)
+    local_seed = int(np.random.SeedSequence([req["seed"], MODELS.index(model_name), fold + 1, rnd, _site_hash(site.name)]).generate_state(1)[0] % (2**31))
+    out = train(net, d, site.cfg, req["clinical-mean"], req["clinical-std"], seed=local_seed, global_params=global_params)
     return net.state_dict(), {"num-examples": int(out["num_examples"]), "train-loss": float(out["loss"]),
                               "train-seconds": float(out["seconds"])}
 
@@ -204,54 +276,70 @@ def predict(site: Site, model_name: str, d: SiteData, payload: Mapping[str, Any]
     return predict_proba(_model(site, model_name, payload["state"]), d, mean, std, site.cfg)
 
 
-def evaluate_model(site: Site, model_name: str, payload, fold: int, part: str, folds: int, seed: int, mean, std,
-                   study_id: str, store: bool, bins: int) -> dict[str, Any]:
-    """Predict a partition; keep per-patient scores locally, return aggregates only."""
-    d = site.partition(fold, part, folds, seed)
+def evaluate_model(site: Site, gate: Gate, req: Mapping[str, Any], payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Predict a partition; keep per-patient scores locally, return the loss and AUC only.
+
+    Stored evaluations (the plan's one per fit, model and partition) feed the summary; unstored
+    ones are the per-round learning curve, one per round."""
+    model_name, part, fold = req["model"], req["part"], req["fold"]
+    d = _partition(site, gate, req, part)
+    mean, std = req["clinical-mean"], req["clinical-std"]
+    if model_name == "cf":
+        gate.logit_slopes(req["beta"], std, _site_sd(site))
+        content = digest(req["beta"], mean, std)
+    else:
+        content = digest({k: req[k] for k in req if k not in ("clinical-mean", "clinical-std")}, mean, std,
+                         _weights_digest(payload["state"]))
+    when = "stored" if req["store"] else f"round{req['round']}"
+    gate.spend(f"{req['study-id']}|evaluate|{model_name}|fold{fold}|{part}|{when}", content)
     probs = predict(site, model_name, d, payload, mean, std)
-    if store:
-        site.store_predictions(study_id, model_name, fold, part, d.keys, d.labels, probs)
+    if req["store"]:
+        site.store_predictions(req["study-id"], model_name, fold, part, d.keys, d.labels, probs)
     out: dict[str, Any] = {"num-examples": len(d)}
     if site.has_labels:
         out["loss"], out["auc"] = M.loss_and_auc(d.labels, probs)
-        if site.cfg["share-histograms"]:
-            neg, pos = M.score_histograms(d.labels, probs, bins=bins)
-            out["hist-neg"], out["hist-pos"] = neg, pos
     return out
 
 
-def summary(site: Site, study_id: str, models: list[str], kind: str, folds: int, thresholds: Mapping[str, float],
-            bins: int) -> dict[str, Any]:
-    """The site's result table rows: per model AUC (DeLong CI), metrics at the given thresholds, DCA,
-    calibration bins, histograms, and DeLong tests of Combined vs the others. Aggregates only."""
+def summary(site: Site, gate: Gate, req: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The site's result rows from its stored predictions: per model the exact AUC with DeLong CI,
+    Brier score and calibration statistics, k-safe score cells (edges, per-class counts, mean
+    prediction per cell) when the policy shares them, and DeLong tests of Combined vs the others.
+    Threshold metrics and decision curves are derived by the server from the cells."""
     if not site.has_labels:
         raise StudyError(f"site {site.name}: a results summary needs slm labels")
+    study_id, models, kind, folds = req["study-id"], req["models"], req["kind"], req["folds"]
+    gate.study(study_id)
+    gate.spend(f"{study_id}|summary|{kind}", digest(req))
     preds = {m: site.pooled_predictions(study_id, m, kind, folds) for m in models}
     keys_ref, y_ref, _ = next(iter(preds.values()))
     for m, (keys, _, _) in preds.items():
         if not np.array_equal(keys, keys_ref):
             raise StudyError(f"site {site.name}: stored {m} predictions cover other patients than the other models'")
-    out: dict[str, Any] = {}
-    ths = M.DEFAULT_THRESHOLDS
+    gate.release(list(keys_ref), y_ref, "the patients of this summary")
+    out: dict[str, Any] = {"num-examples": int(len(y_ref)), "num-positive": int(np.sum(y_ref))}
+    notes: dict[str, str] = {}
     for m, (_, y, p) in preds.items():
-        s = M.summarize(y, p, threshold=thresholds.get(m))
-        for k, v in s.items():
-            out[f"{m}.{k}"] = v
-        out[f"{m}.net-benefit"] = M.net_benefit(y, p, ths)
-        mp, obs, cnt = M.calibration_bins(y, p, bins=10)
-        out[f"{m}.calib-mean-pred"], out[f"{m}.calib-obs-rate"], out[f"{m}.calib-count"] = mp, obs, cnt
-        if site.cfg["share-histograms"]:
-            neg, pos = M.score_histograms(y, p, bins=bins)
-            out[f"{m}.hist-neg"], out[f"{m}.hist-pos"] = neg, pos
-    out["treat-all"] = M.net_benefit_treat_all(y_ref, ths)
-    n_pos = int(np.sum(y_ref))
+        s = M.summarize(y, p)
+        for k in ("n", "n_pos", "auc", "auc_ci_low", "auc_ci_high", "brier", "calib_intercept", "calib_slope",
+                  "hl_stat", "hl_p"):
+            out[f"{m}.{k}"] = s[k]
+        if not np.isfinite(s["calib_intercept"]):
+            notes[f"{m}.calib_intercept"] = "undefined: no finite fit (e.g. hard 0/1 scores)"
+        if site.policy.share_histograms:
+            edges, neg, pos, cell = gate.cells(y, p)
+            out[f"{m}.cell-edges"], out[f"{m}.cell-neg"], out[f"{m}.cell-pos"] = edges, neg, pos
+            sums = np.bincount(cell, weights=p, minlength=len(neg))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[f"{m}.calib-mean-pred"] = np.where(neg + pos > 0, sums / np.maximum(neg + pos, 1), np.nan)
     if "combined" in preds:
         for other in ("cf", "dl"):
             if other in preds:
-                # undefined (NaN) with fewer than 2 patients in a class, as the DeLong variance is
-                z, pval = (M.delong_test(y_ref, preds["combined"][2], preds[other][2])
-                           if min(n_pos, len(y_ref) - n_pos) >= 2 else (float("nan"), float("nan")))
-                out[f"delong.combined-vs-{other}.z"], out[f"delong.combined-vs-{other}.p"] = float(z), float(pval)
-    out["num-examples"] = int(len(y_ref))
-    out["num-positive"] = int(np.sum(y_ref))
-    return out
+                key = f"delong.combined-vs-{other}"
+                try:
+                    z, pval = M.delong_test(y_ref, preds["combined"][2], preds[other][2])
+                except (M.DegenerateStatistic, ValueError) as exc:
+                    z = pval = float("nan")
+                    notes[key] = str(exc)
+                out[f"{key}.z"], out[f"{key}.p"] = float(z), float(pval)
+    return out, notes

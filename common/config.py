@@ -29,29 +29,28 @@ class Key:
     default: Any
     help: str
     choices: tuple | None = None
+    bounds: tuple | None = None  # (low, high) inclusive, for numbers
 
 
 SCHEMA: dict[str, Key] = {
     # --- study protocol (ServerApp, run_config) ---
     "scenario": Key(str, "paper", "study design", ("paper", "federated", "multisite")),
     "seed": Key(int, 42, "seed for folds, initialisation and augmentation"),
-    "folds": Key(int, 5, "cross-validation folds in the training cohort(s)"),
+    "folds": Key(int, 5, "cross-validation folds in the training cohort(s)", bounds=(2, 20)),
     "models": Key(str, "cf,dl,combined", "which of the three models to run (comma list)"),
     "cf-l2": Key(float, 0.0, "ridge penalty on the CF model's slopes (0 = plain maximum likelihood)"),
-    "num-rounds": Key(int, 8, "federated rounds per DL model fit"),
-    "local-epochs": Key(int, 2, "local epochs per round at each training site"),
-    "batch-size": Key(int, 16, "local mini-batch size"),
-    "lr": Key(float, 1e-3, "AdamW learning rate"),
-    "weight-decay": Key(float, 1e-4, "AdamW weight decay"),
-    "fedprox-mu": Key(float, 0.0, "FedProx proximal term (0 = plain FedAvg)"),
+    "num-rounds": Key(int, 8, "federated rounds per DL model fit", bounds=(1, 1000)),
+    "local-epochs": Key(int, 2, "local epochs per round at each training site", bounds=(1, 100)),
+    "batch-size": Key(int, 16, "local mini-batch size", bounds=(1, 1024)),
+    "lr": Key(float, 1e-3, "AdamW learning rate", bounds=(1e-7, 1.0)),
+    "weight-decay": Key(float, 1e-4, "AdamW weight decay", bounds=(0.0, 1.0)),
+    "fedprox-mu": Key(float, 0.0, "FedProx proximal term (0 = plain FedAvg)", bounds=(0.0, 100.0)),
     "backbone": Key(str, "resnet10", "MONAI ResNet depth", ("resnet10", "resnet18", "resnet34")),
     "norm": Key(str, "instance", "normalisation layer", ("batch", "instance", "group")),
-    "clinical-embed-dim": Key(int, 16, "width of the clinical embedding in the Combined model"),
+    "clinical-embed-dim": Key(int, 16, "width of the clinical embedding in the Combined model", bounds=(1, 256)),
     "augment": Key(bool, True, "MONAI augmentation during local training"),
     "amp": Key(bool, True, "automatic mixed precision when training on CUDA"),
     "device": Key(str, "auto", "torch device: auto (CUDA when present), cpu, cuda, cuda:N"),
-    "histogram-bins": Key(int, 100, "bins of the per-class score histograms sites may share"),
-    "share-histograms": Key(bool, True, "sites send per-class score histograms for pooled ROC/DCA"),
     "run-dir": Key(str, "runs/latest", "where the ServerApp writes the run folder"),
     "resume": Key(bool, False, "continue the study from the run folder's last checkpoint"),
     "eval-sites": Key(str, "center-external", "paper scenario: sites that only evaluate (comma list)"),
@@ -63,6 +62,16 @@ SCHEMA: dict[str, Key] = {
     "cache-dir": Key(str, "", "the site's prepared cache (output of `slmfed prepare`)"),
     "site-name": Key(str, "", "the site's name as the study refers to it"),
     "study-dir": Key(str, "", "site-local folder for per-patient predictions (default: CACHE/../study)"),
+    # --- site privacy policy (ClientApp, node_config only: the run config can never set these) ---
+    "min-cell-size": Key(int, 10, "k: every released statistic covers at least k patients of each class", bounds=(3, 10_000)),
+    "histogram-bins": Key(int, 100, "finest grid of score summaries; cells are merged until each holds >= k",
+                          bounds=(2, 100)),
+    "share-histograms": Key(bool, True, "release k-safe per-class score histograms (pooled ROC, DCA, threshold)"),
+    "max-logit-slope": Key(float, 10.0, "largest CF logit change per SD of a site feature the site evaluates",
+                           bounds=(0.1, 1000.0)),
+    "max-partitions": Key(int, 24, "distinct patient groups the site ever releases statistics for", bounds=(1, 10_000)),
+    "max-studies": Key(int, 50, "distinct studies the site ever answers", bounds=(1, 100_000)),
+    "privacy-ledger": Key(str, "", "the site's disclosure ledger (default: STUDY_DIR/disclosure-ledger.json)"),
     # --- site preprocessing (`slmfed prepare`, site.toml) ---
     "input-mode": Key(str, "2d", "model input built from the volumes", ("2d", "2.5d", "3d")),
     "fov-mm": Key(float, 48.0, "physical in-plane field of view of the ROI crop (mm)"),
@@ -77,10 +86,34 @@ SCHEMA: dict[str, Key] = {
 }
 
 
+# The site's privacy policy: read from the site's node config only (see client/policy.py).
+SITE_POLICY_KEYS = ("min-cell-size", "histogram-bins", "share-histograms", "max-logit-slope", "max-partitions",
+                    "max-studies", "privacy-ledger")
+# Keys that describe the site itself: a run config (the coordinator's) may never set them.
+SITE_ONLY_KEYS = ("cache-dir", "site-name", "study-dir") + SITE_POLICY_KEYS
+
 # Training settings the server decides for every site and sends with each train / evaluate message
 # (a site keeps its own device, paths and privacy settings).
 SENT_MODEL_KEYS = ("backbone", "norm", "clinical-embed-dim", "lr", "weight-decay", "batch-size", "augment",
                    "local-epochs", "fedprox-mu", "amp")
+
+
+def coerce_value(key: str, value: Any, source: str, *, strict: bool = False) -> Any:
+    """`value` of schema key `key` checked and converted; ConfigError names key, source, expected
+    and found. `strict` accepts only the key's own type (an int for a float key), no text forms:
+    for values that arrive in a message, where nothing needs converting."""
+    if key not in SCHEMA:
+        raise ConfigError(f"unknown config key '{key}' from {source}")
+    if strict:
+        want = SCHEMA[key].type
+        ok = (isinstance(value, bool) if want is bool else
+              isinstance(value, int) and not isinstance(value, bool) if want is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
+              isinstance(value, want))
+        if not ok:
+            raise ConfigError(f"config key '{key}' from {source}: expected {want.__name__}, found {value!r} "
+                              f"({type(value).__name__})")
+    return _coerce(key, value, source)
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -123,6 +156,10 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' from {source}: expected text, found {found}")
         out = value
+    if spec.bounds is not None and not spec.bounds[0] <= out <= spec.bounds[1]:
+        raise ConfigError(
+            f"config key '{key}' from {source}: expected a value in [{spec.bounds[0]}, {spec.bounds[1]}], found {out!r}"
+        )
     if spec.choices is not None and out not in spec.choices:
         raise ConfigError(
             f"config key '{key}' from {source}: expected one of {', '.join(map(str, spec.choices))}, "
@@ -174,6 +211,11 @@ def load_config(
                     continue
                 raise ConfigError(
                     f"unknown config key '{raw_key}' from {source}; known keys: {', '.join(sorted(SCHEMA))}"
+                )
+            if source == "run_config" and key in SITE_ONLY_KEYS:
+                raise ConfigError(
+                    f"config key '{key}' from run_config: it belongs to the site (its node config), "
+                    "the coordinator's run config cannot set it"
                 )
             cfg[key] = _coerce(key, value, source)
     return cfg

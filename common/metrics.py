@@ -20,6 +20,10 @@ from scipy import stats
 
 from common.logistic import LogisticFitError, newton_fit, suff_stats
 
+class DegenerateStatistic(ValueError):
+    """A statistic is undefined on these data (reported as n/a with this reason, never fatal)."""
+
+
 DEFAULT_THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)
 _PROB_EPS = 1e-8  # probabilities are clipped to [eps, 1 - eps] before taking logits
 
@@ -104,7 +108,8 @@ def delong_test(y, p1, p2) -> tuple[float, float]:
     """Paired DeLong test of AUC(p1) = AUC(p2) on the same patients: (z, two-sided p).
 
     z = (AUC1 - AUC2) / SE(diff). When the difference has zero variance (identical rankings)
-    z is 0 and p is 1 if the AUCs are equal; otherwise the test is undefined and raises.
+    z is 0 and p is 1 if the AUCs are equal; otherwise the test is undefined and raises
+    DegenerateStatistic (callers report it as n/a with that reason).
     """
     y, p1 = _check(y, p1)
     _, p2 = _check(y, p2)
@@ -121,7 +126,8 @@ def delong_test(y, p1, p2) -> tuple[float, float]:
     if var <= 1e-15:
         if abs(diff) < 1e-12:
             return 0.0, 1.0
-        raise ValueError("DeLong test: the AUC difference has zero variance but the AUCs differ; use bootstrap")
+        raise DegenerateStatistic("DeLong test: the AUC difference has zero variance but the AUCs differ "
+                                  "(undefined; a bootstrap test is needed)")
     z = diff / math.sqrt(var)
     return float(z), float(2.0 * stats.norm.sf(abs(z)))
 
@@ -231,11 +237,15 @@ def calibration_slope(y, p) -> float:
 
 def calibration_intercept(y, p) -> float:
     """a in logit P(y=1) = a + offset(logit(p)): calibration-in-the-large, ideal 0
-    (> 0: risks underestimated on average). Finite whenever both outcomes occur."""
+    (> 0: risks underestimated on average). Raises DegenerateStatistic when no finite fit exists
+    (hard 0/1 scores that contradict an outcome put the offset at +-18 logits)."""
     y, p = _check(y, p, probs=True)
     lp = _logit(p)
     empty = np.zeros((y.size, 0))
-    return float(newton_fit(lambda b: suff_stats(empty, y, b, offset=lp), 1).beta[0])
+    try:
+        return float(newton_fit(lambda b: suff_stats(empty, y, b, offset=lp), 1).beta[0])
+    except LogisticFitError as exc:  # e.g. hard 0/1 scores that contradict some outcomes
+        raise DegenerateStatistic(f"calibration intercept: no finite fit ({exc})") from None
 
 
 def calibration_intercept_slope(y, p) -> tuple[float, float]:
@@ -407,6 +417,143 @@ def net_benefit_from_histograms(neg, pos, thresholds=None) -> np.ndarray:
     return tp / total - fp / total * t / (1.0 - t)
 
 
+# --------------------------------------------------------------------------- k-safe score cells
+# The disclosure-controlled histogram path. A site bins its scores on `bins` equal-width bins of
+# [0, 1], then merges adjacent bins into cells until every cell holds either no patient or at least
+# k patients of each class (`k_safe_cuts`). Cells have uneven edges (multiples of 1/bins); counts
+# of several sites are pooled on the union of their edges (`pool_cells`), splitting a cell evenly
+# over its width. Everything the server derives (ROC, Youden threshold, operating points, decision
+# curves) is a function of the released cells only.
+def k_safe_cuts(neg, pos, k: int) -> np.ndarray:
+    """Cut indices 0 = c_0 < ... < c_m = bins of a merge of adjacent bins in which every cell holds
+    0 or >= k patients of each class, chosen to minimise sum_c neg_c * pos_c (the within-cell tie
+    mass, i.e. the bound on the AUC error of the binned ROC); among equal merges the one with most
+    cells. Raises DegenerateStatistic when a class has between 1 and k - 1 patients in all."""
+    neg = np.asarray(neg, dtype=np.int64).ravel()
+    pos = np.asarray(pos, dtype=np.int64).ravel()
+    if neg.shape != pos.shape or neg.size == 0:
+        raise ValueError(f"histograms: expected two count arrays of equal length, found {neg.size} and {pos.size}")
+    if k < 1:
+        raise ValueError(f"k: expected >= 1, found {k}")
+    for name, total in (("without SLM", int(neg.sum())), ("with SLM", int(pos.sum()))):
+        if 0 < total < k:
+            raise DegenerateStatistic(f"{total} patient(s) {name}: fewer than k = {k}, no cell can hold them")
+    b = neg.size
+    cn = np.concatenate([[0], np.cumsum(neg)])
+    cp = np.concatenate([[0], np.cumsum(pos)])
+    inf = (float("inf"), 0)
+    best: list[tuple[float, int]] = [(0.0, 0)] + [inf] * b
+    back = [0] * (b + 1)
+    for j in range(1, b + 1):
+        for i in range(j):
+            if best[i] == inf:
+                continue
+            n, m = cn[j] - cn[i], cp[j] - cp[i]
+            if 0 < n < k or 0 < m < k:
+                continue
+            cand = (best[i][0] + float(n * m), best[i][1] - 1)  # less tie mass, then more cells
+            if cand < best[j]:
+                best[j], back[j] = cand, i
+    cuts = [b]
+    while cuts[-1] > 0:
+        cuts.append(back[cuts[-1]])
+    return np.asarray(cuts[::-1], dtype=np.int64)
+
+
+def k_safe_cells(y, p, k: int, bins: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(edges, neg_counts, pos_counts, cell_of_each_patient) of the k-safe merge of `bins` bins."""
+    y, p = _check(y, p, need_both=False, probs=True)
+    neg, pos = score_histograms(y, p, bins=bins)
+    cuts = k_safe_cuts(neg, pos, k)
+    cn = np.concatenate([[0], np.cumsum(neg)])[cuts]
+    cp = np.concatenate([[0], np.cumsum(pos)])[cuts]
+    cell = np.searchsorted(cuts, _bin_index(p, bins), side="right") - 1
+    return cuts / bins, np.diff(cn), np.diff(cp), cell
+
+
+def _check_cells(edges, *counts) -> tuple[np.ndarray, ...]:
+    e = np.asarray(edges, dtype=np.float64).ravel()
+    out = [np.asarray(c, dtype=np.float64).ravel() for c in counts]
+    if e.size < 2 or np.any(np.diff(e) <= 0) or e[0] != 0.0 or e[-1] != 1.0:
+        raise ValueError(f"cell edges: expected an increasing list from 0 to 1, found {e.tolist()[:6]}")
+    for c in out:
+        if c.size != e.size - 1 or (c < 0).any() or not np.isfinite(c).all():
+            raise ValueError(f"cell counts: expected {e.size - 1} finite counts >= 0, found {c.size}")
+    return (e, *out)
+
+
+def count_at_or_above(edges, counts, thresholds) -> np.ndarray:
+    """Patients with score >= t, from cell counts: exact when t is a cell edge, else the cell that
+    contains t is split in proportion to its width (uniform scores within a cell)."""
+    e, c = _check_cells(edges, counts)
+    t = np.atleast_1d(np.asarray(thresholds, dtype=np.float64))
+    tail = np.concatenate([np.cumsum(c[::-1])[::-1], [0.0]])  # tail[j] = patients in cells >= j
+    j = np.clip(np.searchsorted(e, t, side="right") - 1, 0, c.size - 1)
+    on_edge = np.isclose(t, e[j], rtol=0, atol=1e-9)
+    frac = np.where(on_edge, 1.0, np.clip((e[j + 1] - t) / (e[j + 1] - e[j]), 0.0, 1.0))
+    out = tail[j + 1] + frac * c[j]
+    return np.where(t <= 0, tail[0], out)
+
+
+def cell_is_split(edges, neg, pos, threshold: float) -> bool:
+    """True when `threshold` falls strictly inside a cell holding patients (interpolated counts)."""
+    e, n, p = _check_cells(edges, neg, pos)
+    j = int(np.clip(np.searchsorted(e, threshold, side="right") - 1, 0, n.size - 1))
+    return not np.isclose(threshold, e[j], rtol=0, atol=1e-9) and (n[j] + p[j]) > 0 and 0 < threshold < 1
+
+
+def operating_point_from_cells(edges, neg, pos, threshold: float) -> dict:
+    """Sensitivity, specificity, PPV, NPV, accuracy of "positive when p >= threshold" from cells."""
+    e, n, p = _check_cells(edges, neg, pos)
+    tp, fp = float(count_at_or_above(e, p, threshold)[0]), float(count_at_or_above(e, n, threshold)[0])
+    fn, tn = p.sum() - tp, n.sum() - fp
+
+    def rate(a: float, b: float) -> float:
+        return a / b if b > 0 else float("nan")
+
+    return {"sensitivity": rate(tp, tp + fn), "specificity": rate(tn, tn + fp), "ppv": rate(tp, tp + fp),
+            "npv": rate(tn, tn + fn), "accuracy": rate(tp + tn, n.sum() + p.sum()),
+            "interpolated": cell_is_split(e, n, p, threshold)}
+
+
+def net_benefit_from_cells(edges, neg, pos, thresholds=None) -> np.ndarray:
+    """Net benefit per threshold from cells (see count_at_or_above for thresholds inside a cell)."""
+    e, n, p = _check_cells(edges, neg, pos)
+    t = _check_thresholds(thresholds)
+    total = n.sum() + p.sum()
+    if total == 0:
+        raise ValueError("cells: expected at least one patient, found none")
+    return count_at_or_above(e, p, t) / total - count_at_or_above(e, n, t) / total * t / (1.0 - t)
+
+
+def pool_cells(parts: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pool (edges, neg, pos) of several sites on the union of their edges; a site's cell that a
+    foreign edge cuts is split in proportion to width (exact when all sites share the edges)."""
+    if not parts:
+        raise ValueError("cells: expected at least one site's cells, found none")
+    checked = [_check_cells(*part) for part in parts]
+    edges = np.unique(np.round(np.concatenate([c[0] for c in checked]), 12))
+    neg = np.zeros(edges.size - 1)
+    pos = np.zeros(edges.size - 1)
+    for e, n, p in checked:
+        neg += -np.diff(count_at_or_above(e, n, edges))
+        pos += -np.diff(count_at_or_above(e, p, edges))
+    return edges, neg, pos
+
+
+def youden_from_cells(edges, neg, pos) -> float:
+    """Cell edge maximising sensitivity + specificity - 1 ("positive when p >= edge"); ties go to
+    the highest edge, as in `youden_threshold`."""
+    e, n, p = _check_cells(edges, neg, pos)
+    if n.sum() == 0 or p.sum() == 0:
+        raise ValueError(f"cells: expected both classes, found {n.sum():g} negatives and {p.sum():g} positives")
+    sens = np.concatenate([np.cumsum(p[::-1])[::-1], [0.0]]) / p.sum()
+    spec = np.concatenate([[0.0], np.cumsum(n)]) / n.sum()
+    j = sens + spec - 1.0
+    best = np.flatnonzero(j >= j.max() - 1e-12)
+    return float(e[best[-1]])
+
+
 # --------------------------------------------------------------------------- summary
 SUMMARY_KEYS = (
     "n", "n_pos", "auc", "auc_ci_low", "auc_ci_high", "threshold", "sensitivity", "specificity",
@@ -421,7 +568,8 @@ def summarize(y, p, threshold: float | None = None) -> dict:
     development threshold when these are test data. NaN appears only where a value is undefined:
     AUC, its CI, the Youden threshold and calibration when only one class is present (or fewer than
     2 per class for the CI), a rate with a zero denominator, HL p with fewer than 3 risk groups, and
-    the calibration slope when the scores separate the classes perfectly (its MLE is infinite).
+    the calibration slope when the scores separate the classes perfectly (its MLE is infinite), and
+    the calibration intercept when it has no finite fit (hard 0/1 scores).
     """
     y, p = _check(y, p, need_both=False, probs=True)
     nan = float("nan")
@@ -445,7 +593,10 @@ def summarize(y, p, threshold: float | None = None) -> dict:
         out[k] = float(tm.get(k, nan))
     out["brier"] = brier(y, p)
     if both:
-        out["calib_intercept"] = calibration_intercept(y, p)
+        try:
+            out["calib_intercept"] = calibration_intercept(y, p)
+        except DegenerateStatistic:
+            out["calib_intercept"] = nan
         try:
             out["calib_slope"] = calibration_slope(y, p)
         except LogisticFitError:  # documented: perfectly separating scores have no finite slope

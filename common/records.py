@@ -11,6 +11,10 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
+# Error codes of a site's error reply (Flower's own codes are small integers):
+SITE_REFUSED = 4001  # the site's privacy policy refuses the request; the reason names the rule
+SITE_CANNOT = 4002   # the site cannot do it (e.g. too few patients for the folds, no labels)
+
 if TYPE_CHECKING:  # torch is imported only by the messages that carry weights
     import torch
 

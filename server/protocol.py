@@ -7,10 +7,14 @@ external validation). For each fit and model:
   - CF model: exact federated logistic regression, Newton-Raphson on summed gradients / Hessians;
   - DL / Combined: R rounds of local training + FedAvg (the aggregation Flower's FedAvg strategy uses,
     weighted by num-examples; FedProx via fedprox-mu at the sites), a checkpoint after every round;
-  - evaluation: sites store per-patient scores locally and reply aggregates + score histograms.
-At the end each site summarises its stored predictions (AUC with DeLong CI, metrics at the Youden
-threshold chosen on the pooled out-of-fold histograms of the training sites, DCA, calibration, DeLong
-tests) and the server assembles results.json.
+  - evaluation: sites store per-patient scores locally and reply the loss and AUC only.
+At the end each site summarises its stored predictions (exact AUC with DeLong CI, calibration, DeLong
+tests, and k-safe score cells); the server picks the Youden threshold on the pooled out-of-fold cells
+of the training sites and derives every operating point and decision curve from the cells.
+
+Each site answers under its own privacy policy (client/disclosure.py). A refused request (or one the
+site cannot do, e.g. too few patients for the folds) is not fatal: the site sits out that step (a
+fit, an evaluation, a summary), the study goes on with the others, and the report lists it.
 
 The protocol talks to sites only through `Federation`, a thin wrapper over Flower's Grid.
 """
@@ -32,9 +36,10 @@ from flwr.serverapp.strategy.strategy_utils import (
     validate_message_reply_consistency,
 )
 
+from common import metrics as M
 from common.config import SENT_MODEL_KEYS, model_list
 from common.logistic import LogisticFitError, newton_fit
-from common.records import record_to_state, to_config_record
+from common.records import SITE_CANNOT, SITE_REFUSED, to_config_record
 from server.checkpoint import Checkpoint, StudyInterrupted
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,15 @@ CENTRAL_SITE = "pooled-centralized"
 
 class StudyError(RuntimeError):
     """The study cannot go on (a site failed, too few sites, inconsistent data)."""
+
+
+class Replies(dict):
+    """{site: reply content} of the sites that answered, plus `refused`: {site: reason} of those
+    that refused under their policy or could not do it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.refused: dict[str, str] = {}
 
 
 # ---- talking to sites ---------------------------------------------------------------------------
@@ -66,13 +80,15 @@ class Federation:
         self.bytes_sent = 0
         self.site_of: dict[int, str] = {}
         self.node_of: dict[str, int] = {}
+        self.released: dict[str, dict[str, int]] = {}  # site -> message type -> replies received
 
     def ask(self, sites: list[str] | list[int], message_type: str, config: dict, arrays: ArrayRecord | None = None,
-            group: str = "") -> dict[str, RecordDict]:
-        """Send one message to each site and return {site: reply content}; any site error is fatal."""
+            group: str = "") -> Replies:
+        """Send one message to each site; a refusal is recorded in `.refused`, any other error is fatal."""
         nodes = [s if isinstance(s, int) else self.node_of[s] for s in sites]
+        out = Replies()
         if not nodes:
-            return {}
+            return out
         messages = []
         for node in nodes:
             content = RecordDict({"config": to_config_record(config)})
@@ -81,14 +97,21 @@ class Federation:
                 self.bytes_sent += arrays.count_bytes()
             messages.append(Message(content=content, dst_node_id=node, message_type=message_type, group_id=group))
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout_s))
-        out: dict[str, RecordDict] = {}
         for rep in replies:
             node = rep.metadata.src_node_id
             name = self.site_of.get(node, f"node {node}")
+            key = name if node in self.site_of else node
             if rep.has_error():
+                if rep.error.code in (SITE_REFUSED, SITE_CANNOT):
+                    log.warning("site %s sits out %s: %s", name, message_type, rep.error.reason)
+                    out.refused[key] = str(rep.error.reason)
+                    continue
                 raise StudyError(f"site {name} failed on {message_type}: {rep.error.reason}")
-            out[name if node in self.site_of else node] = rep.content
-        missing = [self.site_of.get(n, n) for n in nodes if (self.site_of.get(n, n)) not in out]
+            out[key] = rep.content
+            counts = self.released.setdefault(str(key), {})
+            counts[message_type] = counts.get(message_type, 0) + 1
+        missing = [self.site_of.get(n, n) for n in nodes
+                   if self.site_of.get(n, n) not in out and self.site_of.get(n, n) not in out.refused]
         if missing:
             raise StudyError(f"no reply to {message_type} from {missing} within {self.timeout_s:.0f} s")
         return out
@@ -134,16 +157,6 @@ def study_plan(scenario: str, sites: dict[str, dict], folds: int, eval_sites: li
     raise StudyError(f"unknown scenario {scenario!r}")
 
 
-def youden_from_histograms(neg: np.ndarray, pos: np.ndarray) -> float:
-    """Threshold (a bin edge) maximising sensitivity + specificity - 1 on pooled score histograms."""
-    neg, pos = np.asarray(neg, float), np.asarray(pos, float)
-    bins = len(neg)
-    edges = np.arange(bins + 1) / bins
-    sens = np.array([pos[j:].sum() for j in range(bins + 1)]) / max(pos.sum(), 1)
-    spec = np.array([neg[:j].sum() for j in range(bins + 1)]) / max(neg.sum(), 1)
-    return float(edges[int(np.argmax(sens + spec - 1))])
-
-
 # ---- the study ----------------------------------------------------------------------------------
 class Study:
     """Runs the plan; all state needed to resume lives in `self.state` (JSON) + the current weights."""
@@ -163,27 +176,40 @@ class Study:
             self.say(f"resuming study {self.state['study_id']} at {self.state['position']}")
         else:
             self.state = {"study_id": uuid.uuid4().hex[:12], "position": {"fit": 0, "model": 0, "round": 0},
-                          "evaluations": [], "cf": {}, "history": [], "bytes": {}}
+                          "evaluations": [], "cf": {}, "history": [], "bytes": {}, "sat_out": [], "fits": {}}
+        for key, empty in (("sat_out", []), ("fits", {}), ("released", {})):
+            self.state.setdefault(key, empty)
+        self.fed.released = self.state["released"]  # what left each site, kept across resumes
         info = self.fed.ask(self.fed.node_ids, "query.info", {})
-        sites = {}
+        if info.refused:
+            raise StudyError(f"sites refused to describe themselves: {info.refused}")
+        sites, policies = {}, {}
         for node, content in info.items():
             m = metrics_of(content)
             name = str(self._site_name(node, content))
             if name in sites:
                 raise StudyError(f"two sites call themselves {name!r}: give each SuperNode its own site-name")
             sites[name] = m
+            policies[name] = dict(content["policy"]) if "policy" in content else {}
             self.fed.site_of[node] = name
             self.fed.node_of[name] = node
+            if not int(m.get("cohort-released", 1)):
+                reason = dict(content["notes"]).get("cohort", "") if "notes" in content else ""
+                self.sit_out("whole study", -1, name, "all", reason)
         self.sites = sites
         self.state["sites"] = {s: {"num-examples": int(m["num-examples"]), "num-positive": int(m["num-positive"]),
-                                   "has-labels": bool(m["has-labels"])} for s, m in sites.items()}
+                                   "has-labels": bool(m["has-labels"]), "policy": policies[s],
+                                   "cohort-released": bool(int(m.get("cohort-released", 1)))} for s, m in sites.items()}
         shapes = {tuple(int(x) for x in m["image-shape"]) for m in sites.values()}
         if len(shapes) != 1:
             raise StudyError(f"sites prepared different model inputs {sorted(shapes)}: use the same `slmfed prepare` settings")
         first = next(iter(sites.values()))
         self.n_channels, self.spatial_dims, self.n_features = int(first["n-channels"]), int(first["spatial-dims"]), int(first["n-features"])
         eval_sites = [s.strip() for s in str(self.cfg["eval-sites"]).split(",") if s.strip()]
-        self.plan = study_plan(self.cfg["scenario"], sites, int(self.cfg["folds"]), eval_sites)
+        # a site whose cohort cannot be released (e.g. it grew by fewer than k patients since a released
+        # study) answers nothing in this study: plan without it
+        usable = {s: m for s, m in sites.items() if self.state["sites"][s]["cohort-released"]}
+        self.plan = study_plan(self.cfg["scenario"], usable, int(self.cfg["folds"]), eval_sites)
         self.state["plan"] = [asdict(f) for f in self.plan]
 
     def _site_name(self, node: int, content: RecordDict) -> str:
@@ -191,52 +217,85 @@ class Study:
             return str(content["site"]["site-name"])
         return f"node-{node}"
 
+    def sit_out(self, tag: str, fold: int, site: str, step: str, reason: str) -> None:
+        """Record that `site` does not take part in `step` of fit (tag, fold), and why."""
+        entry = {"tag": tag, "fold": fold, "site": site, "step": step, "reason": reason}
+        if entry not in self.state["sat_out"]:
+            self.state["sat_out"].append(entry)
+            self.say(f"{site} sits out {tag} fold {fold} ({step}): {reason}")
+
+    def _drop_refused(self, fit: Fit, replies: Replies, step: str, role: str) -> None:
+        for site, reason in replies.refused.items():
+            self.sit_out(fit.tag, fit.fold, site, step, reason)
+            members = getattr(fit, role)
+            if site in members:
+                members.remove(site)
+
     # -- helpers --
     def _base(self, fit: Fit) -> dict:
-        return {"fold": fit.fold, "folds": int(self.cfg["folds"]), "seed": int(self.cfg["seed"])}
+        return {"fold": fit.fold, "folds": int(self.cfg["folds"]), "seed": int(self.cfg["seed"]),
+                "study-id": f"{self.state['study_id']}/{fit.tag}"}
 
     def _model_keys(self) -> dict:
         return {k: self.cfg[k] for k in SENT_MODEL_KEYS}
 
-    def standardisation(self, fit: Fit) -> tuple[np.ndarray, np.ndarray]:
+    def standardisation(self, fit: Fit) -> tuple[np.ndarray, np.ndarray] | None:
+        """Pooled feature mean / SD of the fit's training sites; a refusing site sits the fit out."""
         replies = self.fed.ask(fit.train, "query.clinical_sums", self._base(fit), group=f"{fit.tag}/{fit.fold}/std")
+        self._drop_refused(fit, replies, "training", "train")
+        if not replies:
+            return None
         n = sum(int(metrics_of(c)["num-examples"]) for c in replies.values())
         s = sum(np.asarray(metrics_of(c)["sum"]) for c in replies.values())
         ss = sum(np.asarray(metrics_of(c)["sumsq"]) for c in replies.values())
         mean = s / n
         std = np.sqrt(np.maximum(ss / n - mean**2, 0.0) * n / max(n - 1, 1))
-        return mean, std
+        return mean, np.where(std > 1e-8, std, 1.0)  # a constant feature is only centred (common.clinical.standardise)
 
-    def fit_cf(self, fit: Fit, mean, std) -> dict:
+    def fit_cf(self, fit: Fit, mean, std) -> dict | None:
         base = {**self._base(fit), "clinical-mean": mean, "clinical-std": std}
         p = self.n_features + 1
 
         def stats(beta: np.ndarray) -> dict:
             replies = self.fed.ask(fit.train, "query.logistic_stats", {**base, "beta": np.asarray(beta, float)},
                                    group=f"{fit.tag}/{fit.fold}/cf")
+            if replies.refused:
+                raise _SiteLeft(replies)
             ms = [metrics_of(c) for c in replies.values()]
             return {"grad": sum(np.asarray(m["grad"]) for m in ms), "hess": sum(np.asarray(m["hess"]).reshape(p, p) for m in ms),
                     "loglik": sum(float(m["loglik"]) for m in ms), "n": sum(int(m["num-examples"]) for m in ms)}
 
-        try:
-            res = newton_fit(stats, p, l2=float(self.cfg["cf-l2"]))
-        except LogisticFitError as exc:
-            raise StudyError(f"CF model, {fit.tag} fold {fit.fold}: {exc}") from None
+        while fit.train:
+            try:
+                res = newton_fit(stats, p, l2=float(self.cfg["cf-l2"]))
+                break
+            except _SiteLeft as left:  # refit without the site that refused (e.g. a crafted-looking step)
+                self._drop_refused(fit, left.replies, "CF model fit", "train")
+            except LogisticFitError as exc:
+                raise StudyError(f"CF model, {fit.tag} fold {fit.fold}: {exc}") from None
+        else:
+            return None
         return {"beta": np.asarray(res.beta).tolist(), "cov": np.asarray(res.cov).tolist(),
                 "n_iter": int(res.n_iter), "converged": bool(res.converged), "loglik": float(res.loglik)}
 
     def evaluate(self, fit: Fit, model: str, mean, std, arrays: ArrayRecord | None, beta=None, *, store: bool,
                  rnd: int | None = None) -> None:
-        base = {**self._base(fit), **self._model_keys(), "clinical-mean": mean, "clinical-std": std, "model": model,
-                "study-id": f"{self.state['study_id']}/{fit.tag}", "store": store,
-                "histogram-bins": int(self.cfg["histogram-bins"])}
+        base = {**self._base(fit), "clinical-mean": mean, "clinical-std": std, "model": model, "store": store,
+                "round": int(rnd or 0), "num-rounds": int(self.cfg["num-rounds"])}
         if beta is not None:
             base["beta"] = np.asarray(beta, float)
-        for part, sites in (("val", fit.val), ("all", fit.test)):
+        else:
+            base.update(self._model_keys())
+        for part, role in (("val", "val"), ("all", "test")):
+            sites = getattr(fit, role)
             if not sites:
                 continue
             replies = self.fed.ask(sites, "evaluate", {**base, "part": part}, arrays=arrays,
                                    group=f"{fit.tag}/{fit.fold}/{model}/eval")
+            for site, reason in replies.refused.items():
+                self.sit_out(fit.tag, fit.fold, site, f"evaluation ({part}, {model})", reason)
+                if store:  # its summary for this fit tag would miss this fold
+                    self.state.setdefault("incomplete", []).append([fit.tag, site])
             for site, content in replies.items():
                 m = metrics_of(content)
                 rec = {"tag": fit.tag, "fold": fit.fold, "model": model, "site": site, "part": part,
@@ -253,15 +312,20 @@ class Study:
             net.start_from_logistic(cf_beta)
         return ArrayRecord(net.state_dict())
 
-    def fit_dl(self, fit_index: int, fit: Fit, model: str, mean, std, start_round: int, arrays: ArrayRecord | None) -> ArrayRecord:
+    def fit_dl(self, fit_index: int, fit: Fit, model: str, mean, std, start_round: int,
+               arrays: ArrayRecord | None) -> ArrayRecord | None:
         rounds = int(self.cfg["num-rounds"])
         cf = self.state["cf"].get(f"{fit.tag}/{fit.fold}")
         arrays = arrays if arrays is not None else self.initial_state(model, fit_index, cf["beta"] if cf else None)
-        train_cfg = {**self._base(fit), **self._model_keys(), "clinical-mean": mean, "clinical-std": std, "model": model}
+        train_cfg = {**self._base(fit), **self._model_keys(), "clinical-mean": mean, "clinical-std": std, "model": model,
+                     "num-rounds": rounds}
         for rnd in range(start_round + 1, rounds + 1):
             t0 = time.perf_counter()
             replies = self.fed.ask(fit.train, "train", {**train_cfg, "round": rnd}, arrays=arrays,
                                    group=f"{fit.tag}/{fit.fold}/{model}/{rnd}")
+            self._drop_refused(fit, replies, f"training ({model}, from round {rnd})", "train")
+            if not replies:
+                return None
             contents = list(replies.values())
             validate_message_reply_consistency(contents, weighted_by_key="num-examples", check_arrayrecord=True)
             arrays = aggregate_arrayrecords(contents, "num-examples")  # FedAvg: example-weighted mean
@@ -277,6 +341,7 @@ class Study:
             if fit.val:
                 self.evaluate(fit, model, mean, std, arrays, store=False, rnd=rnd)
             self.state["position"] = {"fit": fit_index, "model": self.models.index(model), "round": rnd}
+            self.state["fits"][str(fit_index)] = asdict(fit)
             self.ckpt.save(self.state, arrays)
             self.rounds_done_this_run += 1
             self.say(f"{fit.tag} fold {fit.fold} {model}: round {rnd}/{rounds} done")
@@ -292,48 +357,88 @@ class Study:
         for i, fit in enumerate(self.plan):
             if i < pos["fit"]:
                 continue
-            mean, std = self.standardisation(fit)
+            if str(i) in self.state["fits"]:  # resuming: the sites that sat out before stay out
+                fit = self.plan[i] = Fit(**self.state["fits"][str(i)])
+            std_ = self.standardisation(fit)
+            self.state["fits"][str(i)] = asdict(fit)
+            if std_ is None:
+                self.sit_out(fit.tag, fit.fold, "(every training site)", "the whole fit", "no training site left")
+                self.state["position"] = {"fit": i + 1, "model": 0, "round": 0}
+                continue
+            mean, std = std_
             for j, model in enumerate(self.models):
                 if i == pos["fit"] and j < pos["model"]:
                     continue
                 resume_here = i == pos["fit"] and j == pos["model"] and pos["round"] > 0
                 if model == "cf":
                     cf = self.fit_cf(fit, mean, std)
-                    self.state["cf"][f"{fit.tag}/{fit.fold}"] = {**cf, "mean": mean.tolist(), "std": std.tolist()}
-                    self.evaluate(fit, "cf", mean, std, None, beta=cf["beta"], store=True)
+                    if cf is None:
+                        self.sit_out(fit.tag, fit.fold, "(every training site)", "CF model", "no training site left")
+                    else:
+                        self.state["cf"][f"{fit.tag}/{fit.fold}"] = {**cf, "mean": mean.tolist(), "std": std.tolist()}
+                        self.evaluate(fit, "cf", mean, std, None, beta=cf["beta"], store=True)
                 else:
                     start = pos["round"] if resume_here else 0
                     arrays = self.ckpt.load_arrays() if resume_here else None
                     if start < int(self.cfg["num-rounds"]):
                         arrays = self.fit_dl(i, fit, model, mean, std, start, arrays)
-                    self.evaluate(fit, model, mean, std, arrays, store=True)
-                    if fit.fold < 0:
-                        self.ckpt.save_model(f"{fit.tag}-{model}", arrays)
+                    if arrays is None:
+                        self.sit_out(fit.tag, fit.fold, "(every training site)", f"{model} model", "no training site left")
+                    else:
+                        self.evaluate(fit, model, mean, std, arrays, store=True)
+                        if fit.fold < 0:
+                            self.ckpt.save_model(f"{fit.tag}-{model}", arrays)
+                self.state["fits"][str(i)] = asdict(fit)
                 self.state["position"] = {"fit": i, "model": j + 1, "round": 0}
             self.state["position"] = {"fit": i + 1, "model": 0, "round": 0}
         return self.summarise()
 
     def summarise(self) -> dict:
-        """Thresholds from pooled OOF histograms of the training sites, then each site's result rows."""
-        thresholds = {}
-        for model in self.models:
-            ev = [e for e in self.state["evaluations"] if e["model"] == model and e["part"] == "val" and e["tag"] == "cv"
-                  and "hist-neg" in e]
-            if not ev:
-                ev = [e for e in self.state["evaluations"] if e["model"] == model and e["part"] == "val" and "hist-neg" in e]
-            if ev:
-                thresholds[model] = youden_from_histograms(sum(np.asarray(e["hist-neg"]) for e in ev),
-                                                           sum(np.asarray(e["hist-pos"]) for e in ev))
+        """Each site's result rows, then the Youden threshold on the pooled out-of-fold cells of the
+        training sites (applied to every cohort by the report)."""
+        incomplete = {tuple(x) for x in self.state.get("incomplete", [])}
+        skipped_fits = {(e["tag"], e["fold"]) for e in self.state["sat_out"] if e["site"] == "(every training site)"}
         summaries = []
         for tag in dict.fromkeys(f.tag for f in self.plan):
             fits = [f for f in self.plan if f.tag == tag]
             kind = "oof" if fits[0].fold >= 0 else "final"
+            if any((f.tag, f.fold) in skipped_fits for f in fits):
+                continue  # a fold without a model: no complete out-of-fold predictions anywhere
             sites = sorted({s for f in fits for s in (f.val if kind == "oof" else f.test)})
+            sites = [s for s in sites if (tag, s) not in incomplete
+                     and all(s in (f.val if kind == "oof" else f.test) for f in fits)]
             req = {"study-id": f"{self.state['study_id']}/{tag}", "models": ",".join(self.models), "kind": kind,
-                   "folds": int(self.cfg["folds"]), "histogram-bins": int(self.cfg["histogram-bins"]),
-                   **{f"threshold.{m}": t for m, t in thresholds.items()}}
-            for site, content in self.fed.ask(sites, "query.summary", req, group=f"summary/{tag}").items():
-                summaries.append({"tag": tag, "kind": kind, "site": site, "metrics": metrics_of(content)})
-        self.state["thresholds"] = thresholds
+                   "folds": int(self.cfg["folds"])}
+            replies = self.fed.ask(sites, "query.summary", req, group=f"summary/{tag}")
+            for site, reason in replies.refused.items():
+                self.sit_out(tag, -1, site, "results summary", reason)
+            for site, content in replies.items():
+                notes = dict(content["notes"]) if "notes" in content else {}
+                summaries.append({"tag": tag, "kind": kind, "site": site, "metrics": metrics_of(content), "notes": notes})
         self.state["summaries"] = summaries
+        self.state["thresholds"] = development_thresholds(summaries, self.models)
         return self.state
+
+
+class _SiteLeft(Exception):
+    def __init__(self, replies: Replies):
+        super().__init__("a site refused")
+        self.replies = replies
+
+
+def development_thresholds(summaries: list[dict], models: list[str]) -> dict[str, float]:
+    """Per model, the Youden threshold on the out-of-fold score cells of the federated CV ("cv"),
+    pooled over its sites; other out-of-fold fits when there is no "cv" summary. A model without
+    cells (sites withholding them) gets no threshold."""
+    out = {}
+    for model in models:
+        for tags in (("cv",), None):
+            parts = [(s["metrics"][f"{model}.cell-edges"], s["metrics"][f"{model}.cell-neg"], s["metrics"][f"{model}.cell-pos"])
+                     for s in summaries if s["kind"] == "oof" and (tags is None or s["tag"] in tags)
+                     and f"{model}.cell-edges" in s["metrics"]]
+            if parts:
+                edges, neg, pos = M.pool_cells(parts)
+                if neg.sum() > 0 and pos.sum() > 0:
+                    out[model] = M.youden_from_cells(edges, neg, pos)
+                break
+    return out

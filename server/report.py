@@ -1,7 +1,9 @@
 """The run folder: results.json, report.md (the paper's table), figures and a model card.
 
-Everything here is computed from the protocol state, i.e. from aggregates the sites sent. report.md
-is rendered from the very rows written to results.json, so the two cannot disagree.
+Everything here is computed from the protocol state, i.e. from aggregates the sites sent: exact AUCs
+and calibration statistics, and k-safe score cells from which the operating points (sensitivity /
+specificity at the development threshold), decision curves, calibration groups and ROC curves are
+derived. report.md is rendered from the very rows written to results.json, so the two cannot disagree.
 """
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ MODEL_LABEL = {"cf": "CF model", "dl": "MRI DL model", "combined": "Combined DL 
 PAPER_AUC = {"cf": ("0.816 (0.750-0.881)", "0.824 (0.664-0.984)"),
              "dl": ("0.788 (0.720-0.857)", "0.662 (0.461-0.863)"),
              "combined": ("0.887 (0.834-0.940)", "0.876 (0.728-1.000)")}
-SUMMARY_FIELDS = ("n", "n_pos", "auc", "auc_ci_low", "auc_ci_high", "threshold", "sensitivity", "specificity",
-                  "ppv", "npv", "accuracy", "brier", "calib_intercept", "calib_slope", "hl_stat", "hl_p")
+EXACT_FIELDS = ("n", "n_pos", "auc", "auc_ci_low", "auc_ci_high", "brier", "calib_intercept", "calib_slope", "hl_stat",
+                "hl_p")
+OPERATING_FIELDS = ("sensitivity", "specificity", "ppv", "npv", "accuracy")
 
 
 def cohort_label(tag: str, kind: str, site: str, folds: int) -> str:
@@ -49,42 +52,66 @@ def _f(x: Any) -> float | None:
     return None if math.isnan(x) else x
 
 
+def _cells(m: dict, model: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    if f"{model}.cell-edges" not in m:
+        return None
+    return (np.asarray(m[f"{model}.cell-edges"], float), np.asarray(m[f"{model}.cell-neg"], float),
+            np.asarray(m[f"{model}.cell-pos"], float))
+
+
 def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
     models = [m for m in ("cf", "dl", "combined") if any(f"{m}.auc" in s["metrics"] for s in state["summaries"])]
     folds = int(cfg["folds"])
+    thresholds = state.get("thresholds", {})
+    t_grid = M.DEFAULT_THRESHOLDS
     rows, delong, curves = [], [], {}
     for s in state["summaries"]:
         m = s["metrics"]
         cohort = cohort_label(s["tag"], s["kind"], s["site"], folds)
         for model in models:
             row = {"model": model, "cohort": cohort, "site": s["site"], "tag": s["tag"], "kind": s["kind"]}
-            row.update({k: _f(m[f"{model}.{k}"]) for k in SUMMARY_FIELDS})
+            row.update({k: _f(m[f"{model}.{k}"]) for k in EXACT_FIELDS})
             row["n"], row["n_pos"] = int(m[f"{model}.n"]), int(m[f"{model}.n_pos"])
-            rows.append(row)
-            curve = curves.setdefault(cohort, {})[model] = {
-                "net_benefit": list(m[f"{model}.net-benefit"]),
-                "calib_mean_pred": list(m[f"{model}.calib-mean-pred"]),
-                "calib_obs_rate": list(m[f"{model}.calib-obs-rate"]),
-            }
-            if f"{model}.hist-neg" in m:  # the site shares score histograms (share-histograms)
-                neg, pos = np.asarray(m[f"{model}.hist-neg"]), np.asarray(m[f"{model}.hist-pos"])
-                curve["hist_neg"], curve["hist_pos"] = neg.astype(int).tolist(), pos.astype(int).tolist()
+            row["threshold"] = thresholds.get(model)
+            row.update({k: None for k in OPERATING_FIELDS})
+            row["cells"], row["operating_point_interpolated"], row["binned_auc_error_bound"] = None, None, None
+            cells = _cells(m, model)
+            curve = curves.setdefault(cohort, {})[model] = {}
+            if cells is not None:
+                edges, neg, pos = cells
+                row["cells"] = int(np.count_nonzero(neg + pos))
                 if neg.sum() and pos.sum():
+                    row["binned_auc_error_bound"] = float(np.sum(neg * pos) / (2 * neg.sum() * pos.sum()))
                     fpr, tpr = M.roc_from_histograms(neg, pos)
                     curve["fpr"], curve["tpr"] = fpr.tolist(), tpr.tolist()
-        curves[cohort]["treat_all"] = list(m["treat-all"])
+                if row["threshold"] is not None:
+                    op = M.operating_point_from_cells(edges, neg, pos, row["threshold"])
+                    row.update({k: _f(op[k]) for k in OPERATING_FIELDS})
+                    row["operating_point_interpolated"] = bool(op["interpolated"])
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    obs = np.where(neg + pos > 0, pos / np.maximum(neg + pos, 1), np.nan)
+                curve.update({"cell_edges": edges.tolist(), "cell_neg": neg.astype(int).tolist(),
+                              "cell_pos": pos.astype(int).tolist(),
+                              "net_benefit": M.net_benefit_from_cells(edges, neg, pos, t_grid).tolist(),
+                              "calib_mean_pred": list(m[f"{model}.calib-mean-pred"]), "calib_obs_rate": obs.tolist()})
+            rows.append(row)
+        n, n_pos = int(m["num-examples"]), int(m["num-positive"])
+        curves[cohort]["treat_all"] = (n_pos / n - (1 - n_pos / n) * t_grid / (1 - t_grid)).tolist()
         for other in ("cf", "dl"):
             if f"delong.combined-vs-{other}.p" in m:
-                delong.append({"cohort": cohort, "comparison": f"combined vs {other}",
-                               "z": _f(m[f"delong.combined-vs-{other}.z"]), "p_value": _f(m[f"delong.combined-vs-{other}.p"])})
+                key = f"delong.combined-vs-{other}"
+                delong.append({"cohort": cohort, "comparison": f"combined vs {other}", "z": _f(m[f"{key}.z"]),
+                               "p_value": _f(m[f"{key}.p"]), "note": s.get("notes", {}).get(key, "")})
     pooled = []
-    cv_cohorts = [c for c in curves if any(r["cohort"] == c and r["tag"] == "cv" for r in rows)]
-    if len(cv_cohorts) > 1 and all("hist_neg" in curves[c][m] for c in cv_cohorts for m in models):
-        for model in models:  # several training sites: pool their out-of-fold histograms
-            neg = sum(np.asarray(curves[c][model]["hist_neg"]) for c in cv_cohorts)
-            pos = sum(np.asarray(curves[c][model]["hist_pos"]) for c in cv_cohorts)
-            pooled.append({"model": model, "cohort": "all training sites: pooled CV (histograms)",
-                           "auc_from_histograms": M.auc_from_histograms(neg, pos), "n": int(neg.sum() + pos.sum())})
+    cv = [s for s in state["summaries"] if s["tag"] == "cv"]
+    if len(cv) > 1:
+        for model in models:  # several training sites: pool their out-of-fold cells
+            parts = [c for s in cv if (c := _cells(s["metrics"], model)) is not None]
+            if len(parts) == len(cv):
+                _, neg, pos = M.pool_cells(parts)
+                pooled.append({"model": model, "cohort": "all training sites: pooled CV (k-safe cells)",
+                               "auc_from_cells": M.auc_from_histograms(neg, pos), "n": int(round(neg.sum() + pos.sum())),
+                               "auc_error_bound": float(np.sum(neg * pos) / (2 * neg.sum() * pos.sum()))})
     cf_tables = {}
     for key, cf in state.get("cf", {}).items():
         if key.endswith("/-1"):
@@ -97,7 +124,7 @@ def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
         "config": {k: v for k, v in cfg.items() if not isinstance(v, dict)},
         "versions": _versions(),
         "sites": {name: {**s, "role": _role(name, state.get("plan", []))} for name, s in state["sites"].items()},
-        "thresholds": state.get("thresholds", {}),
+        "thresholds": thresholds,
         "rows": rows,
         "delong": delong,
         "pooled": pooled,
@@ -107,11 +134,15 @@ def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
         "communication": state.get("bytes", {}),
         "timing": state.get("timing", {}),
         "curves": curves,
-        "thresholds_grid": M.DEFAULT_THRESHOLDS.tolist(),
+        "thresholds_grid": t_grid.tolist(),
+        "sat_out": state.get("sat_out", []),
+        "released": state.get("released", {}),
     }
 
 
 def _role(site: str, plan: list[dict]) -> str:
+    if not any(site in f["train"] + f["val"] + f["test"] for f in plan):
+        return "not used"
     if any(site in f["train"] for f in plan):
         return "trains"
     return "evaluates only" if any(site in f["test"] for f in plan) else "not used"
@@ -164,25 +195,31 @@ def render_report(res: dict) -> str:
              f"torch {res['versions'].get('torch')}.", "", "## Sites", "", "| site | patients | with SLM | role |",
              "|---|---|---|---|"]
     for name, s in sorted(res["sites"].items()):
-        lines.append(f"| {name} | {s['num-examples']} | {s['num-positive']} | {s['role']} |")
-    source = ("the Youden threshold of the development out-of-fold scores (pooled histograms), applied to every cohort"
-              if res["thresholds"] else "each cohort's own Youden threshold (the sites withheld score histograms; "
-              "optimistic for external cohorts)")
-    lines += ["", "## Results", "", f"AUC with DeLong 95% CI; sensitivity / specificity at {source}.", "",
+        count = lambda v: "withheld" if v < 0 else str(v)  # noqa: E731
+        lines.append(f"| {name} | {count(s['num-examples'])} | {count(s['num-positive'])} | {s['role']} |")
+    source = ("the Youden threshold of the development out-of-fold scores (pooled k-safe score cells of the training "
+              "sites), applied to every cohort" if res["thresholds"] else
+              "no threshold: the sites withheld score cells (share-histograms = false), so no operating point is reported")
+    lines += ["", "## Results", "", f"AUC with DeLong 95% CI, exact (computed at each site on its exact scores); "
+              f"sensitivity / specificity at {source}. They are read off the cohort's k-safe score cells: exact when "
+              "the threshold is a cell edge, else (marked *) the cell that holds the threshold is split in proportion "
+              "to its width.", "",
               "| model | cohort | n | AUC (95% CI) | threshold | sensitivity | specificity | Brier |",
               "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
+        star = "*" if r.get("operating_point_interpolated") else ""
         lines.append(f"| {MODEL_LABEL[r['model']]} | {r['cohort']} | {r['n']} | {auc_cell(r)} | {_fmt(r['threshold'], 2)} | "
-                     f"{_fmt(r['sensitivity'])} | {_fmt(r['specificity'])} | {_fmt(r['brier'])} |")
+                     f"{_fmt(r['sensitivity'])}{star} | {_fmt(r['specificity'])}{star} | {_fmt(r['brier'])} |")
     if res["delong"]:
         lines += ["", "## Paired DeLong tests", "", "| cohort | comparison | z | p |", "|---|---|---|---|"]
         for d in res["delong"]:
-            lines.append(f"| {d['cohort']} | {d['comparison']} | {_fmt(d['z'], 2)} | {_fmt(d['p_value'], 4)} |")
+            p = _fmt(d["p_value"], 4) if d["p_value"] is not None else f"n/a ({d['note'] or 'undefined'})"
+            lines.append(f"| {d['cohort']} | {d['comparison']} | {_fmt(d['z'], 2)} | {p} |")
     if res["pooled"]:
-        lines += ["", "## Pooled across training sites (from shared score histograms)", "",
-                  "| model | n | AUC (histogram) |", "|---|---|---|"]
+        lines += ["", "## Pooled across training sites (from k-safe score cells)", "",
+                  "| model | n | AUC (cells) | bound on the error vs exact pooled AUC |", "|---|---|---|---|"]
         for p in res["pooled"]:
-            lines.append(f"| {MODEL_LABEL[p['model']]} | {p['n']} | {_fmt(p['auc_from_histograms'])} |")
+            lines.append(f"| {MODEL_LABEL[p['model']]} | {p['n']} | {_fmt(p['auc_from_cells'])} | {_fmt(p['auc_error_bound'])} |")
     if res["scenario"] == "paper":
         lines += ["", "## For reference: Sun et al., BMC Med Imaging 2025 (real patients, reported AUC with 95% CI)", "",
                   "| model | primary cohort (5-fold CV) | external validation |", "|---|---|---|"]
@@ -205,15 +242,55 @@ def render_report(res: dict) -> str:
             lines.append(f"| {t['term']} | {t['coef']:.3f} | {t['se']:.3f} | {t['p_value']:.4f} | "
                          f"{t['odds_ratio']:.2f} ({t['or_ci_low']:.2f}-{t['or_ci_high']:.2f}) |")
     comm = res.get("communication") or {}
-    lines += ["", "## Figures", "", "ROC: `roc-*.png`; decision curves: `dca-*.png`; calibration: `calibration-*.png`; "
-              "learning curves: `learning-curves.png`.", "", "## What left the sites", "",
-              "Model weights, example counts, summed clinical statistics, logistic-regression gradients/Hessians, "
-              f"aggregate metrics and {len(res['thresholds_grid'])}-threshold decision curves, and per-class score "
-              "histograms. No image, no patient identifier, no per-patient score."]
+    lines += ["", "## Figures", "", "ROC: `roc-*.png` (the curve through the k-safe cells, labelled with the exact AUC); "
+              "decision curves: `dca-*.png`; calibration: `calibration-*.png` (one point per cell); "
+              "learning curves: `learning-curves.png`."]
+    lines += privacy_section(res)
     if comm:
         lines.append(f"Bytes per client per round (weights): {comm.get('per-client-per-round')} "
                      f"(fp32 weights: {comm.get('weights')}).")
     return "\n".join(lines) + "\n"
+
+
+def privacy_section(res: dict) -> list[str]:
+    """What left each site and under which rule; who sat out what."""
+    lines = ["", "## What left each site, and under which rule", "",
+             "Each site answered under its own privacy policy (its node config; the coordinator can read it, never "
+             "set it). Every statistic covers at least k patients of each class; a patient group is answered only "
+             "if it equals, or differs by at least k patients of each class from, every group the site released "
+             "before (in any study); score summaries are cells of a grid of at most `histogram-bins` bins, merged "
+             "until every non-empty cell holds at least k patients of each class. Nothing per patient left a site: "
+             "no image, identifier, clinical row or score.", "",
+             "| site | k (min-cell-size) | grid | score cells shared | replies (message type x count) |",
+             "|---|---|---|---|---|"]
+    for name, s in sorted(res["sites"].items()):
+        pol = s.get("policy", {})
+        sent = ", ".join(f"{t} x {n}" for t, n in sorted(res.get("released", {}).get(name, {}).items())) or "none"
+        shared = "yes" if pol.get("share-histograms", 1) else "no"
+        lines.append(f"| {name} | {pol.get('min-cell-size', 'n/a')} | {pol.get('histogram-bins', 'n/a')} | {shared} | {sent} |")
+    lines += ["", "What each reply carries: `query.info` shapes, the policy and (when the whole cohort may be released) "
+              "its patient and SLM counts; `query.clinical_sums` sums and sums of squares of the 7 clinical features "
+              "over a fit's training patients; `query.logistic_stats` the CF model's gradient, Hessian and "
+              "log-likelihood at coefficients the site checked (slopes bounded, the Hessian's weight spread over >= k "
+              "patients); `train` model weights after local training and the mean training loss; `evaluate` the "
+              "loss and AUC of one planned evaluation; `query.summary` exact AUC with DeLong CI, Brier score, "
+              "calibration intercept / slope, Hosmer-Lemeshow, paired DeLong tests and the k-safe score cells "
+              "(edges, per-class counts, mean prediction per cell)."]
+    bounds = [r for r in res["rows"] if r.get("binned_auc_error_bound") is not None]
+    if bounds:
+        worst = max(bounds, key=lambda r: r["binned_auc_error_bound"])
+        lines += ["", f"Resolution: {min(r['cells'] for r in bounds)}-{max(r['cells'] for r in bounds)} non-empty cells "
+                  "per cohort and model. A ROC curve drawn through the cells differs from the exact one by at most "
+                  "sum_c neg_c * pos_c / (2 N_neg N_pos) in AUC; the largest such bound here is "
+                  f"{worst['binned_auc_error_bound']:.3f} ({MODEL_LABEL[worst['model']]}, {worst['cohort']}). The AUCs "
+                  "in the tables are exact."]
+    if res.get("sat_out"):
+        lines += ["", "## Sat out (refused by a site's policy, or not possible at that site)", "",
+                  "| fit | fold | site | step | reason |", "|---|---|---|---|---|"]
+        for e in res["sat_out"]:
+            lines.append(f"| {e['tag']} | {e['fold'] if e['fold'] >= 0 else '-'} | {e['site']} | {e['step']} | "
+                         f"{e['reason'].replace('|', '/')} |")
+    return lines
 
 
 def write_run_folder(run_dir: str | Path, state: dict, cfg: dict) -> dict:
@@ -244,9 +321,12 @@ def _figures(run_dir: Path, res: dict) -> None:
         slug = _slug(cohort)
         if roc:  # ROC points come from the shared histograms
             plots.plot_roc(roc, run_dir / f"roc-{slug}.png", title=f"ROC: {cohort}")
-        plots.plot_dca(t, {MODEL_LABEL[m]: cc[m]["net_benefit"] for m in models}, cc["treat_all"],
+        with_cells = [m for m in models if "net_benefit" in cc[m]]
+        if not with_cells:  # the site withheld score cells
+            continue
+        plots.plot_dca(t, {MODEL_LABEL[m]: cc[m]["net_benefit"] for m in with_cells}, cc["treat_all"],
                        run_dir / f"dca-{slug}.png", title=f"Decision curves: {cohort}")
-        plots.plot_calibration({MODEL_LABEL[m]: (cc[m]["calib_mean_pred"], cc[m]["calib_obs_rate"]) for m in models},
+        plots.plot_calibration({MODEL_LABEL[m]: (cc[m]["calib_mean_pred"], cc[m]["calib_obs_rate"]) for m in with_cells},
                                run_dir / f"calibration-{slug}.png", title=f"Calibration: {cohort}")
     series = {f"{k} val AUC": v["val-auc"] for k, v in res["learning_curves"].items() if v.get("val-auc")}
     if series:

@@ -16,6 +16,10 @@ from common.config import SCHEMA, ConfigError, load_config
 
 SIM_FLAGS = ("num-rounds", "local-epochs", "folds", "seed", "backbone", "norm", "models", "fedprox-mu", "cf-l2")
 PRESET_ROUNDS = {"quick": {"num-rounds": 3, "local-epochs": 1, "folds": 3, "cf-l2": 0.1}}
+# The smoke-run cohorts (12-28 patients a site) cannot hold k = 10 patients of each class in a fold:
+# --quick lowers every virtual site's min-cell-size to this (never below 3, the policy's floor); the
+# report shows the k each site used.
+QUICK_MIN_CELL_SIZE = 3
 
 
 def register(sub) -> None:
@@ -34,6 +38,8 @@ def register(sub) -> None:
     p.add_argument("--config", metavar="TOML", help="study settings file (keys as in pyproject [tool.flwr.app.config])")
     p.add_argument("--sites", type=int, default=4, help="multisite: number of synthetic hospitals (default 4)")
     p.add_argument("--ray-address", help="run the virtual sites on an existing Ray cluster instead of a local one")
+    p.add_argument("--min-cell-size", type=int, default=None, metavar="K",
+                   help="every virtual site's privacy policy k (default 10; --quick: 3; never below 3)")
     for key in SIM_FLAGS:
         p.add_argument(f"--{key}", dest=key.replace("-", "_"), default=None, help=SCHEMA[key].help)
     p.set_defaults(func=run)
@@ -99,12 +105,18 @@ def run(args) -> int:
                 print(f"generating the synthetic cohort ({preset} preset) in {data_dir} (once; reused afterwards)")
                 generate_cohort(data_dir, preset=preset, seed=0, sites=n_sites)
         print(f"preparing site caches in {data_dir / 'caches'}")
-        nodes = prepare_all(data_dir, site_folders(data_dir))
+        k = args.min_cell_size if args.min_cell_size is not None else (QUICK_MIN_CELL_SIZE if args.quick else None)
+        policy = {} if k is None else {"min-cell-size": k}
+        try:
+            load_config(node_config=policy)  # the site's own bounds (k >= 3)
+        except ConfigError as exc:
+            raise CommandError(str(exc).replace("node_config", "--min-cell-size")) from None
+        nodes = [{**n, **policy} for n in prepare_all(data_dir, site_folders(data_dir))]
         if scenario == "multisite":
             from server.protocol import CENTRAL_SITE
             from simulation.runner import pooled_cache
 
-            nodes.append(pooled_cache(nodes, data_dir / "caches" / CENTRAL_SITE, CENTRAL_SITE))
+            nodes.append({**pooled_cache(nodes, data_dir / "caches" / CENTRAL_SITE, CENTRAL_SITE), **policy})
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{scenario}-{stamp}")
         truth = data_dir / "truth.json"

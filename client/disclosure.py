@@ -1,0 +1,342 @@
+"""Disclosure control: the one place every request is checked and every reply is released.
+
+Build as if the coordinator were curious and the network hostile. For each message the ClientApp
+(client/app.py) calls `Gate.answer`, which
+  1. validates the request: an allow-listed message type, only the keys that type takes, each value
+     type- and bound-checked, identifiers (study-id, model names) matched against strict patterns;
+     nothing from a message ever becomes part of a path unchecked;
+  2. lets the handler compute its reply inside a ledger transaction, through the checks below;
+  3. checks the reply itself (allow-listed keys, numbers only, every released count cell 0 or >= k)
+     and only then commits the ledger.
+A refusal raises `Refused(rule, detail)`; the ClientApp turns it into an error reply that names the
+rule, logs it at the site, and the ledger stays as it was.
+
+The rules (k = the site policy's min-cell-size):
+  min-cell-size    every statistic is computed on a patient group with >= k patients of each class;
+                   score summaries are released as cells (merged histogram bins) each holding 0 or
+                   >= k patients of each class; weighted sums (CF gradients / Hessians) must spread
+                   their weight over an effective number (Kish) of >= k patients per class.
+  no-differencing  a patient group is answered only if, for each class, it equals an earlier
+                   released group or differs from every earlier one by >= k patients; the whole
+                   cohort (all included patients) is held to the same rule, so a cohort that grew by
+                   fewer than k patients since a released study answers nothing (any family of folds
+                   would sum back to it).
+  max-partitions / max-studies   lifetime caps on distinct groups and studies (bounds the number of
+                   independent subset sums a coordinator can collect).
+  query-budget     each (study, fit, model, partition, round) is evaluated / trained once; a repeat
+                   with an identical request is answered (same answer, nothing new), a different
+                   one refused; CF statistics at most LOGISTIC_QUERIES times per fit.
+  logit-slope      CF coefficients are evaluated only while every slope, per SD of the site's own
+                   feature, stays within max-logit-slope (no crafted near-step functions).
+  request / message-type / study-id / model-weights   malformed or unplanned requests.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from common.config import SENT_MODEL_KEYS, ConfigError, coerce_value
+
+log = logging.getLogger(__name__)
+
+MODELS = ("cf", "dl", "combined")
+# "<12 hex study id>/<fit tag>"; fit tags are the protocol's (server/protocol.py study_plan)
+STUDY_ID = re.compile(r"^(?P<study>[0-9a-f]{12})/(?P<tag>cv|final|central|(?:loco|local)-[a-z0-9][a-z0-9_-]{0,62})$")
+LOGISTIC_QUERIES = 200  # Newton steps x line-search halvings of one CF fit, with a wide margin
+MAX_FOLDS = 20
+MAX_ROUNDS = 1000
+
+
+class Refused(Exception):
+    """The site's policy refuses this request; `rule` names the rule, `detail` says why."""
+
+    def __init__(self, rule: str, detail: str):
+        super().__init__(f"refused by the site's privacy policy, rule '{rule}': {detail}")
+        self.rule, self.detail = rule, detail
+
+
+# ---- 1. request validation ----------------------------------------------------------------------
+def _int(name: str, lo: int, hi: int) -> Callable[[Any, dict], int]:
+    def check(v: Any, _: dict) -> int:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= int(v) <= hi:
+            raise Refused("request", f"'{name}': expected an integer in [{lo}, {hi}], found {v!r}")
+        return int(v)
+    return check
+
+
+def _choice(name: str, options: tuple[str, ...]) -> Callable[[Any, dict], str]:
+    def check(v: Any, _: dict) -> str:
+        if not isinstance(v, str) or v not in options:
+            raise Refused("request", f"'{name}': expected one of {', '.join(options)}, found {v!r}")
+        return v
+    return check
+
+
+def _bool(name: str) -> Callable[[Any, dict], bool]:
+    def check(v: Any, _: dict) -> bool:
+        if not isinstance(v, bool):
+            raise Refused("request", f"'{name}': expected true/false, found {v!r}")
+        return v
+    return check
+
+
+def _vector(name: str, extra: int = 0, positive: bool = False) -> Callable[[Any, dict], np.ndarray]:
+    def check(v: Any, ctx: dict) -> np.ndarray:
+        n = ctx["n_features"] + extra
+        if not isinstance(v, list) or len(v) != n or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
+            found = f"{len(v)} values" if isinstance(v, list) else repr(type(v).__name__)
+            raise Refused("request", f"'{name}': expected a list of {n} numbers, found {found}")
+        arr = np.asarray(v, dtype=np.float64)
+        if not np.isfinite(arr).all() or (positive and (arr <= 0).any()):
+            raise Refused("request", f"'{name}': expected finite{' positive' if positive else ''} numbers")
+        return arr
+    return check
+
+
+def _study_id(v: Any, _: dict) -> str:
+    if not isinstance(v, str) or not STUDY_ID.match(v):
+        raise Refused("study-id", f"expected '<12 hex digits>/<fit tag>' (e.g. 'a1b2c3d4e5f6/cv'), found {str(v)[:80]!r}")
+    return v
+
+
+def _models(v: Any, _: dict) -> list[str]:
+    names = v.split(",") if isinstance(v, str) else None
+    if not names or any(m not in MODELS for m in names) or len(set(names)) != len(names):
+        raise Refused("request", f"'models': expected a comma list of {', '.join(MODELS)}, found {str(v)[:80]!r}")
+    return names
+
+
+def _sent_model_key(key: str) -> Callable[[Any, dict], Any]:
+    def check(v: Any, _: dict) -> Any:
+        try:
+            return coerce_value(key, v, "the coordinator's message", strict=True)
+        except ConfigError as exc:
+            raise Refused("request", str(exc)) from None
+    return check
+
+
+_PARTITION = {"fold": _int("fold", -1, MAX_FOLDS - 1), "folds": _int("folds", 2, MAX_FOLDS),
+              "seed": _int("seed", 0, 2**31 - 1), "study-id": _study_id}
+_STANDARDISED = {"clinical-mean": _vector("clinical-mean"), "clinical-std": _vector("clinical-std", positive=True)}
+_MODEL_SETTINGS = {k: _sent_model_key(k) for k in SENT_MODEL_KEYS}
+_ROUNDS = {"round": _int("round", 0, MAX_ROUNDS), "num-rounds": _int("num-rounds", 1, MAX_ROUNDS)}
+REQUESTS: dict[str, tuple[dict[str, Callable], tuple[str, ...]]] = {
+    # message type: (validators of the keys it takes, keys it may omit)
+    "query.info": ({}, ()),
+    "query.clinical_sums": (dict(_PARTITION), ()),
+    "query.logistic_stats": ({**_PARTITION, **_STANDARDISED, "beta": _vector("beta", extra=1)}, ()),
+    "train": ({**_PARTITION, **_STANDARDISED, **_MODEL_SETTINGS, **_ROUNDS,
+               "model": _choice("model", ("dl", "combined"))}, ()),
+    "evaluate": ({**_PARTITION, **_STANDARDISED, **_MODEL_SETTINGS, **_ROUNDS, "model": _choice("model", MODELS),
+                  "part": _choice("part", ("val", "all")), "store": _bool("store"),
+                  "beta": _vector("beta", extra=1)}, ("beta", *SENT_MODEL_KEYS)),
+    "query.summary": ({"study-id": _study_id, "models": _models, "kind": _choice("kind", ("oof", "final")),
+                       "folds": _int("folds", 2, MAX_FOLDS)}, ()),
+}
+
+
+def validate_request(message_type: str, config: Mapping[str, Any], n_features: int) -> dict[str, Any]:
+    """The request's values, each checked; Refused on an unknown type, key, or a bad value."""
+    if message_type not in REQUESTS:
+        raise Refused("message-type", f"expected one of {', '.join(REQUESTS)}, found {str(message_type)[:60]!r}")
+    spec, optional = REQUESTS[message_type]
+    unknown = sorted(set(config) - set(spec))
+    if unknown:
+        raise Refused("request", f"{message_type} takes no key(s) {', '.join(map(repr, unknown[:5]))}")
+    missing = [k for k in spec if k not in config and k not in optional]
+    if missing:
+        raise Refused("request", f"{message_type} needs {', '.join(missing)}")
+    ctx = {"n_features": n_features}
+    out = {k: spec[k](config[k], ctx) for k in spec if k in config}
+    if "fold" in out and "folds" in out and out["fold"] >= out["folds"]:
+        raise Refused("request", f"'fold' {out['fold']} is not below 'folds' {out['folds']}")
+    if "round" in out and "num-rounds" in out and out["round"] > out["num-rounds"]:
+        raise Refused("request", f"'round' {out['round']} is beyond 'num-rounds' {out['num-rounds']}")
+    if message_type == "evaluate":
+        if out["model"] == "cf" and "beta" not in out:
+            raise Refused("request", "evaluate of the CF model needs 'beta'")
+        if out["model"] != "cf" and ("beta" in out or any(k not in out for k in SENT_MODEL_KEYS)):
+            raise Refused("request", f"evaluate of the {out['model']} model takes the model settings and no 'beta'")
+    return out
+
+
+def digest(*parts: Any) -> str:
+    """A stable hash of request content (numbers, strings, arrays), for the query budget."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            h.update(np.ascontiguousarray(p).tobytes())
+        elif isinstance(p, Mapping):
+            for k in sorted(p):
+                h.update(str(k).encode())
+                h.update(digest(p[k]).encode())
+        else:
+            h.update(repr(p).encode())
+    return h.hexdigest()[:32]
+
+
+# ---- 2. what a reply may compute on -------------------------------------------------------------
+def _classes(keys: list[str], labels: np.ndarray) -> dict[str, set[str]]:
+    labels = np.asarray(labels)
+    if np.any(labels < 0):  # a prediction-only site: one class, no outcome
+        return {"unlabelled": set(keys)}
+    return {"with SLM": {k for k, y in zip(keys, labels) if y == 1}, "without SLM": {k for k, y in zip(keys, labels) if y == 0}}
+
+
+def kish_ess(w: np.ndarray) -> float:
+    """Effective number of patients behind a weighted sum: (sum w)^2 / sum w^2."""
+    w = np.abs(np.asarray(w, dtype=np.float64))
+    s2 = float(np.sum(w**2))
+    return float(np.sum(w)) ** 2 / s2 if s2 > 0 else 0.0
+
+
+@dataclass
+class Gate:
+    """Applies a SitePolicy to one request, with the site's ledger (see the module docstring)."""
+
+    policy: Any            # client.policy.SitePolicy
+    ledger: Any            # client.policy.Ledger
+    cohort_keys: list[str]
+    cohort_labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        self._state: dict | None = None
+        self._pending: list[dict] = []
+
+    @property
+    def k(self) -> int:
+        return int(self.policy.min_cell_size)
+
+    def answer(self, message_type: str, fn: Callable[[], Any]) -> Any:
+        """Run `fn` (which calls the checks below) in a ledger transaction; commit only on success.
+        `fn` returns the reply's metrics, or a tuple whose first item they are."""
+        with self.ledger.transaction() as state:
+            self._state = state
+            try:
+                out = fn()
+                check_reply(message_type, out[0] if isinstance(out, tuple) else out, self.k)
+            finally:
+                self._state = None
+        return out
+
+    @property
+    def state(self) -> dict:
+        if self._state is None:
+            raise RuntimeError("Gate checks run only inside Gate.answer")
+        return self._state
+
+    # -- studies and budget --
+    def study(self, study_id: str) -> None:
+        study = study_id.split("/")[0]
+        studies = self.state["studies"]
+        if study not in studies:
+            if len(studies) >= self.policy.max_studies:
+                raise Refused("max-studies", f"this site has answered {len(studies)} studies, its policy allows "
+                                             f"{self.policy.max_studies}")
+            studies.append(study)
+
+    def spend(self, key: str, request_digest: str, limit: int = 1) -> None:
+        """Charge one query of `key`; an identical repeat (same digest) is free, a new one counts."""
+        used = self.state["budget"].setdefault(key, [])
+        if request_digest in used:
+            return
+        if len(used) >= limit:
+            raise Refused("query-budget", f"{key} was already answered {len(used)} time(s); the study plan needs "
+                                          f"{limit}")
+        used.append(request_digest)
+
+    # -- patient groups --
+    def release(self, keys: list[str], labels: np.ndarray, what: str) -> None:
+        """Allow statistics on this patient group, or refuse (min-cell-size, no-differencing, max-partitions)."""
+        group = _classes(keys, labels)
+        for cls, members in group.items():
+            if len(members) < self.k:
+                raise Refused("min-cell-size", f"{what}: {len(members)} patient(s) {cls}, the site's policy needs "
+                                               f"at least k = {self.k} of each class")
+        self._differencing(_classes(self.cohort_keys, self.cohort_labels), self.state["cohorts"], "the site's cohort")
+        known = self._differencing(group, self.state["partitions"], what)
+        if not known:
+            if len(self.state["partitions"]) >= self.policy.max_partitions:
+                raise Refused("max-partitions", f"{what}: this site has released statistics on "
+                                                f"{len(self.state['partitions'])} patient groups, its policy allows "
+                                                f"{self.policy.max_partitions}")
+            self.state["partitions"].append({c: sorted(m) for c, m in group.items()})
+
+    def _differencing(self, group: dict[str, set[str]], released: list[dict], what: str) -> bool:
+        """True when `group` equals a released group; Refused when it differs from one by 1..k-1 in a class."""
+        for old in released:
+            same = True
+            for cls, members in group.items():
+                diff = len(members.symmetric_difference(old.get(cls, [])))
+                if 0 < diff < self.k:
+                    raise Refused("no-differencing", f"{what} differs from a patient group released earlier by "
+                                                     f"{diff} patient(s) {cls} (the policy needs 0 or >= {self.k})")
+                same = same and diff == 0
+            if same and set(old) == set(group):
+                return True
+        if released is self.state["cohorts"]:
+            released.append({c: sorted(m) for c, m in group.items()})
+        return False
+
+    def weighted(self, weights: np.ndarray, what: str) -> None:
+        """Refuse a weighted sum whose weight sits on fewer than k patients (Kish's effective number).
+
+        Over the whole group, not per class: an honest fit on a small, well separated cohort already
+        puts most of a class's weight on a few patients, whereas a crafted near-step function puts
+        nearly all of it on the handful of patients at its boundary."""
+        ess = kish_ess(weights)
+        if ess < self.k:
+            raise Refused("min-cell-size", f"{what}: the weights concentrate on {ess:.1f} effective patient(s), "
+                                           f"the policy needs at least k = {self.k}")
+
+    def logit_slopes(self, beta: np.ndarray, std: np.ndarray, site_sd: np.ndarray) -> None:
+        """Refuse CF coefficients steeper than max-logit-slope per SD of the site's own features."""
+        slope = np.abs(beta[1:]) / std * site_sd
+        worst = int(np.argmax(slope))
+        if slope[worst] > self.policy.max_logit_slope:
+            raise Refused("logit-slope", f"coefficient {worst + 1} changes the logit by {slope[worst]:.3g} per SD of "
+                                         f"this site's feature; the policy allows {self.policy.max_logit_slope}")
+
+    def cells(self, y: np.ndarray, p: np.ndarray):
+        """k-safe score cells (edges, neg, pos, cell of each patient), or Refused."""
+        from common import metrics as M
+
+        try:
+            return M.k_safe_cells(y, p, self.k, bins=int(self.policy.histogram_bins))
+        except M.DegenerateStatistic as exc:
+            raise Refused("min-cell-size", f"score summary: {exc}") from None
+
+
+# ---- 3. the reply itself -------------------------------------------------------------------------
+# Keys a reply may carry, per message type (summary keys are "<model>.<name>").
+_REPLY_KEYS = {
+    "query.info": {"num-examples", "num-positive", "has-labels", "spatial-dims", "n-channels", "n-features",
+                   "image-shape", "cohort-released"},
+    "query.clinical_sums": {"num-examples", "sum", "sumsq"},
+    "query.logistic_stats": {"num-examples", "grad", "hess", "loglik"},
+    "train": {"num-examples", "train-loss", "train-seconds"},
+    "evaluate": {"num-examples", "loss", "auc"},
+    "query.summary": {"num-examples", "num-positive", "n", "n_pos", "auc", "auc_ci_low", "auc_ci_high", "brier",
+                      "calib_intercept", "calib_slope", "hl_stat", "hl_p", "cell-edges", "cell-neg", "cell-pos",
+                      "calib-mean-pred", "z", "p"},
+}
+COUNT_CELLS = ("cell-neg", "cell-pos")
+
+
+def check_reply(message_type: str, out: Mapping[str, Any], k: int) -> None:
+    """Last line of defence: only allow-listed keys, finite-length numeric values, k-safe count cells."""
+    allowed = _REPLY_KEYS[message_type]
+    for key, value in out.items():
+        name = key.rsplit(".", 1)[-1]
+        if name not in allowed:
+            raise Refused("reply", f"{message_type} reply may not carry {key!r}")
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "biuf" or arr.ndim > 1 or arr.size > 10_000:
+            raise Refused("reply", f"{key!r}: expected a number or a short list of numbers")
+        if name in COUNT_CELLS and np.any((arr > 0) & (arr < k)):
+            raise Refused("min-cell-size", f"{key!r} has a cell below k = {k}")
