@@ -99,3 +99,23 @@ def make_cache(cache_dir: Path, n: int, seed: int, site_name: str, prevalence: f
         "salt": salt, "patients": patients, "counts": {"included": n, "excluded": 0},
     })
     return ids
+
+
+def ask_site(client_app, node_config: dict, message_type: str, config: dict | None = None, arrays=None) -> Message:
+    """One message straight to a ClientApp, as a (possibly hostile) coordinator would send it."""
+    from flwr.app import ConfigRecord
+
+    from common.records import to_config_record
+
+    content = RecordDict({"config": to_config_record(config or {})}) if config is not None else RecordDict(
+        {"config": ConfigRecord({})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    msg = Message(content=content, dst_node_id=1000, message_type=message_type)
+    msg.metadata.__dict__["_message_id"] = f"m{next(_ASK_IDS)}"
+    ctx = Context(run_id=1, node_id=1000, node_config=dict(node_config), state=RecordDict(), run_config={})
+    return client_app(msg, ctx)
+
+
+_ASK_IDS = itertools.count()
