@@ -424,11 +424,12 @@ def net_benefit_from_histograms(neg, pos, thresholds=None) -> np.ndarray:
 # of several sites are pooled on the union of their edges (`pool_cells`), splitting a cell evenly
 # over its width. Everything the server derives (ROC, Youden threshold, operating points, decision
 # curves) is a function of the released cells only.
-def k_safe_cuts(neg, pos, k: int) -> np.ndarray:
+def k_safe_cuts(neg, pos, k: int, keep: int | None = None) -> np.ndarray:
     """Cut indices 0 = c_0 < ... < c_m = bins of a merge of adjacent bins in which every cell holds
     0 or >= k patients of each class, chosen to minimise sum_c neg_c * pos_c (the within-cell tie
     mass, i.e. the bound on the AUC error of the binned ROC); among equal merges the one with most
-    cells. Raises DegenerateStatistic when a class has between 1 and k - 1 patients in all."""
+    cells. `keep`: a bin edge that must stay a cut (ignored when no k-safe merge keeps it).
+    Raises DegenerateStatistic when a class has between 1 and k - 1 patients in all."""
     neg = np.asarray(neg, dtype=np.int64).ravel()
     pos = np.asarray(pos, dtype=np.int64).ravel()
     if neg.shape != pos.shape or neg.size == 0:
@@ -444,9 +445,11 @@ def k_safe_cuts(neg, pos, k: int) -> np.ndarray:
     inf = (float("inf"), 0)
     best: list[tuple[float, int]] = [(0.0, 0)] + [inf] * b
     back = [0] * (b + 1)
+    if keep is not None and not 0 < keep < b:
+        keep = None
     for j in range(1, b + 1):
         for i in range(j):
-            if best[i] == inf:
+            if best[i] == inf or (keep is not None and i < keep < j):
                 continue
             n, m = cn[j] - cn[i], cp[j] - cp[i]
             if 0 < n < k or 0 < m < k:
@@ -454,17 +457,43 @@ def k_safe_cuts(neg, pos, k: int) -> np.ndarray:
             cand = (best[i][0] + float(n * m), best[i][1] - 1)  # less tie mass, then more cells
             if cand < best[j]:
                 best[j], back[j] = cand, i
+    if best[b] == inf:  # the edge to keep splits a class into parts below k: merge without it
+        return k_safe_cuts(neg, pos, k)
     cuts = [b]
     while cuts[-1] > 0:
         cuts.append(back[cuts[-1]])
     return np.asarray(cuts[::-1], dtype=np.int64)
 
 
+def youden_edge(neg, pos, k: int) -> int | None:
+    """The bin edge with the highest Youden index (ties: the highest edge) among those that split
+    each class into parts of 0 or >= k patients; None when there is none or a class is empty."""
+    neg = np.asarray(neg, dtype=np.int64).ravel()
+    pos = np.asarray(pos, dtype=np.int64).ravel()
+    if neg.sum() == 0 or pos.sum() == 0:
+        return None
+    below_n = np.concatenate([[0], np.cumsum(neg)])
+    below_p = np.concatenate([[0], np.cumsum(pos)])
+    ok = np.ones(neg.size + 1, dtype=bool)
+    for below, total in ((below_n, neg.sum()), (below_p, pos.sum())):
+        above = total - below
+        ok &= ((below == 0) | (below >= k)) & ((above == 0) | (above >= k))
+    sens = (pos.sum() - below_p) / pos.sum()  # "positive when p >= edge"
+    spec = below_n / neg.sum()
+    j = np.where(ok, sens + spec - 1.0, -np.inf)
+    if not np.isfinite(j).any():
+        return None
+    return int(np.flatnonzero(j >= j.max() - 1e-12)[-1])
+
+
 def k_safe_cells(y, p, k: int, bins: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(edges, neg_counts, pos_counts, cell_of_each_patient) of the k-safe merge of `bins` bins."""
+    """(edges, neg_counts, pos_counts, cell_of_each_patient) of the k-safe merge of `bins` bins that
+    keeps the best k-safe Youden cut (`youden_edge`) as an edge."""
     y, p = _check(y, p, need_both=False, probs=True)
     neg, pos = score_histograms(y, p, bins=bins)
-    cuts = k_safe_cuts(neg, pos, k)
+    # keep the site's own best k-safe Youden cut as an edge: the development threshold is then read
+    # off the cells exactly, at the resolution of the grid
+    cuts = k_safe_cuts(neg, pos, k, keep=youden_edge(neg, pos, k))
     cn = np.concatenate([[0], np.cumsum(neg)])[cuts]
     cp = np.concatenate([[0], np.cumsum(pos)])[cuts]
     cell = np.searchsorted(cuts, _bin_index(p, bins), side="right") - 1

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy import bundle as B
-from deploy.init import FEDERATION, DeployPlan, init_deployment
+from deploy.init import DEFAULT_PRIVACY, FEDERATION, DeployPlan, init_deployment
 from deploy.join import preflight_tls
 
 
@@ -90,6 +90,8 @@ class LoopbackFederation:
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     port: int = 0
+    # the sites' [privacy] overrides (tests on tiny caches lower min-cell-size to its floor, 3)
+    privacy: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.work = Path(self.work)
@@ -98,7 +100,8 @@ class LoopbackFederation:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         init_deployment(DeployPlan(out=self.out, superlink_hosts=["127.0.0.1", "localhost"],
-                                   sites=self.sites, port=self.port, bind_host="127.0.0.1"))
+                                   sites=self.sites, port=self.port, bind_host="127.0.0.1",
+                                   privacy={**DEFAULT_PRIVACY, **self.privacy}))
         self.coord = B.read_bundle(self.out / "coordinator")
         self.flwr_home = self.work / "flwr-researcher"
         self.flwr_home.mkdir(exist_ok=True)

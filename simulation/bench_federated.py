@@ -75,7 +75,9 @@ def run(args) -> int:
         from simulation.synth import generate_cohort
 
         generate_cohort(data, preset="small", seed=0, progress=False)
-    nodes = prepare_all(data, site_folders(data))
+    # the small cohort's folds cannot hold k = 10 patients of each class: lower every site's k to the
+    # policy's floor, or the sites would (rightly) refuse most of what the benchmark times
+    nodes = [{**n, "min-cell-size": 3} for n in prepare_all(data, site_folders(data))]
     cfg = load_config(run_config={"scenario": "federated", "models": "dl", "num-rounds": args.num_rounds,
                                   "local-epochs": args.local_epochs, "folds": args.folds})
     fed_s, cen_s, sent, local_s = [], [], [], []

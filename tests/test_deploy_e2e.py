@@ -31,7 +31,7 @@ def _missing_study_parts() -> list[str]:
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     work = tmp_path_factory.mktemp("loopback")
-    f = LoopbackFederation(work, SITES)
+    f = LoopbackFederation(work, SITES, privacy={"min-cell-size": 3})  # the tiny caches below need k = 3
     try:
         f.start_superlink()
         for s in SITES:

@@ -337,3 +337,24 @@ def test_random_hostile_request_sequences_never_release_a_group_below_k(tmp_path
             diff = len(set(a[cls]) ^ set(b.get(cls, [])))
             assert diff == 0 or diff >= k, (cls, diff)
     shutil.rmtree(root)
+
+
+def test_a_degenerate_delong_test_is_n_a_with_its_reason_not_a_failed_site(tmp_path):
+    """Combined = a constant score, CF = perfect: the paired DeLong test is undefined; the summary
+    still answers, with the test as NaN and the reason in its notes."""
+    from client import study
+    from client.disclosure import validate_request
+    from common.config import load_config
+
+    make_cache(tmp_path / "site", 40, seed=2, site_name="h", shape=SHAPE, prevalence=0.5)
+    node = {"cache-dir": str(tmp_path / "site"), "site-name": "h", "min-cell-size": 3}
+    site = study.Site.open(load_config(node_config=node))
+    y = site.data.labels
+    sid = f"{STUDY}/final"
+    site.store_predictions(sid, "cf", -1, "all", site.data.keys, y, np.where(y == 1, 0.9, 0.1))
+    site.store_predictions(sid, "combined", -1, "all", site.data.keys, y, np.full(len(y), 0.3))
+    req = validate_request("query.summary", {"study-id": sid, "models": "cf,combined", "kind": "final", "folds": 5}, 7)
+    gate = site.gate()
+    out, notes = gate.answer("query.summary", lambda: study.summary(site, gate, req))
+    assert np.isnan(out["delong.combined-vs-cf.p"]) and "zero variance" in notes["delong.combined-vs-cf"]
+    assert out["cf.auc"] == 1.0 and out["combined.auc"] == 0.5

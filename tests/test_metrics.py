@@ -339,3 +339,104 @@ def test_summarize_single_class_site_gives_nan_only_where_undefined():
 def test_bad_input_names_the_problem(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---- k-safe score cells (the disclosure-controlled histogram path) ---------------------------------
+def test_k_safe_cells_hold_zero_or_at_least_k_of_each_class_and_keep_the_auc_close():
+    rng = np.random.default_rng(4)
+    y = (rng.random(176) < 0.4).astype(int)
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.15), 0, 1)
+    for k in (3, 5, 10, 20):
+        edges, neg, pos, cell = M.k_safe_cells(y, p, k, bins=100)
+        assert np.all((neg == 0) | (neg >= k)) and np.all((pos == 0) | (pos >= k))
+        assert neg.sum() == (y == 0).sum() and pos.sum() == (y == 1).sum()
+        np.testing.assert_array_equal(np.bincount(cell[y == 1], minlength=len(pos)), pos)  # cells of the patients
+        bound = np.sum(neg * pos) / (2 * neg.sum() * pos.sum())
+        assert abs(M.auc_from_histograms(neg, pos) - M.auc(y, p)) <= bound + 1e-12
+        assert edges[0] == 0 and edges[-1] == 1 and np.all(np.diff(edges) > 0)
+
+
+def test_k_safe_cuts_refuse_a_class_smaller_than_k():
+    with pytest.raises(M.DegenerateStatistic, match="fewer than k = 10"):
+        M.k_safe_cuts([5, 5, 5], [3, 3, 3], 10)
+    assert M.k_safe_cuts([5, 5, 0], [0, 0, 0], 10).tolist() == [0, 2, 3]  # an empty class is fine
+
+
+def test_k_safe_merge_minimises_the_tie_mass():
+    # negatives low, positives high, a mixed bin in the middle: pure cells where possible
+    neg = np.array([10, 0, 3, 0, 0])
+    pos = np.array([0, 0, 3, 0, 10])
+    cuts = M.k_safe_cuts(neg, pos, 3)
+    n = np.add.reduceat(neg, cuts[:-1])
+    q = np.add.reduceat(pos, cuts[:-1])
+    assert int(np.sum(n * q)) == 9  # only the mixed bin ties (3 x 3); nothing else merged into it
+
+
+def test_operating_points_and_net_benefit_from_cells_are_exact_on_edges():
+    rng = np.random.default_rng(5)
+    y = (rng.random(120) < 0.4).astype(int)
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.15), 0, 1)
+    edges, neg, pos, _ = M.k_safe_cells(y, p, 5)
+    for t in edges[1:-1]:
+        op = M.operating_point_from_cells(edges, neg, pos, t)
+        ex = M.threshold_metrics(y, p, t)
+        assert not op["interpolated"]
+        assert op["sensitivity"] == pytest.approx(ex["sensitivity"]) and op["specificity"] == pytest.approx(ex["specificity"])
+        assert M.net_benefit_from_cells(edges, neg, pos, [t])[0] == pytest.approx(M.net_benefit(y, p, [t])[0])
+    inside = (edges[1] + edges[2]) / 2
+    assert M.operating_point_from_cells(edges, neg, pos, inside)["interpolated"] == bool(neg[1] + pos[1])
+
+
+def test_pooled_cells_of_two_sites_keep_the_counts():
+    rng = np.random.default_rng(6)
+    parts = []
+    for n in (80, 50):
+        y = (rng.random(n) < 0.5).astype(int)
+        p = np.clip(rng.normal(0.4 + 0.2 * y, 0.2), 0, 1)
+        parts.append(M.k_safe_cells(y, p, 5)[:3])
+    edges, neg, pos = M.pool_cells(parts)
+    assert neg.sum() == pytest.approx(sum(p[1].sum() for p in parts))
+    assert pos.sum() == pytest.approx(sum(p[2].sum() for p in parts))
+    assert set(np.round(parts[0][0], 9)) <= set(np.round(edges, 9))
+
+
+def test_youden_tie_break_is_the_highest_threshold_on_scores_and_on_cells():
+    # two cuts with the same Youden index: both rules pick the higher one
+    y = np.array([0, 0, 1, 0, 1, 1])
+    p = np.array([0.05, 0.15, 0.35, 0.45, 0.65, 0.85])
+    t_exact = M.youden_threshold(y, p)
+    edges = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    neg, pos = M.score_histograms(y, p, bins=10)
+    t_cells = M.youden_from_cells(edges, neg, pos)
+    assert t_exact == pytest.approx(0.55) and t_cells == pytest.approx(0.6)  # the same cut, above 0.45 and below 0.65
+    assert M.threshold_metrics(y, p, t_exact) == M.threshold_metrics(y, p, t_cells)
+
+
+def test_degenerate_statistics_are_reported_not_fatal():
+    y = np.array([0, 0, 1, 1, 0, 1])
+    # identical rankings with a shifted score: zero-variance difference, equal AUCs -> z 0, p 1
+    assert M.delong_test(y, [0.1, 0.2, 0.7, 0.8, 0.3, 0.9], [0.2, 0.3, 0.8, 0.9, 0.4, 1.0]) == (0.0, 1.0)
+    # a constant score against a perfect one: AUC 0.5 vs 1, yet zero variance of the difference
+    with pytest.raises(M.DegenerateStatistic, match="zero variance"):
+        M.delong_test([0, 0, 1, 1], [0.1] * 4, [0.1, 0.1, 0.3, 0.3])
+    # hard 0/1 scores equal to the outcomes: the calibration intercept's fit does not converge
+    y3, hard = np.array([0, 0, 1]), np.array([0.0, 0.0, 1.0])
+    with pytest.raises(M.DegenerateStatistic):
+        M.calibration_intercept(y3, hard)
+    s = M.summarize(y3, hard)
+    assert np.isnan(s["calib_intercept"]) and s["auc"] == 1.0
+
+
+def test_k_safe_cells_keep_the_best_k_safe_youden_cut_so_the_threshold_is_exact():
+    rng = np.random.default_rng(8)
+    y = (rng.random(176) < 0.4).astype(int)
+    p = np.clip(rng.normal(0.35 + 0.25 * y, 0.15), 0, 1)
+    neg, pos = M.score_histograms(y, p, bins=100)
+    j = M.youden_edge(neg, pos, 10)
+    edges, cn, cp, _ = M.k_safe_cells(y, p, 10)
+    assert j / 100 in set(np.round(edges, 12))
+    t = M.youden_from_cells(edges, cn, cp)
+    # the same threshold as on the full 100-bin grid (when that cut is k-safe), sens / spec exact
+    sens_full = pos[j:].sum() / pos.sum()
+    assert t == pytest.approx(j / 100)
+    assert M.operating_point_from_cells(edges, cn, cp, t)["sensitivity"] == pytest.approx(sens_full)

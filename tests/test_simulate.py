@@ -30,17 +30,20 @@ def test_simulate_paper_scenario_through_ray_leaves_nothing_running(tmp_path):
     from simulation.synth import generate_cohort
 
     data = tmp_path / "cohort"
-    generate_cohort(data, preset="tiny", seed=0, progress=False)
+    generate_cohort(data, preset="small", seed=0, progress=False)  # 28 + 12: folds that k = 3 can release
     before = _ray_pids()
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
     proc = subprocess.run(
         [sys.executable, "-m", "common.cli", "simulate", "--data", str(data), "--out", str(tmp_path / "run"),
-         "--folds", "2", "--num-rounds", "1", "--local-epochs", "1", "--models", "cf,dl,combined", "--cf-l2", "0.5"],
+         "--folds", "2", "--num-rounds", "1", "--local-epochs", "1", "--models", "cf,dl,combined", "--cf-l2", "0.5",
+         "--min-cell-size", "3"],
         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "center-primary: 2-fold CV" in proc.stdout and "center-external: external validation" in proc.stdout
     assert "report:" in proc.stdout
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| center-primary | 3 |" in report and "| center-external | 3 |" in report  # the k each site used
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert {(r["model"], r["site"]) for r in res["rows"]} == {
         (m, s) for m in ("cf", "dl", "combined") for s in ("center-primary", "center-external")}
