@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 
 from client import study
 from client.disclosure import Refused, validate_request
+from common.clinical import N_FEATURES
 from common.config import SENT_MODEL_KEYS, app_config
 from common.records import SITE_CANNOT, SITE_REFUSED, record_to_state, to_metric_record
 
@@ -34,22 +35,25 @@ _ARRAYS_IN = ("train", "evaluate")  # the only requests that may carry weights
 def _handle(msg: Message, context: Context, fn: Callable[[study.Site, Any, dict], Any]) -> Message:
     """Validate, answer through the gate, reply; refusals and can't-do become error replies."""
     mtype = msg.metadata.message_type
-    site = study.Site.open(app_config(context.run_config, context.node_config))
+    node_cfg = app_config(context.run_config, context.node_config)
+    name = node_cfg["site-name"] or node_cfg["cache-dir"]
     try:
+        # the request is checked before any patient data is read
         records = set(msg.content.keys())
         allowed = {"config", "arrays"} if mtype in _ARRAYS_IN else {"config"}
         if not records <= allowed:
             raise Refused("request", f"{mtype} takes no record(s) {sorted(records - allowed)}")
         cfg = dict(msg.content["config"]) if "config" in msg.content else {}
-        req = validate_request(mtype, cfg, site.n_features)
+        req = validate_request(mtype, cfg, N_FEATURES)
+        site = study.Site.open(node_cfg)
         site.cfg.update({k: req[k] for k in SENT_MODEL_KEYS if k in req})
         gate = site.gate()
         answer = gate.answer(mtype, lambda: fn(site, gate, req))
-    except Refused as exc:
-        log.warning("site %s refused %s: %s", site.name, mtype, exc)
+    except Refused as exc:  # the reply names the rule; the numbers behind it stay in the site's log
+        log.warning("site %s refused %s: %s %s", name, mtype, exc, f"[{exc.site_detail}]" if exc.site_detail else "")
         return Message(error=Error(code=SITE_REFUSED, reason=str(exc)), reply_to=msg)
     except study.StudyError as exc:
-        log.warning("site %s cannot answer %s: %s", site.name, mtype, exc)
+        log.warning("site %s cannot answer %s: %s", name, mtype, exc)
         return Message(error=Error(code=SITE_CANNOT, reason=str(exc)), reply_to=msg)
     metrics, notes, arrays, extra = answer
     content = RecordDict({"metrics": to_metric_record(metrics)})

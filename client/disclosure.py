@@ -53,11 +53,15 @@ MAX_ROUNDS = 1000
 
 
 class Refused(Exception):
-    """The site's policy refuses this request; `rule` names the rule, `detail` says why."""
+    """The site's policy refuses this request; `rule` names the rule, `detail` says why.
 
-    def __init__(self, rule: str, detail: str):
+    str(exc) is what the coordinator receives: it names the rule and what was asked, never a count
+    or statistic of the patients (a refusal must not say "1 patient with SLM" about the group it
+    refuses). `site_detail` holds those numbers for the site's own log."""
+
+    def __init__(self, rule: str, detail: str, site_detail: str = ""):
         super().__init__(f"refused by the site's privacy policy, rule '{rule}': {detail}")
-        self.rule, self.detail = rule, detail
+        self.rule, self.detail, self.site_detail = rule, detail, site_detail
 
 
 # ---- 1. request validation ----------------------------------------------------------------------
@@ -256,8 +260,8 @@ class Gate:
         group = _classes(keys, labels)
         for cls, members in group.items():
             if len(members) < self.k:
-                raise Refused("min-cell-size", f"{what}: {len(members)} patient(s) {cls}, the site's policy needs "
-                                               f"at least k = {self.k} of each class")
+                raise Refused("min-cell-size", f"{what}: fewer than k = {self.k} patients of a class",
+                              f"{len(members)} patient(s) {cls}")
         self._differencing(_classes(self.cohort_keys, self.cohort_labels), self.state["cohorts"], "the site's cohort")
         known = self._differencing(group, self.state["partitions"], what)
         if not known:
@@ -275,7 +279,8 @@ class Gate:
                 diff = len(members.symmetric_difference(old.get(cls, [])))
                 if 0 < diff < self.k:
                     raise Refused("no-differencing", f"{what} differs from a patient group released earlier by "
-                                                     f"{diff} patient(s) {cls} (the policy needs 0 or >= {self.k})")
+                                                     f"fewer than k = {self.k} patients of a class (and not 0)",
+                                  f"by {diff} patient(s) {cls}")
                 same = same and diff == 0
             if same and set(old) == set(group):
                 return True
@@ -291,16 +296,17 @@ class Gate:
         nearly all of it on the handful of patients at its boundary."""
         ess = kish_ess(weights)
         if ess < self.k:
-            raise Refused("min-cell-size", f"{what}: the weights concentrate on {ess:.1f} effective patient(s), "
-                                           f"the policy needs at least k = {self.k}")
+            raise Refused("min-cell-size", f"{what}: the weights concentrate on fewer than k = {self.k} "
+                                           "effective patients", f"{ess:.1f} effective patients")
 
     def logit_slopes(self, beta: np.ndarray, std: np.ndarray, site_sd: np.ndarray) -> None:
         """Refuse CF coefficients steeper than max-logit-slope per SD of the site's own features."""
         slope = np.abs(beta[1:]) / std * site_sd
         worst = int(np.argmax(slope))
         if slope[worst] > self.policy.max_logit_slope:
-            raise Refused("logit-slope", f"coefficient {worst + 1} changes the logit by {slope[worst]:.3g} per SD of "
-                                         f"this site's feature; the policy allows {self.policy.max_logit_slope}")
+            raise Refused("logit-slope", f"coefficient {worst + 1} changes the logit by more than "
+                                         f"{self.policy.max_logit_slope} per SD of this site's feature",
+                          f"{slope[worst]:.3g} per SD")
 
     def cells(self, y: np.ndarray, p: np.ndarray):
         """k-safe score cells (edges, neg, pos, cell of each patient), or Refused."""
@@ -309,7 +315,8 @@ class Gate:
         try:
             return M.k_safe_cells(y, p, self.k, bins=int(self.policy.histogram_bins))
         except M.DegenerateStatistic as exc:
-            raise Refused("min-cell-size", f"score summary: {exc}") from None
+            raise Refused("min-cell-size", f"score summary: fewer than k = {self.k} patients of a class",
+                          str(exc)) from None
 
 
 # ---- 3. the reply itself -------------------------------------------------------------------------

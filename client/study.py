@@ -79,10 +79,8 @@ class Site:
             raise StudyError(f"site {self.name}: cross-validation needs an slm label for every patient")
         n_min = int(min(np.sum(y == 0), np.sum(y == 1)))
         if n_min < folds:
-            raise Refused(
-                "min-cell-size", f"site {self.name}: {folds}-fold stratified CV needs at least {folds} patients per class, "
-                f"found {int(np.sum(y == 1))} with SLM and {int(np.sum(y == 0))} without"
-            )
+            raise Refused("min-cell-size", f"{folds}-fold stratified CV needs at least {folds} patients of each class",
+                          f"found {int(np.sum(y == 1))} with SLM and {int(np.sum(y == 0))} without")
         from sklearn.model_selection import StratifiedKFold  # lazy: each message may be a fresh process
 
         skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)

@@ -139,20 +139,20 @@ def study_plan(scenario: str, sites: dict[str, dict], folds: int, eval_sites: li
         test = [s for s in names if s in eval_sites]
         if not train:
             raise StudyError(f"paper scenario: no training site (sites {names}, evaluate-only {eval_sites})")
-        plan = [Fit("cv", k, train, val=train) for k in range(folds)]
-        return plan + [Fit("final", -1, train, test=test)]
+        plan = [Fit("cv", k, list(train), val=list(train)) for k in range(folds)]
+        return plan + [Fit("final", -1, list(train), test=list(test))]
     if scenario in ("federated", "multisite"):
         central = [s for s in labelled if s == CENTRAL_SITE]
         hospitals = [s for s in labelled if s != CENTRAL_SITE]
         if len(hospitals) < 2:
             raise StudyError(f"{scenario} scenario needs at least two labelled sites, found {hospitals}")
-        plan = [Fit("cv", k, hospitals, val=hospitals) for k in range(folds)]
+        plan = [Fit("cv", k, list(hospitals), val=list(hospitals)) for k in range(folds)]
         plan += [Fit(f"loco-{h}", -1, [s for s in hospitals if s != h], test=[h]) for h in hospitals]
         if scenario == "multisite":
             for s in hospitals:
                 plan += [Fit(f"local-{s}", k, [s], val=[s]) for k in range(folds)]
             # the centralized comparison: a simulation-only site holding every hospital's patients
-            plan += [Fit("central", k, central, val=central) for k in range(folds)] if central else []
+            plan += [Fit("central", k, list(central), val=list(central)) for k in range(folds)] if central else []
         return plan
     raise StudyError(f"unknown scenario {scenario!r}")
 
@@ -193,6 +193,9 @@ class Study:
             policies[name] = dict(content["policy"]) if "policy" in content else {}
             self.fed.site_of[node] = name
             self.fed.node_of[name] = node
+            counts = self.fed.released.setdefault(name, {})  # the info reply came before the name was known
+            for mtype, n in self.fed.released.pop(str(node), {}).items():
+                counts[mtype] = counts.get(mtype, 0) + n
             if not int(m.get("cohort-released", 1)):
                 reason = dict(content["notes"]).get("cohort", "") if "notes" in content else ""
                 self.sit_out("whole study", -1, name, "all", reason)
@@ -227,9 +230,7 @@ class Study:
     def _drop_refused(self, fit: Fit, replies: Replies, step: str, role: str) -> None:
         for site, reason in replies.refused.items():
             self.sit_out(fit.tag, fit.fold, site, step, reason)
-            members = getattr(fit, role)
-            if site in members:
-                members.remove(site)
+            setattr(fit, role, [s for s in getattr(fit, role) if s != site])  # this fit only
 
     # -- helpers --
     def _base(self, fit: Fit) -> dict:
@@ -293,9 +294,10 @@ class Study:
             replies = self.fed.ask(sites, "evaluate", {**base, "part": part}, arrays=arrays,
                                    group=f"{fit.tag}/{fit.fold}/{model}/eval")
             for site, reason in replies.refused.items():
-                self.sit_out(fit.tag, fit.fold, site, f"evaluation ({part}, {model})", reason)
-                if store:  # its summary for this fit tag would miss this fold
-                    self.state.setdefault("incomplete", []).append([fit.tag, site])
+                # not asked again in this fit; its summary for this fit tag would miss this fold
+                self.sit_out(fit.tag, fit.fold, site, f"evaluation ({part}, from {model})", reason)
+                setattr(fit, role, [s for s in getattr(fit, role) if s != site])
+                self.state.setdefault("incomplete", []).append([fit.tag, site])
             for site, content in replies.items():
                 m = metrics_of(content)
                 rec = {"tag": fit.tag, "fold": fit.fold, "model": model, "site": site, "part": part,

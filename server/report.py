@@ -242,13 +242,14 @@ def render_report(res: dict) -> str:
             lines.append(f"| {t['term']} | {t['coef']:.3f} | {t['se']:.3f} | {t['p_value']:.4f} | "
                          f"{t['odds_ratio']:.2f} ({t['or_ci_low']:.2f}-{t['or_ci_high']:.2f}) |")
     comm = res.get("communication") or {}
-    lines += ["", "## Figures", "", "ROC: `roc-*.png` (the curve through the k-safe cells, labelled with the exact AUC); "
+    lines += ["", "## Figures", "", "ROC: `roc-*.png` (the curve through the k-safe cells, labelled with the exact AUC; "
+              "none for a model whose scores at a site fit in one cell); "
               "decision curves: `dca-*.png`; calibration: `calibration-*.png` (one point per cell); "
               "learning curves: `learning-curves.png`."]
-    lines += privacy_section(res)
     if comm:
-        lines.append(f"Bytes per client per round (weights): {comm.get('per-client-per-round')} "
-                     f"(fp32 weights: {comm.get('weights')}).")
+        lines += ["", f"Bytes per client per round (weights): {comm.get('per-client-per-round')} "
+                      f"(fp32 weights: {comm.get('weights')})."]
+    lines += privacy_section(res)
     return "\n".join(lines) + "\n"
 
 
@@ -317,7 +318,7 @@ def _figures(run_dir: Path, res: dict) -> None:
         models = [m for m in cc if m != "treat_all"]
         roc = {MODEL_LABEL[m]: {"fpr": cc[m]["fpr"], "tpr": cc[m]["tpr"], "auc": rows[(cohort, m)]["auc"] or float("nan"),
                                 "lo": rows[(cohort, m)]["auc_ci_low"], "hi": rows[(cohort, m)]["auc_ci_high"]}
-               for m in models if "fpr" in cc[m]}
+               for m in models if "fpr" in cc[m] and (rows[(cohort, m)]["cells"] or 0) >= 2}  # one cell: no curve
         slug = _slug(cohort)
         if roc:  # ROC points come from the shared histograms
             plots.plot_roc(roc, run_dir / f"roc-{slug}.png", title=f"ROC: {cohort}")

@@ -95,7 +95,13 @@ def test_crafted_standardisation_cannot_steepen_the_logit(small_site):
     ({"min-cell-size": 3}, "request"),     # the policy is the site's, never the message's
     ({"share-histograms": True}, "request"),
 ])
-def test_malformed_or_hostile_values_are_refused_naming_the_rule(small_site, tmp_path, change, rule):
+def test_malformed_or_hostile_values_are_refused_naming_the_rule(small_site, tmp_path, monkeypatch, change, rule):
+    from client import study
+
+    def no_reading(*_):
+        raise AssertionError("a refused request must not read patient data")
+
+    monkeypatch.setattr(study, "_cached_site_data", no_reading)
     reply = ask_site(client_app, small_site, "evaluate", {**cf_eval(), **change})
     assert rule_of(reply) == rule, reply.error.reason
     written = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_relative_to(tmp_path / "cache")]
@@ -358,3 +364,23 @@ def test_a_degenerate_delong_test_is_n_a_with_its_reason_not_a_failed_site(tmp_p
     out, notes = gate.answer("query.summary", lambda: study.summary(site, gate, req))
     assert np.isnan(out["delong.combined-vs-cf.p"]) and "zero variance" in notes["delong.combined-vs-cf"]
     assert out["cf.auc"] == 1.0 and out["combined.auc"] == 0.5
+
+
+def test_refusals_do_not_tell_the_new_patients_label(tmp_path):
+    """Differencing the refusals themselves: two copies of a site, each enrols one patient, one with
+    SLM and one without. Every reply the coordinator gets must be the same for both."""
+    replies = []
+    for label in (0, 1):
+        root = tmp_path / f"label{label}"
+        make_cache(root / "site", 40, seed=7, site_name="h", shape=SHAPE, prevalence=0.45)
+        node = {"cache-dir": str(root / "site"), "site-name": "h"}
+        sums = {"fold": -1, "folds": 5, "seed": 1}
+        metrics(ask_site(client_app, node, "query.clinical_sums", {**sums, "study-id": "aaaaaaaaaaaa/final"}))
+        _enrol(root / "site", 1, seed=1, label=label)
+        got = [ask_site(client_app, node, "query.info", {})]
+        got += [ask_site(client_app, node, "query.clinical_sums", {**sums, "fold": f, "study-id": f"bbbbbbbbbbbb/{t}"})
+                for f, t in ((-1, "final"), (0, "cv"), (1, "cv"))]
+        replies.append([(r.error.reason if r.has_error() else (dict(r.content["metrics"]), dict(r.content.get("notes", {}))))
+                        for r in got])
+    assert replies[0] == replies[1]
+    assert all("patient(s)" not in str(r) for r in replies[0])
