@@ -272,8 +272,8 @@ class Study:
                 break
             except _SiteLeft as left:  # refit without the site that refused (e.g. a crafted-looking step)
                 self._drop_refused(fit, left.replies, "CF model fit", "train")
-            except LogisticFitError as exc:
-                raise StudyError(f"CF model, {fit.tag} fold {fit.fold}: {exc}") from None
+            except LogisticFitError as exc:  # e.g. a small site alone separates: the fit does not exist
+                return {"error": str(exc)}
         else:
             return None
         return {"beta": np.asarray(res.beta).tolist(), "cov": np.asarray(res.cov).tolist(),
@@ -376,6 +376,10 @@ class Study:
                     cf = self.fit_cf(fit, mean, std)
                     if cf is None:
                         self.sit_out(fit.tag, fit.fold, "(every training site)", "CF model", "no training site left")
+                        self.state.setdefault("not_computed", []).append([fit.tag, "cf"])
+                    elif "error" in cf:  # reported n/a for this fit tag, the rest of the study goes on
+                        self.sit_out(fit.tag, fit.fold, "(every training site)", "CF model", f"not computable: {cf['error']}")
+                        self.state.setdefault("not_computed", []).append([fit.tag, "cf"])
                     else:
                         self.state["cf"][f"{fit.tag}/{fit.fold}"] = {**cf, "mean": mean.tolist(), "std": std.tolist()}
                         self.evaluate(fit, "cf", mean, std, None, beta=cf["beta"], store=True)
@@ -386,6 +390,7 @@ class Study:
                         arrays = self.fit_dl(i, fit, model, mean, std, start, arrays)
                     if arrays is None:
                         self.sit_out(fit.tag, fit.fold, "(every training site)", f"{model} model", "no training site left")
+                        self.state.setdefault("not_computed", []).append([fit.tag, model])
                     else:
                         self.evaluate(fit, model, mean, std, arrays, store=True)
                         if fit.fold < 0:
@@ -399,7 +404,9 @@ class Study:
         """Each site's result rows, then the Youden threshold on the pooled out-of-fold cells of the
         training sites (applied to every cohort by the report)."""
         incomplete = {tuple(x) for x in self.state.get("incomplete", [])}
-        skipped_fits = {(e["tag"], e["fold"]) for e in self.state["sat_out"] if e["site"] == "(every training site)"}
+        not_computed = {tuple(x) for x in self.state.get("not_computed", [])}
+        skipped_fits = {(e["tag"], e["fold"]) for e in self.state["sat_out"]
+                        if e["site"] == "(every training site)" and e["step"] == "the whole fit"}
         summaries = []
         for tag in dict.fromkeys(f.tag for f in self.plan):
             fits = [f for f in self.plan if f.tag == tag]
@@ -409,7 +416,10 @@ class Study:
             sites = sorted({s for f in fits for s in (f.val if kind == "oof" else f.test)})
             sites = [s for s in sites if (tag, s) not in incomplete
                      and all(s in (f.val if kind == "oof" else f.test) for f in fits)]
-            req = {"study-id": f"{self.state['study_id']}/{tag}", "models": ",".join(self.models), "kind": kind,
+            models = [m for m in self.models if (tag, m) not in not_computed]  # a model missing in a fold: n/a
+            if not models:
+                continue
+            req = {"study-id": f"{self.state['study_id']}/{tag}", "models": ",".join(models), "kind": kind,
                    "folds": int(self.cfg["folds"])}
             replies = self.fed.ask(sites, "query.summary", req, group=f"summary/{tag}")
             for site, reason in replies.refused.items():

@@ -69,6 +69,8 @@ def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
         m = s["metrics"]
         cohort = cohort_label(s["tag"], s["kind"], s["site"], folds)
         for model in models:
+            if f"{model}.auc" not in m:  # not computable for this fit (e.g. a separated CF fit): see sat_out
+                continue
             row = {"model": model, "cohort": cohort, "site": s["site"], "tag": s["tag"], "kind": s["kind"]}
             row.update({k: _f(m[f"{model}.{k}"]) for k in EXACT_FIELDS})
             row["n"], row["n_pos"] = int(m[f"{model}.n"]), int(m[f"{model}.n_pos"])

@@ -204,3 +204,30 @@ def test_folds_and_patient_order_do_not_depend_on_the_cache_salt(tmp_path):
     assert a.data.keys != b.data.keys  # different salted keys ...
     np.testing.assert_array_equal(a.data.images, b.data.images)  # ... same patient order
     np.testing.assert_array_equal(a.fold_ids(3, 7), b.fold_ids(3, 7))
+
+
+def test_a_cf_fit_that_does_not_exist_is_reported_and_the_study_goes_on(tmp_path):
+    """A small site alone whose CEA separates SLM completely (and whose other features are constant):
+    its site-alone CF fit has no maximum-likelihood estimate. The study reports it and goes on."""
+    from client.cache import atomic_write_json, load_cache, write_patient
+    from common.clinical import encode_row
+
+    root = tmp_path / "separated"
+    make_cache(root, 24, seed=13, site_name="hospital-c", prevalence=0.5)
+    manifest = json.loads((root / "manifest.json").read_text())
+    data = load_cache(root)
+    for i, key in enumerate(data.keys):
+        y = int(data.labels[i])
+        sha = write_patient(root, key, data.images[i], encode_row("M", "low", 50.0 if y else 1.0, 10.0), y)
+        manifest["patients"][key]["sha256"] = sha
+    atomic_write_json(root / "manifest.json", manifest)
+    nodes = [{"cache-dir": str(root), "site-name": "hospital-c", "min-cell-size": 3}]
+    for name, n, seed in (("hospital-a", 80, 21), ("hospital-b", 60, 22)):
+        make_cache(tmp_path / name, n, seed=seed, site_name=name, prevalence=0.4)
+        nodes.append({"cache-dir": str(tmp_path / name), "site-name": name, "min-cell-size": 3})
+    _, state, res, _ = run(nodes, tmp_path / "multi", scenario="multisite", models="cf", **{"cf-l2": 0.0})
+    na = [e for e in state["sat_out"] if e["tag"] == "local-hospital-c" and e["step"] == "CF model"]
+    assert na and all(e["reason"].startswith("not computable: ") for e in na)
+    cohorts = {r["cohort"] for r in res["rows"]}
+    assert "hospital-c: site alone, 2-fold CV" not in cohorts  # n/a, not a made-up number
+    assert "hospital-c: 2-fold CV" in cohorts and "hospital-a: leave-center-out" in cohorts  # the rest stands
