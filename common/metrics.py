@@ -546,13 +546,17 @@ def operating_point_from_cells(edges, neg, pos, threshold: float) -> dict:
 
 
 def net_benefit_from_cells(edges, neg, pos, thresholds=None) -> np.ndarray:
-    """Net benefit per threshold from cells (see count_at_or_above for thresholds inside a cell)."""
+    """Net benefit per threshold from cells: exact at every cell edge (0 at t -> 1, the prevalence at
+    t = 0), joined by straight lines in between. (Splitting a wide cell's counts evenly instead makes
+    the FP term, weighted by t / (1 - t), swing wildly near t = 1: a curve the data never showed.)"""
     e, n, p = _check_cells(edges, neg, pos)
     t = _check_thresholds(thresholds)
     total = n.sum() + p.sum()
     if total == 0:
         raise ValueError("cells: expected at least one patient, found none")
-    return count_at_or_above(e, p, t) / total - count_at_or_above(e, n, t) / total * t / (1.0 - t)
+    inner = e[1:-1]
+    nb_inner = (count_at_or_above(e, p, inner) - count_at_or_above(e, n, inner) * inner / (1.0 - inner)) / total
+    return np.interp(t, np.concatenate([[0.0], inner, [1.0]]), np.concatenate([[p.sum() / total], nb_inner, [0.0]]))
 
 
 def pool_cells(parts: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

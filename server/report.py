@@ -246,7 +246,7 @@ def render_report(res: dict) -> str:
     comm = res.get("communication") or {}
     lines += ["", "## Figures", "", "ROC: `roc-*.png` (the curve through the k-safe cells, labelled with the exact AUC; "
               "none for a model whose scores at a site fit in one cell); "
-              "decision curves: `dca-*.png`; calibration: `calibration-*.png` (one point per cell); "
+              "decision curves: `dca-*.png` (exact at the cells' edges, straight lines between); calibration: `calibration-*.png` (one point per cell); "
               "learning curves: `learning-curves.png`."]
     if comm:
         lines += ["", f"Bytes per client per round (weights): {comm.get('per-client-per-round')} "
