@@ -210,7 +210,6 @@ class Gate:
 
     def __post_init__(self) -> None:
         self._state: dict | None = None
-        self._pending: list[dict] = []
 
     @property
     def k(self) -> int:
@@ -272,7 +271,10 @@ class Gate:
             self.state["partitions"].append({c: sorted(m) for c, m in group.items()})
 
     def _differencing(self, group: dict[str, set[str]], released: list[dict], what: str) -> bool:
-        """True when `group` equals a released group; Refused when it differs from one by 1..k-1 in a class."""
+        """True when `group` equals a released group; Refused when it differs from one by 1..k-1 in a class.
+
+        Stopping at the first equal group is enough: every pair in the ledger passed this check when
+        the later one was added, so a group equal to one of them differs from the others by 0 or >= k."""
         for old in released:
             same = True
             for cls, members in group.items():
