@@ -61,8 +61,8 @@ def _handle(msg: Message, context: Context, fn: Callable[[study.Site, Any, dict]
         content["notes"] = ConfigRecord({k: str(v) for k, v in notes.items()})
     if arrays is not None:
         content["arrays"] = arrays
-    for name, record in extra.items():
-        content[name] = record
+    for record_name, record in extra.items():  # info: the site's name and its policy, read-only
+        content[record_name] = record
     return Message(content=content, reply_to=msg)
 
 
