@@ -40,11 +40,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from common.config import SENT_MODEL_KEYS, ConfigError, coerce_value
+from common.config import MODELS, SENT_MODEL_KEYS, ConfigError, coerce_value
 
 log = logging.getLogger(__name__)
 
-MODELS = ("cf", "dl", "combined")
 # "<12 hex study id>/<fit tag>"; fit tags are the protocol's (server/protocol.py study_plan)
 STUDY_ID = re.compile(r"^(?P<study>[0-9a-f]{12})/(?P<tag>cv|final|central|(?:loco|local)-[a-z0-9][a-z0-9_-]{0,62})$")
 LOGISTIC_QUERIES = 200  # Newton steps x line-search halvings of one CF fit, with a wide margin
@@ -217,12 +216,12 @@ class Gate:
 
     def answer(self, message_type: str, fn: Callable[[], Any]) -> Any:
         """Run `fn` (which calls the checks below) in a ledger transaction; commit only on success.
-        `fn` returns the reply's metrics, or a tuple whose first item they are."""
+        `fn` returns a tuple whose first item is the reply's metrics."""
         with self.ledger.transaction() as state:
             self._state = state
             try:
                 out = fn()
-                check_reply(message_type, out[0] if isinstance(out, tuple) else out, self.k)
+                check_reply(message_type, out[0], self.k)
             finally:
                 self._state = None
         return out

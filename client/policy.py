@@ -43,10 +43,6 @@ class SitePolicy:
         these keys and refused them from the run config."""
         return cls(**{k.replace("-", "_"): cfg[k] for k in SITE_POLICY_KEYS if k != "privacy-ledger"})
 
-    @property
-    def k(self) -> int:
-        return self.min_cell_size
-
     def as_record(self) -> dict[str, Any]:
         """The policy as the site reports it to the coordinator (read-only information)."""
         return {k.replace("_", "-"): (int(v) if isinstance(v, bool) else v) for k, v in asdict(self).items()}
@@ -89,7 +85,3 @@ class Ledger:
                     atomic_write_json(self.path, state)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def snapshot(self) -> dict[str, Any]:
-        with self.transaction() as state:
-            return json.loads(json.dumps(state))

@@ -26,10 +26,8 @@ from client.disclosure import LOGISTIC_QUERIES, Gate, Refused, digest
 from client.policy import Ledger, SitePolicy
 from common import metrics as M
 from common.clinical import standardise
+from common.config import MODELS
 from common.logistic import add_intercept, suff_stats
-
-MODELS = ("cf", "dl", "combined")
-
 
 class StudyError(RuntimeError):
     """The site cannot do what the server asked (e.g. train without labels)."""
@@ -324,7 +322,7 @@ def summary(site: Site, gate: Gate, req: Mapping[str, Any]) -> tuple[dict[str, A
             out[f"{m}.{k}"] = s[k]
         if not np.isfinite(s["calib_intercept"]):
             notes[f"{m}.calib_intercept"] = "undefined: no finite fit (e.g. hard 0/1 scores)"
-        if site.policy.share_histograms:
+        if gate.policy.share_histograms:
             edges, neg, pos, cell = gate.cells(y, p)
             out[f"{m}.cell-edges"], out[f"{m}.cell-neg"], out[f"{m}.cell-pos"] = edges, neg, pos
             sums = np.bincount(cell, weights=p, minlength=len(neg))

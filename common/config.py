@@ -227,13 +227,16 @@ def flower_run_config_defaults() -> dict[str, Any]:
     return {k: SCHEMA[k].default for k in study_keys}
 
 
+MODELS = ("cf", "dl", "combined")  # the study's three models, in protocol order
+
+
 def model_list(cfg: Mapping[str, Any]) -> list[str]:
     """Parse the `models` key into a validated list, in protocol order."""
     names = [m.strip() for m in str(cfg["models"]).split(",") if m.strip()]
-    bad = [m for m in names if m not in ("cf", "dl", "combined")]
+    bad = [m for m in names if m not in MODELS]
     if bad or not names:
         raise ConfigError(f"config key 'models': expected a comma list of cf, dl, combined, found {cfg['models']!r}")
-    return [m for m in ("cf", "dl", "combined") if m in names]
+    return [m for m in MODELS if m in names]
 
 
 # --- how the apps get their settings -------------------------------------------------------------

@@ -61,6 +61,13 @@ def to_metric_record(values: Mapping[str, Any]) -> MetricRecord:
     return MetricRecord(out)
 
 
+def score_cells(metrics: Mapping[str, Any], model: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(edges, neg, pos) of a model's k-safe score cells in a site's summary reply; None when withheld."""
+    if f"{model}.cell-edges" not in metrics:
+        return None
+    return tuple(np.asarray(metrics[f"{model}.cell-{k}"], dtype=np.float64) for k in ("edges", "neg", "pos"))
+
+
 def to_config_record(values: Mapping[str, Any]) -> ConfigRecord:
     out: dict[str, Any] = {}
     for k, v in values.items():

@@ -39,7 +39,7 @@ from flwr.serverapp.strategy.strategy_utils import (
 from common import metrics as M
 from common.config import SENT_MODEL_KEYS, model_list
 from common.logistic import LogisticFitError, newton_fit
-from common.records import SITE_CANNOT, SITE_REFUSED, to_config_record
+from common.records import SITE_CANNOT, SITE_REFUSED, score_cells, to_config_record
 from server.checkpoint import Checkpoint, StudyInterrupted
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class Study:
         else:
             self.state = {"study_id": uuid.uuid4().hex[:12], "position": {"fit": 0, "model": 0, "round": 0},
                           "evaluations": [], "cf": {}, "history": [], "bytes": {}, "sat_out": [], "fits": {}}
-        for key, empty in (("sat_out", []), ("fits", {}), ("released", {})):
+        for key, empty in (("sat_out", []), ("fits", {}), ("released", {}), ("incomplete", []), ("not_computed", [])):
             self.state.setdefault(key, empty)
         self.fed.released = self.state["released"]  # what left each site, kept across resumes
         info = self.fed.ask(self.fed.node_ids, "query.info", {})
@@ -227,10 +227,17 @@ class Study:
             self.state["sat_out"].append(entry)
             self.say(f"{site} sits out {tag} fold {fold} ({step}): {reason}")
 
-    def _drop_refused(self, fit: Fit, replies: Replies, step: str, role: str) -> None:
+    def _drop_refused(self, fit: Fit, replies: Replies, step: str, role: str) -> list[str]:
+        """The refusing sites sit out `step` and leave `role` of this fit (only); returns them."""
         for site, reason in replies.refused.items():
             self.sit_out(fit.tag, fit.fold, site, step, reason)
-            setattr(fit, role, [s for s in getattr(fit, role) if s != site])  # this fit only
+            setattr(fit, role, [s for s in getattr(fit, role) if s != site])
+        return list(replies.refused)
+
+    def _not_computed(self, fit: Fit, models: list[str], step: str, reason: str) -> None:
+        """These models of this fit do not exist: reported, and left out of the fit tag's summaries."""
+        self.sit_out(fit.tag, fit.fold, "(every training site)", step, reason)
+        self.state["not_computed"] += [[fit.tag, m] for m in models]
 
     # -- helpers --
     def _base(self, fit: Fit) -> dict:
@@ -293,11 +300,9 @@ class Study:
                 continue
             replies = self.fed.ask(sites, "evaluate", {**base, "part": part}, arrays=arrays,
                                    group=f"{fit.tag}/{fit.fold}/{model}/eval")
-            for site, reason in replies.refused.items():
-                # not asked again in this fit; its summary for this fit tag would miss this fold
-                self.sit_out(fit.tag, fit.fold, site, f"evaluation ({part}, from {model})", reason)
-                setattr(fit, role, [s for s in getattr(fit, role) if s != site])
-                self.state.setdefault("incomplete", []).append([fit.tag, site])
+            # not asked again in this fit; its summary for this fit tag would miss this fold
+            for site in self._drop_refused(fit, replies, f"evaluation ({part}, from {model})", role):
+                self.state["incomplete"].append([fit.tag, site])
             for site, content in replies.items():
                 m = metrics_of(content)
                 rec = {"tag": fit.tag, "fold": fit.fold, "model": model, "site": site, "part": part,
@@ -364,7 +369,7 @@ class Study:
             std_ = self.standardisation(fit)
             self.state["fits"][str(i)] = asdict(fit)
             if std_ is None:
-                self.sit_out(fit.tag, fit.fold, "(every training site)", "the whole fit", "no training site left")
+                self._not_computed(fit, self.models, "the whole fit", "no training site left")
                 self.state["position"] = {"fit": i + 1, "model": 0, "round": 0}
                 continue
             mean, std = std_
@@ -375,11 +380,9 @@ class Study:
                 if model == "cf":
                     cf = self.fit_cf(fit, mean, std)
                     if cf is None:
-                        self.sit_out(fit.tag, fit.fold, "(every training site)", "CF model", "no training site left")
-                        self.state.setdefault("not_computed", []).append([fit.tag, "cf"])
+                        self._not_computed(fit, ["cf"], "CF model", "no training site left")
                     elif "error" in cf:  # reported n/a for this fit tag, the rest of the study goes on
-                        self.sit_out(fit.tag, fit.fold, "(every training site)", "CF model", f"not computable: {cf['error']}")
-                        self.state.setdefault("not_computed", []).append([fit.tag, "cf"])
+                        self._not_computed(fit, ["cf"], "CF model", f"not computable: {cf['error']}")
                     else:
                         self.state["cf"][f"{fit.tag}/{fit.fold}"] = {**cf, "mean": mean.tolist(), "std": std.tolist()}
                         self.evaluate(fit, "cf", mean, std, None, beta=cf["beta"], store=True)
@@ -389,8 +392,7 @@ class Study:
                     if start < int(self.cfg["num-rounds"]):
                         arrays = self.fit_dl(i, fit, model, mean, std, start, arrays)
                     if arrays is None:
-                        self.sit_out(fit.tag, fit.fold, "(every training site)", f"{model} model", "no training site left")
-                        self.state.setdefault("not_computed", []).append([fit.tag, model])
+                        self._not_computed(fit, [model], f"{model} model", "no training site left")
                     else:
                         self.evaluate(fit, model, mean, std, arrays, store=True)
                         if fit.fold < 0:
@@ -403,20 +405,17 @@ class Study:
     def summarise(self) -> dict:
         """Each site's result rows, then the Youden threshold on the pooled out-of-fold cells of the
         training sites (applied to every cohort by the report)."""
-        incomplete = {tuple(x) for x in self.state.get("incomplete", [])}
-        not_computed = {tuple(x) for x in self.state.get("not_computed", [])}
-        skipped_fits = {(e["tag"], e["fold"]) for e in self.state["sat_out"]
-                        if e["site"] == "(every training site)" and e["step"] == "the whole fit"}
+        incomplete = {tuple(x) for x in self.state["incomplete"]}
+        not_computed = {tuple(x) for x in self.state["not_computed"]}
         summaries = []
         for tag in dict.fromkeys(f.tag for f in self.plan):
             fits = [f for f in self.plan if f.tag == tag]
             kind = "oof" if fits[0].fold >= 0 else "final"
-            if any((f.tag, f.fold) in skipped_fits for f in fits):
-                continue  # a fold without a model: no complete out-of-fold predictions anywhere
             sites = sorted({s for f in fits for s in (f.val if kind == "oof" else f.test)})
             sites = [s for s in sites if (tag, s) not in incomplete
                      and all(s in (f.val if kind == "oof" else f.test) for f in fits)]
-            models = [m for m in self.models if (tag, m) not in not_computed]  # a model missing in a fold: n/a
+            # a model missing in one fold (or a fit without any model) has no complete predictions: n/a
+            models = [m for m in self.models if (tag, m) not in not_computed]
             if not models:
                 continue
             req = {"study-id": f"{self.state['study_id']}/{tag}", "models": ",".join(models), "kind": kind,
@@ -445,9 +444,8 @@ def development_thresholds(summaries: list[dict], models: list[str]) -> dict[str
     out = {}
     for model in models:
         for tags in (("cv",), None):
-            parts = [(s["metrics"][f"{model}.cell-edges"], s["metrics"][f"{model}.cell-neg"], s["metrics"][f"{model}.cell-pos"])
-                     for s in summaries if s["kind"] == "oof" and (tags is None or s["tag"] in tags)
-                     and f"{model}.cell-edges" in s["metrics"]]
+            parts = [c for s in summaries if s["kind"] == "oof" and (tags is None or s["tag"] in tags)
+                     and (c := score_cells(s["metrics"], model)) is not None]
             if parts:
                 edges, neg, pos = M.pool_cells(parts)
                 if neg.sum() > 0 and pos.sum() > 0:

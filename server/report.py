@@ -22,6 +22,7 @@ from common import plots
 from common.atomic import atomic_write_json, atomic_write_text
 from common.clinical import FEATURE_NAMES
 from common.logistic import LogisticCF
+from common.records import score_cells
 
 MODEL_LABEL = {"cf": "CF model", "dl": "MRI DL model", "combined": "Combined DL model"}
 # The paper's abstract (doi 10.1186/s12880-025-01692-3); printed beside, never compared as if the same data.
@@ -52,13 +53,6 @@ def _f(x: Any) -> float | None:
     return None if math.isnan(x) else x
 
 
-def _cells(m: dict, model: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    if f"{model}.cell-edges" not in m:
-        return None
-    return (np.asarray(m[f"{model}.cell-edges"], float), np.asarray(m[f"{model}.cell-neg"], float),
-            np.asarray(m[f"{model}.cell-pos"], float))
-
-
 def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
     models = [m for m in ("cf", "dl", "combined") if any(f"{m}.auc" in s["metrics"] for s in state["summaries"])]
     folds = int(cfg["folds"])
@@ -77,7 +71,7 @@ def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
             row["threshold"] = thresholds.get(model)
             row.update({k: None for k in OPERATING_FIELDS})
             row["cells"], row["operating_point_interpolated"], row["binned_auc_error_bound"] = None, None, None
-            cells = _cells(m, model)
+            cells = score_cells(m, model)
             curve = curves.setdefault(cohort, {})[model] = {}
             if cells is not None:
                 edges, neg, pos = cells
@@ -98,7 +92,7 @@ def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
                               "calib_mean_pred": list(m[f"{model}.calib-mean-pred"]), "calib_obs_rate": obs.tolist()})
             rows.append(row)
         n, n_pos = int(m["num-examples"]), int(m["num-positive"])
-        curves[cohort]["treat_all"] = (n_pos / n - (1 - n_pos / n) * t_grid / (1 - t_grid)).tolist()
+        curves[cohort]["treat_all"] = M.net_benefit_treat_all(np.repeat([1, 0], [n_pos, n - n_pos]), t_grid).tolist()
         for other in ("cf", "dl"):
             if f"delong.combined-vs-{other}.p" in m:
                 key = f"delong.combined-vs-{other}"
@@ -108,7 +102,7 @@ def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
     cv = [s for s in state["summaries"] if s["tag"] == "cv"]
     if len(cv) > 1:
         for model in models:  # several training sites: pool their out-of-fold cells
-            parts = [c for s in cv if (c := _cells(s["metrics"], model)) is not None]
+            parts = [c for s in cv if (c := score_cells(s["metrics"], model)) is not None]
             if len(parts) == len(cv):
                 _, neg, pos = M.pool_cells(parts)
                 pooled.append({"model": model, "cohort": "all training sites: pooled CV (k-safe cells)",
