@@ -384,3 +384,86 @@ def test_refusals_do_not_tell_the_new_patients_label(tmp_path):
                         for r in got])
     assert replies[0] == replies[1]
     assert all("patient(s)" not in str(r) for r in replies[0])
+
+
+# ---- 6. the training path and the lifetime caps ----------------------------------------------------
+def _train_request(study=f"{STUDY}/final", fold=-1, rnd=1):
+    from common.config import SENT_MODEL_KEYS
+
+    cfg = load_config(run_config={"augment": False, "local-epochs": 1, "batch-size": 8, "clinical-embed-dim": 4})
+    return {"fold": fold, "folds": 5, "seed": 1, "study-id": study, "model": "dl", "round": rnd, "num-rounds": 2,
+            **STD, **{k: cfg[k] for k in SENT_MODEL_KEYS}}
+
+
+def _weights(scale: float = 1.0, bad_shape: bool = False):
+    import torch
+    from flwr.app import ArrayRecord
+
+    from common.model import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config(run_config={"clinical-embed-dim": 4})
+    state = build_model(cfg, 3, 2, 7, use_clinical=False).state_dict()
+    if bad_shape:
+        key = next(k for k, v in state.items() if v.ndim > 1)
+        state[key] = torch.zeros(tuple(s + 1 for s in state[key].shape))
+    return ArrayRecord({k: (v * scale if v.is_floating_point() else v) for k, v in state.items()})
+
+
+def test_training_replies_are_gated_like_every_statistic(tmp_path):
+    """Weights trained on a group are a statistic of that group: a fold that differences against the
+    released cohort is refused, weights of another shape or non-finite weights are refused before
+    training, and a second training of the same round with other weights is refused."""
+    make_cache(tmp_path / "site", 31, seed=5, site_name="small", shape=(3, 40, 40))
+    node = {"cache-dir": str(tmp_path / "site"), "site-name": "small"}
+    first = ask_site(client_app, node, "train", _train_request(), arrays=_weights())
+    assert metrics(first)["num-examples"] == 31 and "arrays" in first.content
+    # the same round again with other weights: a second look at the same group
+    assert rule_of(ask_site(client_app, node, "train", _train_request(), arrays=_weights(scale=2.0))) == "query-budget"
+    # all patients minus fold 0 (6 or so patients) is the released cohort minus a small group
+    fold = ask_site(client_app, node, "train", _train_request(study=f"{STUDY}/cv", fold=0), arrays=_weights())
+    assert rule_of(fold) == "no-differencing"
+    bad = ask_site(client_app, node, "train", _train_request(rnd=2), arrays=_weights(bad_shape=True))
+    assert rule_of(bad) == "model-weights"
+    nan = ask_site(client_app, node, "train", _train_request(rnd=2), arrays=_weights(scale=float("nan")))
+    assert rule_of(nan) == "model-weights"
+
+
+def test_lifetime_caps_on_groups_and_studies(tmp_path):
+    make_cache(tmp_path / "site", 120, seed=8, site_name="h", shape=SHAPE, prevalence=0.5)
+    node = {"cache-dir": str(tmp_path / "site"), "site-name": "h", "min-cell-size": 5, "max-partitions": 3,
+            "max-studies": 2}
+    sums = lambda fold, study: {"fold": fold, "folds": 2, "seed": 1, "study-id": f"{study}/{'cv' if fold >= 0 else 'final'}"}  # noqa: E731
+    assert metrics(ask_site(client_app, node, "query.clinical_sums", sums(-1, "aaaaaaaaaaaa")))  # group 1: all
+    assert metrics(ask_site(client_app, node, "query.clinical_sums", sums(0, "aaaaaaaaaaaa")))   # group 2
+    assert metrics(ask_site(client_app, node, "query.clinical_sums", sums(1, "aaaaaaaaaaaa")))   # group 3
+    # a fourth group (other folds) exceeds max-partitions; a known group in a new study is still fine
+    fourth = ask_site(client_app, node, "query.clinical_sums", {**sums(0, "aaaaaaaaaaaa"), "folds": 3})
+    assert rule_of(fourth) == "max-partitions"
+    assert metrics(ask_site(client_app, node, "query.clinical_sums", sums(-1, "bbbbbbbbbbbb")))
+    # a third study exceeds max-studies, whatever it asks
+    assert rule_of(ask_site(client_app, node, "query.clinical_sums", sums(-1, "cccccccccccc"))) == "max-studies"
+
+
+def test_cf_statistics_are_answered_at_most_200_times_per_fit(small_site):
+    from client.disclosure import LOGISTIC_QUERIES
+
+    base = {"fold": -1, "folds": 5, "seed": 1, "study-id": f"{STUDY}/final", **STD}
+    for i in range(LOGISTIC_QUERIES):
+        beta = [0.0] * 7 + [i / 1000.0]
+        metrics(ask_site(client_app, small_site, "query.logistic_stats", {**base, "beta": beta}))
+    over = ask_site(client_app, small_site, "query.logistic_stats", {**base, "beta": [0.0] * 7 + [0.5]})
+    assert rule_of(over) == "query-budget"
+    # the same step again (a retried message) is still answered: nothing new leaves
+    assert metrics(ask_site(client_app, small_site, "query.logistic_stats", {**base, "beta": [0.0] * 8}))
+
+
+def test_prediction_paths_stay_in_the_study_folder_even_past_validation(tmp_path):
+    from client import study
+
+    make_cache(tmp_path / "site", 20, seed=1, site_name="h", shape=SHAPE)
+    site = study.Site.open(load_config(node_config={"cache-dir": str(tmp_path / "site")}))
+    for sid, model, part in (("../../x", "cf", "all"), (f"{STUDY}/final", "../cf", "all"), (f"{STUDY}/final", "cf", "../x")):
+        with pytest.raises(study.StudyError, match="outside"):
+            site.store_predictions(sid, model, -1, part, site.data.keys, site.data.labels, np.zeros(20))
+    assert not list(tmp_path.parent.glob("x*")) and not (tmp_path / "x").exists()
