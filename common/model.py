@@ -1,6 +1,6 @@
 """The ResNet fusion model behind the paper's "MRI DL" and "Combined DL" models.
 
-A MONAI ResNet (resnet10/18/34, 2D or 3D, one input channel per MRI sequence, no pretrained
+A MONAI ResNet (resnet10/18/34 depths, basic blocks without in-place operations, 2D or 3D, one input channel per MRI sequence, no pretrained
 weights: nothing is ever downloaded) turns the tumour crop into a pooled feature vector. The
 Combined model concatenates a small embedding of the standardised clinical vector
 (common.clinical.FEATURE_NAMES) to it; a two-layer head gives one logit, to which the Combined
@@ -39,10 +39,11 @@ from typing import Any, Mapping
 
 import torch
 from monai.networks.layers import get_norm_layer
-from monai.networks.nets import resnet10, resnet18, resnet34
+from monai.networks.nets.resnet import ResNet, ResNetBlock, get_inplanes
 from torch import nn
 
-BACKBONES = {"resnet10": resnet10, "resnet18": resnet18, "resnet34": resnet34}
+# basic-block depths of MONAI's resnet10 / resnet18 / resnet34 factories
+BACKBONES = {"resnet10": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
 NORMS = ("batch", "instance", "group")
 GROUP_NORM_GROUPS = 32
 
@@ -56,6 +57,25 @@ def norm_spec(norm: str, min_channels: int) -> tuple[str, dict[str, Any]]:
     if norm == "group":
         return ("group", {"num_groups": math.gcd(GROUP_NORM_GROUPS, min_channels)})
     raise ValueError(f"norm: expected one of {', '.join(NORMS)}, found {norm!r}")
+
+
+class OutOfPlaceResNetBlock(ResNetBlock):
+    """MONAI's basic block without in-place operations.
+
+    MONAI adds the residual in place (`out += residual`) after an in-place ReLU; every Opacus
+    grad-sample mode (DP-SGD, client/dp.py) rejects that ("Output 0 of BackwardHookFunction is a view
+    and is being modified inplace"). The same additions and ReLUs out of place give bit-identical
+    outputs, gradients and initial weights (tests/test_model.py checks this against MONAI's block)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.act = nn.ReLU(inplace=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        residual = x if self.downsample is None else self.downsample(x)
+        return self.act(out + residual)
 
 
 def _swap_norms(module: nn.Module, norm: tuple[str, dict[str, Any]], spatial_dims: int) -> None:
@@ -118,19 +138,22 @@ class FusionResNet(nn.Module):
         self.n_clinical = n_clinical
         self.use_clinical = use_clinical
         norm_arg = norm_spec(norm, min_width)
-        self.backbone = BACKBONES[backbone](
-            pretrained=False,
+        self.backbone = ResNet(
+            OutOfPlaceResNetBlock,
+            BACKBONES[backbone],
+            get_inplanes(),
             spatial_dims=spatial_dims,
             n_input_channels=n_channels,
             feed_forward=False,
             widen_factor=widen_factor,
             norm=norm_arg,
+            act=("relu", {"inplace": False}),
             **stem,
         )
         _swap_norms(self.backbone, norm_arg, spatial_dims)
         n_image = int(512 * widen_factor)  # basic blocks: last stage width = 512 * widen_factor
         if use_clinical:
-            self.clinical_embed = nn.Sequential(nn.Linear(n_clinical, clinical_embed_dim), nn.ReLU(inplace=True))
+            self.clinical_embed = nn.Sequential(nn.Linear(n_clinical, clinical_embed_dim), nn.ReLU())
             # "wide and deep": a linear clinical term added to the logit, so the Combined model can
             # represent the CF logistic model exactly and the image branch only has to add to it
             self.clinical_linear = nn.Linear(n_clinical, 1)
@@ -142,7 +165,7 @@ class FusionResNet(nn.Module):
             self.clinical_linear = None
             n_fused = n_image
         self.head = nn.Sequential(
-            nn.Linear(n_fused, head_hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(head_hidden, 1)
+            nn.Linear(n_fused, head_hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(head_hidden, 1)
         )
 
     @torch.no_grad()

@@ -138,3 +138,44 @@ def test_combined_model_warm_started_from_cf_predicts_exactly_the_cf_model():
     np.testing.assert_allclose(p, cf.predict_proba(x), atol=1e-5)
     with pytest.raises(ValueError, match="expected 8 coefficients, found 3"):
         net.start_from_logistic([0.0, 1.0, 2.0])
+
+
+@pytest.mark.parametrize("backbone", ["resnet10", "resnet18", "resnet34"])
+def test_out_of_place_blocks_equal_monai_resnet_bit_for_bit(backbone):
+    """The out-of-place blocks (needed by Opacus) change nothing: same initial weights as MONAI's own
+    factory for the same seed, and the same outputs and gradients as MONAI's in-place block."""
+    from monai.networks.nets import resnet10, resnet18, resnet34
+    from monai.networks.nets.resnet import ResNetBlock
+
+    from common.model import OutOfPlaceResNetBlock
+
+    factory = {"resnet10": resnet10, "resnet18": resnet18, "resnet34": resnet34}[backbone]
+    # same seed, same construction order -> the same initial weights as MONAI's factory
+    torch.manual_seed(3)
+    ref = factory(pretrained=False, spatial_dims=2, n_input_channels=3, feed_forward=False, conv1_t_size=7, conv1_t_stride=2)
+    torch.manual_seed(3)
+    ours = FusionResNet(backbone=backbone, norm="batch").backbone  # "batch": MONAI's own norm, nothing swapped
+    assert list(ref.state_dict()) == list(ours.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), ours.state_dict().values()))
+
+    # the same weights run through MONAI's in-place block: outputs and gradients bit-identical
+    ours_instance = FusionResNet(backbone=backbone, norm="instance", use_clinical=False)
+    inplace = FusionResNet(backbone=backbone, norm="instance", use_clinical=False)
+    inplace.load_state_dict(ours_instance.state_dict())
+    blocks = [m for m in inplace.modules() if isinstance(m, OutOfPlaceResNetBlock)]
+    assert blocks
+    for m in blocks:
+        m.__class__ = ResNetBlock
+        m.act = nn.ReLU(inplace=True)
+    inplace.backbone.act = nn.ReLU(inplace=True)
+    x = torch.randn(4, 3, 64, 64)
+    outs, grads = [], []
+    for net in (ours_instance, inplace):
+        net.train()
+        torch.manual_seed(0)  # dropout
+        out = net(x)
+        out.sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
