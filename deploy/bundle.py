@@ -7,11 +7,14 @@ where it gets installed, its settings) next to the files its commands point at.
 """
 from __future__ import annotations
 
+import re
 import shlex
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+import tomli_w
 
 from common.config import SCHEMA, SITE_POLICY_KEYS, ConfigError, load_config
 
@@ -21,15 +24,23 @@ DEFAULT_CACHE_DIR = "/srv/slmfed/cache"
 DEFAULT_STATE_DIR = "/var/lib/slmfed"
 DEFAULT_LOG_DIR = "/var/log/slmfed"
 DEFAULT_VENV = "/opt/slmfed/.venv"
-DEFAULT_SUPERLINK_PORT = 9092
+DEFAULT_SUPERLINK_PORT = 9092  # the public front door (nginx): the Fleet API only
+DEFAULT_INTERNAL_PORT = 9093   # the SuperLink itself (Fleet + Control + Runtime API), coordinator loopback only
+INTERNAL_HOST = "127.0.0.1"
+# The name nginx verifies on the SuperLink's certificate when it forwards Fleet calls (a SAN of the
+# server certificate; in the compose file also the SuperLink container's network alias).
+INTERNAL_NAME = "slmfed-superlink"
 DEFAULT_SUPERNODE_PORT = 9094
 # A site keeps retrying for a day when the coordinator is down (maintenance windows), then
 # systemd restarts it; never an unbounded loop that nobody notices.
 DEFAULT_MAX_RETRIES = 500
 DEFAULT_MAX_WAIT_TIME = 86400.0
-# subprocess: every ClientApp runs in its own short-lived OS process, as the SuperNode's own
-# unprivileged service user, inside the unit's sandbox; no extra service to run or secure.
-SUPERNODE_ISOLATION = "subprocess"
+# process: the SuperNode starts no app itself. The site's own launcher (`slmfed site launcher`,
+# deploy/launcher.py) takes each task from the SuperNode's Runtime API, checks the app's FAB hash
+# against the site's allow-list (approved-apps.toml) and only then starts the ClientApp, as another
+# user, in a sandbox without the SuperNode's key and without network egress. The Runtime API's task
+# hand-out is protected by a shared secret (superexec.secret) so no other local process takes tasks.
+SUPERNODE_ISOLATION = "process"
 
 # The site's privacy policy as `deploy init` writes it into each site's bundle.toml ([privacy]):
 # the defaults of common/config.py. The site's privacy officer owns and edits that table; the
@@ -52,11 +63,18 @@ def default_study_dir(cache_dir: str) -> str:
 CA_CERT = "ca.crt"
 SITE_KEY = "supernode.key"
 SITE_PUB = "supernode.pub"
+SUPEREXEC_SECRET = "superexec.secret"   # shared by the SuperNode and the site's launcher, 0600
+APPROVED_APPS = "approved-apps.toml"    # the site's allow-list of app (FAB) hashes
+LAUNCHER_UNIT = "slmfed-launcher.service"
+APP_USER = "slmfed-app"                 # the ClientApp's user: not the SuperNode's, cannot read its key
 # Coordinator bundle files
 SERVER_CERT = "certs/server.crt"
 SERVER_KEY = "certs/server.key"
 COORD_CA = "certs/ca.crt"
 SITE_KEYS_DIR = "site-keys"
+FRONT_DOOR = "nginx-slmfed.conf"        # the public front door (systemd host): exposes /v1/fleet/ only
+FRONT_DOOR_COMPOSE = "nginx-slmfed-compose.conf"  # the same for the compose file's nginx container
+SITE_REGISTRY = "site-registry.toml"    # which registered node (public key, node id) is which site
 
 
 class BundleError(ValueError):
@@ -140,13 +158,17 @@ def superlink_argv(
     ca_cert: str,
     server_cert: str,
     server_key: str,
-    host: str = "0.0.0.0",
-    port: int = DEFAULT_SUPERLINK_PORT,
+    host: str = INTERNAL_HOST,
+    port: int = DEFAULT_INTERNAL_PORT,
     database: str | None = None,
     log_file: str | None = None,
     program: str = "flower-superlink",
 ) -> list[str]:
-    """flower-superlink with TLS, SuperNode authentication, no runtime dependency installation."""
+    """flower-superlink with TLS, SuperNode authentication, no runtime dependency installation.
+
+    It listens on the coordinator's loopback (`host`): its Control API (register nodes, submit runs)
+    has no user authentication in OSS Flower, so only the front door (nginx, Fleet API only) is public.
+    """
     argv = [
         program,
         "--ssl-ca-certfile", ca_cert,
@@ -177,6 +199,8 @@ def supernode_argv(
     study_dir: str | None = None,
     privacy: dict[str, Any] | None = None,
     extra_node_config: dict[str, Any] | None = None,
+    superexec_secret: str,
+    runtime_host: str = "127.0.0.1",
     program: str = "flower-supernode",
 ) -> list[str]:
     """flower-supernode with the CA, its authentication key, the site's cache and bounded retries.
@@ -198,11 +222,20 @@ def supernode_argv(
         "--auth-supernode-private-key", private_key,
         "--node-config", node_config_arg(node_cfg),
         "--isolation", SUPERNODE_ISOLATION,
-        "--host", "127.0.0.1",
+        "--superexec-auth-secret-file", superexec_secret,
+        "--host", runtime_host,
         "--port", str(port),
         "--max-retries", str(max_retries),
         "--max-wait-time", str(max_wait_time),
     ]
+
+
+def launcher_argv(*, supernode: str, secret: str, approved: str, program: str = "slmfed",
+                  warm: bool = True) -> list[str]:
+    """The site's app launcher (deploy/launcher.py): runs only apps whose hash the site approved."""
+    argv = [program, "site", "launcher", "--supernode", supernode, "--secret-file", secret,
+            "--approved", approved]
+    return argv if warm else [*argv, "--no-warm"]
 
 
 def site_privacy(bundle: Bundle) -> dict[str, Any]:
@@ -259,7 +292,8 @@ def site_study_dir(bundle: Bundle, cache_dir: str | None = None) -> str:
 
 
 def site_argv(bundle: Bundle, *, cache_dir: str | None = None, installed: bool = True,
-              program: str = "flower-supernode", port: int | None = None) -> list[str]:
+              program: str = "flower-supernode", port: int | None = None,
+              runtime_host: str = "127.0.0.1") -> list[str]:
     """The SuperNode command of a site bundle; paths as installed, or into the bundle folder.
 
     Used by `deploy init` (systemd unit, compose file) and `slmfed site join`, so the same
@@ -282,7 +316,44 @@ def site_argv(bundle: Bundle, *, cache_dir: str | None = None, installed: bool =
             max_wait_time=float(node.get("max-wait-time", DEFAULT_MAX_WAIT_TIME)),
             study_dir=site_study_dir(bundle, cache_dir),
             privacy=site_privacy(bundle),
+            superexec_secret=where(SUPEREXEC_SECRET),
+            runtime_host=runtime_host,
             program=program,
         )
     except KeyError as exc:
         raise BundleError(f"{bundle.root / BUNDLE_FILE}: missing key {exc.args[0]!r}") from None
+
+
+# ---------------------------------------------------------------- the site's app allow-list
+
+FAB_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+def approved_apps_text(apps: dict[str, str]) -> str:
+    """approved-apps.toml: `[apps."<sha256 of the FAB>"] note = "..."`, one table per approved app."""
+    head = ("# Apps (FABs) this site approved: `slmfed site approve`. The site's launcher starts a ClientApp\n"
+            "# only when the app's SHA-256 is listed here; any other app is refused before any of its code runs.\n")
+    return head + tomli_w.dumps({"apps": {h: {"note": n} for h, n in sorted(apps.items())}})
+
+
+def read_approved_apps(path: str | Path) -> dict[str, str]:
+    """hash -> note from approved-apps.toml; BundleError naming the file and the problem."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{path}: the site's app allow-list does not exist (run `slmfed site approve`)") from None
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: cannot be read as TOML ({exc})") from None
+    apps = data.get("apps", {})
+    unknown = sorted(set(data) - {"apps"})
+    if unknown or not isinstance(apps, dict):
+        raise BundleError(f"{path}: expected only [apps.\"<sha256>\"] tables, found {unknown or type(apps).__name__}")
+    out = {}
+    for h, entry in apps.items():
+        if not FAB_HASH.match(h):
+            raise BundleError(f"{path}: [apps.{h!r}]: expected the app's SHA-256 (64 lower-case hex digits)")
+        if not isinstance(entry, dict) or not isinstance(entry.get("note", ""), str) or set(entry) - {"note"}:
+            raise BundleError(f"{path}: [apps.{h}]: expected only a text `note`")
+        out[h] = entry.get("note", "")
+    return out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -68,9 +69,46 @@ def cmd_register(args) -> int:
     return 0
 
 
+def cmd_register_sites(args) -> int:
+    """Register the bundle's sites with the SuperLink and record which node is which site."""
+    from deploy import bundle as B
+    from deploy.registry import RegisterError, register_sites
+
+    try:
+        nodes = register_sites(args.bundle, args.registry, args.connection)
+    except (RegisterError, B.BundleError) as exc:
+        raise CommandError(str(exc)) from None
+    for name, node in nodes.items():
+        print(f"site {name}: node {node}")
+    print(f"recorded in {args.registry}; the ServerApp enrols only these nodes (run config site-registry)")
+    return 0
+
+
+def cmd_approve(args) -> int:
+    from deploy import bundle as B
+    from deploy.launcher import LauncherError, approve
+
+    allow = Path(args.bundle) / B.APPROVED_APPS
+    try:
+        digest = approve(allow, args.app, args.note or "", revoke=args.revoke)
+    except (LauncherError, B.BundleError) as exc:
+        raise CommandError(str(exc)) from None
+    print(f"{'revoked' if args.revoke else 'approved'} app {digest} in {allow}")
+    return 0
+
+
+def cmd_launcher(args) -> int:
+    from deploy.launcher import LauncherError, main
+
+    try:
+        return main(args.supernode, args.secret_file, args.approved, warm=args.warm, parent_pid=args.parent_pid)
+    except LauncherError as exc:
+        raise CommandError(str(exc)) from None
+
+
 def cmd_join(args) -> int:
     from deploy import bundle as B
-    from deploy.join import JoinError, join_command, join_env, preflight_tls
+    from deploy.join import JoinError, join_command, join_env, launcher_command, preflight_tls
 
     try:
         argv = join_command(args.bundle, args.cache, port=args.port)
@@ -81,10 +119,14 @@ def cmd_join(args) -> int:
                 print(f"slmfed site join: warning: {warning}", file=sys.stderr)
     except (JoinError, B.BundleError) as exc:
         raise CommandError(str(exc)) from None
+    launcher = launcher_command(args.bundle, argv, warm=args.warm)
     if args.dry_run:
         print(shlex.join(argv))
+        print(shlex.join(launcher))
         return 0
     sys.stdout.flush()
+    # the site's launcher runs the approved apps; it stops when the SuperNode (this PID after exec) stops
+    subprocess.Popen([*launcher, "--parent-pid", str(os.getpid())], env=join_env())
     os.execvpe(argv[0], argv, join_env())  # same PID: systemd / the caller can stop it by PID
     return 0  # pragma: no cover
 
@@ -118,6 +160,13 @@ def register(sub) -> None:
     pr.add_argument("--connection", help="SuperLink connection name in $FLWR_HOME/config.toml (default slmfed)")
     pr.set_defaults(func=cmd_register)
 
+    prs = dsub.add_parser("register-sites", help="register each site's key with the SuperLink and record which "
+                                                 "node is which site (what register-sites.sh runs)")
+    prs.add_argument("bundle", help="the coordinator bundle folder")
+    prs.add_argument("--registry", required=True, help="the site registry to write (the ServerApp's site-registry)")
+    prs.add_argument("--connection", default="slmfed", help="SuperLink connection in $FLWR_HOME/config.toml")
+    prs.set_defaults(func=cmd_register_sites)
+
     s = sub.add_parser("site", help="hospital side: join the federation with a site bundle")
     ssub = s.add_subparsers(dest="site_command", metavar="ACTION", required=True)
     pj = ssub.add_parser("join", help="check the bundle and cache, then start this site's SuperNode")
@@ -126,4 +175,24 @@ def register(sub) -> None:
     pj.add_argument("--port", type=int, help="local Runtime API port (when several SuperNodes share a host)")
     pj.add_argument("--dry-run", action="store_true", help="print the flower-supernode command instead of starting it")
     pj.add_argument("--no-preflight", action="store_true", help="skip the TLS handshake check against the SuperLink")
+    pj.add_argument("--no-warm", dest="warm", action="store_false",
+                    help="the launcher starts a fresh Python per message instead of forking a warm one")
     pj.set_defaults(func=cmd_join)
+
+    pa = ssub.add_parser("approve", help="approve the exact app (FAB) this site reviewed: its SHA-256 goes "
+                                         "into the bundle's approved-apps.toml")
+    pa.add_argument("--bundle", required=True, help="this site's bundle folder")
+    pa.add_argument("app", help="a .fab file (flwr build), an app folder (built as `flwr run` builds it) or a SHA-256")
+    pa.add_argument("--note", help="why / which release (kept beside the hash)")
+    pa.add_argument("--revoke", action="store_true", help="remove the app from the allow-list instead")
+    pa.set_defaults(func=cmd_approve)
+
+    pl = ssub.add_parser("launcher", help="run the ClientApp for approved apps only (beside a SuperNode "
+                                          "started with --isolation process)")
+    pl.add_argument("--supernode", required=True, help="the SuperNode's Runtime API, host:port")
+    pl.add_argument("--secret-file", required=True, help="the SuperExec secret shared with the SuperNode")
+    pl.add_argument("--approved", required=True, help="the site's approved-apps.toml")
+    pl.add_argument("--no-warm", dest="warm", action="store_false",
+                    help="a fresh Python per message instead of forking from a warm interpreter")
+    pl.add_argument("--parent-pid", type=int, help="stop when this process (the SuperNode) exits")
+    pl.set_defaults(func=cmd_launcher)

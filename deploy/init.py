@@ -3,15 +3,19 @@
 Output (nothing is overwritten unless force=True, and nothing is written when a file exists):
     OUT/ca/ca.crt, ca.key             the CA; keep ca.key offline (needed only to re-issue)
     OUT/coordinator/                  bundle.toml, certs/, site-keys/<site>.pub, systemd unit,
-                                      compose.yaml, flwr-config.toml, register-sites.sh
-    OUT/sites/<site>/                 bundle.toml, ca.crt, supernode.key/.pub, systemd unit,
-                                      compose.yaml  (copy this folder to the site, nothing else)
+                                      compose.yaml, the nginx front door (nginx-slmfed*.conf),
+                                      flwr-config.toml, register-sites.sh
+    OUT/sites/<site>/                 bundle.toml, ca.crt, supernode.key/.pub, superexec.secret,
+                                      approved-apps.toml (empty: the site approves its app),
+                                      systemd units (SuperNode + launcher), compose.yaml
+                                      (copy this folder to the site, nothing else)
     OUT/Dockerfile                    the image the compose files run
 """
 from __future__ import annotations
 
 import ipaddress
 import re
+import secrets
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +29,7 @@ from deploy.render import compose_command, render, systemd_exec
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 FEDERATION = "slmfed"
 DEFAULT_IMAGE = "slmfed:0.1.0"
+NGINX_IMAGE = "nginx:1.27"  # the official image: the coordinator's public front door in compose
 
 # Differential privacy is not implemented anywhere in SLM-Fed: the coordinator bundle says so
 # explicitly, and `deploy check` rejects a [dp] table that claims otherwise (deploy/README.md).
@@ -38,7 +43,9 @@ class DeployPlan:
     out: Path
     superlink_hosts: list[str]
     sites: list[str]
-    port: int = B.DEFAULT_SUPERLINK_PORT
+    port: int = B.DEFAULT_SUPERLINK_PORT           # the public front door (Fleet API only)
+    internal_port: int = B.DEFAULT_INTERNAL_PORT   # the SuperLink on the coordinator's loopback
+    internal_host: str = B.INTERNAL_HOST
     install_dir: str = B.DEFAULT_INSTALL_DIR
     cache_dir: str = B.DEFAULT_CACHE_DIR
     state_dir: str = B.DEFAULT_STATE_DIR
@@ -69,6 +76,12 @@ class DeployPlan:
             raise ValueError(f"--sites: each site name once, found duplicates {', '.join(dup)}")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"--port: expected 1-65535, found {self.port}")
+        if not 1 <= self.internal_port <= 65535:
+            raise ValueError(f"--internal-port: expected 1-65535, found {self.internal_port}")
+        if not ipaddress.ip_address(self.internal_host).is_loopback:
+            raise ValueError(f"internal host {self.internal_host}: the SuperLink must listen on loopback only")
+        if self.internal_port == self.port and self.internal_host == self.bind_host:
+            raise ValueError("--internal-port: the SuperLink and the front door need different addresses")
         problems = B.privacy_problems(self.privacy, "site privacy policy:")
         if problems:
             raise ValueError("; ".join(problems))
@@ -84,11 +97,21 @@ class DeployPlan:
         return f"{host}:{self.port}"
 
 
+def _host_port(host: str, port: int) -> str:
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            return f"[{host}]:{port}"
+    except ValueError:
+        pass
+    return f"{host}:{port}"
+
+
 def _files(plan: DeployPlan) -> dict[Path, tuple[bytes, bool]]:
     """Every file to write: path -> (content, private)."""
     out, inst = plan.out, plan.install_dir
     ca = pki.make_ca()
-    server = pki.make_server_cert(ca, plan.superlink_hosts)
+    # public names for the sites; the internal address and name for the researcher's flwr and nginx
+    server = pki.make_server_cert(ca, [*plan.superlink_hosts, plan.internal_host, B.INTERNAL_NAME])
     files: dict[Path, tuple[bytes, bool]] = {
         out / "ca" / "ca.crt": (pki.cert_pem(ca.cert), False),
         out / "ca" / "ca.key": (pki.key_pem(ca.key), True),
@@ -98,19 +121,19 @@ def _files(plan: DeployPlan) -> dict[Path, tuple[bytes, bool]]:
     files[coord / B.COORD_CA] = (pki.cert_pem(ca.cert), False)
     files[coord / B.SERVER_CERT] = (pki.cert_pem(server.cert), False)
     files[coord / B.SERVER_KEY] = (pki.key_pem(server.key), True)
+    registry = f"{plan.state_dir}/{B.SITE_REGISTRY}"
+    app_state_dir = f"{plan.state_dir}-app"
 
-    register_lines = []
     for site in plan.sites:
         key = pki.make_site_key()
         sdir = out / "sites" / site
         files[sdir / B.CA_CERT] = (pki.cert_pem(ca.cert), False)
         files[sdir / B.SITE_KEY] = (pki.ssh_private(key), True)
         files[sdir / B.SITE_PUB] = (pki.ssh_public(key, f"slmfed-site-{site}"), False)
+        files[sdir / B.SUPEREXEC_SECRET] = (secrets.token_hex(32).encode(), True)
+        files[sdir / B.APPROVED_APPS] = (B.approved_apps_text({}).encode(), False)
         files[coord / B.SITE_KEYS_DIR / f"{site}.pub"] = (pki.ssh_public(key, f"slmfed-site-{site}"), False)
-        register_lines.append(shlex.join(
-            ["flwr", "supernode", "register", f"{B.SITE_KEYS_DIR}/{site}.pub", FEDERATION, "--name", site]
-        ))
-        study_dir = B.default_study_dir(plan.cache_dir)  # writable in the unit / compose file, passed as study-dir
+        study_dir = B.default_study_dir(plan.cache_dir)  # writable in the launcher's sandbox, passed as study-dir
         site_toml = {
             "kind": "site",
             "install-dir": inst,
@@ -130,43 +153,69 @@ def _files(plan: DeployPlan) -> dict[Path, tuple[bytes, bool]]:
         }
         files[sdir / B.BUNDLE_FILE] = (tomli_w.dumps(site_toml).encode(), False)
         # the one argv builder `slmfed site join` uses too: same flags, same policy, same study dir
-        argv = B.site_argv(B.Bundle(root=sdir, kind="site", install_dir=inst, data=site_toml))
+        b = B.Bundle(root=sdir, kind="site", install_dir=inst, data=site_toml)
+        argv = B.site_argv(b)
         common = dict(site_name=site, install_dir=inst, cache_dir=plan.cache_dir, state_dir=plan.state_dir,
-                      study_dir=study_dir, image=plan.image, venv=plan.venv)
+                      study_dir=study_dir, image=plan.image, venv=plan.venv, app_state_dir=app_state_dir,
+                      approved=B.APPROVED_APPS, secret=B.SUPEREXEC_SECRET, key=B.SITE_KEY, app_user=B.APP_USER)
         files[sdir / "flower-supernode.service"] = (render(
             "flower-supernode.service", exec_start=systemd_exec(argv, f"{plan.venv}/bin/flower-supernode"), **common
         ).encode(), False)
-        files[sdir / "compose.yaml"] = (render("compose-site.yaml", command=compose_command(argv), **common).encode(), False)
+        launcher = B.launcher_argv(supernode=f"127.0.0.1:{plan.supernode_port}", secret="%d/superexec-secret",
+                                   approved=f"{inst}/{B.APPROVED_APPS}")
+        files[sdir / B.LAUNCHER_UNIT] = (render(
+            B.LAUNCHER_UNIT, exec_start=systemd_exec(launcher, f"{plan.venv}/bin/slmfed"), **common
+        ).encode(), False)
+        # compose: the launcher container reaches the SuperNode's Runtime API over the internal network
+        compose_argv = B.site_argv(b, runtime_host="0.0.0.0")
+        compose_launcher = B.launcher_argv(supernode=f"supernode:{plan.supernode_port}",
+                                           secret=f"{inst}/{B.SUPEREXEC_SECRET}", approved=f"{inst}/{B.APPROVED_APPS}")
+        files[sdir / "compose.yaml"] = (render(
+            "compose-site.yaml", command=compose_command(compose_argv),
+            launcher_command=compose_command(compose_launcher), **common).encode(), False)
 
+    internal = _host_port(plan.internal_host, plan.internal_port)
     coord_toml = {
         "kind": "coordinator",
         "install-dir": inst,
         "superlink": {"hosts": plan.superlink_hosts, "address": plan.address, "bind-host": plan.bind_host,
-                      "port": plan.port, "database": f"{plan.state_dir}/superlink.db",
-                      "log-file": f"{plan.log_dir}/superlink.log"},
-        "sites": {"names": plan.sites},
+                      "port": plan.port, "internal-host": plan.internal_host, "internal-port": plan.internal_port,
+                      "database": f"{plan.state_dir}/superlink.db", "log-file": f"{plan.log_dir}/superlink.log"},
+        "sites": {"names": plan.sites, "registry": registry},
         # DP is not implemented: stated as off, and `deploy check` fails on a table that claims it.
         # No [privacy] here: the privacy policy belongs to each site, the coordinator cannot set it.
         "dp": plan.dp,
     }
     files[coord / B.BUNDLE_FILE] = (tomli_w.dumps(coord_toml).encode(), False)
-    link_argv = B.superlink_argv(
-        ca_cert=f"{inst}/{B.COORD_CA}", server_cert=f"{inst}/{B.SERVER_CERT}", server_key=f"{inst}/{B.SERVER_KEY}",
-        host=plan.bind_host, port=plan.port, database=f"{plan.state_dir}/superlink.db",
-        log_file=f"{plan.log_dir}/superlink.log",
-    )
+    link_kw = dict(ca_cert=f"{inst}/{B.COORD_CA}", server_cert=f"{inst}/{B.SERVER_CERT}",
+                   server_key=f"{inst}/{B.SERVER_KEY}", port=plan.internal_port,
+                   database=f"{plan.state_dir}/superlink.db", log_file=f"{plan.log_dir}/superlink.log")
+    link_argv = B.superlink_argv(host=plan.internal_host, **link_kw)
     common = dict(install_dir=inst, state_dir=plan.state_dir, log_dir=plan.log_dir, image=plan.image, port=plan.port,
-                  venv=plan.venv)
+                  venv=plan.venv, internal=internal, internal_host=plan.internal_host,
+                  internal_port=plan.internal_port, internal_name=B.INTERNAL_NAME, front_door=B.FRONT_DOOR,
+                  front_door_compose=B.FRONT_DOOR_COMPOSE, nginx_image=NGINX_IMAGE)
     files[coord / "flower-superlink.service"] = (render(
         "flower-superlink.service", exec_start=systemd_exec(link_argv, f"{plan.venv}/bin/flower-superlink"), **common
     ).encode(), False)
-    files[coord / "compose.yaml"] = (render("compose-coordinator.yaml", command=compose_command(link_argv), **common).encode(), False)
+    # compose: inside its container the SuperLink listens on the coordinator network (nginx reaches it
+    # there); compose publishes its port on the host's loopback only
+    files[coord / "compose.yaml"] = (render(
+        "compose-coordinator.yaml", command=compose_command(B.superlink_argv(host="0.0.0.0", **link_kw)), **common
+    ).encode(), False)
+    door = dict(cert=f"{inst}/{B.SERVER_CERT}", key=f"{inst}/{B.SERVER_KEY}", ca=f"{inst}/{B.COORD_CA}",
+                internal_name=B.INTERNAL_NAME)
+    files[coord / B.FRONT_DOOR] = (render(
+        "nginx-front-door.conf", where="systemd: copy to /etc/nginx/conf.d/slmfed.conf (nginx reads the key as root).",
+        listen=_host_port(plan.bind_host, plan.port), upstream=internal, **door).encode(), False)
+    files[coord / B.FRONT_DOOR_COMPOSE] = (render(
+        "nginx-front-door.conf", where="compose: mounted into the front-door container by compose.yaml.",
+        listen=str(plan.port), upstream=f"{B.INTERNAL_NAME}:{plan.internal_port}", **door).encode(), False)
     files[coord / "flwr-config.toml"] = (render(
-        "flwr-config.toml", federation=FEDERATION, address=plan.address, ca_cert=f"{inst}/{B.COORD_CA}"
+        "flwr-config.toml", federation=FEDERATION, address=internal, ca_cert=f"{inst}/{B.COORD_CA}"
     ).encode(), False)
     files[coord / "register-sites.sh"] = (render(
-        "register-sites.sh", federation=FEDERATION, commands="\n".join(register_lines)
-    ).encode(), False)
+        "register-sites.sh", federation=FEDERATION, registry=registry).encode(), False)
     return files
 
 

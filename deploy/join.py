@@ -67,6 +67,16 @@ def check_bundle(bundle: B.Bundle) -> None:
         pki.load_private_key(key_file)
     except pki.PKIError as exc:
         raise JoinError(str(exc)) from None
+    secret = bundle.root / B.SUPEREXEC_SECRET
+    if not secret.is_file() or secret.stat().st_size == 0:
+        raise JoinError(f"{secret}: the SuperExec secret (shared by the SuperNode and the launcher) is missing or empty")
+    mode = stat.S_IMODE(secret.stat().st_mode)
+    if mode & 0o077:
+        raise JoinError(f"{secret}: readable by others (mode {mode:04o}); run `chmod 600 {secret}`")
+    try:
+        B.read_approved_apps(bundle.root / B.APPROVED_APPS)
+    except B.BundleError as exc:
+        raise JoinError(str(exc)) from None
 
 
 def check_cache(cache: Path) -> None:
@@ -138,3 +148,12 @@ def join_env() -> dict[str, str]:
     # the SuperNode starts flwr-clientapp by name: this environment's bin dir first, venv activated or not
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
+
+
+def launcher_command(bundle_dir: str | Path, supernode_argv: list[str], *, warm: bool = True) -> list[str]:
+    """`slmfed site launcher` beside the SuperNode that `join_command` starts (same bundle, same port)."""
+    bundle = B.read_bundle(Path(bundle_dir).resolve())
+    port = supernode_argv[supernode_argv.index("--port") + 1]
+    return B.launcher_argv(supernode=f"127.0.0.1:{port}", secret=str(bundle.root / B.SUPEREXEC_SECRET),
+                           approved=str(bundle.root / B.APPROVED_APPS),
+                           program=_program("slmfed"), warm=warm)

@@ -1,5 +1,10 @@
-"""A real deployment on one machine (loopback): SuperLink with TLS + SuperNode authentication,
-SuperNodes started by `slmfed site join` from generated bundles, a study submitted with `flwr run`.
+"""A real deployment on one machine (loopback): SuperLink with TLS + SuperNode authentication behind
+the generated nginx front door, SuperNodes (+ their app launchers) started by `slmfed site join` from
+generated bundles, sites registered and recorded by `deploy register-sites`, a study submitted with
+`flwr run` on the coordinator's internal address.
+
+Two loopback addresses keep the test honest: the front door listens on PUBLIC_HOST (what sites and
+an attacker reach), the SuperLink on INTERNAL_HOST only (what the researcher's flwr reaches).
 
 Why: the end-to-end test and `slmfed bench deploy` must exercise exactly the generated configs.
 Every process is started in its own session and stopped by PID (its descendants too, found via
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,11 +26,24 @@ from pathlib import Path
 from deploy import bundle as B
 from deploy.init import DEFAULT_PRIVACY, FEDERATION, DeployPlan, init_deployment
 from deploy.join import preflight_tls
+from deploy.registry import register_site, register_sites
+
+PUBLIC_HOST = "127.0.0.2"    # the front door: all that sites (and anyone else) can reach
+INTERNAL_HOST = "127.0.0.1"  # the SuperLink itself: the coordinator's loopback
 
 
-def free_port() -> int:
+class NginxMissing(RuntimeError):
+    """No nginx binary: the front door cannot be started here."""
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
+                                          if Path(p).is_file()), None)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -93,24 +112,31 @@ class LoopbackFederation:
     # the sites' [privacy] overrides (tests on tiny caches lower min-cell-size to its floor, 3)
     privacy: dict = field(default_factory=dict)
 
+    # the sites' launchers: a warm interpreter (forkserver) or a fresh Python per message
+    warm: bool = True
+
     def __post_init__(self) -> None:
         self.work = Path(self.work)
         self.out = self.work / "deployment"
         self.logs = self.work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or free_port()
-        init_deployment(DeployPlan(out=self.out, superlink_hosts=["127.0.0.1", "localhost"],
-                                   sites=self.sites, port=self.port, bind_host="127.0.0.1",
-                                   privacy={**DEFAULT_PRIVACY, **self.privacy}))
+        self.port = self.port or free_port(PUBLIC_HOST)
+        self.internal_port = free_port(INTERNAL_HOST)
+        init_deployment(DeployPlan(out=self.out, superlink_hosts=[PUBLIC_HOST], sites=self.sites, port=self.port,
+                                   bind_host=PUBLIC_HOST, internal_host=INTERNAL_HOST,
+                                   internal_port=self.internal_port, privacy={**DEFAULT_PRIVACY, **self.privacy}))
         self.coord = B.read_bundle(self.out / "coordinator")
         self.flwr_home = self.work / "flwr-researcher"
         self.flwr_home.mkdir(exist_ok=True)
         # The researcher's connection, as flwr-config.toml says, with the CA where it lies here.
-        (self.flwr_home / "config.toml").write_text(
-            (self.coord.root / "flwr-config.toml").read_text()
-            .replace(f"{self.coord.install_dir}/{B.COORD_CA}", str(self.coord.root / B.COORD_CA))
-        )
-        self.address = f"127.0.0.1:{self.port}"
+        (self.flwr_home / "config.toml").write_text(self.local_copy(self.coord.root / "flwr-config.toml"))
+        self.address = f"{PUBLIC_HOST}:{self.port}"                  # sites dial this (the front door)
+        self.internal_address = f"{INTERNAL_HOST}:{self.internal_port}"  # the researcher's flwr dials this
+        self.registry = self.work / "state" / B.SITE_REGISTRY
+
+    def local_copy(self, path: Path) -> str:
+        """A generated coordinator file with its install paths mapped into the bundle folder here."""
+        return path.read_text().replace(f"{self.coord.install_dir}/", f"{self.coord.root}/")
 
     def _env(self, flwr_home: Path) -> dict[str, str]:
         # Flower starts flower-superexec / flwr-clientapp by name: this interpreter's bin dir comes
@@ -133,36 +159,69 @@ class LoopbackFederation:
         return path.read_text(errors="replace") if path.exists() else ""
 
     # --- coordinator
-    def start_superlink(self, timeout: float = 60.0) -> None:
+    def start_superlink(self, timeout: float = 60.0, front_door: bool = True) -> None:
+        """The SuperLink on the internal address, then (front_door) the generated nginx front door."""
         link = self.coord.data["superlink"]
         argv = B.superlink_argv(
             ca_cert=str(self.coord.root / B.COORD_CA), server_cert=str(self.coord.root / B.SERVER_CERT),
-            server_key=str(self.coord.root / B.SERVER_KEY), host=link["bind-host"], port=int(link["port"]),
-            database=str(self.work / "superlink.db"),
+            server_key=str(self.coord.root / B.SERVER_KEY), host=link["internal-host"],
+            port=int(link["internal-port"]), database=str(self.work / "superlink.db"),
             program=str(Path(sys.executable).with_name("flower-superlink")),
         )
         home = self.work / "flwr-superlink"
         home.mkdir(exist_ok=True)
         proc = self._spawn("superlink", argv, home)
+        self._wait_tls(proc, "superlink", self.internal_address, timeout)
+        if front_door:
+            self.start_front_door(timeout)
+
+    def _wait_tls(self, proc: subprocess.Popen, name: str, address: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited with {proc.returncode}:\n{self.log('superlink')[-3000:]}")
-            if preflight_tls(self.address, self.coord.root / B.COORD_CA, timeout=1.0) is None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)[-3000:]}")
+            if preflight_tls(address, self.coord.root / B.COORD_CA, timeout=1.0) is None:
                 return
             time.sleep(0.3)
-        raise RuntimeError(f"flower-superlink did not accept TLS connections within {timeout:.0f}s")
+        raise RuntimeError(f"{name} did not accept TLS connections on {address} within {timeout:.0f}s")
+
+    def start_front_door(self, timeout: float = 30.0) -> None:
+        """nginx with the generated front-door config (install paths mapped here), in the foreground."""
+        nginx = nginx_binary()
+        if nginx is None:
+            raise NginxMissing("nginx is not installed (apt-get install -y nginx); the front door cannot start")
+        run = self.work / "nginx"
+        for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (run / d).mkdir(parents=True, exist_ok=True)
+        site = run / B.FRONT_DOOR
+        site.write_text(self.local_copy(self.coord.root / B.FRONT_DOOR))
+        temp = " ".join(f"{d}_temp_path {run / d.split('_')[-1]};" for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        main = run / "nginx.conf"
+        main.write_text(
+            f"daemon off;\nmaster_process off;\nworker_processes 1;\npid {run / 'nginx.pid'};\n"
+            f"error_log {self.logs / 'front-door.log'} info;\nevents {{ worker_connections 256; }}\n"
+            f"http {{\n    access_log {self.logs / 'front-door-access.log'};\n    {temp}\n"
+            f"    include {site};\n}}\n")
+        proc = self._spawn("front-door", [nginx, "-p", str(run), "-c", str(main), "-e", str(self.logs / "front-door.log")],
+                           self.work)
+        self._wait_tls(proc, "front-door", self.address, timeout)
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         return subprocess.run([str(Path(sys.executable).with_name("flwr")), *args], capture_output=True, text=True,
                               env=self._env(self.flwr_home), timeout=timeout, cwd=self.work)
 
-    def register(self, site: str) -> subprocess.CompletedProcess:
-        res = self.flwr("supernode", "register", str(self.coord.root / B.SITE_KEYS_DIR / f"{site}.pub"),
-                        FEDERATION, "--name", site)
-        if res.returncode != 0:
-            raise RuntimeError(f"flwr supernode register {site} failed:\n{res.stdout}\n{res.stderr}")
-        return res
+    def register_sites(self) -> dict[str, int]:
+        """What register-sites.sh runs: register every site's key and record node id -> site."""
+        return register_sites(self.coord.root, self.registry, FEDERATION, env=self._env(self.flwr_home))
+
+    def register_unrecorded(self, key_file: Path, name: str) -> int:
+        """Register a key with the SuperLink WITHOUT recording it as a site (a careless admin's extra key)."""
+        return register_site(key_file, name, FEDERATION, env=self._env(self.flwr_home))
+
+    def approve(self, site: str, fab_hash: str) -> None:
+        from deploy.launcher import approve
+
+        approve(self.site_bundle(site) / B.APPROVED_APPS, fab_hash, "the reviewed release")
 
     # --- sites
     def site_bundle(self, site: str) -> Path:
@@ -172,6 +231,8 @@ class LoopbackFederation:
         """`slmfed site join` as a site runs it (python -m common.cli is the `slmfed` entry point)."""
         argv = [sys.executable, "-m", "common.cli", "site", "join", "--bundle", str(bundle or self.site_bundle(site)),
                 "--cache", str(cache), "--port", str(free_port())]
+        if not self.warm:
+            argv.append("--no-warm")
         home = self.work / f"flwr-{site}"
         home.mkdir(exist_ok=True)
         return self._spawn(f"site-{site}", argv, home)
@@ -196,6 +257,8 @@ class LoopbackFederation:
 
     # --- researcher
     def run_study(self, app_dir: Path, run_config: dict, timeout: float = 900.0) -> tuple[subprocess.CompletedProcess, float]:
+        if self.registry.is_file():
+            run_config = {"site-registry": str(self.registry), **run_config}
         cfg = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
         t0 = time.perf_counter()
         res = self.flwr("run", str(app_dir), FEDERATION, "--run-config", cfg, "--stream", timeout=timeout)
