@@ -1,7 +1,8 @@
 """The Flower ClientApp: translates study messages into calls of client/study.py, through the gate.
 
 Message types (the server side is server/protocol.py):
-    query.info           -> data shape, the site's privacy policy, cohort counts (when releasable)
+    query.info           -> data shape, the site's privacy policy, cohort counts (when releasable), how
+                            its model inputs were prepared (common/model_input.py: settings only)
     query.clinical_sums  -> feature sums for standardisation
     query.logistic_stats -> gradient / Hessian of the CF model at the sent coefficients
     train                -> one round of local training of a DL model (weights in, weights out)
@@ -23,8 +24,10 @@ from flwr.clientapp import ClientApp
 
 from client import study
 from client.disclosure import Refused, validate_request
+from client.simulated import node_layer
 from common.clinical import N_FEATURES
 from common.config import SENT_MODEL_KEYS, app_config
+from common.model_input import describe as describe_model_input
 from common.records import SITE_CANNOT, SITE_REFUSED, record_to_state, to_metric_record
 
 app = ClientApp()
@@ -35,7 +38,11 @@ _ARRAYS_IN = ("train", "evaluate")  # the only requests that may carry weights
 def _handle(msg: Message, context: Context, fn: Callable[[study.Site, Any, dict], Any]) -> Message:
     """Validate, answer through the gate, reply; refusals and can't-do become error replies."""
     mtype = msg.metadata.message_type
-    node_cfg = app_config(context.run_config, context.node_config)
+    try:  # a simulated node's site comes from the run config (client/simulated.py), any other node's from its own
+        node_cfg = app_config(context.run_config, node_layer(context.run_config, context.node_config))
+    except study.StudyError as exc:
+        log.warning("node %s cannot answer %s: %s", context.node_id, mtype, exc)
+        return Message(error=Error(code=SITE_CANNOT, reason=str(exc)), reply_to=msg)
     name = node_cfg["site-name"] or node_cfg["cache-dir"]
     try:
         # the request is checked before any patient data is read
@@ -84,7 +91,9 @@ def _arrays(msg: Message) -> ArrayRecord:
 def info(msg: Message, context: Context) -> Message:
     def run(site, gate, req):
         metrics, notes = study.site_info(site, gate)
-        extra = {"site": ConfigRecord({"site-name": site.name}), "policy": ConfigRecord(site.policy.as_record())}
+        extra = {"site": ConfigRecord({"site-name": site.name}), "policy": ConfigRecord(site.policy.as_record()),
+                 # how the cache's model inputs were made (settings, no patient data): kept with the model
+                 "model-input": ConfigRecord(describe_model_input(site.data.manifest))}
         return metrics, notes, None, extra
     return _handle(msg, context, run)
 

@@ -5,7 +5,8 @@ Layout of CACHE_DIR:
     qc.csv                     one row per patient: patient_key, status (included/excluded), reason, ...
     patients/<patient_key>.npz image (float32, C x H x W for 2d/2.5d, C x D x H x W for 3d),
                                clinical (float32, common.clinical.FEATURE_NAMES order),
-                               label (int8: 0/1, -1 when the site has no outcome)
+                               label (int8: 0/1, -1 when the site has no outcome),
+                               roi (uint8, the ROI mask on the crop's grid: reports and attention maps)
 Beside it (not inside, never shared): CACHE_DIR.parent / f"{CACHE_DIR.name}-id-map.csv" maps the
 salted patient_key back to the hospital's patient_id for the site's own use.
 
@@ -44,21 +45,24 @@ def patient_key(patient_id: str, salt: str) -> str:
     return "p" + hashlib.sha256(f"{salt}:{patient_id}".encode("utf-8")).hexdigest()[:16]
 
 
-def encode_patient(image: np.ndarray, clinical: np.ndarray, label: int) -> bytes:
+def encode_patient(image: np.ndarray, clinical: np.ndarray, label: int, roi: np.ndarray | None = None) -> bytes:
     """Serialise one patient's record to .npz bytes (no pickle)."""
     buf = io.BytesIO()
+    extra = {} if roi is None else {"roi": np.ascontiguousarray(roi, dtype=np.uint8)}
     np.savez(
         buf,
         image=np.ascontiguousarray(image, dtype=np.float32),
         clinical=np.ascontiguousarray(clinical, dtype=np.float32),
         label=np.int8(label),
+        **extra,
     )
     return buf.getvalue()
 
 
-def write_patient(cache_dir: str | Path, key: str, image: np.ndarray, clinical: np.ndarray, label: int) -> str:
+def write_patient(cache_dir: str | Path, key: str, image: np.ndarray, clinical: np.ndarray, label: int,
+                  roi: np.ndarray | None = None) -> str:
     """Atomically write one patient file; returns its sha256 for the manifest."""
-    data = encode_patient(image, clinical, label)
+    data = encode_patient(image, clinical, label, roi)
     atomic_write_bytes(Path(cache_dir) / PATIENTS_DIR / f"{key}.npz", data)
     return sha256_bytes(data)
 

@@ -35,7 +35,7 @@ from client.dicom_scan import _FIELDS as _RECORD_FIELDS
 from client.dicom_scan import FileRecord, list_files, scan_files
 from client.series import RulesError, Selection, SelectionError, Series, SeriesRules, group_series, select_sequences
 from client.transforms import build_input_transform, channel_names, image_shape
-from common.clinical import FEATURE_NAMES
+from common.clinical import ENCODING_VERSION, FEATURE_NAMES
 from common.config import load_config
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,7 @@ def build_patient_image(series: list[Series], mask_path: Path | None, rules: Ser
         "dwi_spacing": [round(float(x), 4) for x in dsp],
         "roi_area_mm2": round(out["roi_area_mm2"], 1),
         "notes": notes,
+        "roi_crop": (np.asarray(out["mask"]) > 0).astype(np.uint8),  # kept in the patient file, not the manifest
     }
     return image, info
 
@@ -226,7 +227,8 @@ def _process(job: dict) -> dict:
         log.error("patient %s: unexpected %s; traceback in %s", key, type(exc).__name__, local_dir(job["cache_dir"]))
         return {**base, "status": "excluded", "_traceback": traceback.format_exc(),
                 "reason": f"internal error: {type(exc).__name__} (traceback in the site-local errors.log)"}
-    sha = cache_mod.write_patient(job["cache_dir"], key, image, row.encode(), row.slm)
+    roi = info.pop("roi_crop", None)
+    sha = cache_mod.write_patient(job["cache_dir"], key, image, row.encode(), row.slm, roi=roi)
     return {**base, "status": "included", "reason": "", "sha256": sha, **info}
 
 
@@ -283,8 +285,8 @@ def _scan(dicom_dir: Path, local: Path, pool) -> tuple[list[FileRecord], list[tu
         prev = old_files.get(path)
         if prev and prev["size"] == size and prev["mtime_ns"] == mtime:
             new_index[path] = prev
-            if prev.get("record"):
-                records.append(FileRecord.from_json(prev["record"]))
+            if prev.get("records"):
+                records.extend(FileRecord.from_json(r) for r in prev["records"])
             else:
                 skipped.append((path, prev["skip"]))
         else:
@@ -299,9 +301,9 @@ def _scan(dicom_dir: Path, local: Path, pool) -> tuple[list[FileRecord], list[tu
             except OSError:  # vanished since it was listed: not part of this run
                 continue
             entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-            if rec is not None:
-                entry["record"] = rec.to_json()
-                records.append(rec)
+            if rec is not None:  # one record per image: several for a multi-frame file
+                entry["records"] = [r.to_json() for r in rec]
+                records.extend(rec)
             else:
                 entry["skip"] = reason
                 skipped.append((path, reason))
@@ -508,6 +510,7 @@ def prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None =
         "channels": channel_names(mode, ctxs),
         "image_shape": image_shape(mode, cfg["crop-size"], cfg["crop-depth"], ctxs),
         "feature_names": list(FEATURE_NAMES),
+        "clinical_encoding": ENCODING_VERSION,
         "has_label": table.has_label,
         "salt": salt,
         "counts": {"patients": report.patients, "included": report.included, "excluded": report.excluded,

@@ -28,6 +28,9 @@ FEATURE_NAMES: tuple[str, ...] = (
     "ca199_elevated",
 )
 N_FEATURES = len(FEATURE_NAMES)
+# Bump when the encoding above changes (names, order, cut-offs, transforms): a cache and a model
+# made under different versions do not fit together (common/model_input.py, `slmfed predict`).
+ENCODING_VERSION = "slmfed-clinical-1"
 SEXES = ("M", "F")
 TUMOR_SITES = ("low", "mid", "high")
 CEA_CUTOFF_NG_ML = 5.0

@@ -31,7 +31,6 @@ import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import (
-    aggregate_arrayrecords,
     aggregate_metricrecords,
     validate_message_reply_consistency,
 )
@@ -39,8 +38,11 @@ from flwr.serverapp.strategy.strategy_utils import (
 from common import metrics as M
 from common.config import SENT_MODEL_KEYS, model_list
 from common.logistic import LogisticFitError, newton_fit
+from common.model_input import ModelInputError
+from common.model_input import validate as validate_model_input
 from common.records import SITE_CANNOT, SITE_REFUSED, score_cells, to_config_record
-from server.checkpoint import Checkpoint, StudyInterrupted
+from server.checkpoint import Checkpoint, StudyInterrupted, StudyStopped
+from server.robust import aggregate, check_updates
 
 log = logging.getLogger(__name__)
 DL_MODELS = ("dl", "combined")
@@ -55,19 +57,26 @@ class StudyError(RuntimeError):
 
 class Replies(dict):
     """{site: reply content} of the sites that answered, plus `refused`: {site: reason} of those
-    that refused under their policy or could not do it."""
+    that refused under their policy or could not do it, and `failed`: {site: reason} of those that
+    sent another error or no reply, every retry included (away for this step)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.refused: dict[str, str] = {}
+        self.failed: dict[str, str] = {}
+
+
+MAX_BACKOFF_S = 300.0
 
 
 # ---- talking to sites ---------------------------------------------------------------------------
 class Federation:
     """Node discovery and request/reply over a Flower Grid, with site names instead of node ids."""
 
-    def __init__(self, grid: Grid, min_sites: int, timeout_s: float):
+    def __init__(self, grid: Grid, min_sites: int, timeout_s: float, retries: int = 0, backoff_s: float = 0.0):
         self.grid = grid
+        self.retries, self.backoff_s = int(retries), float(backoff_s)
+        self.retried = 0  # requests sent again (all steps), for the report
         deadline = time.monotonic() + timeout_s
         while True:
             self.node_ids = sorted(grid.get_node_ids())
@@ -84,36 +93,58 @@ class Federation:
 
     def ask(self, sites: list[str] | list[int], message_type: str, config: dict, arrays: ArrayRecord | None = None,
             group: str = "") -> Replies:
-        """Send one message to each site; a refusal is recorded in `.refused`, any other error is fatal."""
-        nodes = [s if isinstance(s, int) else self.node_of[s] for s in sites]
+        """Send one message to each site. A refusal goes to `.refused`; another error reply or no
+        reply within the timeout is asked again (`retries` times, waiting backoff_s, 2 x, 4 x ...),
+        then goes to `.failed`. The same request is sent each time (a site answers an identical
+        repeat the same, see client/disclosure.py query-budget)."""
         out = Replies()
-        if not nodes:
-            return out
-        messages = []
-        for node in nodes:
-            content = RecordDict({"config": to_config_record(config)})
-            if arrays is not None:
-                content["arrays"] = arrays
-                self.bytes_sent += arrays.count_bytes()
-            messages.append(Message(content=content, dst_node_id=node, message_type=message_type, group_id=group))
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout_s))
-        for rep in replies:
-            node = rep.metadata.src_node_id
-            name = self.site_of.get(node, f"node {node}")
-            key = name if node in self.site_of else node
-            if rep.has_error():
-                if rep.error.code in (SITE_REFUSED, SITE_CANNOT):
-                    log.warning("site %s sits out %s: %s", name, message_type, rep.error.reason)
-                    out.refused[key] = str(rep.error.reason)
+        pending = [s if isinstance(s, int) else self.node_of[s] for s in sites]
+        why: dict[int, str] = {}
+        for attempt in range(self.retries + 1):
+            if not pending:
+                break
+            if attempt:
+                wait = min(self.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
+                log.warning("asking %s again for %s in %.1f s (retry %d of %d): %s", [self.site_of.get(n, n) for n in pending],
+                            message_type, wait, attempt, self.retries, "; ".join(why[n] for n in pending))
+                time.sleep(wait)
+                self.retried += len(pending)
+            messages = []
+            for node in pending:
+                content = RecordDict({"config": to_config_record(config)})
+                if arrays is not None:
+                    content["arrays"] = arrays
+                    self.bytes_sent += arrays.count_bytes()
+                messages.append(Message(content=content, dst_node_id=node, message_type=message_type, group_id=group))
+            answered = set()
+            for rep in self.grid.send_and_receive(messages, timeout=self.timeout_s):
+                node = rep.metadata.src_node_id
+                if node not in pending or node in answered:
+                    continue  # not asked in this attempt, or a duplicate
+                name = self.site_of.get(node, f"node {node}")
+                key = name if node in self.site_of else node
+                if rep.has_error():
+                    if rep.error.code in (SITE_REFUSED, SITE_CANNOT):
+                        log.warning("site %s sits out %s: %s", name, message_type, rep.error.reason)
+                        out.refused[key] = str(rep.error.reason)
+                        answered.add(node)
+                    else:
+                        why[node] = f"error reply (code {rep.error.code}): {str(rep.error.reason)[:300]}"
                     continue
-                raise StudyError(f"site {name} failed on {message_type}: {rep.error.reason}")
-            out[key] = rep.content
-            counts = self.released.setdefault(str(key), {})
-            counts[message_type] = counts.get(message_type, 0) + 1
-        missing = [self.site_of.get(n, n) for n in nodes
-                   if self.site_of.get(n, n) not in out and self.site_of.get(n, n) not in out.refused]
-        if missing:
-            raise StudyError(f"no reply to {message_type} from {missing} within {self.timeout_s:.0f} s")
+                answered.add(node)
+                out[key] = rep.content
+                counts = self.released.setdefault(str(key), {})
+                counts[message_type] = counts.get(message_type, 0) + 1
+            for node in pending:
+                if node not in answered and node not in why:
+                    why[node] = f"no reply within {self.timeout_s:.0f} s"
+            pending = [n for n in pending if n not in answered]
+            for n in answered:
+                why.pop(n, None)
+        for node in pending:
+            key = self.site_of.get(node, node)
+            out.failed[key] = f"{why[node]} (asked {self.retries + 1} time(s))"
+            log.error("site %s is away for %s: %s", key, message_type, out.failed[key])
         return out
 
 
@@ -177,13 +208,16 @@ class Study:
         else:
             self.state = {"study_id": uuid.uuid4().hex[:12], "position": {"fit": 0, "model": 0, "round": 0},
                           "evaluations": [], "cf": {}, "history": [], "bytes": {}, "sat_out": [], "fits": {}}
-        for key, empty in (("sat_out", []), ("fits", {}), ("released", {}), ("incomplete", []), ("not_computed", [])):
+        for key, empty in (("sat_out", []), ("fits", {}), ("released", {}), ("incomplete", []), ("not_computed", []),
+                           ("faults", []), ("train_counts", {})):
             self.state.setdefault(key, empty)
         self.fed.released = self.state["released"]  # what left each site, kept across resumes
         info = self.fed.ask(self.fed.node_ids, "query.info", {})
         if info.refused:
             raise StudyError(f"sites refused to describe themselves: {info.refused}")
-        sites, policies = {}, {}
+        if info.failed:  # the plan needs every connected site's description
+            self._stop(f"site(s) {sorted(map(str, info.failed))} did not describe themselves: {info.failed}")
+        sites, policies, inputs = {}, {}, {}
         for node, content in info.items():
             m = metrics_of(content)
             name = str(self._site_name(node, content))
@@ -191,6 +225,11 @@ class Study:
                 raise StudyError(f"two sites call themselves {name!r}: give each SuperNode its own site-name")
             sites[name] = m
             policies[name] = dict(content["policy"]) if "policy" in content else {}
+            try:  # how the site prepared its model inputs: kept with the final models (models/<fit>.json)
+                inputs[name] = validate_model_input(content["model-input"] if "model-input" in content else {},
+                                                    f"site {name}")
+            except ModelInputError as exc:
+                raise StudyError(str(exc)) from None
             self.fed.site_of[node] = name
             self.fed.node_of[name] = node
             counts = self.fed.released.setdefault(name, {})  # the info reply came before the name was known
@@ -201,7 +240,7 @@ class Study:
                 self.sit_out("whole study", -1, name, "all", reason)
         self.sites = sites
         self.state["sites"] = {s: {"num-examples": int(m["num-examples"]), "num-positive": int(m["num-positive"]),
-                                   "has-labels": bool(m["has-labels"]), "policy": policies[s],
+                                   "has-labels": bool(m["has-labels"]), "policy": policies[s], "model-input": inputs[s],
                                    "cohort-released": bool(int(m.get("cohort-released", 1)))} for s, m in sites.items()}
         shapes = {tuple(int(x) for x in m["image-shape"]) for m in sites.values()}
         if len(shapes) != 1:
@@ -234,6 +273,43 @@ class Study:
             setattr(fit, role, [s for s in getattr(fit, role) if s != site])
         return list(replies.refused)
 
+    def fault(self, fit: Fit, site: str, step: str, kind: str, reason: str, model: str = "", rnd: int = 0) -> None:
+        """Record a fault the study survived (kind: away = left out of a round, left = dropped from a
+        fit, rejected = update rejected, missing = an evaluation / summary not answered) or that
+        stopped it (stopped)."""
+        entry = {"tag": fit.tag, "fold": fit.fold, "model": model, "round": rnd, "site": site, "step": step,
+                 "kind": kind, "reason": reason}
+        if entry not in self.state["faults"]:
+            self.state["faults"].append(entry)
+            (log.error if kind == "stopped" else log.warning)("%s %s fold %d %s round %d, %s: %s (%s)", site, fit.tag,
+                                                              fit.fold, model, rnd, step, kind, reason)
+
+    def _stop(self, reason: str, arrays: ArrayRecord | None = None) -> None:
+        """Checkpoint what is done (the position is the last completed step) and stop, resumable."""
+        if self.state.get("position", {}).get("round", 0) > 0 and arrays is not None:
+            self.ckpt.save(self.state, arrays)
+        elif "position" in self.state:
+            self.ckpt.save_state(self.state)
+        raise StudyStopped(f"the study cannot go on: {reason}. Everything done so far is checkpointed in "
+                           f"{self.ckpt.dir}; when the site(s) answer again, resume: `slmfed simulate --resume RUN_DIR` "
+                           "(simulation) or `flwr run` with run config resume=true and the same run-dir (deployment)")
+
+    def _sites_away(self, fit: Fit, replies: Replies, step: str) -> None:
+        """Sites that did not answer a step a fit needs from all of them: they leave this fit's
+        training while at least min-train-sites remain; otherwise the study stops."""
+        if not replies.failed:
+            return
+        left = [s for s in fit.train if s not in replies.failed]
+        need = int(self.cfg["min-train-sites"])
+        if len(left) < need or not left:
+            for site, reason in replies.failed.items():
+                self.fault(fit, site, step, "stopped", reason)
+            self._stop(f"{fit.tag} fold {fit.fold} {step}: {sorted(replies.failed)} away, {len(left)} training "
+                       f"site(s) left, min-train-sites = {need}")
+        for site, reason in replies.failed.items():
+            self.fault(fit, site, step, "left", reason)
+        fit.train = left
+
     def _not_computed(self, fit: Fit, models: list[str], step: str, reason: str) -> None:
         """These models of this fit do not exist: reported, and left out of the fit tag's summaries."""
         self.sit_out(fit.tag, fit.fold, "(every training site)", step, reason)
@@ -251,8 +327,11 @@ class Study:
         """Pooled feature mean / SD of the fit's training sites; a refusing site sits the fit out."""
         replies = self.fed.ask(fit.train, "query.clinical_sums", self._base(fit), group=f"{fit.tag}/{fit.fold}/std")
         self._drop_refused(fit, replies, "training", "train")
+        self._sites_away(fit, replies, "standardisation")
         if not replies:
             return None
+        # each site's training patients in this fit: its training replies must count the same
+        self.state["train_counts"][f"{fit.tag}/{fit.fold}"] = {s: int(metrics_of(c)["num-examples"]) for s, c in replies.items()}
         n = sum(int(metrics_of(c)["num-examples"]) for c in replies.values())
         s = sum(np.asarray(metrics_of(c)["sum"]) for c in replies.values())
         ss = sum(np.asarray(metrics_of(c)["sumsq"]) for c in replies.values())
@@ -267,7 +346,7 @@ class Study:
         def stats(beta: np.ndarray) -> dict:
             replies = self.fed.ask(fit.train, "query.logistic_stats", {**base, "beta": np.asarray(beta, float)},
                                    group=f"{fit.tag}/{fit.fold}/cf")
-            if replies.refused:
+            if replies.refused or replies.failed:
                 raise _SiteLeft(replies)
             ms = [metrics_of(c) for c in replies.values()]
             return {"grad": sum(np.asarray(m["grad"]) for m in ms), "hess": sum(np.asarray(m["hess"]).reshape(p, p) for m in ms),
@@ -277,8 +356,9 @@ class Study:
             try:
                 res = newton_fit(stats, p, l2=float(self.cfg["cf-l2"]))
                 break
-            except _SiteLeft as left:  # refit without the site that refused (e.g. a crafted-looking step)
+            except _SiteLeft as left:  # refit without the site that refused (e.g. a crafted-looking step) or is away
                 self._drop_refused(fit, left.replies, "CF model fit", "train")
+                self._sites_away(fit, left.replies, "CF model fit")
             except LogisticFitError as exc:  # e.g. a small site alone separates: the fit does not exist
                 return {"error": str(exc)}
         else:
@@ -303,6 +383,11 @@ class Study:
             # not asked again in this fit; its summary for this fit tag would miss this fold
             for site in self._drop_refused(fit, replies, f"evaluation ({part}, from {model})", role):
                 self.state["incomplete"].append([fit.tag, site])
+            for site, reason in replies.failed.items():  # retried already: reported missing, never dropped silently
+                step = f"evaluation ({part}, round {rnd})" if rnd is not None else f"evaluation ({part})"
+                self.fault(fit, site, step, "missing", reason, model=model, rnd=int(rnd or 0))
+                if store:  # its summary for this fit tag would miss this fold's predictions
+                    self.state["incomplete"].append([fit.tag, site])
             for site, content in replies.items():
                 m = metrics_of(content)
                 rec = {"tag": fit.tag, "fold": fit.fold, "model": model, "site": site, "part": part,
@@ -331,20 +416,33 @@ class Study:
             replies = self.fed.ask(fit.train, "train", {**train_cfg, "round": rnd}, arrays=arrays,
                                    group=f"{fit.tag}/{fit.fold}/{model}/{rnd}")
             self._drop_refused(fit, replies, f"training ({model}, from round {rnd})", "train")
-            if not replies:
+            if not replies and not replies.failed:
                 return None
-            contents = list(replies.values())
+            for site, reason in replies.failed.items():
+                self.fault(fit, site, "training", "away", reason, model=model, rnd=rnd)
+            accepted, rejected = check_updates(
+                arrays, replies, float(self.cfg["max-update-ratio"]),
+                self.state["train_counts"].get(f"{fit.tag}/{fit.fold}"),
+                {s: v["num-examples"] for s, v in self.state["sites"].items()})
+            for site, reason in rejected.items():
+                self.fault(fit, site, "training", "rejected", reason, model=model, rnd=rnd)
+            need = int(self.cfg["min-train-sites"])
+            if not accepted or ((replies.failed or rejected) and len(accepted) < need):
+                self._stop(f"{fit.tag} fold {fit.fold} {model} round {rnd}: {len(accepted)} training update(s) "
+                           f"accepted, min-train-sites = {need}", arrays)
+            contents = [replies[s] for s in accepted]
             validate_message_reply_consistency(contents, weighted_by_key="num-examples", check_arrayrecord=True)
-            arrays = aggregate_arrayrecords(contents, "num-examples")  # FedAvg: example-weighted mean
+            arrays = aggregate(arrays, contents, str(self.cfg["aggregation"]), float(self.cfg["trim-fraction"]))
             agg = aggregate_metricrecords(contents, "num-examples")
             timing = self.state.setdefault("timing", {"train-rounds-s": 0.0, "train-rounds": 0, "local-training-s": 0.0})
             timing["train-rounds-s"] += time.perf_counter() - t0  # send, local training, reply, FedAvg
             timing["train-rounds"] += 1
             timing["local-training-s"] += sum(float(c["metrics"]["train-seconds"]) for c in contents)
-            sizes = [c["arrays"].count_bytes() for c in replies.values()]
+            sizes = [c["arrays"].count_bytes() for c in contents]
             self.state["bytes"] = {"per-client-per-round": int(np.median(sizes)), "weights": int(arrays.count_bytes())}
             self.state["history"].append({"tag": fit.tag, "fold": fit.fold, "model": model, "round": rnd,
-                                          "part": "train", "train-loss": float(agg["train-loss"]) if agg else float("nan")})
+                                          "part": "train", "train-loss": float(agg["train-loss"]) if agg else float("nan"),
+                                          "sites": list(accepted)})
             if fit.val:
                 self.evaluate(fit, model, mean, std, arrays, store=False, rnd=rnd)
             self.state["position"] = {"fit": fit_index, "model": self.models.index(model), "round": rnd}
@@ -373,6 +471,8 @@ class Study:
                 self.state["position"] = {"fit": i + 1, "model": 0, "round": 0}
                 continue
             mean, std = std_
+            if fit.fold < 0:  # the final models' standardisation, for `slmfed predict` (models/<fit>.json)
+                self.state.setdefault("standardisation", {})[fit.tag] = {"mean": mean.tolist(), "std": std.tolist()}
             for j, model in enumerate(self.models):
                 if i == pos["fit"] and j < pos["model"]:
                     continue
@@ -423,6 +523,8 @@ class Study:
             replies = self.fed.ask(sites, "query.summary", req, group=f"summary/{tag}")
             for site, reason in replies.refused.items():
                 self.sit_out(tag, -1, site, "results summary", reason)
+            for site, reason in replies.failed.items():
+                self.fault(Fit(tag, -1, []), site, "results summary", "missing", reason)
             for site, content in replies.items():
                 notes = dict(content["notes"]) if "notes" in content else {}
                 summaries.append({"tag": tag, "kind": kind, "site": site, "metrics": metrics_of(content), "notes": notes})

@@ -23,6 +23,7 @@ from common.atomic import atomic_write_json, atomic_write_text
 from common.clinical import FEATURE_NAMES
 from common.logistic import LogisticCF
 from common.records import score_cells
+from server.model_bundle import write_model_bundles
 
 MODEL_LABEL = {"cf": "CF model", "dl": "MRI DL model", "combined": "Combined DL model"}
 # The paper's abstract (doi 10.1186/s12880-025-01692-3); printed beside, never compared as if the same data.
@@ -300,6 +301,7 @@ def write_run_folder(run_dir: str | Path, state: dict, cfg: dict) -> dict:
     atomic_write_text(run_dir / "report.md", render_report(res))
     _figures(run_dir, res)
     atomic_write_text(run_dir / "models" / "MODEL_CARD.md", model_card(res))
+    write_model_bundles(run_dir, state, res, cfg)  # models/<fit>.json: what `slmfed predict` loads
     return res
 
 
@@ -343,7 +345,9 @@ def model_card(res: dict) -> str:
         f"- Models: CF logistic regression; {cfg['backbone']} ({cfg['norm']} norm) MRI DL model; Combined model with a "
         f"{cfg['clinical-embed-dim']}-d clinical embedding. FedAvg, {cfg['num-rounds']} rounds x {cfg['local-epochs']} "
         f"local epochs, lr {cfg['lr']}, batch {cfg['batch-size']}, FedProx mu {cfg['fedprox-mu']}, seed {cfg['seed']}.",
-        "- Weights: `models/<fit>-<model>.npz` (state_dict arrays, load with `common.model.build_model`).",
+        "- Weights: `models/<fit>-<model>.npz` (state_dict arrays, load with `common.model.build_model`); "
+        "`models/<fit>.json` holds what a site needs to use them (`slmfed predict --model models/<fit>.json`): CF "
+        "coefficients, standardisation, development threshold and sensitivity / specificity, preprocessing.",
         f"- Versions: {json.dumps(res['versions'])}.",
         "- Intended use: research only; not a medical device. Performance on the synthetic cohort says nothing about "
         "real patients; validate locally before any clinical use.",

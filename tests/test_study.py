@@ -83,7 +83,7 @@ def test_no_reply_carries_patient_level_data(paper_run, caches):
     _, ids = caches
     n_sites = {36, 14}
     allowed_lists = {"sum", "sumsq", "grad", "hess", "cell-edges", "cell-neg", "cell-pos", "calib-mean-pred",
-                     "image-shape"}
+                     "image-shape", "channels", "clinical-features"}  # the last two: model-input settings (names)
     raw_ids = {i for v in ids.values() for i in v}
     for mtype, reply in grid.replies:
         for rname, record in reply.content.items():
