@@ -58,6 +58,8 @@ SCHEMA: dict[str, Key] = {
     "site-timeout-s": Key(float, 3600.0, "how long to wait for sites to connect / reply (seconds)"),
     "truth-file": Key(str, "", "synthetic cohort truth.json: the report puts oracle AUCs beside achieved"),
     "stop-after-rounds": Key(int, 0, "testing aid: stop after N DL rounds in this run (0 = never)"),
+    "site-registry": Key(str, "", "deployment: the coordinator's site registry (deploy register-sites); only the "
+                                  "nodes it records are enrolled, under its names (empty: sites name themselves)"),
     # --- site (ClientApp, node_config) ---
     "cache-dir": Key(str, "", "the site's prepared cache (output of `slmfed prepare`)"),
     "site-name": Key(str, "", "the site's name as the study refers to it"),

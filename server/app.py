@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import app_config
 from server.checkpoint import Checkpoint, StudyInterrupted
 from server.protocol import Federation, Study
+from server.registry import load_site_registry
 from server.report import write_run_folder
 
 log = logging.getLogger(__name__)
@@ -22,9 +23,12 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = app_config(context.run_config)
+    # sites are named by the coordinator's registry (deploy register-sites), when the run names one
+    registered = load_site_registry(cfg["site-registry"]) if cfg["site-registry"] else None
     run_dir = Path(cfg["run-dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    fed = Federation(grid, min_sites=int(cfg["min-sites"]), timeout_s=float(cfg["site-timeout-s"]))
+    fed = Federation(grid, min_sites=int(cfg["min-sites"]), timeout_s=float(cfg["site-timeout-s"]),
+                     registered=registered)
     study = Study(fed, cfg, Checkpoint(run_dir))
     try:
         state = study.run()

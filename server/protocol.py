@@ -73,13 +73,24 @@ MAX_BACKOFF_S = 300.0
 class Federation:
     """Node discovery and request/reply over a Flower Grid, with site names instead of node ids."""
 
-    def __init__(self, grid: Grid, min_sites: int, timeout_s: float, retries: int = 0, backoff_s: float = 0.0):
+    def __init__(self, grid: Grid, min_sites: int, timeout_s: float, retries: int = 0, backoff_s: float = 0.0,
+                 registered: dict[int, str] | None = None):
         self.grid = grid
+        # the coordinator's site registry (server/registry.py): node id -> site; when given, only these
+        # nodes are enrolled, under these names, and any other connected node is logged and ignored
+        self.registered = dict(registered or {})
+        ignored: set[int] = set()
         self.retries, self.backoff_s = int(retries), float(backoff_s)
         self.retried = 0  # requests sent again (all steps), for the report
         deadline = time.monotonic() + timeout_s
         while True:
             self.node_ids = sorted(grid.get_node_ids())
+            if self.registered:
+                for node in sorted(set(self.node_ids) - set(self.registered) - ignored):
+                    log.warning("node %s is connected but not a registered site (not in the site registry): "
+                                "ignored, it gets no message", node)
+                    ignored.add(node)
+                self.node_ids = [n for n in self.node_ids if n in self.registered]
             if len(self.node_ids) >= min_sites:
                 break
             if time.monotonic() > deadline:
@@ -255,6 +266,12 @@ class Study:
         self.state["plan"] = [asdict(f) for f in self.plan]
 
     def _site_name(self, node: int, content: RecordDict) -> str:
+        if node in self.fed.registered:  # named by registration, never by the node's own claim
+            name = self.fed.registered[node]
+            claimed = str(content["site"]["site-name"]) if "site" in content and "site-name" in content["site"] else ""
+            if claimed and claimed != name:
+                log.warning("node %s calls itself %r but is registered as %r: using %r", node, claimed, name, name)
+            return name
         if "site" in content and "site-name" in content["site"]:
             return str(content["site"]["site-name"])
         return f"node-{node}"
