@@ -11,8 +11,6 @@ came from, what was expected and what was found.
 """
 from __future__ import annotations
 
-import json
-import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +58,15 @@ SCHEMA: dict[str, Key] = {
     "stop-after-rounds": Key(int, 0, "testing aid: stop after N DL rounds in this run (0 = never)"),
     "site-registry": Key(str, "", "deployment: the coordinator's site registry (deploy register-sites); only the "
                                   "nodes it records are enrolled, under its names (empty: sites name themselves)"),
+    # --- simulation only: how a node of Flower's simulation runtime (node config: partition-id and
+    # num-partitions, nothing else) finds its virtual site; client/simulated.py. Never read by a node with
+    # its own node config, nor outside a Ray actor of the simulation runtime.
+    "sim-sites": Key(str, "", "simulation: JSON list of the virtual sites' node configs, by partition-id "
+                              "(`slmfed simulate` sends it)"),
+    "sim-data": Key(str, "", "simulation: folder of site folders, one per node by partition-id (sorted), prepared "
+                             "on first use; empty: the embedded synthetic cohort, generated under FLWR_HOME"),
+    "sim-min-cell-size": Key(int, 0, "simulation with sim-data: the virtual sites' min-cell-size (0: the policy "
+                                     "default)", bounds=(0, 10_000)),
     # --- site (ClientApp, node_config) ---
     "cache-dir": Key(str, "", "the site's prepared cache (output of `slmfed prepare`)"),
     "site-name": Key(str, "", "the site's name as the study refers to it"),
@@ -242,24 +249,13 @@ def model_list(cfg: Mapping[str, Any]) -> list[str]:
 
 
 # --- how the apps get their settings -------------------------------------------------------------
-# `slmfed simulate` runs the apps through Flower's Python simulation API, which hands them an empty
-# run_config and a node_config holding only partition-id / num-partitions. The runner therefore puts
-# the study's run_config and the per-partition site settings into these environment variables
-# (inherited by the Ray workers). Deployed apps never see them and use the real Flower configs.
-ENV_RUN_CONFIG = "SLMFED_RUN_CONFIG"
-ENV_SIM_SITES = "SLMFED_SIM_SITES"
+# Through Flower's own channels only: the run config (`flwr run --run-config`, or the app config that
+# simulation/runner.py hands to Flower's simulation runtime) and each SuperNode's node config. A
+# simulated node, whose node config holds only Flower's partition keys, takes its site from the run
+# config's `sim-sites` / `sim-data` (client/simulated.py; a real SuperNode never does).
 
 
 def app_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The merged config of a ServerApp (node_config None) or ClientApp, simulation-aware."""
-    run_layer = dict(run_config or {})
-    if os.environ.get(ENV_RUN_CONFIG):
-        run_layer.update(json.loads(os.environ[ENV_RUN_CONFIG]))
-    node_layer = dict(node_config or {})
-    if node_config is not None and "cache-dir" not in node_layer and os.environ.get(ENV_SIM_SITES):
-        sites = json.loads(os.environ[ENV_SIM_SITES])
-        pid = int(node_layer.get("partition-id", -1))
-        if not 0 <= pid < len(sites):
-            raise ConfigError(f"simulation node partition-id {pid} has no site (there are {len(sites)} sites)")
-        node_layer.update(sites[pid])
-    return load_config(run_config=run_layer, node_config=node_layer, ignore_unknown_from=["node_config"])
+    """The merged config of a ServerApp (node_config None) or ClientApp."""
+    return load_config(run_config=dict(run_config or {}), node_config=dict(node_config or {}),
+                       ignore_unknown_from=["node_config"])

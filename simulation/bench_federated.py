@@ -65,7 +65,7 @@ def centralized_seconds(nodes: list[dict], cfg: dict) -> float:
 
 
 def run(args) -> int:
-    from common.config import load_config
+    from common.config import flower_run_config_defaults, load_config
     from simulation.cli import prepare_all, site_folders
     from simulation.runner import run_study
 
@@ -83,7 +83,7 @@ def run(args) -> int:
     fed_s, cen_s, sent, local_s = [], [], [], []
     for i in range(args.runs):
         run_dir = work / f"run{i}"
-        run_study(nodes, {**cfg, "run-dir": str(run_dir)})
+        run_study(nodes, {**{k: cfg[k] for k in flower_run_config_defaults()}, "run-dir": str(run_dir)})
         res = json.loads((run_dir / "results.json").read_text())
         fed_s.append(res["timing"]["train-rounds-s"])
         local_s.append(res["timing"]["local-training-s"])

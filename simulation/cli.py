@@ -37,7 +37,14 @@ def register(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted study from its last checkpoint")
     p.add_argument("--config", metavar="TOML", help="study settings file (keys as in pyproject [tool.flwr.app.config])")
     p.add_argument("--sites", type=int, default=4, help="multisite: number of synthetic hospitals (default 4)")
-    p.add_argument("--ray-address", help="run the virtual sites on an existing Ray cluster instead of a local one")
+    p.add_argument("--ray-address", help="run the virtual sites on an existing Ray cluster instead of a local one "
+                                         "(e.g. 127.0.0.1:6379; every node must read the site caches at the same path)")
+    p.add_argument("--client-cpus", type=float, default=None, metavar="N",
+                   help="CPUs each virtual site's Ray actor reserves (Flower client_resources; default: every "
+                        "local core, or 1 on a cluster)")
+    p.add_argument("--client-gpus", type=float, default=None, metavar="N",
+                   help="GPUs each virtual site's actor reserves (1: one virtual hospital per GPU, trained with AMP; "
+                        "default 0)")
     p.add_argument("--min-cell-size", type=int, default=None, metavar="K",
                    help="every virtual site's privacy policy k (default 10; --quick: 3; never below 3)")
     for key in SIM_FLAGS:
@@ -130,7 +137,8 @@ def run(args) -> int:
         atomic_write_json(run_dir / "simulation.json", {"run_config": run_config, "sites": nodes})
     print(f"running the {run_config['scenario']} study with {len(nodes)} virtual sites -> {run_dir}")
     t0 = time.perf_counter()
-    run_study(nodes, run_config, ray_address=args.ray_address)
+    run_study(nodes, run_config, ray_address=args.ray_address, client_cpus=args.client_cpus,
+              client_gpus=args.client_gpus)
     results = run_dir / "results.json"
     if not results.is_file():
         raise CommandError(f"the study stopped before writing {results}; resume with `slmfed simulate --resume {run_dir}`")
