@@ -6,6 +6,18 @@ kept so a truncated file (header fine, pixels cut short) is caught here and not 
 A file that is not DICOM, or is DICOM but not an image (DICOMDIR, reports), is skipped with a
 reason that the caller counts. Records are plain dataclasses so they pickle to worker processes
 and serialise to the site-local scan index that lets a re-run skip unchanged files.
+
+Input forms (`input_form`): "classic" single-frame MR Image Storage gives one record per file;
+Enhanced MR Image Storage and Legacy Converted Enhanced MR give one record per frame (`frame` >= 0),
+with position, orientation, pixel spacing, b-value and rescale read from that frame's per-frame
+functional groups, else the shared ones (PlanePositionSequence, PlaneOrientationSequence,
+PixelMeasuresSequence, MRDiffusionSequence, PixelValueTransformationSequence; for a legacy
+conversion the b-value may sit in the unassigned converted attributes), so everything downstream
+(series grouping, b-value split, stack checks) works on frames exactly as on slices. pydicom's
+object model is used for the functional groups (highdicom adds nothing a header scan needs).
+DICOM SEG and RTSTRUCT objects give one "mask object" record (no pixels read here) carrying the
+series UIDs they reference, so masks are matched to the patient's T2 by UID, never by file name.
+A DICOMDIR is skipped and counted: the layout it describes is read from the image headers instead.
 """
 from __future__ import annotations
 
@@ -27,6 +39,13 @@ TAG_SIEMENS_B = Tag(0x0019, 0x100C)
 TAG_GE_B = Tag(0x0043, 0x1039)
 TAG_PHILIPS_B = Tag(0x2001, 0x1003)
 
+MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+LEGACY_ENHANCED_MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4.4"
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+MEDIA_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"
+MASK_SOP_CLASSES = {SEG_STORAGE: "seg", RTSTRUCT_STORAGE: "rtstruct"}
 
 
 @dataclass
@@ -62,6 +81,9 @@ class FileRecord:
     pixel_dtype: str = ""  # numpy dtype of the raw pixels (e.g. "<u2") for that fast path
     bits_stored: int = 0
     pixel_header: int = 12  # 12 bytes before the pixels in explicit VR, 8 in implicit VR
+    frame: int = -1  # index of this frame in a multi-frame file; -1 for a single-frame file
+    sop_class: str = ""
+    ref_series: tuple[str, ...] = ()  # SEG / RTSTRUCT: the series UIDs the mask object references
 
     def to_json(self) -> list:
         """Compact form for the scan index (field order of the dataclass)."""
@@ -70,7 +92,7 @@ class FileRecord:
     @classmethod
     def from_json(cls, values: list) -> "FileRecord":
         d = dict(zip(_FIELDS, values))
-        for k in ("image_type", "ipp", "iop", "pixel_spacing"):
+        for k in ("image_type", "ipp", "iop", "pixel_spacing", "ref_series"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -81,6 +103,19 @@ _FIELDS = tuple(f.name for f in fields(FileRecord))
 
 class NotAnImage(Exception):
     """The file is unreadable, not DICOM, or DICOM without an image."""
+
+
+def input_form(rec: FileRecord) -> str:
+    """How a record's data came: classic, enhanced, legacy-enhanced (multi-frame MR), seg or rtstruct."""
+    if rec.sop_class in MASK_SOP_CLASSES:
+        return MASK_SOP_CLASSES[rec.sop_class]
+    if rec.frame >= 0:
+        return "legacy-enhanced" if rec.sop_class == LEGACY_ENHANCED_MR_STORAGE else "enhanced"
+    return "classic"
+
+
+def is_mask_object(rec: FileRecord) -> bool:
+    return rec.sop_class in MASK_SOP_CLASSES
 
 
 _US = {0x00280010, 0x00280011, 0x00280100, 0x00280002}
@@ -180,7 +215,13 @@ def _bvalue(ds) -> float | None:
 
 
 def read_header(path: str | os.PathLike) -> FileRecord:
-    """Read one file's header; raises NotAnImage with the reason when it cannot be used."""
+    """The record of a single-frame file (the first frame's of a multi-frame file); see read_headers."""
+    return read_headers(path)[0]
+
+
+def read_headers(path: str | os.PathLike) -> list[FileRecord]:
+    """Read one file's header: one record per image (frame); raises NotAnImage with the reason when
+    the file cannot be used."""
     path = str(path)
     st = os.stat(path)
     try:
@@ -195,9 +236,118 @@ def read_header(path: str | os.PathLike) -> FileRecord:
     if len(ds) == 0:
         raise NotAnImage("truncated or empty DICOM header")
     try:
-        return _record(ds, path, st, pixel_offset)
-    except (ValueError, TypeError, struct.error) as exc:
+        sop_class = _str(ds, 0x00080016) or str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+        if sop_class == MEDIA_DIRECTORY_STORAGE or 0x00041220 in ds:
+            raise NotAnImage("DICOMDIR (media index; the study layout is read from the image headers instead)")
+        if sop_class in MASK_SOP_CLASSES:
+            return [_mask_record(ds, path, st, sop_class)]
+        rec = _record(ds, path, st, pixel_offset)
+        rec.sop_class = sop_class
+        if 0x52009230 in ds or rec.frames > 1:  # PerFrameFunctionalGroupsSequence: enhanced / legacy converted
+            return _frame_records(ds, rec)
+        return [rec]
+    except (ValueError, TypeError, struct.error, AttributeError, IndexError) as exc:
         raise NotAnImage(f"malformed DICOM header value ({type(exc).__name__}: {exc})"[:160]) from None
+
+
+def _item0(group, keyword: str):
+    """The first item of sequence `keyword` in a functional-group item, or None."""
+    if group is None or keyword not in group:
+        return None
+    seq = group[keyword].value
+    return seq[0] if seq else None
+
+
+def _group_value(groups, seq: str, keyword: str):
+    """A value from the first functional group (per-frame, then shared) whose `seq` carries `keyword`."""
+    for g in groups:
+        item = _item0(g, seq)
+        if item is not None and keyword in item and item[keyword].value not in (None, ""):
+            return item[keyword].value
+    return None
+
+
+def _tuple(v, n: int) -> tuple[float, ...] | None:
+    try:
+        t = tuple(float(x) for x in v)
+    except (TypeError, ValueError):
+        return None
+    return t if len(t) == n else None
+
+
+def _frame_records(ds, base: FileRecord) -> list[FileRecord]:
+    """One record per frame of an Enhanced (or Legacy Converted Enhanced) MR file, from its functional groups."""
+    from dataclasses import replace
+
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    per = list(per) if per is not None else []
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    if len(per) != base.frames:
+        raise NotAnImage(f"multi-frame file with {base.frames} frames but {len(per)} per-frame functional groups "
+                         "(truncated or malformed header)")
+    unassigned_shared = _item0(shared, "UnassignedSharedConvertedAttributesSequence")
+    out = []
+    for i, fg in enumerate(per):
+        groups = (fg, shared)
+        ipp = _tuple(_group_value(groups, "PlanePositionSequence", "ImagePositionPatient") or (), 3)
+        iop = _tuple(_group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient") or (), 6)
+        ps = _tuple(_group_value(groups, "PixelMeasuresSequence", "PixelSpacing") or (), 2)
+        b = _group_value(groups, "MRDiffusionSequence", "DiffusionBValue")
+        b = _float_or_none(b)
+        if b is None:  # legacy converted: the classic tags sit in the unassigned converted attributes
+            for item in (_item0(fg, "UnassignedPerFrameConvertedAttributesSequence"), unassigned_shared):
+                if item is not None and b is None:
+                    b = _bvalue_in(item, ds)
+        slope = _float_or_none(_group_value(groups, "PixelValueTransformationSequence", "RescaleSlope"))
+        intercept = _float_or_none(_group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept"))
+        out.append(replace(
+            base, frame=i, ipp=ipp, iop=iop, pixel_spacing=ps,
+            bvalue=b if b is not None else base.bvalue,
+            slope=slope if slope is not None else base.slope,
+            intercept=intercept if intercept is not None else base.intercept,
+        ))
+    return out
+
+
+def _bvalue_in(item, ds) -> float | None:
+    """_bvalue on a sequence item (which has no encoding of its own: the file's is used)."""
+    try:
+        item.set_original_encoding(*ds.original_encoding)
+    except (AttributeError, TypeError):
+        pass
+    try:
+        return _bvalue(item)
+    except (AttributeError, TypeError, ValueError, struct.error):
+        return None
+
+
+def _ref_series(ds, sop_class: str) -> tuple[str, ...]:
+    """Series UIDs a SEG (ReferencedSeriesSequence, else its source images' series) or an RTSTRUCT
+    (ReferencedFrameOfReference > RTReferencedStudy > RTReferencedSeries) points at."""
+    uids: list[str] = []
+    if sop_class == SEG_STORAGE:
+        for item in ds.get("ReferencedSeriesSequence", []) or []:
+            uids.append(str(item.get("SeriesInstanceUID", "")))
+        for item in ds.get("StudiesContainingOtherReferencedInstancesSequence", []) or []:
+            for s in item.get("ReferencedSeriesSequence", []) or []:
+                uids.append(str(s.get("SeriesInstanceUID", "")))
+    else:
+        for fr in ds.get("ReferencedFrameOfReferenceSequence", []) or []:
+            for st in fr.get("RTReferencedStudySequence", []) or []:
+                for se in st.get("RTReferencedSeriesSequence", []) or []:
+                    uids.append(str(se.get("SeriesInstanceUID", "")))
+    return tuple(dict.fromkeys(u for u in uids if u))
+
+
+def _mask_record(ds, path: str, st, sop_class: str) -> FileRecord:
+    """A SEG / RTSTRUCT: who it belongs to and which series it references (its content is read later)."""
+    return FileRecord(
+        path=path, size=st.st_size, mtime_ns=st.st_mtime_ns, patient_id=_str(ds, 0x00100020),
+        study_uid=_str(ds, 0x0020000D), series_uid=_str(ds, 0x0020000E), sop_uid=_str(ds, 0x00080018),
+        modality=_str(ds, 0x00080060).upper(), description=_str(ds, 0x0008103E), study_date=_str(ds, 0x00080020),
+        frames=max(1, _int(ds, 0x00280008, 1)), sop_class=sop_class, ref_series=_ref_series(ds, sop_class),
+    )
 
 
 def _record(ds, path: str, st, pixel_offset: int) -> FileRecord:
@@ -220,7 +370,7 @@ def _record(ds, path: str, st, pixel_offset: int) -> FileRecord:
     signed = _int(ds, 0x00280103) == 1
     stored = _int(ds, 0x00280101, bits) or bits
     little = ds.original_encoding[1] is not False
-    plain = (not truncated and little and not (ts and pydicom.uid.UID(ts).is_compressed) and frames == 1 and spp == 1
+    plain = (not truncated and little and not (ts and pydicom.uid.UID(ts).is_compressed) and spp == 1
              and _str(ds, 0x00280004) == "MONOCHROME2" and bits in (8, 16, 32) and (not signed or stored == bits))
     if plain:
         pixel_dtype = f"<{'i' if signed else 'u'}{bits // 8}"
@@ -263,13 +413,14 @@ _PIXEL_TAG = b"\xe0\x7f\x10\x00"
 
 
 def read_raw_pixels(rec: FileRecord) -> "np.ndarray | None":
-    """Pixels of a plain (uncompressed, little-endian, single-frame, MONOCHROME2) file straight from
-    disk at the offset found by the header scan, rescale applied; None when the file is not as the
-    scan saw it (then the caller uses SimpleITK)."""
+    """Pixels of a plain (uncompressed, little-endian, MONOCHROME2) image, or of one frame of such a
+    multi-frame file, straight from disk at the offset found by the header scan, rescale applied;
+    None when the file is not as the scan saw it (then the caller uses SimpleITK / pydicom)."""
     if rec.pixel_offset < 0 or not rec.pixel_dtype:
         return None
     dtype = np.dtype(rec.pixel_dtype)
     n = rec.rows * rec.cols
+    frame = max(rec.frame, 0)
     with open(rec.path, "rb") as fh:
         fh.seek(rec.pixel_offset)
         head = fh.read(12)
@@ -277,9 +428,9 @@ def read_raw_pixels(rec: FileRecord) -> "np.ndarray | None":
             return None
         start = rec.pixel_header
         length = int.from_bytes(head[start - 4: start], "little")
-        if length == 0xFFFFFFFF or length < n * dtype.itemsize:
+        if length == 0xFFFFFFFF or length < n * dtype.itemsize * max(rec.frames, 1):
             return None
-        fh.seek(rec.pixel_offset + start)
+        fh.seek(rec.pixel_offset + start + frame * n * dtype.itemsize)
         buf = fh.read(n * dtype.itemsize)
     if len(buf) < n * dtype.itemsize:
         return None
@@ -306,12 +457,12 @@ def list_files(dicom_dir: str | Path) -> list[tuple[str, int, int]]:
     return out
 
 
-def scan_files(paths: Iterable[str]) -> list[tuple[str, FileRecord | None, str]]:
-    """Read many headers; each result is (path, record or None, skip reason)."""
+def scan_files(paths: Iterable[str]) -> list[tuple[str, list[FileRecord] | None, str]]:
+    """Read many headers; each result is (path, records (one per frame) or None, skip reason)."""
     out = []
     for p in paths:
         try:
-            out.append((p, read_header(p), ""))
+            out.append((p, read_headers(p), ""))
         except NotAnImage as exc:
             out.append((p, None, str(exc)))
         except OSError as exc:

@@ -32,7 +32,7 @@ import numpy as np
 from client import cache as cache_mod
 from client.clinical_table import ClinicalRow, ClinicalTableError, read_clinical_table
 from client.dicom_scan import _FIELDS as _RECORD_FIELDS
-from client.dicom_scan import FileRecord, list_files, scan_files
+from client.dicom_scan import FileRecord, input_form, is_mask_object, list_files, scan_files
 from client.series import RulesError, Selection, SelectionError, Series, SeriesRules, group_series, select_sequences
 from client.transforms import build_input_transform, channel_names, image_shape
 from common.clinical import ENCODING_VERSION, FEATURE_NAMES
@@ -70,6 +70,7 @@ class PrepareReport:
     sequences: dict[str, dict[str, int]] = field(default_factory=dict)
     spacing: dict[str, list[float]] = field(default_factory=dict)
     dicom_files: int = 0
+    mask_objects: int = 0  # DICOM SEG / RTSTRUCT objects found
     skipped_files: dict[str, int] = field(default_factory=dict)
     parsed_files: int = 0
     redone: int = 0
@@ -85,7 +86,7 @@ class PrepareReport:
         for reason, n in sorted(self.reasons.items(), key=lambda kv: -kv[1]):
             lines.append(f"    excluded ({reason}): {n}")
         skipped = sum(self.skipped_files.values())
-        lines.append(f"  DICOM images: {self.dicom_files}; files skipped: {skipped}"
+        lines.append(f"  DICOM images: {self.dicom_files}; DICOM SEG/RTSTRUCT objects: {self.mask_objects}; files skipped: {skipped}"
                      + (" (" + ", ".join(f"{r}: {n}" for r, n in self.skipped_files.items()) + ")" if skipped else ""))
         for seq, names in self.sequences.items():
             lines.append(f"  {seq}: " + "; ".join(f"{name} x{n}" for name, n in sorted(names.items(), key=lambda kv: -kv[1])))
@@ -118,6 +119,7 @@ def preprocessing_params(cfg: dict) -> dict:
         "cea-unit": cfg["cea-unit"],
         "ca199-unit": cfg["ca199-unit"],
         "series-rules": cfg["series-rules"],
+        "roi-names": cfg.get("roi-names", ""),
         "rigid-refine": bool(cfg.get("rigid-refine", False)),
         "orientation": "LPS (sitk.DICOMOrient of the T2WI)",
         "t2-dwi-normalisation": "1st-99th percentile of the crop -> [0, 1]",
@@ -131,31 +133,56 @@ def preprocessing_params(cfg: dict) -> dict:
 # one patient (runs in a worker process)
 # ----------------------------------------------------------------------------------------------
 
-def build_patient_image(series: list[Series], mask_path: Path | None, rules: SeriesRules, cfg: dict) -> tuple[np.ndarray, dict]:
-    """The model input of one patient and what it was built from; raises Excluded with the reason."""
+def build_patient_image(series: list[Series], mask_path: Path | None, rules: SeriesRules, cfg: dict,
+                        dicom_masks: list[FileRecord] | None = None) -> tuple[np.ndarray, dict]:
+    """The model input of one patient and what it was built from; raises Excluded with the reason.
+    The ROI comes from a DICOM SEG / RTSTRUCT that references the chosen T2 series (matched by UID;
+    SEG first), else from the mask file masks/<patient_id>.*."""
     import SimpleITK as sitk
 
+    from client import masks as masks_mod
     from client import volumes as vol
 
+    dicom_masks = list(dicom_masks or [])
+    referenced = {u for m in dicom_masks for u in m.ref_series}
+
     def mask_match(s: Series) -> bool:
+        if referenced:
+            return s.series_uid in referenced
         f = s.first
         ps = f.pixel_spacing or (1.0, 1.0)
         return vol.mask_header_matches(mask_path, (f.cols, f.rows, s.n_positions()), (ps[1], ps[0]))
 
     try:
-        sel: Selection = select_sequences(series, rules, mask_match if mask_path else None)
+        sel: Selection = select_sequences(series, rules, mask_match if (mask_path or referenced) else None)
     except SelectionError as exc:
         raise Excluded("sequences", str(exc)) from None
-    if mask_path is None:
-        raise Excluded("mask", "missing (expected masks/<patient_id>.nii.gz, .nii, .nrrd or .mha)")
-    notes = list(sel.notes)
+    hits, why_not = masks_mod.dicom_candidates(dicom_masks, sel.t2.series_uid, {s.series_uid for s in series})
+    if hits:
+        src = masks_mod.MaskSource(input_form(hits[0]), Path(hits[0].path), hits[0])
+        if len(hits) > 1:
+            src.notes.append(f"mask: {len(hits)} DICOM mask objects reference the T2, used the "
+                             f"{src.form.upper()} (SEG before RTSTRUCT, then the latest)")
+        if mask_path is not None:
+            src.notes.append(f"mask: DICOM {src.form.upper()} used; the mask file beside it was ignored")
+    elif mask_path is not None:
+        src = masks_mod.MaskSource("nifti", mask_path)
+        if why_not:
+            src.notes.append(f"mask: mask file used; {why_not}")
+    elif why_not:
+        raise Excluded("mask", why_not)
+    else:
+        raise Excluded("mask", "missing (expected masks/<patient_id>.nii.gz, .nii, .nrrd or .mha, or a DICOM SEG / "
+                               "RTSTRUCT referencing the T2WI series)")
+    notes = list(sel.notes) + src.notes
     try:
         t2, n = vol.read_volume(sel.t2.files, sel.t2.label)
         notes += n
     except vol.VolumeError as exc:
         raise Excluded("T2WI", str(exc)) from None
     try:
-        mask = vol.load_mask(mask_path, t2)
+        mask, n = masks_mod.read_roi(src, t2, masks_mod.roi_names(cfg))
+        notes += n
     except vol.VolumeError as exc:
         raise Excluded("mask", str(exc)) from None
     mode = cfg["input-mode"]
@@ -203,6 +230,8 @@ def build_patient_image(series: list[Series], mask_path: Path | None, rules: Ser
     dsp = dwi_native.GetSpacing()
     info = {
         "sequences": {"t2": sel.t2.description, "dwi": f"{sel.dwi.description} b={sel.dwi_b:g}", "adc": adc_source},
+        "input_forms": {"t2": input_form(sel.t2.first), "dwi": input_form(sel.dwi_files[0]),
+                        "adc": input_form((sel.adc_files or sel.low_files or sel.dwi_files)[0]), "mask": src.form},
         "t2_spacing": [round(float(x), 4) for x in sp],
         "dwi_spacing": [round(float(x), 4) for x in dsp],
         "roi_area_mm2": round(out["roi_area_mm2"], 1),
@@ -217,7 +246,8 @@ def _process(job: dict) -> dict:
     key, row = job["key"], job["row"]
     base = {"source_hash": job["source_hash"], "label": row.slm if row else -1, "warnings": row.warnings if row else []}
     try:
-        image, info = build_patient_image(job["series"], job["mask"], SeriesRules(job["cfg"]["series-rules"]), job["cfg"])
+        image, info = build_patient_image(job["series"], job["mask"], SeriesRules(job["cfg"]["series-rules"]), job["cfg"],
+                                          job.get("dicom_masks"))
     except Excluded as exc:
         return {**base, "status": "excluded", "reason": str(exc)}
     except Exception as exc:  # a bug or an unforeseen input: exclude this patient, keep the others, say what
@@ -270,8 +300,9 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _scan(dicom_dir: Path, local: Path, pool) -> tuple[list[FileRecord], list[tuple[str, str]], int]:
-    """Header records of every image file, re-reading only files new or changed since the index."""
+def _scan(dicom_dir: Path, local: Path, pool, masks_dir: Path | None = None) -> tuple[list[FileRecord], list[tuple[str, str]], int]:
+    """Header records of every image file (and DICOM SEG / RTSTRUCT under dicom/ or masks/), re-reading
+    only files new or changed since the index."""
     index_path = local / "scan-index.json"
     old = _read_json(index_path) or {}
     if old.get("version") != PIPELINE_VERSION or old.get("fields") != list(_RECORD_FIELDS):
@@ -281,7 +312,12 @@ def _scan(dicom_dir: Path, local: Path, pool) -> tuple[list[FileRecord], list[tu
     skipped: list[tuple[str, str]] = []
     todo: list[str] = []
     new_index: dict[str, Any] = {}
-    for path, size, mtime in list_files(dicom_dir):
+    from client.volumes import MASK_SUFFIXES
+
+    listing = list_files(dicom_dir)
+    if masks_dir is not None and masks_dir.is_dir():  # DICOM mask objects may sit beside the mask files
+        listing += [f for f in list_files(masks_dir) if not f[0].lower().endswith(MASK_SUFFIXES)]
+    for path, size, mtime in listing:
         prev = old_files.get(path)
         if prev and prev["size"] == size and prev["mtime_ns"] == mtime:
             new_index[path] = prev
@@ -314,8 +350,11 @@ def _scan(dicom_dir: Path, local: Path, pool) -> tuple[list[FileRecord], list[tu
     return records, skipped, len(todo)
 
 
-def _source_hash(salt: str, params: dict, series: list[Series], mask: Path | None, row: ClinicalRow | None) -> str:
+def _source_hash(salt: str, params: dict, series: list[Series], mask: Path | None, row: ClinicalRow | None,
+                 dicom_masks: list[FileRecord] = ()) -> str:
     h = hashlib.sha256(f"{salt}|{json.dumps(params, sort_keys=True, default=str)}".encode())
+    for m in dicom_masks:
+        h.update(f"dicom-mask|{m.path}|{m.size}|{m.mtime_ns}\n".encode())
     for s in series:
         for f in s.files:
             h.update(f"{f.path}|{f.size}|{f.mtime_ns}\n".encode())
@@ -341,12 +380,14 @@ def _still_valid(cache_dir: Path, key: str, entry: dict | None, source_hash: str
 def _write_qc(cache_dir: Path, patients: dict[str, dict]) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["patient_key", "status", "reason", "label", "t2", "dwi", "adc", "t2_spacing_mm", "roi_area_mm2", "notes"])
+    w.writerow(["patient_key", "status", "reason", "label", "t2", "dwi", "adc", "t2_spacing_mm", "roi_area_mm2", "notes",
+                "input_forms"])
     for key, e in sorted(patients.items()):
         seq = e.get("sequences", {})
         w.writerow([key, e["status"], e.get("reason", ""), e.get("label", -1), seq.get("t2", ""), seq.get("dwi", ""),
                     seq.get("adc", ""), "x".join(f"{v:g}" for v in e.get("t2_spacing", [])),
-                    e.get("roi_area_mm2", ""), " | ".join(e.get("notes", []) + e.get("warnings", []))])
+                    e.get("roi_area_mm2", ""), " | ".join(e.get("notes", []) + e.get("warnings", [])),
+                    " ".join(f"{k}={v}" for k, v in e.get("input_forms", {}).items())])
     cache_mod.atomic_write_text(cache_dir / cache_mod.QC_CSV, buf.getvalue())
 
 
@@ -420,11 +461,17 @@ def prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None =
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) if workers > 1 else None
     try:
         t_scan = time.perf_counter()
-        records, skipped, report.parsed_files = _scan(dicom_dir, local, pool)
+        records, skipped, report.parsed_files = _scan(dicom_dir, local, pool, site_dir / "masks")
         report.timings["scan"] = time.perf_counter() - t_scan
         no_pid = [r for r in records if not r.patient_id]
         skipped += [(r.path, "DICOM image without PatientID") for r in no_pid]
         records = [r for r in records if r.patient_id]
+        dicom_masks: dict[str, list[FileRecord]] = {}
+        for r in records:
+            if is_mask_object(r):
+                dicom_masks.setdefault(r.patient_id, []).append(r)
+        records = [r for r in records if not is_mask_object(r)]
+        report.mask_objects = sum(len(v) for v in dicom_masks.values())
         report.dicom_files = len(records)
         report.skipped_files = dict(Counter(reason for _, reason in skipped))
         by_patient = group_series(records)
@@ -441,7 +488,8 @@ def prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None =
             id_rows.append((key, pid))
             series, row = by_patient.get(pid, []), table.rows.get(pid)
             mask = find_mask(masks_dir, pid) if masks_dir.is_dir() else None
-            sh = _source_hash(salt, params, series, mask, row)
+            dmasks = dicom_masks.get(pid, [])
+            sh = _source_hash(salt, params, series, mask, row, dmasks)
             if _still_valid(cache_dir, key, old_patients.get(key), sh):
                 entries[key] = old_patients[key]
                 report.reused += 1
@@ -454,7 +502,7 @@ def prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None =
             elif not series:
                 entries[key] = {**base, "reason": f"DICOM: no DICOM images found for this patient_id (clinical.csv line {row.line})"}
             else:
-                jobs.append({"key": key, "row": row, "series": series, "mask": mask, "source_hash": sh,
+                jobs.append({"key": key, "row": row, "series": series, "mask": mask, "dicom_masks": dmasks, "source_hash": sh,
                              "cfg": cfg, "cache_dir": str(cache_dir)})
         report.redone = len(ids) - report.reused
         from tqdm import tqdm

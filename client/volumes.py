@@ -1,7 +1,8 @@
 """Turn checked slice lists into SimpleITK volumes on one grid: the patient's T2WI.
 
-Slices are ordered by their position along the slice normal (ImageOrientationPatient x
-ImagePositionPatient), never by file name or InstanceNumber, and the stack is checked for missing
+Slices (or the frames of an enhanced multi-frame file, one record each) are ordered by their
+position along the slice normal (ImageOrientationPatient x ImagePositionPatient), never by file
+name, InstanceNumber or frame number, and the stack is checked for missing
 or duplicated positions and uneven spacing before SimpleITK reads it (which applies each file's
 RescaleSlope / RescaleIntercept). DWI and ADC are resampled onto the T2 grid through scanner
 coordinates; the mask must already lie on the T2 grid (a mere difference of origin / direction
@@ -36,16 +37,20 @@ def check_stack(files: list[FileRecord], what: str) -> tuple[list[FileRecord], f
     notes: list[str] = []
     bad = [f for f in files if f.truncated]
     if bad:
-        raise VolumeError(f"{what}: {len(bad)} truncated DICOM file(s) (pixel data incomplete)")
-    if any(f.frames > 1 for f in files):
-        raise VolumeError(f"{what}: multi-frame (enhanced) DICOM is not supported; export single-frame images")
+        multi = any(f.frame >= 0 for f in bad)
+        n = len({f.path for f in bad})
+        raise VolumeError(f"{what}: {n} truncated {'multi-frame ' if multi else ''}DICOM file(s) (pixel data incomplete)")
     if any(f.ipp is None or f.iop is None or f.pixel_spacing is None for f in files):
+        if any(f.frame >= 0 for f in files):
+            raise VolumeError(f"{what}: frames lack PlanePositionSequence / PlaneOrientationSequence / PixelMeasuresSequence "
+                              "in their per-frame and shared functional groups")
         raise VolumeError(f"{what}: slices lack ImagePositionPatient / ImageOrientationPatient / PixelSpacing")
-    seen: dict[str, FileRecord] = {}
+    seen: dict[tuple[str, int], FileRecord] = {}
     for f in files:
-        if f.sop_uid and f.sop_uid in seen:
+        k = (f.sop_uid or f.path, f.frame)
+        if f.sop_uid and k in seen:
             continue
-        seen[f.sop_uid or f.path] = f
+        seen[k] = f
     if len(seen) < len(files):
         notes.append(f"{what}: {len(files) - len(seen)} identical copies of a slice file ignored")
     files = list(seen.values())
@@ -88,6 +93,8 @@ def read_volume(files: list[FileRecord], what: str) -> tuple[sitk.Image, list[st
     slices = [read_raw_pixels(f) for f in files] if all(f.pixel_offset >= 0 for f in files) else [None]
     if all(s is not None for s in slices):
         img = sitk.GetImageFromArray(np.stack(slices))
+    elif any(f.frame >= 0 for f in files):
+        img = sitk.GetImageFromArray(read_frames_pydicom(files, what))
     else:
         img = read_series_sitk([f.path for f in files], what)
     f = files[0]
@@ -99,6 +106,27 @@ def read_volume(files: list[FileRecord], what: str) -> tuple[sitk.Image, list[st
     img.SetOrigin(tuple(float(x) for x in f.ipp))
     img.SetDirection(tuple(np.column_stack([f.iop[:3], f.iop[3:], n]).ravel().tolist()))
     return img, notes
+
+
+def read_frames_pydicom(files: list[FileRecord], what: str) -> np.ndarray:
+    """Frames of multi-frame files that the raw path cannot read (compressed, big-endian, ...):
+    pydicom decodes each file once; every frame gets its own rescale from its functional groups."""
+    import pydicom
+
+    arrays: dict[str, np.ndarray] = {}
+    out = []
+    for f in files:
+        if f.path not in arrays:
+            try:
+                arr = pydicom.dcmread(f.path).pixel_array
+            except Exception as exc:  # decoders raise many types; the patient gets the reason
+                raise VolumeError(f"{what}: pixel data could not be decoded ({type(exc).__name__}: {str(exc)[:100]})") from None
+            arrays[f.path] = arr.reshape((-1,) + arr.shape[-2:])
+        frames = arrays[f.path]
+        if f.frame >= frames.shape[0]:
+            raise VolumeError(f"{what}: frame {f.frame + 1} missing from the pixel data ({frames.shape[0]} frames)")
+        out.append(frames[max(f.frame, 0)].astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept))
+    return np.stack(out)
 
 
 def read_series_sitk(paths: list[str], what: str) -> sitk.Image:

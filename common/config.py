@@ -92,6 +92,8 @@ SCHEMA: dict[str, Key] = {
     "workers": Key(int, 1, "parallel worker processes for `slmfed prepare`"),
     "rigid-refine": Key(bool, False, "refine the DWI/ADC-to-T2 alignment with a rigid registration around the ROI"),
     "series-rules": Key(dict, {}, "site.toml table overriding the sequence-matching rules"),
+    "roi-names": Key(str, "GTV,tumor,tumour,lesion", "comma list: the DICOM SEG segment / RTSTRUCT ROI used as "
+                                                     "the tumour mask (whole word, case-insensitive, first wins)"),
 }
 
 

@@ -21,6 +21,12 @@ def register(sub) -> None:
                    help="split a larger population into N non-identically distributed hospitals site-01..site-NN")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="processes rendering patients (default 1; the output is the same for any N)")
+    p.add_argument("--export", choices=("classic", "enhanced"), default="classic",
+                   help="classic: one MR Image Storage file per slice; enhanced: one Enhanced MR multi-frame file "
+                        "per series (geometry and b-values in the functional groups)")
+    p.add_argument("--masks", choices=("nifti", "seg", "rtstruct"), default="nifti",
+                   help="tumour ROI as masks/<patient_id>.nii.gz, as a DICOM SEG in the exam folder, or as an "
+                        "RTSTRUCT (contours in patient mm) in masks/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -31,7 +37,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     try:
         summary = generate_cohort(args.out, preset=args.preset, seed=args.seed, sites=args.sites,
-                                  progress=not args.no_progress, workers=args.workers)
+                                  progress=not args.no_progress, workers=args.workers, export=args.export,
+                                  masks=args.masks)
     except (ValueError, FileExistsError) as exc:
         raise CommandError(str(exc)) from None
     print(format_summary(summary, time.perf_counter() - t0))

@@ -21,7 +21,8 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from .dicom import ExamWriter, PatientInfo
+from .dicom import EXPORTS, ExamWriter, PatientInfo, uid
+from .masks import MASK_FORMS, write_rtstruct, write_seg
 from .model import TARGET_AUC, LatentDraw, draw, oracle_aucs, oracle_risks, population_summary
 from .phantom import Exam, Patient, TumourLook, acquire
 from .scanners import SiteSpec, site_specs
@@ -92,14 +93,21 @@ def _check_out_dir(out: Path) -> None:
 
 
 def generate_cohort(out_dir, preset: str = "paper", seed: int = 0, sites: int | None = None,
-                    progress: bool = True, *, workers: int = 1) -> dict:
+                    progress: bool = True, *, workers: int = 1, export: str = "classic", masks: str = "nifti") -> dict:
     """Write the synthetic cohort to `out_dir` and return the summary that truth.json holds.
 
     preset: "paper" (176 + 31 patients), "small" (28 + 12) or "tiny" (8 + 4), sites: None for the
     two centres, or N for N non-identically distributed hospitals site-01..site-NN. workers:
     processes that render patients; the output does not depend on it. Workers are spawned, so a
     script that passes workers > 1 needs the usual `if __name__ == "__main__":` guard.
+    export: "classic" (one file per slice) or "enhanced" (one Enhanced MR file per series); masks:
+    "nifti" (masks/<patient_id>.nii.gz), "seg" (a DICOM SEG in the exam's folder) or "rtstruct"
+    (masks/RS_<hash>.dcm). Images, labels and truth are the same for every export and mask form.
     """
+    if export not in EXPORTS:
+        raise ValueError(f"export: expected one of {', '.join(EXPORTS)}, found {export!r}")
+    if masks not in MASK_FORMS:
+        raise ValueError(f"masks: expected one of {', '.join(MASK_FORMS)}, found {masks!r}")
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers: expected an integer >= 1, found {workers!r}")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
@@ -110,7 +118,7 @@ def generate_cohort(out_dir, preset: str = "paper", seed: int = 0, sites: int | 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        truth = _generate(tmp, out, specs, preset, seed, progress, workers)
+        truth = _generate(tmp, out, specs, preset, seed, progress, workers, export, masks)
         (tmp / TRUTH_JSON).write_text(json.dumps(truth, indent=2, sort_keys=True) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -122,13 +130,15 @@ def generate_cohort(out_dir, preset: str = "paper", seed: int = 0, sites: int | 
 
 
 def _generate(tmp: Path, out: Path, specs: list[SiteSpec], preset: str, seed: int, progress: bool,
-              workers: int) -> dict:
+              workers: int, export: str = "classic", masks: str = "nifti") -> dict:
     draws = [draw_site(spec, seed, k) for k, spec in enumerate(specs)]
     truth: dict = {
         "generator": GENERATOR,
         "version": GENERATOR_VERSION,
         "preset": preset,
         "seed": int(seed),
+        "export": export,
+        "masks": masks,
         "out_dir": str(out),
         "n_sites": len(specs),
         "targets": {"oracle_auc": dict(TARGET_AUC)},
@@ -146,7 +156,7 @@ def _generate(tmp: Path, out: Path, specs: list[SiteSpec], preset: str, seed: in
         (site_dir / "clinical.csv").write_text(_clinical_csv(ids, d))
         for i, pid in enumerate(ids):
             tasks.append(_PatientTask(site_dir, spec, pid, seed, k, i, d.features[i], d.row(i), float(d.risk[i]),
-                                      float(d.z[i]), {name: float(r[i]) for name, r in risks.items()}))
+                                      float(d.z[i]), {name: float(r[i]) for name, r in risks.items()}, export, masks))
     n_workers = min(workers, len(tasks)) or 1
     with tqdm(total=len(tasks), desc=f"synth {preset}", unit="patient", disable=not progress, leave=False) as bar:
         if n_workers == 1:
@@ -196,6 +206,8 @@ class _PatientTask:
     risk: float
     z: float
     oracle_risk: dict
+    export: str = "classic"
+    masks: str = "nifti"
 
 
 def _write_patient(t: _PatientTask) -> dict:
@@ -209,9 +221,21 @@ def _write_patient(t: _PatientTask) -> dict:
     date = np.datetime64(f"{year}-01-01") + np.timedelta64(day, "D")
     info = PatientInfo(pid, row["sex"], int(np.clip(rng.normal(62, 10), 30, 88)), str(date).replace("-", ""),
                        spec.name.replace("-", " ").title())
-    ExamWriter(site_dir / "dicom", spec.scanner, info, seed, rng).write(exam)
+    writer = ExamWriter(site_dir / "dicom", spec.scanner, info, seed, rng, export=t.export)
+    writer.write(exam)
     g = spec.scanner.t2
-    write_mask(exam, (g.pixel_mm, g.pixel_mm, g.spacing_mm), site_dir / "masks" / f"{pid}.nii.gz")
+    t2_files = writer.series_files["t2"]
+    tag = uid(seed, pid, t.masks)[-12:]  # file names carry no patient ID: readers match by UIDs
+    if t.masks == "nifti":
+        write_mask(exam, (g.pixel_mm, g.pixel_mm, g.spacing_mm), site_dir / "masks" / f"{pid}.nii.gz")
+    elif t.masks == "seg":
+        write_seg(t2_files, exam.mask, exam.t2_place.origin[2], g.spacing_mm, writer.exam_dir / "Se90" / f"SEG{tag}",
+                  info, seed)
+    else:
+        reach = float(np.max(patient.axes)) * (1 + 3 * look.irregularity) + 3.0
+        write_rtstruct(t2_files, exam.mask, exam.t2_place.origin, g.pixel_mm, g.spacing_mm,
+                       lambda x, y, z: patient._tumour(x, y, z)[0], reach, site_dir / "masks" / f"RS{tag}.dcm",
+                       info, seed)
     voxel_ml = g.pixel_mm**2 * g.spacing_mm / 1000
     return {
         "site": spec.name,

@@ -1,4 +1,7 @@
-"""Write an exam as real DICOM files (pydicom): one file per image, MR Image Storage.
+"""Write an exam as real DICOM files (pydicom): one file per image (MR Image Storage, "classic"),
+or one multi-frame file per series (Enhanced MR Image Storage, "enhanced", as current Siemens XA
+and Philips scanners export): geometry, b-value and rescale then live in the shared / per-frame
+functional groups instead of the top-level tags.
 
 Geometry follows the DICOM patient coordinate system (LPS, mm): axial slices with
 ImageOrientationPatient 1\\0\\0\\0\\1\\0, ImagePositionPatient at the centre of the first pixel,
@@ -12,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.sequence import Sequence
+from pydicom.uid import (EnhancedMRImageStorage, ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID,
+                         generate_uid)
 
 from .phantom import Exam, Placement
 from .scanners import Grid, Scanner
@@ -39,11 +44,24 @@ def _to_uint16(vol: np.ndarray, what: str) -> np.ndarray:
     return v.astype(np.uint16)
 
 
-class ExamWriter:
-    """Writes the T2, DWI (all b-values in one series) and ADC series of one patient."""
+EXPORTS = ("classic", "enhanced")
 
-    def __init__(self, root: Path, scanner: Scanner, info: PatientInfo, seed: int, rng: np.random.Generator):
+
+class ExamWriter:
+    """Writes the T2, DWI (all b-values in one series) and ADC series of one patient.
+
+    export "classic": one MR Image Storage file per slice; "enhanced": one Enhanced MR Image Storage
+    file per series (the same pixels, UIDs and geometry). The random draws (folder and file names) are
+    the same in both, so the two exports of a seed hold the same images.
+    """
+
+    def __init__(self, root: Path, scanner: Scanner, info: PatientInfo, seed: int, rng: np.random.Generator,
+                 export: str = "classic"):
+        if export not in EXPORTS:
+            raise ValueError(f"export: expected one of {', '.join(EXPORTS)}, found {export!r}")
         self.root, self.scanner, self.info, self.seed, self.rng = root, scanner, info, seed, rng
+        self.export = export
+        self.series_files: dict[str, list[Path]] = {}
         self.study_uid = uid(seed, info.patient_id, "study")
         self.frame_uid = uid(seed, info.patient_id, "frame")
         self.files: list[Path] = []
@@ -74,6 +92,10 @@ class ExamWriter:
             items = [(bi, k) for k in order for bi in range(len(volumes))]
         series_dir = self.exam_dir if s.file_style == "flat-dcm" else self.exam_dir / f"Se{number}"
         series_dir.mkdir(parents=True, exist_ok=True)
+        if self.export == "enhanced":
+            self._enhanced(series_dir, series_uid, number, kind, description, image_type, grid, place, volumes,
+                           items, slope, tr_te)
+            return
         ds = self._base(series_uid, number, description, image_type, grid, tr_te)  # reused: only per-image tags change
         ds.RescaleSlope = _ds(slope)
         ds.RescaleIntercept = "0"
@@ -93,6 +115,71 @@ class ExamWriter:
             path = series_dir / (f"{name}.dcm" if s.file_style == "flat-dcm" else name)
             ds.save_as(path, enforce_file_format=True)
             self.files.append(path)
+            self.series_files.setdefault(kind, []).append(path)
+
+    def _enhanced(self, series_dir, series_uid, number, kind, description, image_type, grid: Grid, place: Placement,
+                  volumes, items, slope, tr_te) -> None:
+        """One Enhanced MR file: frames in `items` order, position / b-value per frame, orientation and
+        pixel measures shared; ADC carries its rescale per frame (as Philips does), the others shared."""
+        s, info = self.scanner, self.info
+        ds = self._base(series_uid, number, description, image_type, grid, tr_te)
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = EnhancedMRImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid(self.seed, info.patient_id, kind, "enhanced")
+        ds.InstanceNumber = 1
+        for tag in ("ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices",
+                    "RepetitionTime", "EchoTime", "ScanningSequence", "SequenceVariant"):
+            delattr(ds, tag)  # enhanced: these live in the functional groups (or MR-specific modules)
+        ds.ImageType = list(image_type)[:4]
+        ds.NumberOfFrames = len(items)
+        ds.ContentQualification = "PRODUCT"
+        ds.BurnedInAnnotation = "NO"
+        ds.PresentationLUTShape = "IDENTITY"
+        ds.AcquisitionContrast = "DIFFUSION" if kind != "t2" else "T2"
+        ds.PulseSequenceName = "EP" if kind != "t2" else "TSE"
+        ds.DimensionOrganizationSequence = Sequence([_item(DimensionOrganizationUID=uid(self.seed, series_uid, "dim"))])
+        dim = [_item(DimensionIndexPointer=0x00209056, FunctionalGroupPointer=0x00209111,
+                     DimensionOrganizationUID=ds.DimensionOrganizationSequence[0].DimensionOrganizationUID),
+               _item(DimensionIndexPointer=0x00209057, FunctionalGroupPointer=0x00209111,
+                     DimensionOrganizationUID=ds.DimensionOrganizationSequence[0].DimensionOrganizationUID)]
+        ds.DimensionIndexSequence = Sequence(dim)
+        shared = _item(
+            PixelMeasuresSequence=Sequence([_item(PixelSpacing=[_ds(grid.pixel_mm), _ds(grid.pixel_mm)],
+                                                  SliceThickness=_ds(grid.thickness_mm),
+                                                  SpacingBetweenSlices=_ds(grid.spacing_mm))]),
+            PlaneOrientationSequence=Sequence([_item(ImageOrientationPatient=["1", "0", "0", "0", "1", "0"])]),
+            MRTimingAndRelatedParametersSequence=Sequence([_item(RepetitionTime=tr_te[0])]),
+            MREchoSequence=Sequence([_item(EffectiveEchoTime=tr_te[1])]),
+        )
+        rescale = _item(RescaleSlope=_ds(slope), RescaleIntercept="0", RescaleType="US")
+        if kind != "adc":
+            shared.PixelValueTransformationSequence = Sequence([rescale])
+        ds.SharedFunctionalGroupsSequence = Sequence([shared])
+        frames, pixels = [], []
+        positions = sorted({k for _, k in items})
+        for bi, k in items:
+            b, vol = volumes[bi]
+            z = place.origin[2] + k * grid.spacing_mm
+            fg = _item(
+                FrameContentSequence=Sequence([_item(StackID="1", InStackPositionNumber=positions.index(k) + 1,
+                                                     DimensionIndexValues=[1, positions.index(k) + 1])]),
+                PlanePositionSequence=Sequence([_item(ImagePositionPatient=[_ds(place.origin[0]), _ds(place.origin[1]),
+                                                                            _ds(z)])]),
+                MRImageFrameTypeSequence=Sequence([_item(FrameType=ds.ImageType)]),
+            )
+            if b is not None:
+                fg.MRDiffusionSequence = Sequence([_item(DiffusionBValue=float(b),
+                                                         DiffusionDirectionality="ISOTROPIC" if b > 0 else "NONE")])
+            if kind == "adc":
+                fg.PixelValueTransformationSequence = Sequence([rescale])
+            frames.append(fg)
+            pixels.append(np.ascontiguousarray(vol[k]))
+        ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+        ds.PixelData = np.stack(pixels).tobytes()
+        name = f"{self.rng.integers(16**10):010X}"
+        path = series_dir / (f"{name}.dcm" if s.file_style == "flat-dcm" else name)
+        ds.save_as(path, enforce_file_format=True)
+        self.files.append(path)
+        self.series_files.setdefault(kind, []).append(path)
 
     def _base(self, series_uid, number, description, image_type, grid: Grid, tr_te) -> Dataset:
         s, info = self.scanner, self.info
@@ -115,9 +202,12 @@ class ExamWriter:
         ds.StudyDescription = "MRI PELVIS RECTUM"
         ds.SeriesDescription = description
         ds.ProtocolName = description
-        ds.PatientName = info.patient_id
+        ds.PatientName = f"{info.patient_id}^"  # one-component name, unambiguous
         ds.PatientID = info.patient_id
         ds.PatientSex = info.sex
+        ds.PatientBirthDate = ""
+        ds.AccessionNumber = ""
+        ds.ReferringPhysicianName = ""
         ds.PatientAge = f"{info.age:03d}Y"
         ds.BodyPartExamined = "PELVIS"
         ds.ScanningSequence = "EP" if number > 2 else "SE"
@@ -146,6 +236,14 @@ class ExamWriter:
         ds.HighBit = 15
         ds.PixelRepresentation = 0
         return ds
+
+
+def _item(**kw) -> Dataset:
+    """A sequence item with the given keywords."""
+    d = Dataset()
+    for k, v in kw.items():
+        setattr(d, k, v)
+    return d
 
 
 def _ds(v: float) -> str:
