@@ -24,6 +24,7 @@ from common.clinical import FEATURE_NAMES
 from common.logistic import LogisticCF
 from common.records import score_cells
 from server.model_bundle import write_model_bundles
+from server.report_html import write_report_html
 
 MODEL_LABEL = {"cf": "CF model", "dl": "MRI DL model", "combined": "Combined DL model"}
 # The paper's abstract (doi 10.1186/s12880-025-01692-3); printed beside, never compared as if the same data.
@@ -133,6 +134,7 @@ def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
         "curves": curves,
         "thresholds_grid": t_grid.tolist(),
         "sat_out": state.get("sat_out", []),
+        "faults": state.get("faults", []),
         "released": state.get("released", {}),
     }
 
@@ -247,6 +249,7 @@ def render_report(res: dict) -> str:
         lines += ["", f"Bytes per client per round (weights): {comm.get('per-client-per-round')} "
                       f"(fp32 weights: {comm.get('weights')})."]
     lines += privacy_section(res)
+    lines += faults_section(res)
     return "\n".join(lines) + "\n"
 
 
@@ -291,6 +294,25 @@ def privacy_section(res: dict) -> list[str]:
     return lines
 
 
+FAULT_KIND = {"away": "left out of this round", "left": "left this fit's training", "rejected": "update rejected",
+              "missing": "missing (not answered)", "stopped": "study stopped here (resumed later)"}
+
+
+def faults_section(res: dict) -> list[str]:
+    """Faults the study survived or stopped on: sites away, rejected updates, missing evaluations."""
+    if not res.get("faults"):
+        return []
+    lines = ["", "## Faults (sites away, rejected updates, missing answers)", "",
+             "Each failed or missing reply was asked again (site-retries, with backoff) before it counted. A round "
+             "went on without the sites below while at least min-train-sites updates were accepted; a rejected "
+             "update was left out of its round (rules: server/robust.py).", "",
+             "| fit | fold | model | round | site | step | what happened | reason |", "|---|---|---|---|---|---|---|---|"]
+    for e in res["faults"]:
+        lines.append(f"| {e['tag']} | {e['fold'] if e['fold'] >= 0 else '-'} | {e['model'] or '-'} | {e['round'] or '-'} | "
+                     f"{e['site']} | {e['step']} | {FAULT_KIND.get(e['kind'], e['kind'])} | {e['reason'].replace('|', '/')} |")
+    return lines
+
+
 def write_run_folder(run_dir: str | Path, state: dict, cfg: dict) -> dict:
     run_dir = Path(run_dir)
     truth = None
@@ -300,6 +322,7 @@ def write_run_folder(run_dir: str | Path, state: dict, cfg: dict) -> dict:
     atomic_write_json(run_dir / "results.json", res)
     atomic_write_text(run_dir / "report.md", render_report(res))
     _figures(run_dir, res)
+    write_report_html(run_dir, res)  # report.html: report.md + figures inline, one self-contained page
     atomic_write_text(run_dir / "models" / "MODEL_CARD.md", model_card(res))
     write_model_bundles(run_dir, state, res, cfg)  # models/<fit>.json: what `slmfed predict` loads
     return res
