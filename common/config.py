@@ -58,6 +58,21 @@ SCHEMA: dict[str, Key] = {
     "stop-after-rounds": Key(int, 0, "testing aid: stop after N DL rounds in this run (0 = never)"),
     "site-registry": Key(str, "", "deployment: the coordinator's site registry (deploy register-sites); only the "
                                   "nodes it records are enrolled, under its names (empty: sites name themselves)"),
+    # --- fault tolerance (server/protocol.py Federation, server/robust.py) ---
+    "site-retries": Key(int, 2, "times a site's failed or missing reply is asked again before it counts as away",
+                        bounds=(0, 10)),
+    "retry-backoff-s": Key(float, 5.0, "wait before the first retry; doubled for each further one (at most 300 s)",
+                           bounds=(0.0, 300.0)),
+    "min-train-sites": Key(int, 1, "a round goes on without away or rejected sites while at least this many "
+                                   "training sites' updates remain; else the study stops, resumable", bounds=(1, 1000)),
+    "aggregation": Key(str, "fedavg", "how accepted site weights are combined: fedavg (example-weighted mean), "
+                                      "fedmedian (coordinate-wise median), trimmed-mean",
+                       ("fedavg", "fedmedian", "trimmed-mean")),
+    "trim-fraction": Key(float, 0.2, "trimmed-mean: fraction of the sites cut at each end, per coordinate",
+                         bounds=(0.0, 0.49)),
+    "max-update-ratio": Key(float, 10.0, "an update norm above this multiple of the other sites' median update "
+                                         "norm this round (or of the global model's norm) is rejected",
+                            bounds=(1.5, 1e6)),
     # --- simulation only: how a node of Flower's simulation runtime (node config: partition-id and
     # num-partitions, nothing else) finds its virtual site; client/simulated.py. Never read by a node with
     # its own node config, nor outside a Ray actor of the simulation runtime.

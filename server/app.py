@@ -28,7 +28,7 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = Path(cfg["run-dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     fed = Federation(grid, min_sites=int(cfg["min-sites"]), timeout_s=float(cfg["site-timeout-s"]),
-                     registered=registered)
+                     retries=int(cfg["site-retries"]), backoff_s=float(cfg["retry-backoff-s"]), registered=registered)
     study = Study(fed, cfg, Checkpoint(run_dir))
     try:
         state = study.run()

@@ -58,7 +58,8 @@ class Checkpoint:
 
     def save(self, state: dict, arrays: ArrayRecord | None) -> None:
         """A new checkpoint (arrays None: a position between DL rounds, no weights needed)."""
-        seq = int(state.get("checkpoint_seq", 0)) + 1
+        on_disk = [int(p.stem.split("-")[1]) for p in self.dir.glob("weights-*.npz") if p.stem.split("-")[1].isdigit()]
+        seq = max([int(state.get("checkpoint_seq", 0)), *on_disk]) + 1  # never reuse a name a checkpoint points at
         state["checkpoint_seq"] = seq
         entry = {"weights_file": None, "weights_sha256": None}
         if arrays is not None:

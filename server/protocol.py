@@ -435,16 +435,18 @@ class Study:
             self._drop_refused(fit, replies, f"training ({model}, from round {rnd})", "train")
             if not replies and not replies.failed:
                 return None
-            for site, reason in replies.failed.items():
-                self.fault(fit, site, "training", "away", reason, model=model, rnd=rnd)
             accepted, rejected = check_updates(
                 arrays, replies, float(self.cfg["max-update-ratio"]),
                 self.state["train_counts"].get(f"{fit.tag}/{fit.fold}"),
                 {s: v["num-examples"] for s, v in self.state["sites"].items()})
-            for site, reason in rejected.items():
-                self.fault(fit, site, "training", "rejected", reason, model=model, rnd=rnd)
             need = int(self.cfg["min-train-sites"])
-            if not accepted or ((replies.failed or rejected) and len(accepted) < need):
+            halt = not accepted or ((replies.failed or rejected) and len(accepted) < need)
+            for site, reason in replies.failed.items():  # recorded per round: left out, or why the study stopped
+                self.fault(fit, site, "training", "stopped" if halt else "away", reason, model=model, rnd=rnd)
+            for site, reason in rejected.items():
+                self.fault(fit, site, "training", "stopped" if halt else "rejected",
+                           f"update rejected: {reason}" if halt else reason, model=model, rnd=rnd)
+            if halt:
                 self._stop(f"{fit.tag} fold {fit.fold} {model} round {rnd}: {len(accepted)} training update(s) "
                            f"accepted, min-train-sites = {need}", arrays)
             contents = [replies[s] for s in accepted]
