@@ -426,6 +426,18 @@ def _write_previews(cache_dir: Path, keys: list[str], channels: list[str], force
 
 
 def prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None = None, progress: bool = True) -> PrepareReport:
+    """Prepare (or bring up to date) the cache of one site, holding the cache's lock (client/cache_lock.py):
+    a second concurrent run on the same cache raises PrepareError saying who holds it."""
+    from client.cache_lock import CacheLocked, cache_lock
+
+    try:
+        with cache_lock(cache_dir):
+            return _prepare_site(site_dir, cache_dir, cfg, progress)
+    except CacheLocked as exc:
+        raise PrepareError(str(exc)) from None
+
+
+def _prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None = None, progress: bool = True) -> PrepareReport:
     """Prepare (or bring up to date) the cache of one site; raises PrepareError when nothing can be done."""
     t0 = time.perf_counter()
     site_dir, cache_dir = Path(site_dir), Path(cache_dir)
