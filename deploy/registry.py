@@ -31,16 +31,14 @@ def register_site(key_file: Path, name: str, connection: str, env: dict | None =
     """`flwr supernode register KEY CONNECTION --name NAME --format json`; the node id Flower gave it."""
     res = subprocess.run([_flwr(), "supernode", "register", str(key_file), connection, "--name", name,
                           "--format", "json"], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
-    for line in reversed(res.stdout.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if doc.get("success") and str(doc.get("node-id", "")).isdigit():
-                return int(doc["node-id"])
-            break
+    start = res.stdout.find("{")
+    if res.returncode == 0 and start >= 0:
+        try:
+            doc = json.loads(res.stdout[start:])
+        except json.JSONDecodeError:
+            doc = {}
+        if doc.get("success") and str(doc.get("node-id", "")).isdigit():
+            return int(doc["node-id"])
     raise RegisterError(f"site {name}: `flwr supernode register` failed (exit {res.returncode}): "
                         f"{(res.stdout + res.stderr).strip()[-800:]}")
 
