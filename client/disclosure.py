@@ -26,6 +26,9 @@ The rules (k = the site policy's min-cell-size):
   query-budget     each (study, fit, model, partition, round) is evaluated / trained once; a repeat
                    with an identical request is answered (same answer, nothing new), a different
                    one refused; CF statistics at most LOGISTIC_QUERIES times per fit.
+  dp-budget        with dp-epsilon > 0 in the policy, every DL / Combined training request is DP-SGD
+                   and is charged to the study's epsilon before it trains; one that would pass the
+                   budget is refused (client/dp.py: what the epsilon covers and what it does not).
   logit-slope      CF coefficients are evaluated only while every slope, per SD of the site's own
                    feature, stays within max-logit-slope (no crafted near-step functions).
   request / message-type / study-id / model-weights   malformed or unplanned requests.
@@ -134,7 +137,9 @@ REQUESTS: dict[str, tuple[dict[str, Callable], tuple[str, ...]]] = {
     "query.clinical_sums": (dict(_PARTITION), ()),
     "query.logistic_stats": ({**_PARTITION, **_STANDARDISED, "beta": _vector("beta", extra=1)}, ()),
     "train": ({**_PARTITION, **_STANDARDISED, **_MODEL_SETTINGS, **_ROUNDS,
-               "model": _choice("model", ("dl", "combined"))}, ()),
+               "model": _choice("model", ("dl", "combined")),
+               # the study's planned DL trainings at this site; only a DP site reads it (calibration)
+               "dp-fits": _int("dp-fits", 1, 10_000)}, ("dp-fits",)),
     "evaluate": ({**_PARTITION, **_STANDARDISED, **_MODEL_SETTINGS, **_ROUNDS, "model": _choice("model", MODELS),
                   "part": _choice("part", ("val", "all")), "store": _bool("store"),
                   "beta": _vector("beta", extra=1)}, ("beta", *SENT_MODEL_KEYS)),
@@ -289,6 +294,52 @@ class Gate:
             released.append({c: sorted(m) for c, m in group.items()})
         return False
 
+    # -- differential privacy --
+    def dp_training(self, study_id: str, model: str, request_digest: str, *, n_train: int, n_min: int, batch: int,
+                    epochs: int, rounds: int, dp_fits: int | None):
+        """(DPTraining, reply figures) for one training request, charged to the study's epsilon;
+        None when the site's policy has no DP. See client/dp.py for the accounting."""
+        pol = self.policy
+        if pol.dp_epsilon <= 0:
+            return None
+        from client import dp as D
+
+        if pol.dp_delta * 10 * len(self.cohort_keys) >= 1:
+            raise Refused("dp-delta", "the site's dp-delta is not below 1 / (10 x its patients); no DP training "
+                                      "until its privacy officer lowers it", f"delta {pol.dp_delta}, n {len(self.cohort_keys)}")
+        book = self.state.setdefault("dp", {}).get(study_id.split("/")[0])
+        if book is None:
+            if dp_fits is None:
+                raise Refused("request", "train needs 'dp-fits' (the study's planned DL trainings at this site) "
+                                         "under this site's DP policy")
+            per_fit = rounds * epochs * D.steps_per_epoch(n_min, batch)
+            try:
+                sigma = D.calibrate(pol.dp_epsilon, pol.dp_delta, batch / n_min, dp_fits * per_fit)
+            except ValueError as exc:  # Opacus: no noise multiplier reaches the target
+                raise Refused("dp-budget", f"no noise level keeps {dp_fits} trainings x {rounds} rounds x {epochs} "
+                                           f"epochs within epsilon {pol.dp_epsilon:g} ({exc})") from None
+            book = {"noise-multiplier": sigma, "epsilon": pol.dp_epsilon, "delta": pol.dp_delta,
+                    "clip-norm": pol.dp_clip_norm, "accountant": D.ACCOUNTANT,
+                    "planned": {"dp-fits": dp_fits, "rounds": rounds, "epochs": epochs, "batch-size": batch,
+                                "sample-rate": batch / n_min, "steps": dp_fits * per_fit},
+                    "history": []}
+            self.state["dp"][study_id.split("/")[0]] = book
+        plan = D.DPTraining(noise_multiplier=book["noise-multiplier"], clip_norm=book["clip-norm"],
+                            sample_rate=batch / n_train, steps=epochs * D.steps_per_epoch(n_train, batch),
+                            seed=D.secret_seed(D.site_secret(self.ledger.path.with_name("dp-secret")), request_digest))
+        history = book["history"]
+        if not any(h["request"] == request_digest for h in history):  # an identical retry costs nothing
+            entry = {"model": model, "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
+                     "steps": plan.steps, "request": request_digest}
+            after = D.epsilon([_dp_step(h) for h in history + [entry]], book["delta"])
+            if after > book["epsilon"] * (1 + 1e-9):
+                raise Refused("dp-budget", f"this training request would bring the study's epsilon at this site to "
+                                           f"{after:.3f}, over its budget {book['epsilon']:g}; nothing was trained")
+            history.append(entry)
+        spent = D.epsilon([_dp_step(h) for h in history], book["delta"])
+        spent_model = D.epsilon([_dp_step(h) for h in history if h["model"] == model], book["delta"])
+        return plan, D.report(plan, spent, spent_model, book["delta"])
+
     def weighted(self, weights: np.ndarray, what: str) -> None:
         """Refuse a weighted sum whose weight sits on fewer than k patients (Kish's effective number).
 
@@ -327,13 +378,18 @@ _REPLY_KEYS = {
                    "image-shape", "cohort-released"},
     "query.clinical_sums": {"num-examples", "sum", "sumsq"},
     "query.logistic_stats": {"num-examples", "grad", "hess", "loglik"},
-    "train": {"num-examples", "train-loss", "train-seconds"},
+    "train": {"num-examples", "train-loss", "train-seconds", "dp-epsilon", "dp-epsilon-model", "dp-delta",
+              "dp-noise-multiplier", "dp-clip-norm", "dp-sample-rate", "dp-steps"},
     "evaluate": {"num-examples", "loss", "auc"},
     "query.summary": {"num-examples", "num-positive", "n", "n_pos", "auc", "auc_ci_low", "auc_ci_high", "brier",
                       "calib_intercept", "calib_slope", "hl_stat", "hl_p", "cell-edges", "cell-neg", "cell-pos",
                       "calib-mean-pred", "z", "p"},
 }
 COUNT_CELLS = ("cell-neg", "cell-pos")
+
+
+def _dp_step(h: Mapping[str, Any]) -> tuple[float, float, int]:
+    return float(h["noise-multiplier"]), float(h["sample-rate"]), int(h["steps"])
 
 
 def check_reply(message_type: str, out: Mapping[str, Any], k: int) -> None:

@@ -36,6 +36,9 @@ class SitePolicy:
     max_logit_slope: float = SCHEMA["max-logit-slope"].default
     max_partitions: int = SCHEMA["max-partitions"].default
     max_studies: int = SCHEMA["max-studies"].default
+    dp_epsilon: float = SCHEMA["dp-epsilon"].default     # 0: no DP (client/dp.py)
+    dp_delta: float = SCHEMA["dp-delta"].default
+    dp_clip_norm: float = SCHEMA["dp-clip-norm"].default
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "SitePolicy":

@@ -241,20 +241,34 @@ def _weights_digest(state) -> str:
 
 def train_dl(site: Site, gate: Gate, req: Mapping[str, Any], state) -> tuple[Any, dict]:
     """One federated round of local training; returns the new state_dict and aggregate metrics."""
+    from client.dp import DPError
     from client.train import train
 
     model_name, fold, rnd = req["model"], req["fold"], req["round"]
     d = _partition(site, gate, req, "train")
     net = _model(site, model_name, state)
     settings = {k: req[k] for k in req if k not in ("clinical-mean", "clinical-std")}
-    gate.spend(f"{req['study-id']}|train|{model_name}|fold{fold}|round{rnd}",
-               digest(settings, req["clinical-mean"], req["clinical-std"], _weights_digest(state)))
+    request = digest(settings, req["clinical-mean"], req["clinical-std"], _weights_digest(state))
+    gate.spend(f"{req['study-id']}|train|{model_name}|fold{fold}|round{rnd}", request)
+    dp = gate.dp_training(req["study-id"], model_name, request, n_train=len(d), n_min=_smallest_training_part(site, req),
+                          batch=req["batch-size"], epochs=req["local-epochs"], rounds=req["num-rounds"],
+                          dp_fits=req.get("dp-fits"))
     global_params = dict(state) if float(site.cfg["fedprox-mu"]) > 0 else None
     # a different, reproducible stream per (model, fold, round, site): resume gives identical results
     local_seed = int(np.random.SeedSequence([req["seed"], MODELS.index(model_name), fold + 1, rnd, _site_hash(site.name)]).generate_state(1)[0] % (2**31))
-    out = train(net, d, site.cfg, req["clinical-mean"], req["clinical-std"], seed=local_seed, global_params=global_params)
+    try:
+        out = train(net, d, site.cfg, req["clinical-mean"], req["clinical-std"], seed=local_seed,
+                    global_params=global_params, dp=None if dp is None else dp[0])
+    except DPError as exc:  # raised before any step: the ledger transaction is not committed
+        raise StudyError(f"site {site.name}: {exc}") from None
     return net.state_dict(), {"num-examples": int(out["num_examples"]), "train-loss": float(out["loss"]),
-                              "train-seconds": float(out["seconds"])}
+                              "train-seconds": float(out["seconds"]), **({} if dp is None else dp[1])}
+
+
+def _smallest_training_part(site: Site, req: Mapping[str, Any]) -> int:
+    """Patients in the smallest CV training part of this study's folds: the DP calibration's
+    sampling rate (every fit trains on at least this many; more patients cost less epsilon)."""
+    return min(len(site.partition(f, "train", req["folds"], req["seed"])) for f in range(req["folds"]))
 
 
 def _site_hash(name: str) -> int:

@@ -16,6 +16,9 @@ The ClientApp calls these each round; tests and benchmarks call them directly.
 - CUDA with torch.autocast when present (config `amp`; bfloat16 where supported, else float16 with
   a GradScaler); CPU otherwise. channels_last / torch.compile are not enabled: not measured to help
   here (no GPU in the development environment; on CPU both slow this small model down).
+- DP-SGD (argument `dp`, a client.dp.DPTraining the site's Gate planned): Poisson-sampled batches,
+  per-sample clipping and Gaussian noise through Opacus (client/dp.py says why each choice).
+  Without `dp` nothing here changes: the non-DP path is the same code as before DP existed.
 - FedProx (config `fedprox-mu` > 0): adds mu/2 * ||w - w_global||^2 over the trainable parameters,
   w_global = `global_params` (the weights received this round; default: the weights at the start
   of the call, which are the received ones when the caller loaded them first).
@@ -199,8 +202,9 @@ def train(
     epochs: int | None = None,
     seed: int | None = None,
     global_params: Mapping[str, Any] | Sequence[Any] | None = None,
+    dp=None,
 ) -> dict[str, Any]:
-    """Train `model` in place on the site's labelled patients.
+    """Train `model` in place on the site's labelled patients (DP-SGD when `dp` is given).
 
     Returns dict(loss = mean class-weighted BCE of the last epoch, num_examples, epochs, seconds).
     """
@@ -216,6 +220,8 @@ def train(
         raise ValueError(f"config key 'fedprox-mu': expected >= 0, found {mu}")
     device = select_device(cfg)
     start = time.perf_counter()
+    if dp is not None:
+        return _train_dp(model, data, labels_np, cfg, clinical_mean, clinical_std, epochs, seed, mu, device, dp, start)
 
     model.to(device).train()
     images, clinical = _tensors(data, clinical_mean, clinical_std, device)
@@ -266,6 +272,60 @@ def train(
     if not math.isfinite(last_loss):
         raise FloatingPointError(f"training diverged: loss is {last_loss} (lower config key 'lr')")
     return dict(loss=last_loss, num_examples=len(labels), epochs=epochs, seconds=time.perf_counter() - start)
+
+
+def _train_dp(model, data, labels_np, cfg, clinical_mean, clinical_std, epochs, seed, mu, device, dp, start):
+    """DP-SGD (client/dp.py): Poisson batches of expected size batch-size, per-sample clipping and
+    noise by Opacus, unweighted BCE, float32. Augmentation and dropout keep the study seed; the
+    sampling and the noise use the secret one."""
+    from client import dp as dpmod
+
+    if mu > 0:
+        raise dpmod.DPError("FedProx (config key 'fedprox-mu' > 0) is not available with DP-SGD: its proximal "
+                            "gradient would bypass the per-sample clipping; set fedprox-mu = 0")
+    batch = int(cfg["batch-size"])
+    n = len(labels_np)
+    per_epoch = dpmod.steps_per_epoch(n, batch)
+    if dp.steps != epochs * per_epoch or not math.isclose(dp.sample_rate, batch / n):
+        raise dpmod.DPError(f"DP plan does not match this training: planned {dp.steps} steps at rate {dp.sample_rate:.4g}, "
+                            f"found {epochs} epochs x {per_epoch} steps at rate {batch / n:.4g}")
+    model.to(device).train()
+    images, clinical = _tensors(data, clinical_mean, clinical_std, device)
+    labels = torch.from_numpy(labels_np).to(device)
+    criterion = nn.BCEWithLogitsLoss()
+    secret = torch.Generator(device=device).manual_seed(dp.seed)       # noise (on the parameters' device)
+    sampler = torch.Generator().manual_seed(dp.seed ^ 0x5EED)          # Poisson sampling
+    gsm, optimizer = dpmod.make_private(model, make_optimizer(model, cfg), dp, batch, secret)
+    params = [p for p in model.parameters() if p.requires_grad]
+    augment = BatchAugment(images.dim() - 2) if cfg.get("augment", True) else None
+    gen = torch.Generator().manual_seed(seed)
+    fork_devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)  # dropout
+            for _ in range(epochs):
+                total, seen = 0.0, 0
+                for _ in range(per_epoch):
+                    idx = dpmod.poisson_batch(n, dp.sample_rate, sampler)
+                    optimizer.zero_grad(set_to_none=True)
+                    if len(idx) == 0:
+                        dpmod.empty_step(optimizer, params)
+                        continue
+                    idx = idx.to(device)
+                    x, z, y = images[idx], clinical[idx], labels[idx]
+                    if augment is not None:
+                        x = augment(x, gen)
+                    loss = criterion(gsm(x, z).float(), y)
+                    loss.backward()
+                    optimizer.step()
+                    total += float(loss.detach()) * len(idx)
+                    seen += len(idx)
+                last_loss = total / seen if seen else float("nan")
+    finally:
+        dpmod.release(gsm)
+    if seen and not math.isfinite(last_loss):
+        raise FloatingPointError(f"training diverged: loss is {last_loss} (lower config key 'lr')")
+    return dict(loss=last_loss, num_examples=n, epochs=epochs, seconds=time.perf_counter() - start)
 
 
 @torch.no_grad()

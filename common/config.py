@@ -96,6 +96,11 @@ SCHEMA: dict[str, Key] = {
     "max-partitions": Key(int, 24, "distinct patient groups the site ever releases statistics for", bounds=(1, 10_000)),
     "max-studies": Key(int, 50, "distinct studies the site ever answers", bounds=(1, 100_000)),
     "privacy-ledger": Key(str, "", "the site's disclosure ledger (default: STUDY_DIR/disclosure-ledger.json)"),
+    "dp-epsilon": Key(float, 0.0, "DP-SGD budget per study for the site's trained DL / Combined weights (0 = no DP; "
+                                  "client/dp.py says what it covers)", bounds=(0.0, 100.0)),
+    "dp-delta": Key(float, 1e-5, "DP delta per study; must stay below 1 / (10 x the site's patients)",
+                    bounds=(1e-12, 1e-3)),
+    "dp-clip-norm": Key(float, 1.0, "DP-SGD per-patient gradient L2 bound", bounds=(1e-3, 100.0)),
     # --- site preprocessing (`slmfed prepare`, site.toml) ---
     "input-mode": Key(str, "2d", "model input built from the volumes", ("2d", "2.5d", "3d")),
     "fov-mm": Key(float, 48.0, "physical in-plane field of view of the ROI crop (mm)"),
@@ -114,7 +119,7 @@ SCHEMA: dict[str, Key] = {
 
 # The site's privacy policy: read from the site's node config only (see client/policy.py).
 SITE_POLICY_KEYS = ("min-cell-size", "histogram-bins", "share-histograms", "max-logit-slope", "max-partitions",
-                    "max-studies", "privacy-ledger")
+                    "max-studies", "dp-epsilon", "dp-delta", "dp-clip-norm", "privacy-ledger")
 # Keys that describe the site itself: a run config (the coordinator's) may never set them.
 SITE_ONLY_KEYS = ("cache-dir", "site-name", "study-dir") + SITE_POLICY_KEYS
 

@@ -1,0 +1,221 @@
+"""DP-SGD at the site (client/dp.py): clipping before noise, the noise scale, the accountant, the
+site's budget, the secret noise, and the non-DP path left as it was."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from client import dp as D
+from client.app import app as client_app
+from common.config import SENT_MODEL_KEYS, load_config
+from common.model import FusionResNet
+from common.records import SITE_CANNOT, record_to_state
+from tests.fedtools import ask_site, make_cache
+
+SHAPE = (3, 40, 40)
+STD = {"clinical-mean": [0.0] * 7, "clinical-std": [1.0] * 7}
+STUDY = "0123456789ab"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _tiny_net() -> FusionResNet:
+    torch.manual_seed(0)
+    return FusionResNet(n_channels=3, n_clinical=7, widen_factor=0.125, clinical_embed_dim=4, dropout=0.0)
+
+
+def _plan(noise: float, clip: float, n: int = 6, batch: int = 6) -> D.DPTraining:
+    return D.DPTraining(noise_multiplier=noise, clip_norm=clip, sample_rate=batch / n, steps=1, seed=1)
+
+
+# ---- the mechanism --------------------------------------------------------------------------------
+def test_per_sample_gradients_are_clipped_to_the_bound_before_noise():
+    net = _tiny_net().train()  # dropout 0 and instance norm: per-sample passes equal the batched one
+    x, z = torch.randn(6, 3, 40, 40), torch.randn(6, 7)
+    y = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    clip = 1e-3
+    # reference: each patient's own gradient, clipped to `clip`, summed
+    expected = [torch.zeros_like(p) for p in net.parameters()]
+    norms = []
+    for i in range(6):
+        net.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(net(x[i:i + 1], z[i:i + 1]), y[i:i + 1]).backward()
+        g = [p.grad.clone() for p in net.parameters()]
+        norm = torch.sqrt(sum((t ** 2).sum() for t in g))
+        norms.append(float(norm))
+        for e, t in zip(expected, g):
+            e += t * min(1.0, clip / (float(norm) + 1e-6))
+    assert min(norms) > 10 * clip  # every patient is clipped: the test can tell clipped from unclipped
+    net.zero_grad()
+    gsm, opt = D.make_private(net, torch.optim.SGD(net.parameters(), lr=0.0), _plan(0.0, clip), 6, torch.Generator())
+    nn.functional.binary_cross_entropy_with_logits(gsm(x, z), y).backward()
+    assert opt.pre_step()  # clip, (zero) noise, divide by the expected batch size
+    for p, e in zip(net.parameters(), expected):
+        torch.testing.assert_close(p.grad * 6, e, rtol=1e-4, atol=1e-9)
+    total = torch.sqrt(sum(((p.grad * 6) ** 2).sum() for p in net.parameters()))
+    assert float(total) <= 6 * clip * (1 + 1e-4)
+    D.release(gsm)
+
+
+def test_noise_standard_deviation_is_the_multiplier_times_the_clip_norm():
+    net = _tiny_net()
+    sigma, clip, batch = 2.0, 0.5, 8
+    gsm, opt = D.make_private(net, torch.optim.SGD(net.parameters(), lr=0.0), _plan(sigma, clip, n=16, batch=batch), batch,
+                              torch.Generator().manual_seed(3))
+    D.empty_step(opt, [p for p in net.parameters()])  # no patient: the released gradient is pure noise
+    noise = torch.cat([(p.grad * batch).flatten() for p in net.parameters()])
+    assert noise.numel() > 50_000
+    assert abs(float(noise.std()) - sigma * clip) < 0.01 * sigma * clip
+    assert abs(float(noise.mean())) < 0.01
+    D.release(gsm)
+
+
+def test_calibrated_noise_meets_the_target_and_more_steps_need_more_noise():
+    s1 = D.calibrate(3.0, 1e-5, 0.1, 100)
+    s2 = D.calibrate(3.0, 1e-5, 0.1, 400)
+    assert s2 > s1 > 0
+    eps = D.epsilon([(s1, 0.1, 100)], 1e-5)
+    assert 3.0 - D.EPSILON_TOLERANCE <= eps <= 3.0
+
+
+# ---- the site: budget, accountant, secret noise ---------------------------------------------------
+def _request(study=f"{STUDY}/final", fold=-1, rnd=1, dp_fits=1, **extra):
+    cfg = load_config(run_config={"augment": False, "local-epochs": 1, "batch-size": 8, "clinical-embed-dim": 4})
+    req = {"fold": fold, "folds": 3, "seed": 1, "study-id": study, "model": "dl", "round": rnd, "num-rounds": 2,
+           **STD, **{k: cfg[k] for k in SENT_MODEL_KEYS}, **extra}
+    if dp_fits is not None:
+        req["dp-fits"] = dp_fits
+    return req
+
+
+def _weights(norm: str = "instance"):
+    from flwr.app import ArrayRecord
+
+    from common.model import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config(run_config={"clinical-embed-dim": 4, "norm": norm})
+    return ArrayRecord(build_model(cfg, 3, 2, 7, use_clinical=False).state_dict())
+
+
+def _site(tmp_path, name="dp", n=40, seed=5, **policy):
+    make_cache(tmp_path / name, n, seed=seed, site_name=name, shape=SHAPE)
+    return {"cache-dir": str(tmp_path / name), "site-name": name, "min-cell-size": 3, **policy}
+
+
+def _ledger(node) -> dict:
+    return json.loads((Path(node["cache-dir"]).parent / f"{Path(node['cache-dir']).name}-study" / "disclosure-ledger.json").read_text())
+
+
+def _ok(reply) -> dict:
+    assert not reply.has_error(), reply.error.reason
+    return dict(reply.content["metrics"])
+
+
+def test_reported_epsilon_is_opacus_accountant_for_the_same_mechanism(tmp_path):
+    from opacus.accountants import RDPAccountant
+
+    node = _site(tmp_path, **{"dp-epsilon": 4.0, "dp-delta": 1e-5, "dp-clip-norm": 0.8})
+    m = _ok(ask_site(client_app, node, "train", _request(), arrays=_weights()))
+    assert m["dp-sample-rate"] == pytest.approx(8 / 40) and m["dp-steps"] == math.ceil(40 / 8)
+    assert m["dp-clip-norm"] == 0.8 and m["dp-delta"] == 1e-5
+    acc = RDPAccountant()
+    for _ in range(int(m["dp-steps"])):
+        acc.step(noise_multiplier=m["dp-noise-multiplier"], sample_rate=m["dp-sample-rate"])
+    assert m["dp-epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    # the noise was calibrated for the declared plan (1 fit x 2 rounds x 1 epoch) on the smallest CV part
+    book = _ledger(node)["dp"][STUDY]
+    planned = D.epsilon([(book["noise-multiplier"], book["planned"]["sample-rate"], book["planned"]["steps"])], 1e-5)
+    assert 4.0 - D.EPSILON_TOLERANCE <= planned <= 4.0
+    m2 = _ok(ask_site(client_app, node, "train", _request(rnd=2), arrays=_weights()))
+    for _ in range(int(m2["dp-steps"])):
+        acc.step(noise_multiplier=m2["dp-noise-multiplier"], sample_rate=m2["dp-sample-rate"])
+    assert m2["dp-epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9) and m2["dp-epsilon"] <= 4.0
+
+
+def test_a_request_past_the_budget_is_refused_and_trains_nothing(tmp_path, monkeypatch):
+    import client.train
+
+    node = _site(tmp_path, **{"dp-epsilon": 2.0})
+    # the coordinator declared one DL fit (2 rounds); the noise is calibrated for exactly that
+    cv = dict(study=f"{STUDY}/cv", fold=0)
+    answered = [_ok(ask_site(client_app, node, "train", _request(rnd=rnd, **cv), arrays=_weights())) for rnd in (1, 2)]
+    assert answered[1]["dp-epsilon"] <= 2.0
+    before = _ledger(node)
+    calls = []
+    real = client.train.train
+    monkeypatch.setattr(client.train, "train", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # a second fit in the same study would pass the budget
+    reply = ask_site(client_app, node, "train", _request(study=f"{STUDY}/cv", fold=1), arrays=_weights())
+    assert reply.has_error() and "rule 'dp-budget'" in reply.error.reason and not reply.has_content()
+    assert calls == [] and _ledger(node) == before  # nothing trained, nothing charged
+    # an identical retry of an answered round is answered again, identically, and costs nothing
+    again = _ok(ask_site(client_app, node, "train", _request(rnd=2, **cv), arrays=_weights()))
+    assert {k: v for k, v in again.items() if k != "train-seconds"} == {k: v for k, v in answered[1].items() if k != "train-seconds"}
+    assert calls == [1] and _ledger(node) == before
+
+
+def test_noise_comes_from_the_site_secret_not_from_the_request(tmp_path):
+    """Two sites with the same patients and the same request: different noise (each site's own secret),
+    and an identical retry at one site gives the identical weights (nothing new to average out)."""
+    a = _site(tmp_path, "a", **{"dp-epsilon": 8.0})
+    b = _site(tmp_path, "b", **{"dp-epsilon": 8.0})
+    wa = record_to_state(ask_site(client_app, a, "train", _request(), arrays=_weights()).content["arrays"])
+    wb = record_to_state(ask_site(client_app, b, "train", _request(), arrays=_weights()).content["arrays"])
+    wa2 = record_to_state(ask_site(client_app, a, "train", _request(), arrays=_weights()).content["arrays"])
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa if wa[k].is_floating_point())
+    assert all(torch.equal(wa[k], wa2[k]) for k in wa)
+    secret = Path(a["cache-dir"]).parent / "a-study" / "dp-secret"
+    assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_bytes()) == 32
+
+
+def test_poisson_sampling_at_the_rate_the_accountant_uses(tmp_path, monkeypatch):
+    rates = []
+    real = D.poisson_batch
+    monkeypatch.setattr(D, "poisson_batch", lambda n, q, g: rates.append((n, q)) or real(n, q, g))
+    node = _site(tmp_path, **{"dp-epsilon": 8.0})
+    m = _ok(ask_site(client_app, node, "train", _request(), arrays=_weights()))
+    assert len(rates) == m["dp-steps"] and set(rates) == {(40, m["dp-sample-rate"])}
+
+
+def test_dp_needs_a_model_opacus_can_train_and_says_why(tmp_path):
+    node = _site(tmp_path, **{"dp-epsilon": 8.0})
+    reply = ask_site(client_app, node, "train", _request(norm="batch"), arrays=_weights("batch"))
+    assert reply.has_error() and reply.error.code == SITE_CANNOT and "BatchNorm" in reply.error.reason
+    path = Path(node["cache-dir"]).parent / "dp-study" / "disclosure-ledger.json"
+    assert not path.exists() or "dp" not in json.loads(path.read_text())  # nothing charged
+
+
+def test_dp_off_leaves_training_exactly_as_without_the_dp_code(tmp_path):
+    """dp-epsilon = 0 (the default) trains through the plain path: the same weights as calling
+    client.train.train directly, bit for bit, and no DP figures in the reply."""
+    from client.cache import load_cache
+    from client.train import train
+    from common.model import build_model
+
+    node = _site(tmp_path, **{"dp-epsilon": 0.0})
+    req = _request()
+    reply = ask_site(client_app, node, "train", req, arrays=_weights())
+    got = record_to_state(reply.content["arrays"])
+    assert not any(k.startswith("dp-") for k in reply.content["metrics"])
+    # the same computation by hand: the seed the site derives, the same settings
+    import numpy as np_
+
+    from client.study import _site_hash
+    from common.config import MODELS
+
+    cfg = load_config(node_config={k: v for k, v in node.items()}, run_config={k: req[k] for k in SENT_MODEL_KEYS})
+    torch.manual_seed(0)
+    net = build_model(cfg, 3, 2, 7, use_clinical=False)
+    net.load_state_dict(record_to_state(_weights()))
+    seed = int(np_.random.SeedSequence([1, MODELS.index("dl"), 0, 1, _site_hash("dp")]).generate_state(1)[0] % (2**31))
+    train(net, load_cache(Path(node["cache-dir"])), cfg, STD["clinical-mean"], STD["clinical-std"], seed=seed)
+    assert all(torch.equal(v, got[k]) for k, v in net.state_dict().items())
