@@ -16,6 +16,14 @@ Each site answers under its own privacy policy (client/disclosure.py). A refused
 site cannot do, e.g. too few patients for the folds) is not fatal: the site sits out that step (a
 fit, an evaluation, a summary), the study goes on with the others, and the report lists it.
 
+Faults (issue 15): a failed or missing reply is asked again (site-retries, backoff doubling from
+retry-backoff-s). A training site still away is left out of that round's aggregate, and a training
+update that fails the checks of server/robust.py is rejected, while at least min-train-sites updates
+remain; otherwise the study checkpoints and stops (StudyStopped) with how to resume. A site away for a
+step every site of a fit must answer (standardisation, CF statistics) leaves that fit's training on the
+same condition. A missing evaluation or summary is reported missing. All of it is in state["faults"]
+and the report.
+
 The protocol talks to sites only through `Federation`, a thin wrapper over Flower's Grid.
 """
 from __future__ import annotations

@@ -14,6 +14,7 @@ BENCHMARKS = {
     "federated": "federated DL training wall time and bytes vs centralized training",
     "deploy": "deployment round time on loopback (TLS + auth) vs simulation",
     "attention": "slmfed predict on a site: Grad-CAM mass inside the dilated ROI, equality with the study's evaluation",
+    "faults": "a study with injected faults (site away, transient errors, a poisoned update) vs the same study clean",
 }
 
 
