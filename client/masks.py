@@ -22,6 +22,7 @@ Libraries (documented choice):
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,9 @@ def _onto_t2(mask: sitk.Image, t2: sitk.Image, what: str, tol: float = 0.1) -> t
     notes = [f"{what}: {100 * (1 - n_out / n_in):.0f} % of the ROI lies outside the T2 volume and was dropped"] \
         if n_out < n_in else []
     return out, notes
+
+
+logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines narrate every module copied
 
 
 def _read_seg(path: Path, t2: sitk.Image, roi_names) -> tuple[sitk.Image, list[str]]:

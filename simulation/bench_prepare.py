@@ -5,6 +5,9 @@ Figures (medians over --runs, warm OS file cache for both):
     prepare    `prepare_site` into a fresh cache with --workers, patients/s
     ratio      prepare / parse                  (target <= 2.0 with --workers 2)
     re-run     prepare again with nothing changed, as % of the first run (target < 10 %)
+    forms      (default data only) the same cohort exported classic single-frame, Enhanced MR
+               multi-frame, and enhanced + DICOM SEG masks: prepare time per patient and per image
+               (slice or frame) of each, next to each other (target: enhanced no slower per image)
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                        "(default: a fresh `slmfed synth --preset tiny` cohort)")
     parser.add_argument("--runs", type=int, default=3, help="repetitions (median reported)")
     parser.add_argument("--workers", type=int, default=2, help="prepare worker processes")
+    parser.add_argument("--no-forms", action="store_true", help="skip the classic / enhanced / SEG comparison")
 
 
 def _sites(data: Path) -> list[Path]:
@@ -46,6 +50,39 @@ def _parse_all(files: list[Path]) -> int:
         except InvalidDicomError:
             pass
     return n
+
+
+def _forms(tmp: Path, classic: Path, cfg: dict, runs: int) -> None:
+    """Prepare time of the same cohort written as classic slices, Enhanced MR and enhanced + SEG."""
+    from client.prepare import prepare_site
+    from simulation.synth import generate_cohort
+
+    cohorts = {"classic + NIfTI": classic}
+    for name, export, masks in (("enhanced + NIfTI", "enhanced", "nifti"), ("enhanced + SEG", "enhanced", "seg")):
+        cohorts[name] = tmp / name.replace(" + ", "-")
+        generate_cohort(cohorts[name], preset="tiny", seed=0, progress=False, export=export, masks=masks)
+    import highdicom  # noqa: F401  (imported once here, as a long-running site process would have it)
+
+    print("input form (same cohort)         :   per patient    per image   (images = slices or frames; "
+          f"median of {runs})")
+    base = None
+    for name, data in cohorts.items():
+        times, cpus, patients, images = [], [], 0, 0
+        for r in range(runs):
+            t, c = time.perf_counter(), _cpu()
+            patients = images = 0
+            for s in _sites(data):
+                rep = prepare_site(s, tmp / f"forms{r}" / name / s.name, cfg, progress=False)
+                patients, images = patients + rep.included, images + rep.dicom_files
+            times.append(time.perf_counter() - t)
+            cpus.append(_cpu() - c)
+            shutil.rmtree(tmp / f"forms{r}", ignore_errors=True)
+        m, mc = statistics.median(times), statistics.median(cpus)
+        per_image = m / max(images, 1)
+        base = base or (per_image, mc)
+        print(f"  {name:<31}: {1000 * m / max(patients, 1):8.1f} ms {1e6 * per_image:9.0f} us   "
+              f"x{per_image / base[0]:.2f} wall, x{mc / base[1]:.2f} CPU of classic per image "
+              f"({patients} patients, {images} images, CPU {mc:.2f} s)")
 
 
 def _cpu() -> float:
@@ -107,6 +144,8 @@ def run(args) -> int:
         print(f"machine load (1 min)             : {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
               "(a busy machine starves the workers: compare CPU when load > CPUs)")
         print(f"re-run, nothing changed          : {mr:8.3f} s  ({100 * mr / mf:.1f} % of first run, target < 10 %)")
+        if not args.data and not args.no_forms:
+            _forms(tmp, data, cfg, args.runs)
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

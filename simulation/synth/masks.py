@@ -9,6 +9,7 @@ no patient ID, so readers must match by UIDs.
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Callable
@@ -35,6 +36,9 @@ def _frame_z(ds: Dataset) -> list[float]:
 
 def _sources(t2_files: list[Path]) -> list[Dataset]:
     return [pydicom.dcmread(p) for p in t2_files]
+
+
+logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines narrate every module copied
 
 
 def write_seg(t2_files: list[Path], mask: np.ndarray, origin_z: float, spacing_z: float, out: Path,
