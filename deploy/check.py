@@ -32,7 +32,10 @@ from deploy import pki
 
 TEXT_SUFFIXES = {".service", ".yaml", ".yml", ".sh", ".toml", ".env", ".conf", ".cfg", ".ini"}
 FLOWER_PROGRAMS = ("flower-superlink", "flower-supernode")
+LAUNCHER = "slmfed site launcher"  # the site's app launcher (deploy/launcher.py)
+REVIEWED = (*FLOWER_PROGRAMS, LAUNCHER)
 MAX_SCAN_BYTES = 1 << 20
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 # deploy/README.md, "Site privacy policy": DP is not implemented, so [dp] may only say it is off.
 DP_KEYS = ("enabled", "clipping-norm", "noise-multiplier")
@@ -58,10 +61,24 @@ class Command:
     # the only paths the process may write, when its sandbox says so (systemd ProtectSystem=strict,
     # compose read_only); None when the file does not restrict writes
     writable: list[str] | None = None
+    # systemd: every directive of the unit (name -> values, in order); compose: the service and its file
+    settings: dict[str, list[str]] | None = None
+    service: dict | None = None
+    compose: dict | None = None
 
     @property
     def program(self) -> str:
+        if len(self.argv) >= 3 and Path(self.argv[0]).name == "slmfed" and self.argv[1:3] == ["site", "launcher"]:
+            return LAUNCHER
         return Path(self.argv[0]).name if self.argv else ""
+
+    def last(self, directive: str) -> str | None:
+        """A systemd directive's effective value (the last one set), None when unset."""
+        values = (self.settings or {}).get(directive)
+        return values[-1] if values else None
+
+    def paths(self, directive: str) -> list[str]:
+        return [t.lstrip("-+") for v in (self.settings or {}).get(directive, []) for t in shlex.split(v)]
 
     def flag(self, name: str) -> str | None:
         """The value of `--name VALUE` / `--name=VALUE`; '' for a bare flag; None when absent."""
@@ -85,26 +102,38 @@ def _text(path: Path) -> str | None:
         return None
 
 
-def _systemd_commands(path: Path, text: str) -> Iterator[Command]:
-    joined = re.sub(r"\\\n", " ", text)
-    env: dict[str, str] = {}
-    execs: list[str] = []
-    strict = False
-    rw: list[str] = []
-    for line in joined.splitlines():
+def systemd_settings(text: str) -> dict[str, list[str]]:
+    """Every `Directive=value` of a unit or drop-in, continuation lines joined; an empty value resets
+    the list (as systemd does for ExecStart= and the path lists)."""
+    out: dict[str, list[str]] = {}
+    for line in re.sub(r"\\\n", " ", text).splitlines():
         line = line.strip()
-        if re.match(r"^ProtectSystem\s*=\s*strict\s*$", line):
-            strict = True
-        elif line.startswith("ReadWritePaths="):
-            rw += [p.lstrip("-+") for p in shlex.split(line.split("=", 1)[1])]
-        elif line.startswith("Environment="):
-            for item in shlex.split(line.split("=", 1)[1]):
-                k, _, v = item.partition("=")
-                env[k] = v
-        elif line.startswith("ExecStart="):
-            execs.append(line.split("=", 1)[1].lstrip("-@+!:"))
-    for value in execs:
-        yield Command(path, shlex.split(value), env, writable=rw if strict else None)
+        if not line or line[0] in "#;[" or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if value == "":
+            out[key] = []
+        else:
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def _systemd_commands(path: Path, text: str) -> Iterator[Command]:
+    settings = systemd_settings(text)
+    env: dict[str, str] = {}
+    for value in settings.get("Environment", []):
+        for item in shlex.split(value):
+            k, _, v = item.partition("=")
+            env[k] = v
+    strict = (settings.get("ProtectSystem") or [""])[-1] == "strict"
+    rw = [p.lstrip("-+") for v in settings.get("ReadWritePaths", []) for p in shlex.split(v)]
+    for value in settings.get("ExecStart", []):
+        try:
+            argv = shlex.split(value.lstrip("-@+!:"))
+        except ValueError:
+            argv = [value]
+        yield Command(path, argv, env, writable=rw if strict else None, settings=settings)
 
 
 def _compose_writable(svc: dict) -> list[str] | None:
@@ -144,7 +173,7 @@ def _compose_commands(path: Path, text: str) -> Iterator[Command]:
         env = ({str(k): str(v) for k, v in raw_env.items()} if isinstance(raw_env, dict)
                else dict(str(e).partition("=")[::2] for e in raw_env))
         if argv:
-            yield Command(path, argv, env, writable=_compose_writable(svc))
+            yield Command(path, argv, env, writable=_compose_writable(svc), service=svc, compose=doc)
 
 
 def _shell_commands(path: Path, text: str) -> Iterator[Command]:
@@ -166,20 +195,33 @@ def _shell_commands(path: Path, text: str) -> Iterator[Command]:
             env[k] = v
         if argv and argv[0] == "exec":
             argv = argv[1:]
-        if argv and Path(argv[0]).name in FLOWER_PROGRAMS:
+        if argv and Command(path, argv).program in REVIEWED:
             yield Command(path, argv, dict(env))
 
 
+def is_systemd(path: Path) -> bool:
+    """A unit file, or a drop-in (`NAME.service.d/*.conf`) that changes one."""
+    return path.suffix == ".service" or (path.suffix == ".conf" and path.parent.name.endswith(".service.d"))
+
+
+def all_commands(path: Path, text: str) -> list[Command]:
+    """Every command a systemd unit / drop-in, compose file or shell script starts (any program).
+    A drop-in is read on top of its unit (when the unit is beside its .d folder), as systemd does."""
+    if is_systemd(path):
+        base = path.parent.parent / path.parent.name[:-2] if path.suffix == ".conf" else None
+        if base is not None and base.is_file():
+            text = (_text(base) or "") + "\n" + text
+        return list(_systemd_commands(path, text))
+    if path.suffix in (".yaml", ".yml"):
+        return list(_compose_commands(path, text))
+    if path.suffix == ".sh":
+        return list(_shell_commands(path, text))
+    return []
+
+
 def collect_commands(path: Path, text: str) -> list[Command]:
-    if path.suffix == ".service":
-        cmds = list(_systemd_commands(path, text))
-    elif path.suffix in (".yaml", ".yml"):
-        cmds = list(_compose_commands(path, text))
-    elif path.suffix == ".sh":
-        cmds = list(_shell_commands(path, text))
-    else:
-        cmds = []
-    return [c for c in cmds if c.program in FLOWER_PROGRAMS]
+    """The Flower processes and site launchers a file starts: what `deploy check` reviews."""
+    return [c for c in all_commands(path, text) if c.program in REVIEWED]
 
 
 def _active_lines(text: str) -> Iterator[tuple[int, str]]:
@@ -198,6 +240,7 @@ class Checker:
         self.coordinators: list[B.Bundle] = []
         self.sites: list[B.Bundle] = []
         self.server_certs: list[tuple[Path, x509.Certificate]] = []
+        self.commands: list[Command] = []
 
     def add(self, path: Path | str, problem: str) -> None:
         self.findings.add(Finding(str(path), problem))
@@ -302,6 +345,8 @@ class Checker:
                                  "add --disable-runtime-dependency-installation")
 
     def check_superlink(self, cmd: Command) -> None:
+        self.check_listen(cmd, "--host", "its Control API (register nodes, submit runs; no user authentication) "
+                                         "and Runtime API; sites reach the Fleet API through the front door (nginx)")
         if cmd.flag("--enable-supernode-auth") is None:
             self.add(cmd.source, "flower-superlink: SuperNode authentication is off; add --enable-supernode-auth")
         self.check_runtime_deps(cmd, default_on=True)
@@ -343,6 +388,8 @@ class Checker:
                 self.check_ca_file(cmd.source, self.resolve(cmd, root), "--root-certificates")
             if cmd.flag("--superlink"):
                 self.check_host(cmd.source, cmd.flag("--superlink"), "--superlink")
+        self.check_isolation(cmd)
+        self.check_listen(cmd, "--host", "its Runtime API (which hands out the site's tasks)")
         key_ref = cmd.flag("--auth-supernode-private-key")
         if not key_ref:
             self.add(cmd.source, "flower-supernode: SuperNode authentication is off; "
@@ -355,6 +402,13 @@ class Checker:
         if not key_file.is_file():
             self.add(cmd.source, f"--auth-supernode-private-key: {key_file} is missing")
             return
+        if key_file.is_symlink():
+            self.add(cmd.source, f"--auth-supernode-private-key: {key_file} is a symbolic link (to {key_file.resolve()}); "
+                                 "keep the key itself in the bundle, mode 0600")
+        mode = stat.S_IMODE(key_file.stat().st_mode)  # of the file the link points to, too
+        if mode & 0o077:
+            self.add(cmd.source, f"--auth-supernode-private-key: {key_file.resolve()} is readable by "
+                                 f"{'everyone' if mode & 0o004 else 'its group'} (mode {mode:04o}); expected 0600")
         try:
             key = pki.load_private_key(key_file)
         except pki.PKIError as exc:
@@ -386,17 +440,20 @@ class Checker:
         problem = raw_dicom_problem(Path(cache))
         if problem:
             self.add(cmd.source, f"--node-config cache-dir={cache}: {problem}")
-        self.check_study_dir(cmd, node, cache)
+        self.check_study_dir(cmd, node, cache, sandbox=self.app_sandbox(cmd))
+        self.check_cache_read_only(cmd, cache)
 
-    def check_study_dir(self, cmd: Command, node: dict[str, str], cache: str) -> None:
-        """The ClientApp must be able to write its study folder (predictions, disclosure ledger)."""
-        if cmd.writable is None:
+    def check_study_dir(self, cmd: Command, node: dict[str, str], cache: str, sandbox: Command | None = None) -> None:
+        """The ClientApp must be able to write its study folder (predictions, disclosure ledger); it runs in
+        `sandbox` (the site launcher's, with --isolation process)."""
+        writable = (sandbox or cmd).writable
+        if writable is None:
             return
         cache_path = PurePosixPath(cache)
         wanted = [("study-dir", node.get("study-dir") or str(cache_path.parent / f"{cache_path.name}-study"))]
         if node.get("privacy-ledger"):
             wanted.append(("privacy-ledger", node["privacy-ledger"]))
-        roots = [PurePosixPath(w) for w in cmd.writable if w]
+        roots = [PurePosixPath(w) for w in writable if w]
         for key, value in wanted:
             target = PurePosixPath(value)
             if any(target == r or r in target.parents for r in roots):
@@ -427,6 +484,296 @@ class Checker:
                                      f"policy ({bundle.root / B.BUNDLE_FILE} [privacy] {key} = "
                                      f"{_toml_value(policy[key])}); the site's privacy officer sets it there; "
                                      "regenerate this file from the bundle")
+
+    # --- least privilege, reviewability (issue 9)
+    def check_listen(self, cmd: Command, flag: str, what: str) -> None:
+        """A SuperLink / SuperNode port (and any health port) on the loopback only, except inside a
+        container that publishes nothing beyond the host's loopback."""
+        for f, desc in ((flag, what), ("--health-server-address", "its health port")):
+            value = cmd.flag(f)
+            if value is None:
+                if f == flag and cmd.program == "flower-superlink":
+                    self.add(cmd.source, f"{cmd.program}: {flag} is missing; it listens on 0.0.0.0 by default, "
+                                         f"which exposes {desc}; use --host 127.0.0.1")
+                continue
+            host = value.rsplit(":", 1)[0].strip("[]") if f != flag else value
+            if host in LOOPBACK or host.startswith("127."):
+                continue
+            if cmd.service is not None and self._compose_contained(cmd):
+                continue  # inside its container, reachable only on the compose networks
+            self.add(cmd.source, f"{cmd.program}: {f} {value} exposes {desc} beyond this host; "
+                                 "listen on 127.0.0.1")
+
+    def _compose_contained(self, cmd: Command) -> bool:
+        svc = cmd.service or {}
+        if svc.get("network_mode") == "host":
+            return False
+        for port in svc.get("ports") or []:
+            text = str(port.get("host_ip", "")) if isinstance(port, dict) else str(port)
+            if not (text.startswith("127.0.0.1:") or text == "127.0.0.1"):
+                return False
+        return True
+
+    def check_isolation(self, cmd: Command) -> None:
+        iso = cmd.flag("--isolation") or "subprocess"
+        if iso != "process":
+            self.add(cmd.source, f"flower-supernode: --isolation {iso} starts every app the coordinator sends "
+                                 "(flower-superexec checks nothing); use --isolation process with the site's "
+                                 "launcher (slmfed site launcher), which runs only approved apps")
+            return
+        secret = cmd.flag("--superexec-auth-secret-file")
+        if not secret:
+            self.add(cmd.source, "flower-supernode: --isolation process without --superexec-auth-secret-file: "
+                                 "any local process could take the site's tasks from the Runtime API; "
+                                 f"pass the bundle's {B.SUPEREXEC_SECRET}")
+            return
+        path = self.resolve(cmd, secret)
+        if not path.is_file() or path.stat().st_size == 0:
+            self.add(cmd.source, f"--superexec-auth-secret-file: {path} is missing or empty")
+            return
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            self.add(path, f"SuperExec secret is readable by {'everyone' if mode & 0o004 else 'its group'} "
+                           f"(mode {mode:04o}); expected 0600 (chmod 600 it)")
+
+    def app_sandbox(self, cmd: Command) -> Command:
+        """Where the ClientApp runs: with --isolation process, in the site launcher's sandbox (the launcher
+        unit beside the SuperNode unit, or the launcher service of the same compose file)."""
+        if cmd.flag("--isolation") != "process":
+            return cmd
+        for other in self.commands:
+            if other.program != LAUNCHER:
+                continue
+            same = (other.source == cmd.source if cmd.service is not None else
+                    cmd.settings is not None and other.settings is not None and other.source.parent == cmd.source.parent)
+            if same:
+                return other
+        return Command(cmd.source, [], writable=None)
+
+    def check_cache_read_only(self, cmd: Command, cache: str) -> None:
+        target = PurePosixPath(cache)
+        for sandbox in {id(c): c for c in (cmd, self.app_sandbox(cmd))}.values():
+            if sandbox.settings is not None:
+                rw = [PurePosixPath(p) for p in sandbox.paths("ReadWritePaths")]
+                if any(target == r or r in target.parents or target in r.parents for r in rw):
+                    self.add(sandbox.source, f"ReadWritePaths makes the cache {cache} writable; the ClientApp must "
+                                             "only read it (ReadOnlyPaths)")
+            if sandbox.service is not None:
+                for vol in sandbox.service.get("volumes") or []:
+                    src, dst, ro = _volume(vol)
+                    if dst and PurePosixPath(dst) == target and not ro:
+                        self.add(sandbox.source, f"the cache volume {src}:{dst} is mounted read-write; add :ro")
+
+    def check_unit(self, cmd: Command) -> None:
+        """A systemd unit (or drop-in) that starts a reviewed program: sandboxed, not root, reviewable."""
+        if cmd.settings is None:
+            return
+        src = cmd.source
+        user = cmd.last("User")
+        if user in (None, "root", "0"):
+            self.add(src, f"{cmd.program} runs as root (User={user or 'unset'}); run it as its own unprivileged user")
+        if (cmd.last("NoNewPrivileges") or "").lower() not in ("yes", "true", "1", "on"):
+            self.add(src, f"NoNewPrivileges={cmd.last('NoNewPrivileges') or 'unset'}: set NoNewPrivileges=yes")
+        if cmd.last("ProtectSystem") != "strict":
+            self.add(src, f"ProtectSystem={cmd.last('ProtectSystem') or 'unset'}: set ProtectSystem=strict "
+                          "(the file system read-only except ReadWritePaths)")
+        for value in cmd.settings.get("EnvironmentFile", []):
+            self.add(src, f"EnvironmentFile={value}: the environment (and any $VARIABLE in ExecStart) would come "
+                          "from a file deploy check does not review; put the settings in the unit")
+        for value in cmd.settings.get("ExecStart", []):
+            if re.search(r"\$\{?[A-Za-z_]", value):
+                self.add(src, f"ExecStart expands environment variables ({value.split()[0]} ... $...): flags could "
+                              "arrive from outside the unit (e.g. --insecure); write every flag in the unit")
+        if cmd.program == LAUNCHER:
+            self.check_launcher_unit(cmd)
+
+    def check_launcher_unit(self, cmd: Command) -> None:
+        src = cmd.source
+        bundle = B.find_bundle(src, stop=self.root)
+        inst = bundle.install_dir if bundle else B.DEFAULT_INSTALL_DIR
+        node_users = {c.last("User") for c in self.commands if c.program == "flower-supernode"
+                      and c.settings is not None and c.source.parent == src.parent}
+        if cmd.last("User") in node_users:
+            self.add(src, f"the launcher runs the ClientApp as the SuperNode's user ({cmd.last('User')}): "
+                          f"the app could read the SuperNode's key; use its own user ({B.APP_USER})")
+        hidden = [PurePosixPath(p) for p in cmd.paths("InaccessiblePaths")]
+        key = PurePosixPath(inst) / B.SITE_KEY
+        if not any(key == h or h in key.parents for h in hidden):
+            self.add(src, f"InaccessiblePaths does not hide the SuperNode's key {key} from the ClientApp")
+        deny = " ".join(cmd.settings.get("IPAddressDeny", [])).split()
+        allow = " ".join(cmd.settings.get("IPAddressAllow", [])).split()
+        if "any" not in deny:
+            self.add(src, "IPAddressDeny=any is missing: the ClientApp could send data anywhere; "
+                          "allow only its SuperNode on loopback (IPAddressAllow=localhost)")
+        wide = [a for a in allow if a not in ("localhost", "127.0.0.1", "::1", "127.0.0.0/8", "::1/128", "127.0.0.1/32")]
+        if wide:
+            self.add(src, f"IPAddressAllow={' '.join(wide)}: the ClientApp may reach only its SuperNode (localhost)")
+
+    def check_service(self, cmd: Command) -> None:
+        """A compose service that starts a reviewed program: no privileges, no host network."""
+        svc, src = cmd.service, cmd.source
+        if svc is None:
+            return
+        if svc.get("privileged") is True:
+            self.add(src, f"{cmd.program}: privileged: true gives the container every capability and the host's "
+                          "devices; remove it")
+        if svc.get("network_mode") == "host":
+            self.add(src, f"{cmd.program}: network_mode: host puts the container on the host's network "
+                          "(its ports on every interface, no internal network); remove it")
+        drop = svc.get("cap_drop") or []
+        if "ALL" not in [str(c).upper() for c in drop]:
+            self.add(src, f"{cmd.program}: cap_drop: [ALL] is missing; the container keeps Linux capabilities")
+        if str(svc.get("user", "")).split(":")[0] in ("root", "0"):
+            self.add(src, f"{cmd.program}: user: {svc['user']} runs it as root; use the image's unprivileged user")
+        if not any("no-new-privileges" in str(o) for o in svc.get("security_opt") or []):
+            self.add(src, f"{cmd.program}: security_opt no-new-privileges:true is missing")
+        if cmd.program == LAUNCHER:
+            nets = svc.get("networks") or ["default"]
+            names = list(nets) if isinstance(nets, (list, dict)) else [nets]
+            declared = (cmd.compose or {}).get("networks") or {}
+            for n in names:
+                if not (isinstance(declared.get(n), dict) and declared[n].get("internal") is True):
+                    self.add(src, f"launcher: network {n!r} is not internal: the ClientApp could send data anywhere; "
+                                  "keep it on an `internal: true` network with its SuperNode only")
+            for vol in svc.get("volumes") or []:
+                s_, _d, _ro = _volume(vol)
+                if s_ in (".", "./") or (s_ or "").endswith(B.SITE_KEY):
+                    self.add(src, f"launcher: volume {s_} gives the ClientApp the SuperNode's key; mount only "
+                                  f"{B.APPROVED_APPS}, {B.SUPEREXEC_SECRET}, the cache and the study volume")
+
+    def check_unreviewed(self, cmd: Command) -> None:
+        """A unit / service that starts something else than the reviewed programs directly."""
+        if cmd.settings is None and cmd.service is None:
+            return
+        prog = Path(cmd.argv[0]).name if cmd.argv else "(nothing)"
+        self.add(cmd.source, f"starts {prog!r}, not flower-superlink / flower-supernode / slmfed site launcher "
+                             "directly: a wrapper script or a shell (sh -c) can add or drop any flag; "
+                             "deploy check can review only the program started directly")
+
+    # --- bundles: what each holds
+    def check_key_placement(self, path: Path) -> None:
+        try:
+            with path.open("rb") as fh:
+                head = fh.read(4096)
+        except OSError:
+            return
+        if b"PRIVATE KEY-----" not in head:
+            return
+        bundle = B.find_bundle(path, stop=self.root)
+        if bundle is None:
+            return
+        is_ca = False
+        ca_file = bundle.root / (B.CA_CERT if bundle.kind == "site" else B.COORD_CA)
+        try:
+            is_ca = pki.same_public_key(pki.load_private_key(path).public_key(), pki.load_cert(ca_file).public_key())
+        except pki.PKIError:
+            pass
+        if is_ca:
+            self.add(path, f"the CA's private key (it matches {ca_file.name}) is in the {bundle.kind} bundle: whoever "
+                           "holds it can issue a SuperLink certificate every site trusts; keep it offline, delete this copy")
+        elif bundle.kind == "site" and path.name != B.SITE_KEY:
+            self.add(path, f"a private key other than the site's own ({B.SITE_KEY}) does not belong in a site bundle; "
+                           "delete it")
+
+    def check_registration(self, bundle: B.Bundle) -> None:
+        """register-sites.sh and site-keys/: exactly the sites the bundle names."""
+        names = bundle.data.get("sites", {}).get("names", [])
+        keys = {(bundle.root / B.SITE_KEYS_DIR / f"{n}.pub").resolve() for n in names}
+        for pub in sorted((bundle.root / B.SITE_KEYS_DIR).glob("*.pub")):
+            if pub.stem not in names:
+                self.add(pub, f"a key for {pub.stem!r}, which is not a site of this deployment ([sites] names: "
+                              f"{', '.join(names)}); remove it")
+        for script in sorted(bundle.root.glob("*.sh")):
+            text = _text(script) or ""
+            for n, line in _active_lines(re.sub(r"\\\n", " ", text)):
+                try:
+                    argv = shlex.split(line)
+                except ValueError:
+                    continue
+                while argv and (argv[0] in ("exec", "sudo") or re.match(r"^[A-Z_][A-Z0-9_]*=", argv[0])):
+                    argv = argv[1:]
+                if len(argv) >= 4 and Path(argv[0]).name == "flwr" and argv[1:3] == ["supernode", "register"]:
+                    key = Path(argv[3])
+                    key = (key if key.is_absolute() else script.parent / key).resolve()
+                    if key not in keys:
+                        self.add(script, f"line {n}: registers {argv[3]}, which is not the key of a site in "
+                                         f"[sites] names ({', '.join(names)}); an extra registered key can connect "
+                                         "as a SuperNode; remove the line")
+
+    def check_front_door(self, bundle: B.Bundle) -> None:
+        """The coordinator's nginx configs: public TLS, only /v1/fleet/ forwarded, verified, to the SuperLink."""
+        link = bundle.data.get("superlink", {})
+        internal = f"{link.get('internal-host', B.INTERNAL_HOST)}:{link.get('internal-port', B.DEFAULT_INTERNAL_PORT)}"
+        for name, upstream in ((B.FRONT_DOOR, internal),
+                               (B.FRONT_DOOR_COMPOSE, f"{B.INTERNAL_NAME}:{link.get('internal-port')}")):
+            path = bundle.root / name
+            text = _text(path)
+            if text is None:
+                self.add(bundle.root, f"{name} (the nginx front door) is missing: without it the SuperLink's "
+                                      "Control API would have to be public; regenerate with slmfed deploy init")
+                continue
+            self.check_nginx(path, text, upstream, str(link.get("port", "")))
+
+    def check_nginx(self, path: Path, text: str, upstream: str, port: str) -> None:
+        body = "\n".join(l.split("#", 1)[0] for l in text.splitlines())
+        listens = re.findall(r"\blisten\s+([^;]+);", body)
+        if not listens:
+            self.add(path, "no listen directive")
+        for value in listens:
+            words = value.split()
+            if "ssl" not in words:
+                self.add(path, f"listen {value}: no ssl; the front door must serve TLS")
+            if port and not words[0].endswith(port):
+                self.add(path, f"listen {value}: not the deployment's public port {port} (bundle.toml [superlink] port)")
+        fleet = False
+        for loc, block in _nginx_locations(body):
+            proxied = re.search(r"\bproxy_pass\s+([^;]+);", block)
+            if loc.strip() == "/v1/fleet/":
+                fleet = True
+                want = f"https://{upstream}"
+                if not proxied or proxied.group(1).strip().rstrip("/") != want:
+                    self.add(path, f"location /v1/fleet/: expected proxy_pass {want} (the SuperLink), found "
+                                   f"{proxied.group(1).strip() if proxied else 'none'}")
+                if not re.search(r"\bproxy_ssl_verify\s+on\s*;", block):
+                    self.add(path, "location /v1/fleet/: proxy_ssl_verify on is missing; nginx would forward site "
+                                   "traffic to whatever answers at the upstream address")
+            elif proxied or re.search(r"\b(fastcgi|uwsgi|grpc|scgi)_pass\b", block):
+                self.add(path, f"location {loc.strip()}: forwards to the SuperLink; only /v1/fleet/ (the Fleet API) "
+                               "may be public, /v1/control/ has no user authentication")
+        if not fleet:
+            self.add(path, "no location /v1/fleet/: the sites could not reach the Fleet API")
+        if re.search(r"\bproxy_pass\b", re.sub(r"location\s+[^{]+\{(?:[^{}]|\{[^{}]*\})*\}", "", body)):
+            self.add(path, "proxy_pass outside a location block forwards everything; only /v1/fleet/ may be public")
+
+    def check_site_alone(self, bundle: B.Bundle) -> None:
+        """What a site can check with its bundle alone: the CA is a CA, its key pair matches, the allow-list."""
+        ca_file = bundle.root / B.CA_CERT
+        try:
+            ca = pki.load_cert(ca_file)
+            basic = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+            if not basic.ca or not pki.issued_by(ca, ca):
+                self.add(ca_file, "not a self-signed CA certificate: the SuperNode pins this file as the only "
+                                  "trusted root; ask the coordinator for the deployment CA")
+        except (pki.PKIError, x509.ExtensionNotFound):
+            self.add(ca_file, "not a CA certificate (no basic constraints); ask the coordinator for the deployment CA")
+        try:
+            priv = pki.load_private_key(bundle.root / B.SITE_KEY)
+            if not pki.same_public_key(priv.public_key(), pki.load_ssh_public(bundle.root / B.SITE_PUB)):
+                self.add(bundle.root / B.SITE_PUB, f"does not match {B.SITE_KEY}: the coordinator registered the "
+                                                   "public key it got; the SuperLink will refuse this SuperNode")
+        except pki.PKIError as exc:
+            self.add(bundle.root, str(exc))
+        try:
+            B.read_approved_apps(bundle.root / B.APPROVED_APPS)
+        except B.BundleError as exc:
+            self.add(bundle.root / B.APPROVED_APPS, str(exc).split(": ", 1)[-1])
+        address = str(bundle.data.get("superlink", {}).get("address", ""))
+        for cmd in self.commands:
+            if cmd.program == "flower-supernode" and B.find_bundle(cmd.source, stop=self.root) is not None \
+                    and B.find_bundle(cmd.source, stop=self.root).root == bundle.root \
+                    and cmd.flag("--superlink") not in (None, address):
+                self.add(cmd.source, f"--superlink {cmd.flag('--superlink')} is not the bundle's "
+                                     f"[superlink] address {address}")
 
     # --- policy
     def check_policy(self, bundle: B.Bundle) -> None:
@@ -471,27 +818,43 @@ class Checker:
         commands: list[Command] = []
         for p in files:
             self.check_private_key_mode(p)
+            self.check_key_placement(p)
             text = _text(p) if p.suffix in TEXT_SUFFIXES or p.suffix == "" else None
             if text is None:
                 continue
             if p.suffix != ".toml":  # TOML is checked once the SuperLink certificate is known
                 self.check_text(p, text)
             try:
-                commands += collect_commands(p, text)
+                found = all_commands(p, text)
             except ValueError as exc:
                 self.add(p, str(exc))
+                continue
+            for cmd in found:
+                if cmd.program in REVIEWED:
+                    commands.append(cmd)
+                else:
+                    self.check_unreviewed(cmd)
+        self.commands = commands
         # SuperLinks first: their certificates are what site configs are checked against.
         for cmd in sorted(commands, key=lambda c: c.program != "flower-superlink"):
-            (self.check_superlink if cmd.program == "flower-superlink" else self.check_supernode)(cmd)
+            if cmd.program == "flower-superlink":
+                self.check_superlink(cmd)
+            elif cmd.program == "flower-supernode":
+                self.check_supernode(cmd)
+            self.check_unit(cmd)
+            self.check_service(cmd)
         for p in files:
             if p.suffix == ".toml" and (text := _text(p)) is not None:
                 self.check_text(p, text)
         for b in self.coordinators:
             self.check_policy(b)
+            self.check_registration(b)
+            self.check_front_door(b)
             for host in b.data.get("superlink", {}).get("hosts", []):
                 self.check_host(b.root / B.BUNDLE_FILE, f"{host}:0", "[superlink] hosts")
         for b in self.sites:
             self.check_site_policy(b)
+            self.check_site_alone(b)
             addr = b.data.get("superlink", {}).get("address")
             if addr:
                 self.check_host(b.root / B.BUNDLE_FILE, str(addr), "[superlink] address")
@@ -520,6 +883,28 @@ def dp_policy_problems(dp: dict[str, Any]) -> list[str]:
             out.append(f"[dp] {name}: unknown key (known: {', '.join(DP_KEYS)}); {DP_NOT_IMPLEMENTED}")
     return out
 
+
+
+def _volume(vol) -> tuple[str, str, bool]:
+    """(source, target, read-only) of a compose volume entry, short or long syntax."""
+    if isinstance(vol, dict):
+        return str(vol.get("source", "")), str(vol.get("target", "")), bool(vol.get("read_only"))
+    parts = str(vol).split(":")
+    if len(parts) == 1:
+        return "", parts[0], False
+    return parts[0], parts[1], len(parts) > 2 and "ro" in parts[2].split(",")
+
+
+def _nginx_locations(body: str) -> list[tuple[str, str]]:
+    """(location argument, block text) for every location block (one level of nested blocks)."""
+    out = []
+    for m in re.finditer(r"\blocation\s+([^{]+)\{", body):
+        depth, i = 1, m.end()
+        while i < len(body) and depth:
+            depth += {"{": 1, "}": -1}.get(body[i], 0)
+            i += 1
+        out.append((m.group(1), body[m.end():i - 1]))
+    return out
 
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):

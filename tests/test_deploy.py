@@ -52,11 +52,14 @@ def _problems(findings: list[Finding]) -> str:
 # ---------------------------------------------------------------- init / PKI
 
 def test_init_writes_private_keys_0600_and_bundles(generated):
-    for key in ["ca/ca.key", "coordinator/certs/server.key", "sites/a/supernode.key", "sites/b/supernode.key"]:
+    for key in ["ca/ca.key", "coordinator/certs/server.key", "sites/a/supernode.key", "sites/b/supernode.key",
+                "sites/a/superexec.secret"]:
         assert _mode(generated / key) == 0o600, key
     site = generated / "sites" / "a"
     assert {p.name for p in site.iterdir()} == {
-        "bundle.toml", "ca.crt", "supernode.key", "supernode.pub", "flower-supernode.service", "compose.yaml"}
+        "bundle.toml", "ca.crt", "supernode.key", "supernode.pub", "flower-supernode.service", "compose.yaml",
+        "superexec.secret", "approved-apps.toml", "slmfed-launcher.service"}
+    assert B.read_approved_apps(site / "approved-apps.toml") == {}  # nothing runs until the site approves an app
     # the site bundle carries no coordinator secret and no other site's key
     assert not any("server" in p.name or p.name == "ca.key" for p in site.rglob("*"))
     assert sorted(p.name for p in (generated / "coordinator" / "site-keys").iterdir()) == ["a.pub", "b.pub"]
@@ -78,15 +81,19 @@ def test_node_config_carries_the_site_policy_and_a_writable_study_dir(generated)
     bundle = tomllib.loads((site / "bundle.toml").read_text())
     unit_text = (site / "flower-supernode.service").read_text()
     (unit,) = collect_commands(site / "flower-supernode.service", unit_text)
-    (comp,) = collect_commands(site / "compose.yaml", (site / "compose.yaml").read_text())
-    for cmd in (unit, comp):
+    launcher_text = (site / "slmfed-launcher.service").read_text()
+    (launcher,) = collect_commands(site / "slmfed-launcher.service", launcher_text)
+    comp, comp_launcher = collect_commands(site / "compose.yaml", (site / "compose.yaml").read_text())
+    for cmd, sandbox in ((unit, launcher), (comp, comp_launcher)):
         node = B.parse_node_config(cmd.flag("--node-config"))
         # what the ClientApp reads: load_config(node_config=...) gives exactly the bundle's policy
         cfg = load_config(node_config=node)
         assert {k: cfg[k] for k in bundle["privacy"]} == bundle["privacy"]
         assert node["study-dir"] == bundle["node"]["study-dir"] == "/srv/slmfed/study"
-        assert node["study-dir"] in cmd.writable  # the sandbox lets the ClientApp write it
-    assert "ReadWritePaths=/var/lib/slmfed /srv/slmfed/study" in unit_text
+        # the ClientApp runs in the launcher's sandbox (--isolation process), which lets it write the study dir
+        assert cmd.flag("--isolation") == "process" and node["study-dir"] in sandbox.writable
+    assert "ReadWritePaths=/var/lib/slmfed-app /srv/slmfed/study" in launcher_text
+    assert "ReadWritePaths=/var/lib/slmfed\n" in unit_text  # the SuperNode itself writes only its state
     assert "site-study:/srv/slmfed/study" in (site / "compose.yaml").read_text()
 
 
@@ -103,7 +110,8 @@ def test_init_refuses_an_invalid_site_policy(tmp_path):
 def test_server_certificate_names_the_hosts_and_chains_to_the_ca(generated):
     ca = pki.load_cert(generated / "ca" / "ca.crt")
     cert = pki.load_cert(generated / "coordinator" / "certs" / "server.crt")
-    assert sorted(pki.san_hosts(cert)) == ["10.0.0.5", "slm.example.org"]
+    # the public names for the sites, the internal address for the researcher and the name nginx verifies
+    assert sorted(pki.san_hosts(cert)) == ["10.0.0.5", "127.0.0.1", "slm.example.org", "slmfed-superlink"]
     assert pki.issued_by(cert, ca)
     key = pki.load_private_key(generated / "coordinator" / "certs" / "server.key")
     assert pki.same_public_key(cert.public_key(), key.public_key())
@@ -147,21 +155,28 @@ def test_generated_commands_carry_the_required_flags(generated):
                  "--disable-runtime-dependency-installation"]:
         assert link.flag(flag) is not None, flag
     compose = generated / "sites/a/compose.yaml"
-    (node,) = collect_commands(compose, compose.read_text())
+    node, launcher = collect_commands(compose, compose.read_text())
+    assert launcher.argv == ["slmfed", "site", "launcher", "--supernode", "supernode:9094", "--secret-file",
+                             "/etc/slmfed/superexec.secret", "--approved", "/etc/slmfed/approved-apps.toml"]
     unit = generated / "sites/a/flower-supernode.service"
     (node_unit,) = collect_commands(unit, unit.read_text())
-    assert node.argv[1:] == node_unit.argv[1:]  # compose and systemd start the same thing
-    assert node.flag("--isolation") == "subprocess" and node.flag("--insecure") is None
+    # compose and systemd start the same thing; in compose the Runtime API listens on the internal network
+    assert [t for t in node.argv[1:] if t != "0.0.0.0"] == [t for t in node_unit.argv[1:] if t != "127.0.0.1"]
+    assert node_unit.flag("--host") == "127.0.0.1"
+    assert node.flag("--isolation") == "process" and node.flag("--insecure") is None
+    assert node.flag("--superexec-auth-secret-file") == "/etc/slmfed/superexec.secret"
     assert node.flag("--max-retries") == "500" and float(node.flag("--max-wait-time")) == 86400
     assert B.parse_node_config(node.flag("--node-config")) == {
         "cache-dir": "/srv/slmfed/cache", "site-name": "a", "study-dir": "/srv/slmfed/study",
         "min-cell-size": "10", "histogram-bins": "100", "share-histograms": "true", "max-logit-slope": "10.0",
         "max-partitions": "24", "max-studies": "50"}
     cfg = tomllib.loads((generated / "coordinator/flwr-config.toml").read_text())
-    assert cfg["superlink"]["slmfed"] == {"address": "slm.example.org:9092",
+    # the researcher's flwr talks to the SuperLink on the coordinator's loopback, not the front door
+    assert cfg["superlink"]["slmfed"] == {"address": "127.0.0.1:9093",
                                           "root-certificates": "/etc/slmfed/certs/ca.crt"}
+    assert link.flag("--host") == "127.0.0.1" and link.flag("--port") == "9093"
     script = (generated / "coordinator/register-sites.sh").read_text()
-    assert "flwr supernode register site-keys/a.pub slmfed --name a" in script
+    assert "exec slmfed deploy register-sites . --connection slmfed --registry /var/lib/slmfed/site-registry.toml" in script
 
 
 # ---------------------------------------------------------------- deploy check
@@ -201,7 +216,7 @@ def _reissue_server_cert(dep: Path, *, hosts=("slm.example.org",), days_from=-10
 
 
 def _v_insecure_site(d):
-    _edit(d / "sites/a/flower-supernode.service", "--isolation subprocess", "--insecure --isolation subprocess")
+    _edit(d / "sites/a/flower-supernode.service", "--isolation process", "--insecure --isolation process")
 
 
 def _v_no_auth(d):
@@ -473,8 +488,13 @@ def test_join_passes_the_sites_own_policy(dep, cache):
 def test_join_dry_run_prints_the_command(dep, cache, capsys):
     assert deploy_main(["site", "join", "--bundle", str(dep / "sites/b"), "--cache", str(cache),
                         "--dry-run", "--no-preflight"]) == 0
-    argv = shlex.split(capsys.readouterr().out)
+    node_line, launcher_line = capsys.readouterr().out.splitlines()
+    argv = shlex.split(node_line)
     assert argv[argv.index("--auth-supernode-private-key") + 1].endswith("sites/b/supernode.key")
+    launcher = shlex.split(launcher_line)  # the site's launcher, on the SuperNode's Runtime API port
+    assert launcher[1:3] == ["site", "launcher"] and launcher[launcher.index("--supernode") + 1] == \
+        f"127.0.0.1:{argv[argv.index('--port') + 1]}"
+    assert launcher[launcher.index("--approved") + 1].endswith("sites/b/approved-apps.toml")
 
 
 @pytest.mark.parametrize("breaker, message", [
