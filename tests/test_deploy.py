@@ -353,6 +353,153 @@ def _v_study_missing(d):
     _edit(d / "sites/b/compose.yaml", 'study-dir=\\"/srv/slmfed/study\\" ', "")
 
 
+# --- issue 9: least privilege, reviewability, isolation, front door, what each bundle holds
+def _v_unit_root(d):
+    _edit(d / "sites/a/flower-supernode.service", "User=slmfed\n", "User=root\n")
+
+
+def _v_no_new_privs_off(d):
+    _edit(d / "sites/a/slmfed-launcher.service", "NoNewPrivileges=yes", "NoNewPrivileges=no")
+
+
+def _v_protect_system_gone(d):
+    _edit(d / "coordinator/flower-superlink.service", "ProtectSystem=strict\n", "")
+
+
+def _v_unit_cache_rw(d):
+    _edit(d / "sites/a/slmfed-launcher.service", "ReadWritePaths=/var/lib/slmfed-app", "ReadWritePaths=/srv/slmfed/cache /var/lib/slmfed-app")
+
+
+def _v_compose_privileged(d):
+    _edit(d / "sites/b/compose.yaml", "    read_only: true\n", "    read_only: true\n    privileged: true\n")
+
+
+def _v_compose_host_network(d):
+    _edit(d / "coordinator/compose.yaml", "    read_only: true\n", "    read_only: true\n    network_mode: host\n", )
+
+
+def _v_compose_no_cap_drop(d):
+    text = (d / "sites/b/compose.yaml").read_text()
+    (d / "sites/b/compose.yaml").write_text(text.replace("    cap_drop: [ALL]\n", "", 1))
+
+
+def _v_compose_cache_rw(d):
+    _edit(d / "sites/b/compose.yaml", "/srv/slmfed/cache:/srv/slmfed/cache:ro", "/srv/slmfed/cache:/srv/slmfed/cache")
+
+
+def _v_dropin_no_auth(d):
+    drop = d / "sites/a/flower-supernode.service.d"
+    drop.mkdir()
+    (drop / "override.conf").write_text("[Service]\nExecStart=\nExecStart=/opt/slmfed/.venv/bin/flower-supernode "
+                                        "--superlink slm.example.org:9092 --root-certificates /etc/slmfed/ca.crt "
+                                        "--isolation process --superexec-auth-secret-file /etc/slmfed/superexec.secret "
+                                        "--node-config 'cache-dir=\"/srv/slmfed/cache\"'\n")
+
+
+def _v_wrapper_script(d):
+    _edit(d / "sites/a/flower-supernode.service", "ExecStart=/opt/slmfed/.venv/bin/flower-supernode \\",
+          "ExecStart=/usr/local/bin/start-site.sh \\\n    /opt/slmfed/.venv/bin/flower-supernode \\")
+
+
+def _v_sh_c(d):
+    _edit(d / "coordinator/flower-superlink.service", "ExecStart=/opt/slmfed/.venv/bin/flower-superlink \\",
+          "ExecStart=/bin/sh -c 'exec /opt/slmfed/.venv/bin/flower-superlink \"$@\"' \\\n    flower-superlink \\")
+
+
+def _v_env_file_insecure(d):
+    (d / "sites/a/extra.env").write_text("EXTRA=--insecure\n")
+    _edit(d / "sites/a/flower-supernode.service", "Environment=FLWR_HOME", "EnvironmentFile=/etc/slmfed/extra.env\nEnvironment=FLWR_HOME")
+    _edit(d / "sites/a/flower-supernode.service", "    --max-wait-time 86400.0", "    --max-wait-time 86400.0 $EXTRA")
+
+
+def _v_key_symlink(d):
+    key = d / "sites/a/supernode.key"
+    target = d / "sites/a-key-copy"
+    target.write_bytes(key.read_bytes())
+    target.chmod(0o644)
+    key.unlink()
+    key.symlink_to(target)
+
+
+def _v_ca_key_in_site(d):
+    import shutil
+    shutil.copy2(d / "ca/ca.key", d / "sites/b/ca.key")
+
+
+def _v_extra_key_registered(d):
+    (d / "coordinator/extra.pub").write_bytes(pki.ssh_public(pki.make_site_key()))
+    _edit(d / "coordinator/register-sites.sh", "exec slmfed", "flwr supernode register extra.pub slmfed --name a\nexec slmfed")
+
+
+def _v_extra_site_key(d):
+    (d / "coordinator/site-keys/mallory.pub").write_bytes(pki.ssh_public(pki.make_site_key()))
+
+
+def _v_supernode_all_interfaces(d):
+    _edit(d / "sites/a/flower-supernode.service", "--host 127.0.0.1", "--host 0.0.0.0")
+
+
+def _v_health_all_interfaces(d):
+    _edit(d / "sites/a/flower-supernode.service", "--port 9094", "--port 9094 \\\n    --health-server-address 0.0.0.0:9095")
+
+
+def _v_superlink_public(d):
+    _edit(d / "coordinator/flower-superlink.service", "--host 127.0.0.1", "--host 0.0.0.0")
+
+
+def _v_process_no_secret(d):
+    _edit(d / "sites/a/flower-supernode.service", "    --superexec-auth-secret-file /etc/slmfed/superexec.secret \\\n", "")
+
+
+def _v_subprocess_isolation(d):
+    _edit(d / "sites/b/flower-supernode.service", "--isolation process", "--isolation subprocess")
+
+
+def _v_secret_readable(d):
+    (d / "sites/b/superexec.secret").chmod(0o644)
+
+
+def _v_launcher_same_user(d):
+    _edit(d / "sites/a/slmfed-launcher.service", "User=slmfed-app", "User=slmfed")
+
+
+def _v_launcher_egress(d):
+    _edit(d / "sites/a/slmfed-launcher.service", "IPAddressDeny=any\n", "")
+
+
+def _v_launcher_sees_key(d):
+    _edit(d / "sites/a/slmfed-launcher.service", "InaccessiblePaths=/etc/slmfed/supernode.key ", "InaccessiblePaths=")
+
+
+def _v_compose_launcher_online(d):
+    _edit(d / "sites/b/compose.yaml", "    internal: true\n", "")
+
+
+def _v_compose_launcher_key(d):
+    _edit(d / "sites/b/compose.yaml", "      - ./approved-apps.toml:", "      - ./:/etc/slmfed:ro\n      - ./approved-apps.toml:")
+
+
+def _v_front_door_control(d):
+    _edit(d / "coordinator/nginx-slmfed.conf", "    location / {\n        return 403;",
+          "    location /v1/control/ {\n        proxy_pass https://127.0.0.1:9093;\n    }\n\n    location / {\n        return 403;")
+
+
+def _v_front_door_everything(d):
+    _edit(d / "coordinator/nginx-slmfed-compose.conf", "        return 403;", "        proxy_pass https://slmfed-superlink:9093;")
+
+
+def _v_front_door_no_verify(d):
+    _edit(d / "coordinator/nginx-slmfed.conf", "        proxy_ssl_verify on;\n", "")
+
+
+def _v_front_door_missing(d):
+    (d / "coordinator/nginx-slmfed.conf").unlink()
+
+
+def _v_approved_broken(d):
+    (d / "sites/a/approved-apps.toml").write_text('[apps.latest]\nnote = "whatever the coordinator sends"\n')
+
+
 BAD_VARIANTS = {
     "insecure flag": (_v_insecure_site, "sites/a/flower-supernode.service: line", "--insecure turns TLS off"),
     "superlink auth off": (_v_no_auth, "coordinator/flower-superlink.service", "SuperNode authentication is off"),
@@ -394,6 +541,48 @@ BAD_VARIANTS = {
                                "study-dir=/srv/slmfed/other is not writable in this sandbox"),
     "study dir not passed": (_v_study_missing, "sites/b/compose.yaml",
                              "no study-dir, so the ClientApp uses /srv/slmfed/cache-study, which is not writable"),
+    # issue 9
+    "unit runs as root": (_v_unit_root, "sites/a/flower-supernode.service", "flower-supernode runs as root"),
+    "NoNewPrivileges=no": (_v_no_new_privs_off, "sites/a/slmfed-launcher.service", "NoNewPrivileges=no: set NoNewPrivileges=yes"),
+    "ProtectSystem removed": (_v_protect_system_gone, "coordinator/flower-superlink.service", "ProtectSystem=unset"),
+    "unit cache read-write": (_v_unit_cache_rw, "sites/a/slmfed-launcher.service", "makes the cache /srv/slmfed/cache writable"),
+    "compose privileged": (_v_compose_privileged, "sites/b/compose.yaml", "privileged: true"),
+    "compose host network": (_v_compose_host_network, "coordinator/compose.yaml", "network_mode: host"),
+    "compose no cap_drop": (_v_compose_no_cap_drop, "sites/b/compose.yaml", "cap_drop: [ALL] is missing"),
+    "compose cache read-write": (_v_compose_cache_rw, "sites/b/compose.yaml", "is mounted read-write; add :ro"),
+    "drop-in replaces ExecStart without auth": (_v_dropin_no_auth, "sites/a/flower-supernode.service.d/override.conf",
+                                                "SuperNode authentication is off"),
+    "ExecStart through a wrapper script": (_v_wrapper_script, "sites/a/flower-supernode.service", "starts 'start-site.sh'"),
+    "ExecStart through sh -c": (_v_sh_c, "coordinator/flower-superlink.service", "starts 'sh'"),
+    "--insecure through an EnvironmentFile": (_v_env_file_insecure, "sites/a/flower-supernode.service",
+                                              "EnvironmentFile=/etc/slmfed/extra.env"),
+    "key is a symlink to a 0644 file": (_v_key_symlink, "sites/a/flower-supernode.service", "is a symbolic link"),
+    "ca.key copied into a site bundle": (_v_ca_key_in_site, "sites/b/ca.key", "the CA's private key"),
+    "extra key in register-sites.sh": (_v_extra_key_registered, "coordinator/register-sites.sh",
+                                       "registers extra.pub, which is not the key of a site"),
+    "extra key in site-keys": (_v_extra_site_key, "coordinator/site-keys/mallory.pub", "not a site of this deployment"),
+    "SuperNode on 0.0.0.0": (_v_supernode_all_interfaces, "sites/a/flower-supernode.service", "--host 0.0.0.0 exposes"),
+    "health port on 0.0.0.0": (_v_health_all_interfaces, "sites/a/flower-supernode.service",
+                               "--health-server-address 0.0.0.0:9095 exposes its health port"),
+    "SuperLink on 0.0.0.0": (_v_superlink_public, "coordinator/flower-superlink.service", "exposes its Control API"),
+    "process isolation without a SuperExec secret": (_v_process_no_secret, "sites/a/flower-supernode.service",
+                                                     "without --superexec-auth-secret-file"),
+    "subprocess isolation": (_v_subprocess_isolation, "sites/b/flower-supernode.service",
+                             "--isolation subprocess starts every app"),
+    "SuperExec secret readable": (_v_secret_readable, "sites/b/superexec.secret", "readable by everyone (mode 0644)"),
+    "launcher as the SuperNode's user": (_v_launcher_same_user, "sites/a/slmfed-launcher.service",
+                                         "as the SuperNode's user"),
+    "launcher has egress": (_v_launcher_egress, "sites/a/slmfed-launcher.service", "IPAddressDeny=any is missing"),
+    "launcher sees the key": (_v_launcher_sees_key, "sites/a/slmfed-launcher.service", "does not hide the SuperNode's key"),
+    "compose launcher not internal": (_v_compose_launcher_online, "sites/b/compose.yaml", "network 'apps' is not internal"),
+    "compose launcher mounts the key": (_v_compose_launcher_key, "sites/b/compose.yaml", "gives the ClientApp the SuperNode's key"),
+    "front door forwards the Control API": (_v_front_door_control, "coordinator/nginx-slmfed.conf",
+                                            "location /v1/control/: forwards to the SuperLink"),
+    "front door forwards everything": (_v_front_door_everything, "coordinator/nginx-slmfed-compose.conf",
+                                       "location /: forwards to the SuperLink"),
+    "front door does not verify": (_v_front_door_no_verify, "coordinator/nginx-slmfed.conf", "proxy_ssl_verify on is missing"),
+    "front door missing": (_v_front_door_missing, "coordinator", "nginx-slmfed.conf (the nginx front door) is missing"),
+    "allow-list broken": (_v_approved_broken, "sites/a/approved-apps.toml", "expected the app's SHA-256"),
 }
 
 
@@ -407,6 +596,52 @@ def test_check_flags_each_bad_variant(dep, name, capsys):
     assert deploy_main(["deploy", "check", str(dep)]) == 1
     out = capsys.readouterr().out.splitlines()
     assert all(": " in line and line.startswith(str(dep)) for line in out)  # one "path: problem" per line
+
+
+def _v_site_ca_is_a_leaf(d):
+    (d / "sites/a/ca.crt").write_bytes((d / "coordinator/certs/server.crt").read_bytes())
+
+
+def _v_site_pub_mismatch(d):
+    (d / "sites/a/supernode.pub").write_bytes(pki.ssh_public(pki.make_site_key()))
+
+
+def _v_site_dials_elsewhere(d):
+    _edit(d / "sites/a/compose.yaml", '"slm.example.org:9092"', '"192.0.2.7:9092"')
+
+
+def _v_site_ca_key(d):
+    import shutil
+    shutil.copy2(d / "ca/ca.key", d / "sites/a/ca.key")
+
+
+# What a site's privacy officer can check with the site bundle alone (no coordinator files): each
+# variant is caught with only sites/a given to `deploy check`.
+SITE_ALONE_VARIANTS = {
+    "CA file is not a CA": (_v_site_ca_is_a_leaf, "sites/a/ca.crt", "not a self-signed CA certificate"),
+    "public key does not match the key": (_v_site_pub_mismatch, "sites/a/supernode.pub", "does not match supernode.key"),
+    "dials another address than the bundle's": (_v_site_dials_elsewhere, "sites/a/compose.yaml",
+                                                "--superlink 192.0.2.7:9092 is not the bundle's [superlink] address"),
+    "CA private key in the bundle": (_v_site_ca_key, "sites/a/ca.key", "the CA's private key"),
+    "key is a symlink to a 0644 file": (_v_key_symlink, "sites/a/flower-supernode.service", "readable by everyone"),
+    "isolation without secret": (_v_process_no_secret, "sites/a/flower-supernode.service",
+                                 "without --superexec-auth-secret-file"),
+    "launcher has egress": (_v_launcher_egress, "sites/a/slmfed-launcher.service", "IPAddressDeny=any is missing"),
+    "unit lowers k": (_v_unit_lowers_k, "sites/a/flower-supernode.service", "differs from the site's privacy policy"),
+    "allow-list broken": (_v_approved_broken, "sites/a/approved-apps.toml", "expected the app's SHA-256"),
+    "runs as root": (_v_unit_root, "sites/a/flower-supernode.service", "runs as root"),
+}
+
+
+@pytest.mark.parametrize("name", list(SITE_ALONE_VARIANTS))
+def test_site_bundle_alone_is_checked(dep, name):
+    breaker, where, problem = SITE_ALONE_VARIANTS[name]
+    site = dep / "sites/a"
+    assert check_deployment(site) == []
+    breaker(dep)
+    findings = check_deployment(site)
+    assert any(f.path.endswith(where) and problem in str(f) for f in findings), \
+        f"expected '{where}: ...{problem}...', got:\n{_problems(findings)}"
 
 
 def test_check_finds_raw_site_folder_and_unprepared_cache(dep, tmp_path):
@@ -568,3 +803,79 @@ def test_preflight_accepts_own_superlink_and_rejects_a_foreign_one(tmp_path):
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
     assert "not reachable" in preflight_tls(f"127.0.0.1:{free}", ours / "sites/a/ca.crt")
+
+
+# ---------------------------------------------------------------- site app approval, site registry
+
+def test_site_approve_writes_the_hash_and_revoke_removes_it(dep, tmp_path, capsys):
+    import hashlib
+
+    fab = tmp_path / "slmfed.fab"
+    fab.write_bytes(b"a built app bundle")
+    digest = hashlib.sha256(b"a built app bundle").hexdigest()
+    site = dep / "sites/a"
+    assert deploy_main(["site", "approve", "--bundle", str(site), str(fab), "--note", "release 0.1.0, reviewed"]) == 0
+    assert B.read_approved_apps(site / "approved-apps.toml") == {digest: "release 0.1.0, reviewed"}
+    assert check_deployment(site) == []
+    assert deploy_main(["site", "approve", "--bundle", str(site), digest, "--revoke"]) == 0
+    assert B.read_approved_apps(site / "approved-apps.toml") == {}
+    assert deploy_main(["site", "approve", "--bundle", str(site), digest, "--revoke"]) == 2
+    assert "is not approved; nothing to revoke" in capsys.readouterr().err
+    assert deploy_main(["site", "approve", "--bundle", str(site), str(tmp_path / "nothing-here")]) == 2
+
+
+def test_launcher_runs_only_approved_apps(tmp_path, monkeypatch):
+    from deploy import launcher as L
+
+    allow = tmp_path / "approved-apps.toml"
+    allow.write_text(B.approved_apps_text({"a" * 64: "reviewed"}))
+    started, refused = [], []
+    monkeypatch.setattr(L, "refuse_task", lambda addr, token, h: refused.append((token, h)))
+    lau = L.Launcher(supernode="127.0.0.1:1", secret=b"s", approved_file=allow, warm=False)
+    monkeypatch.setattr(lau, "launch", lambda token, h: started.append((token, h)))
+    assert lau.handle("t1", "a" * 64) == "launched"
+    assert lau.handle("t2", "b" * 64) == "refused"  # another app: not started, answered with the refusal
+    allow.write_text("not toml [")                   # a broken allow-list approves nothing
+    assert lau.handle("t3", "a" * 64) == "refused"
+    assert started == [("t1", "a" * 64)] and refused == [("t2", "b" * 64), ("t3", "a" * 64)]
+
+
+def test_site_registry_is_validated(tmp_path):
+    from server.registry import RegistryError, load_site_registry
+
+    reg = tmp_path / "site-registry.toml"
+    reg.write_text('[sites.a]\nnode-id = 11\npublic-key = "k"\n[sites.b]\nnode-id = 12\n')
+    assert load_site_registry(reg) == {11: "a", 12: "b"}
+    for text, problem in [('[sites.a]\nnode-id = 11\n[sites.b]\nnode-id = 11\n', "recorded for both"),
+                          ('[sites.a]\nnode-id = "11"\n', "expected a positive 64-bit integer"),
+                          ('[sites.a]\nnode-id = -1\n', "expected a positive 64-bit integer"),
+                          ('[sites."A b"]\nnode-id = 1\n', "not a site name"),
+                          ("[other]\n", "found none")]:
+        reg.write_text(text)
+        with pytest.raises(RegistryError, match=problem):
+            load_site_registry(reg)
+    with pytest.raises(RegistryError, match="absolute path"):
+        load_site_registry("site-registry.toml")
+    with pytest.raises(RegistryError, match="does not exist"):
+        load_site_registry(tmp_path / "missing.toml")
+
+
+def test_federation_enrols_only_recorded_nodes_under_their_recorded_names(caplog):
+    from flwr.app import ConfigRecord, RecordDict
+
+    from server.protocol import Federation, Study
+
+    class Grid:
+        def get_node_ids(self):
+            return [11, 12, 99]  # 99: a registered key nobody recorded as a site
+
+    fed = Federation(Grid(), min_sites=2, timeout_s=1, registered={11: "a", 12: "b"})
+    assert fed.node_ids == [11, 12]
+    assert "node 99 is connected but not a registered site" in caplog.text
+    study = Study.__new__(Study)
+    study.fed = fed
+    claims_b = RecordDict({"site": ConfigRecord({"site-name": "b"})})
+    assert study._site_name(11, claims_b) == "a"  # the record names the site, not the node's claim
+    assert "node 11 calls itself 'b' but is registered as 'a'" in caplog.text
+    with pytest.raises(Exception, match="only 1 site"):
+        Federation(Grid(), min_sites=2, timeout_s=0, registered={11: "a"})
