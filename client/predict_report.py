@@ -100,7 +100,8 @@ def write_patient_report(out_dir: Path, bundle, res, row, entry: dict, image: np
                        "group": ("high risk" if res.probs[m] >= meta["thresholds"][m] else "low risk")
                        if m in meta["thresholds"] else "no threshold"})
     attention = [{"label": MODEL_LABEL[m], "figure": attention_figure(image, roi, cams[m], MODEL_LABEL[m]),
-                  "in_roi": res.attention_in_roi.get(m)} for m in ("dl", "combined") if m in cams]
+                  "in_roi": res.attention_in_roi.get(m),
+                  "target": "SLM" if res.probs[m] >= 0.5 else "no SLM"} for m in ("dl", "combined") if m in cams]
     ranges = meta.get("clinical_ranges", {})
     flagged = " ".join(res.warnings)
     clinical = [
@@ -113,7 +114,7 @@ def write_patient_report(out_dir: Path, bundle, res, row, entry: dict, image: np
         patient_id=res.patient_id, res=res, models=models, attention=attention, clinical=clinical,
         channels_figure=channel_figure(image, roi, channels), identity=bundle.identity(), meta=meta,
         ranges=ranges, entry=entry, risk_threshold=meta["thresholds"].get("combined"),
-        pre=meta["preprocessing"], margin_mm=_margin())
+        pre=meta["preprocessing"], margin_mm=_margin(), cam_layer="second-to-last")
     path = Path(out_dir) / "reports" / report_filename(res.patient_id)
     atomic_write_text(path, html)
     return path

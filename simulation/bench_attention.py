@@ -78,7 +78,7 @@ def run(args) -> int:
     bundle = load_bundle(backfill_bundle(run_dir, args.fit))
     out = Path(args.out or run_dir / f"predict-{site.name}")
     t0 = time.perf_counter()
-    results = run_predict(bundle.path, site, out, say=lambda *_: None)
+    results = run_predict(bundle.path, site, out)
     elapsed = time.perf_counter() - t0
     done = [r for r in results if r.status == "predicted"]
     print(f"{bundle.identity()}\npredicted {len(done)} of {len(results)} patients of {site} in {elapsed:.1f} s")
