@@ -34,6 +34,6 @@ def main(grid: Grid, context: Context) -> None:
         state = study.run()
     except StudyInterrupted as exc:
         log.warning("%s; resume with resume=true and the same run-dir (%s)", exc, run_dir)
-        return
+        raise  # the run did not finish: Flower records it as failed (`flwr ls`), not completed
     write_run_folder(run_dir, state, cfg)
     log.info("study %s finished: %s", state["study_id"], run_dir / "report.md")

@@ -53,6 +53,7 @@ def run_study(sites: list[dict[str, Any]], run_config: dict[str, Any], ray_addre
 
     from client.app import app as client_app
     from server.app import app as server_app
+    from server.checkpoint import StudyInterrupted
 
     study_keys = set(flower_run_config_defaults())
     foreign = sorted(set(run_config) - study_keys)
@@ -72,18 +73,21 @@ def run_study(sites: list[dict[str, Any]], run_config: dict[str, Any], ray_addre
         warnings.simplefilter("ignore", DeprecationWarning)
         check_data_locality(nodes)
         write_app_config(Path(app_dir), run_config)
-        _run_simulation(
-            num_supernodes=len(nodes),
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client_app,
-            server_app=server_app,
-            backend_config=backend,
-            # the ClientApps' run config: Flower reads it from this app folder's pyproject.toml
-            app_dir=app_dir,
-            is_app=True,
-            server_app_context=Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
-                                       run_config=dict(run_config)),
-        )
+        try:
+            _run_simulation(
+                num_supernodes=len(nodes),
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                client_app=client_app,
+                server_app=server_app,
+                backend_config=backend,
+                # the ClientApps' run config: Flower reads it from this app folder's pyproject.toml
+                app_dir=app_dir,
+                is_app=True,
+                server_app_context=Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
+                                           run_config=dict(run_config)),
+            )
+        except StudyInterrupted as exc:  # checkpointed: the caller sees no results.json and says how to resume
+            log.warning("study interrupted: %s", exc)
     return run_dir
 
 
