@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable
@@ -468,3 +469,33 @@ def scan_files(paths: Iterable[str]) -> list[tuple[str, list[FileRecord] | None,
         except OSError as exc:
             out.append((p, None, f"unreadable file ({exc.strerror or type(exc).__name__})"))
     return out
+
+
+def dicomdir_summary(path: str, root: str | Path) -> tuple[str, bool]:
+    """What a DICOMDIR lists (patients, studies, series, image files) and whether every file it
+    references is present: a media copy that lost files is flagged, since the patients' series
+    would then be incomplete. The layout itself is not used: series are grouped from the headers.
+    Returns (one line for the report, complete?)."""
+    rel = os.path.relpath(path, root)
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        records = list(ds.get("DirectoryRecordSequence", []) or [])
+    except Exception as exc:  # an unreadable index is worth a line, never a failure of the site
+        return f"DICOMDIR {rel}: unreadable ({type(exc).__name__}); layout taken from the image headers", True
+    kinds = Counter(str(r.get("DirectoryRecordType", "")).upper() for r in records)
+    base = os.path.dirname(path)
+    listed = missing = 0
+    for r in records:
+        ref = r.get("ReferencedFileID")
+        if ref is None:
+            continue
+        parts = [str(p) for p in (ref if isinstance(ref, (list, tuple, MultiValue)) else [ref])]
+        listed += 1
+        p = os.path.join(base, *parts)
+        if not (os.path.isfile(p) or os.path.isfile(os.path.join(base, *[x.lower() for x in parts]))):
+            missing += 1
+    line = (f"DICOMDIR {rel}: {kinds.get('PATIENT', 0)} patient(s), {kinds.get('STUDY', 0)} study(ies), "
+            f"{kinds.get('SERIES', 0)} series, {listed} file(s) listed")
+    if missing:
+        return line + f"; {missing} of them MISSING (incomplete media copy?); layout taken from the image headers", False
+    return line + ", all present; layout taken from the image headers", True

@@ -32,7 +32,7 @@ import numpy as np
 from client import cache as cache_mod
 from client.clinical_table import ClinicalRow, ClinicalTableError, read_clinical_table
 from client.dicom_scan import _FIELDS as _RECORD_FIELDS
-from client.dicom_scan import FileRecord, input_form, is_mask_object, list_files, scan_files
+from client.dicom_scan import FileRecord, dicomdir_summary, input_form, is_mask_object, list_files, scan_files
 from client.series import RulesError, Selection, SelectionError, Series, SeriesRules, group_series, select_sequences
 from client.transforms import build_input_transform, channel_names, image_shape
 from common.clinical import ENCODING_VERSION, FEATURE_NAMES
@@ -71,6 +71,7 @@ class PrepareReport:
     spacing: dict[str, list[float]] = field(default_factory=dict)
     dicom_files: int = 0
     mask_objects: int = 0  # DICOM SEG / RTSTRUCT objects found
+    dicomdir: list[str] = field(default_factory=list)  # what each DICOMDIR lists vs what was found
     skipped_files: dict[str, int] = field(default_factory=dict)
     parsed_files: int = 0
     redone: int = 0
@@ -88,6 +89,8 @@ class PrepareReport:
         skipped = sum(self.skipped_files.values())
         lines.append(f"  DICOM images: {self.dicom_files}; DICOM SEG/RTSTRUCT objects: {self.mask_objects}; files skipped: {skipped}"
                      + (" (" + ", ".join(f"{r}: {n}" for r, n in self.skipped_files.items()) + ")" if skipped else ""))
+        for d in self.dicomdir:
+            lines.append(f"  {d}")
         for seq, names in self.sequences.items():
             lines.append(f"  {seq}: " + "; ".join(f"{name} x{n}" for name, n in sorted(names.items(), key=lambda kv: -kv[1])))
         for what, (lo, hi) in self.spacing.items():
@@ -486,6 +489,12 @@ def _prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None 
         report.mask_objects = sum(len(v) for v in dicom_masks.values())
         report.dicom_files = len(records)
         report.skipped_files = dict(Counter(reason for _, reason in skipped))
+        for path, reason in skipped:
+            if reason.startswith("DICOMDIR"):
+                line, complete = dicomdir_summary(path, dicom_dir)
+                report.dicomdir.append(line)
+                if not complete:
+                    report.warnings.append(line)
         by_patient = group_series(records)
         ids = sorted(set(by_patient) | set(table.rows))
         report.patients = len(ids)

@@ -22,7 +22,7 @@ import pytest
 import SimpleITK as sitk
 
 from client.cache import id_map_path
-from client.dicom_scan import read_headers
+from client.dicom_scan import dicomdir_summary, read_headers
 from client.masks import fill_polygons, match_roi_name, read_roi, MaskSource
 from client.prepare import prepare_site
 from common.config import load_config
@@ -203,6 +203,13 @@ def test_good_patients_survive_bad_forms_and_dicomdir_is_skipped(bad):
     tmp, reps = bad
     assert reps["rtstruct"].included == 5 and reps["enhanced"].included == 2  # P1-0004..8; P2-0003, P2-0004
     assert any(r.startswith("DICOMDIR") for r in reps["enhanced"].skipped_files), reps["enhanced"].skipped_files
+    # the copied DICOMDIR points at the media folder's file names: flagged as an incomplete copy
+    (line,) = reps["enhanced"].dicomdir
+    assert "1 patient(s), 1 study(ies), 4 series, 4 file(s) listed; 4 of them MISSING" in line
+    assert line in reps["enhanced"].warnings
+    assert dicomdir_summary(str(tmp / "media" / "DICOMDIR"), tmp) == (
+        "DICOMDIR media/DICOMDIR: 1 patient(s), 1 study(ies), 4 series, 4 file(s) listed, all present; "
+        "layout taken from the image headers", True)
     qc = _qc(tmp / "cache-enhanced")
     assert qc["P2-0004"]["status"] == "included" and qc["P2-0004"]["input_forms"].endswith("mask=seg")
 
