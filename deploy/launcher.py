@@ -14,12 +14,16 @@ SuperNode downloaded; the SuperNode hashes it) and
 Task hand-out is authenticated with the SuperNode's SuperExec secret (`--superexec-auth-secret-file`
 on both), so no other local process can take the SuperNode's tasks.
 
-Warm interpreter (`--warm`, the default): ClientApps are forked from a multiprocessing forkserver that
-imported torch, MONAI and Flower once, so a message no longer pays those imports (the app's own
-modules are never preloaded: each task imports the approved FAB's code afresh in its own process).
+Warm interpreter (the default; `--no-warm` for a fresh Python per message): ClientApps are forked
+from a multiprocessing forkserver that imported torch, MONAI and Flower once, so a message no longer
+pays those imports. The app's own modules are never preloaded: each task installs and imports the
+approved FAB afresh, in its own process and its own FLWR_HOME (a new folder per task, removed when
+the task ends), so one task cannot leave altered app files for the next (Flower reuses an installed
+app folder as it finds it).
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -27,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -94,22 +99,40 @@ def refuse_task(address: str, token: str, fab_hash: str) -> None:
         client.close()
 
 
-def _run_clientapp_child(address: str, token: str, parent_pid: int) -> None:
-    """In a fresh (or forkserver-forked) process: Flower's own ClientApp runner, no dependency installs."""
-    from flwr.supernode.runtime.run_clientapp import run_clientapp
-
-    run_clientapp(runtime_api_address=address, token=token, insecure=True, certificates=None,
-                  parent_pid=parent_pid, runtime_dependency_install=False)
+class AppNotApproved(RuntimeError):
+    """The app bundle a ClientApp process received is not one the site approved."""
 
 
-def _clientapp_program() -> str:
-    beside = Path(sys.executable).with_name("flwr-clientapp")
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which("flwr-clientapp")
-    if not found:
-        raise LauncherError("flwr-clientapp is not installed in this environment")
-    return found
+def _checked_pull(original, approved: frozenset[str]):
+    """Flower's pull_task_input, then a check of the FAB bytes themselves before anything is installed:
+    their SHA-256 must be the hash the task announced and one the site approved. On a mismatch the
+    message gets the refusal reply and the process stops before installing or importing the app."""
+    import hashlib
+
+    from flwr.app import Error, Message
+    from flwr.supernode.runtime.run_clientapp import push_message
+
+    def pull(client):
+        message, context, run, fab = original(client)
+        actual = hashlib.sha256(fab.content).hexdigest()
+        if actual != fab.hash_str or actual not in approved:
+            reason = (f"{NOT_APPROVED}: the app bundle received has SHA-256 {actual} (announced as {fab.hash_str}), "
+                      "which this site's approved-apps.toml does not list")
+            push_message(client, Message(Error(code=APP_NOT_APPROVED_CODE, reason=reason), reply_to=message), context)
+            raise AppNotApproved(reason)
+        return message, context, run, fab
+    return pull
+
+
+def _run_clientapp_child(address: str, token: str, parent_pid: int, home: str, approved: list[str]) -> None:
+    """In a forked (warm) or fresh process: Flower's own ClientApp runner, no dependency installs, the
+    task's own FLWR_HOME (where the FAB gets installed), the FAB's bytes checked before installation."""
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    os.environ["FLWR_HOME"] = home
+    rc.pull_task_input = _checked_pull(rc.pull_task_input, frozenset(approved))
+    rc.run_clientapp(runtime_api_address=address, token=token, insecure=True, certificates=None,
+                     parent_pid=parent_pid, runtime_dependency_install=False)
 
 
 @dataclass
@@ -119,7 +142,7 @@ class Launcher:
     approved_file: Path
     warm: bool = True
     parent_pid: int | None = None      # exit when this process (the SuperNode) is gone
-    children: list = field(default_factory=list)
+    children: list = field(default_factory=list)   # (process, its FLWR_HOME)
     launched: int = 0
     refused: int = 0
 
@@ -135,32 +158,39 @@ class Launcher:
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload(WARM_MODULES)
 
-    def launch(self, token: str, fab_hash: str) -> None:
+    def launch(self, token: str, approved: list[str]) -> None:
+        root = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr") / "tasks"
+        root.mkdir(parents=True, exist_ok=True)
+        home = tempfile.mkdtemp(prefix="task-", dir=root)
+        args = (self.supernode, token, os.getpid(), home, approved)
         if self.warm:
-            proc = self.ctx.Process(target=_run_clientapp_child, args=(self.supernode, token, os.getpid()),
-                                    daemon=False)
+            proc = self.ctx.Process(target=_run_clientapp_child, args=args, daemon=False)
             proc.start()
-        else:
-            proc = subprocess.Popen([_clientapp_program(), "--runtime-api-address", self.supernode,
-                                     "--token", token, "--insecure", "--parent-pid", str(os.getpid())],
+        else:  # a fresh Python per message (what flower-superexec does), same child code
+            code = "import json,sys; from deploy.launcher import _run_clientapp_child as r; r(*json.loads(sys.argv[1]))"
+            proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(args)],
                                     env={**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
-        self.children.append(proc)
+        self.children.append((proc, home))
         self.launched += 1
 
     def reap(self) -> None:
         alive = []
-        for proc in self.children:
+        for proc, home in self.children:
             done = (proc.poll() is not None) if isinstance(proc, subprocess.Popen) else not proc.is_alive()
-            if done and not isinstance(proc, subprocess.Popen):
-                proc.join(0)
             if not done:
-                alive.append(proc)
+                alive.append((proc, home))
+                continue
+            if not isinstance(proc, subprocess.Popen):
+                proc.join(0)
+            # the task's installed app goes with it
+            shutil.rmtree(home, onerror=lambda _f, path, exc: log.warning("could not remove %s: %s", path, exc[1]))
         self.children = alive
 
     def handle(self, token: str, fab_hash: str) -> str:
-        if fab_hash in self.approved():
+        approved = self.approved()
+        if fab_hash in approved:
             log.info("app %s approved at this site: starting the ClientApp", fab_hash[:12])
-            self.launch(token, fab_hash)
+            self.launch(token, sorted(approved))
             return "launched"
         log.warning("%s: app %s; replying with an error, none of its code runs", NOT_APPROVED, fab_hash)
         refuse_task(self.supernode, token, fab_hash)

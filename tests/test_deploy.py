@@ -832,12 +832,12 @@ def test_launcher_runs_only_approved_apps(tmp_path, monkeypatch):
     started, refused = [], []
     monkeypatch.setattr(L, "refuse_task", lambda addr, token, h: refused.append((token, h)))
     lau = L.Launcher(supernode="127.0.0.1:1", secret=b"s", approved_file=allow, warm=False)
-    monkeypatch.setattr(lau, "launch", lambda token, h: started.append((token, h)))
+    monkeypatch.setattr(lau, "launch", lambda token, approved: started.append((token, approved)))
     assert lau.handle("t1", "a" * 64) == "launched"
     assert lau.handle("t2", "b" * 64) == "refused"  # another app: not started, answered with the refusal
     allow.write_text("not toml [")                   # a broken allow-list approves nothing
     assert lau.handle("t3", "a" * 64) == "refused"
-    assert started == [("t1", "a" * 64)] and refused == [("t2", "b" * 64), ("t3", "a" * 64)]
+    assert started == [("t1", ["a" * 64])] and refused == [("t2", "b" * 64), ("t3", "a" * 64)]
 
 
 def test_site_registry_is_validated(tmp_path):
@@ -879,3 +879,36 @@ def test_federation_enrols_only_recorded_nodes_under_their_recorded_names(caplog
     assert "node 11 calls itself 'b' but is registered as 'a'" in caplog.text
     with pytest.raises(Exception, match="only 1 site"):
         Federation(Grid(), min_sites=2, timeout_s=0, registered={11: "a"})
+
+
+def test_clientapp_process_checks_the_fab_bytes_before_installing(monkeypatch):
+    """A SuperLink that announces an approved hash but sends other bytes: refused, nothing installed."""
+    import hashlib
+
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.fab import Fab
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    from deploy import launcher as L
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_task_id", "_run_id", "_node_id"):  # what pull_task_input sets in a ClientApp process
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    good = b"the reviewed app"
+    approved = frozenset({hashlib.sha256(good).hexdigest()})
+    msg = Message(RecordDict(), dst_node_id=1, message_type="query.info")
+    msg.metadata.__dict__["_message_id"] = "m1"
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    replies = []
+    monkeypatch.setattr(rc, "push_message", lambda client, reply, context: replies.append(reply))
+    for fab, ok in [(Fab(hashlib.sha256(good).hexdigest(), good, {}), True),
+                    (Fab(hashlib.sha256(good).hexdigest(), b"other code", {}), False),  # announced != content
+                    (Fab(hashlib.sha256(b"other").hexdigest(), b"other", {}), False)]:   # honest, not approved
+        pull = L._checked_pull(lambda client, f=fab: (msg, ctx, None, f), approved)
+        if ok:
+            assert pull(None)[3] is fab
+        else:
+            with pytest.raises(L.AppNotApproved, match="app not approved at this site"):
+                pull(None)
+    assert len(replies) == 2 and all(r.has_error() and r.error.code == L.APP_NOT_APPROVED_CODE for r in replies)
