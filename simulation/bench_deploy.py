@@ -1,10 +1,13 @@
-"""`slmfed bench deploy`: the same tiny study on a loopback deployment (TLS + SuperNode auth) and in
+"""`slmfed bench deploy`: the same tiny study on a loopback deployment (TLS + SuperNode auth, behind the
+nginx front door, sites running only their approved app through `slmfed site launcher`) and in
 simulation, with the fixed overheads measured separately.
 
 Where the deployment's extra time goes: starting the SuperLink and SuperNodes (once), SuperNodes
-polling the SuperLink for messages (up to a poll interval per message), and a fresh ClientApp
-process per message (Python + torch + MONAI imports, then loading the cache). Simulation keeps one
-process per virtual site warm, so it pays the import once.
+polling the SuperLink for messages (up to a poll interval per message), and a ClientApp process per
+message. "before": the launcher starts a fresh Python per message (`--no-warm`, as Flower's own
+flower-superexec does: Python + torch + MONAI imports every time); "after": it forks each ClientApp
+from a warm interpreter that imported them once (the default). Simulation keeps one process per
+virtual site warm, so it pays the import once.
 """
 from __future__ import annotations
 
@@ -59,24 +62,42 @@ def _simulation(caches: dict[str, Path], cfg: dict, run_dir: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _deployment(work: Path, caches: dict[str, Path], cfg: dict, run_dir: Path) -> dict[str, float]:
+def _approved_app(work: Path) -> tuple[Path, str]:
+    """The app as the sites approve it: its FAB built once, unpacked (a `flwr run` of it has the same hash)."""
+    import hashlib
+    import io
+    import shutil
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = build_fab_from_disk(REPO)
+    app = work / "approved-app"
+    zipfile.ZipFile(io.BytesIO(fab)).extractall(app)
+    shutil.rmtree(app / ".info")
+    return app, hashlib.sha256(fab).hexdigest()
+
+
+def _deployment(work: Path, caches: dict[str, Path], cfg: dict, run_dir: Path, app: Path, digest: str,
+                warm: bool) -> dict[str, float]:
     from deploy.loopback import LoopbackFederation
 
     t: dict[str, float] = {}
-    with LoopbackFederation(work, list(caches), privacy=BENCH_POLICY) as fed:
+    with LoopbackFederation(work, list(caches), privacy=BENCH_POLICY, warm=warm) as fed:
         t0 = time.perf_counter()
         fed.start_superlink()
         t["superlink start"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for s in caches:
-            fed.register(s)
+        fed.register_sites()
         t["register sites"] = time.perf_counter() - t0
+        for s in caches:
+            fed.approve(s, digest)
         t0 = time.perf_counter()
         for s, c in caches.items():
             fed.join(s, c)
         fed.wait_connected(len(caches))
         t["supernodes connected"] = time.perf_counter() - t0
-        res, t["study"] = fed.run_study(REPO, {**cfg, "run-dir": str(run_dir)})
+        res, t["study"] = fed.run_study(app, {**cfg, "run-dir": str(run_dir)})
         if res.returncode != 0 or not (run_dir / "results.json").is_file():
             raise RuntimeError(f"deployment study failed:\n{(res.stdout + res.stderr)[-3000:]}")
     return t
@@ -84,24 +105,30 @@ def _deployment(work: Path, caches: dict[str, Path], cfg: dict, run_dir: Path) -
 
 def run(args) -> int:
     cfg = {"scenario": "paper", "models": "dl", "folds": 2, "num-rounds": args.rounds, "local-epochs": 1}
-    sim, dep = [], []
+    sim, before, after = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
         work = Path(tmp)
         caches = _caches(work, args.patients)
+        app, digest = _approved_app(work)
         imp = statistics.median(_import_seconds() for _ in range(3))
         for i in range(args.repeats):
             sim.append(_simulation(caches, cfg, work / f"sim-run-{i}"))
-            dep.append(_deployment(work / f"dep-{i}", caches, cfg, work / f"dep-run-{i}"))
-    med = {k: statistics.median(d[k] for d in dep) for k in dep[0]}
+            before.append(_deployment(work / f"cold-{i}", caches, cfg, work / f"cold-run-{i}", app, digest, warm=False))
+            after.append(_deployment(work / f"warm-{i}", caches, cfg, work / f"warm-run-{i}", app, digest, warm=True))
     sim_s = statistics.median(sim)
     fits = cfg["folds"] + 1
+    rounds = fits * args.rounds
     print(f"tiny paper study, model dl, {fits} fits x {args.rounds} rounds, {args.patients} training patients; "
           f"median of {args.repeats}")
-    print(f"  simulation (Ray, warm workers):           {sim_s:8.1f} s   ({sim_s / (fits * args.rounds):.1f} s per round incl. eval)")
-    print(f"  deployment, loopback TLS + node auth:     {med['study']:8.1f} s   ({med['study'] / (fits * args.rounds):.1f} s per round incl. eval)")
+    print(f"  simulation (Ray, warm workers):                   {sim_s:8.1f} s   ({sim_s / rounds:.1f} s per round incl. eval)")
+    for label, runs in (("deployment, before (fresh Python per message):", before),
+                        ("deployment, after (warm launcher, forked):     ", after)):
+        study = statistics.median(d["study"] for d in runs)
+        print(f"  {label}   {study:8.1f} s   ({study / rounds:.1f} s per round incl. eval)")
+    med = {k: statistics.median(d[k] for d in before + after) for k in before[0]}
     print("  deployment fixed costs (once per deployment, not in the study time):")
     for k in ("superlink start", "register sites", "supernodes connected"):
         print(f"    {k:<24} {med[k]:6.1f} s")
-    print(f"  per message: a fresh ClientApp process; `import client.app` alone takes {imp:.1f} s, plus the")
-    print("  SuperNode's poll interval before it sees the message; simulation pays the import once per worker.")
+    print(f"  per message before: `import client.app` alone takes {imp:.1f} s in a fresh Python; after: the launcher's")
+    print("  forkserver imported torch / MONAI / Flower once. Both wait for the SuperNode's poll of the SuperLink.")
     return 0

@@ -486,7 +486,8 @@ def dockerfile_commands(path: Path, source: str) -> list[Command]:
             for argv in simple_commands(line.split(None, 1)[1])]
 
 
-INERT = re.compile(r"\.(crt|key|pub|toml)$")  # certificates, keys, TOML data: no command lines
+# certificates, keys, secrets, TOML data, nginx configs (deploy check reads those): no command lines
+INERT = re.compile(r"\.(crt|key|pub|toml|secret|conf)$")
 
 
 @pytest.fixture(scope="module")
@@ -522,10 +523,12 @@ def test_every_generated_deployment_command_parses(deployment):
     found = {(c.where.split(":")[0], c.program) for c in cmds}
     expected = {("coordinator/flower-superlink.service", "flower-superlink"),
                 ("coordinator/compose.yaml", "flower-superlink"),
-                ("coordinator/register-sites.sh", "flwr")}
+                ("coordinator/register-sites.sh", "slmfed")}
     for site in ("center-primary", "center-external"):
         expected |= {(f"sites/{site}/flower-supernode.service", "flower-supernode"),
-                     (f"sites/{site}/compose.yaml", "flower-supernode")}
+                     (f"sites/{site}/compose.yaml", "flower-supernode"),
+                     (f"sites/{site}/slmfed-launcher.service", "slmfed"),
+                     (f"sites/{site}/compose.yaml", "slmfed")}
     assert expected <= found, f"commands not found in the generated files: {sorted(expected - found)}"
     bad = failures(cmds)
     assert not bad, f"{len(bad)} generated command(s) the CLI would reject:\n" + "\n".join(bad)
