@@ -45,7 +45,8 @@ def cmd_check(args) -> int:
     if findings:
         print(f"{len(findings)} finding(s)", file=sys.stderr)
         return 1
-    print(f"{args.dir}: OK (TLS, SuperNode authentication, no runtime installs, private keys 0600, caches, DP policy)")
+    print(f"{args.dir}: OK (TLS, SuperNode authentication, front door, no runtime installs, app approval, "
+          "least privilege, private keys 0600, caches, privacy and DP policy)")
     return 0
 
 

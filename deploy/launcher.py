@@ -243,6 +243,7 @@ def _alive(pid: int) -> bool:
 
 def main(supernode: str, secret_file: str, approved: str, *, warm: bool = True, parent_pid: int | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per poll of the Runtime API
     launcher = Launcher(supernode=supernode, secret=read_secret(secret_file), approved_file=Path(approved),
                         warm=warm, parent_pid=parent_pid)
     stop = threading.Event()
