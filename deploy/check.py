@@ -492,10 +492,7 @@ class Checker:
         for f, desc in ((flag, what), ("--health-server-address", "its health port")):
             value = cmd.flag(f)
             if value is None:
-                if f == flag and cmd.program == "flower-superlink":
-                    self.add(cmd.source, f"{cmd.program}: {flag} is missing; it listens on 0.0.0.0 by default, "
-                                         f"which exposes {desc}; use --host 127.0.0.1")
-                continue
+                continue  # Flower 1.42's default --host is 127.0.0.1; no health server unless asked for
             host = value.rsplit(":", 1)[0].strip("[]") if f != flag else value
             if host in LOOPBACK or host.startswith("127."):
                 continue
