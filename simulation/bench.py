@@ -13,6 +13,7 @@ BENCHMARKS = {
     "train": "local training samples/s vs a bare PyTorch loop, peak memory",
     "federated": "federated DL training wall time and bytes vs centralized training",
     "deploy": "deployment round time on loopback (TLS + auth) vs simulation",
+    "multisite": "multisite study wall time for 4, 8, 16 sites: this machine vs a Ray cluster",
     "attention": "slmfed predict on a site: Grad-CAM mass inside the dilated ROI, equality with the study's evaluation",
     "faults": "a study with injected faults (site away, transient errors, a poisoned update) vs the same study clean",
 }
