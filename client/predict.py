@@ -106,6 +106,7 @@ def load_bundle(path: str | Path) -> ModelBundle:
     if list(std.get("features", [])) != list(FEATURE_NAMES) or len(std["mean"]) != len(FEATURE_NAMES):
         raise PredictError(f"{path}: the model's clinical features {std.get('features')} are not this version's "
                            f"{list(FEATURE_NAMES)}")
+    _check_numbers(path, meta)
     bundle = ModelBundle(path, meta)
     for m in ("dl", "combined"):
         if m not in meta["models"]:
@@ -125,6 +126,26 @@ def load_bundle(path: str | Path) -> ModelBundle:
         raise PredictError(f"{path}: the CF model has {len(meta['models']['cf'].get('beta', []))} coefficients, "
                            f"expected {len(FEATURE_NAMES) + 1}")
     return bundle
+
+
+def _check_numbers(path: Path, meta: dict) -> None:
+    """The model file's settings and numbers, checked like any value received from elsewhere."""
+    from common.config import ConfigError, coerce_value
+
+    try:
+        for key in SENT_MODEL_KEYS:
+            if key in meta["settings"]:
+                meta["settings"][key] = coerce_value(key, meta["settings"][key], f"model file {path}")
+    except ConfigError as exc:
+        raise PredictError(str(exc)) from None
+    numbers = {"standardisation mean": meta["standardisation"]["mean"], "standardisation std": meta["standardisation"]["std"],
+               "CF coefficients": meta["models"].get("cf", {}).get("beta", [])}
+    for what, values in numbers.items():
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise PredictError(f"{path}: the {what} are not all finite numbers")
+    for m, t in meta["thresholds"].items():
+        if m not in ("cf", "dl", "combined") or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
+            raise PredictError(f"{path}: threshold of {m!r} is {t!r}, expected a number in [0, 1]")
 
 
 def _sha256_file(path: Path) -> str:
@@ -299,7 +320,7 @@ def read_id_map(cache_dir: Path) -> dict[str, str]:
         return {r["patient_key"]: r["patient_id"] for r in csv.DictReader(fh)}
 
 
-def run_predict(model: str | Path, input_dir: str | Path, out_dir: str | Path, patients: list[str] | None = None,
+def run_predict(model: "str | Path | ModelBundle", input_dir: str | Path, out_dir: str | Path, patients: list[str] | None = None,
                 cfg: dict | None = None, attention: bool = True, progress: bool = False) -> list[PatientResult]:
     """The whole `slmfed predict`; returns one result per patient (predicted or not, with the reason)."""
     from client.clinical_table import read_clinical_table
@@ -307,7 +328,7 @@ def run_predict(model: str | Path, input_dir: str | Path, out_dir: str | Path, p
     from common.config import load_config
 
     input_dir, out_dir = Path(input_dir), Path(out_dir)
-    bundle = load_bundle(model)
+    bundle = model if isinstance(model, ModelBundle) else load_bundle(model)
     if cfg is None:
         toml = input_dir / "site.toml"
         cfg = load_config(toml_path=toml if toml.is_file() else None)

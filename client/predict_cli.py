@@ -37,13 +37,13 @@ def run(args) -> int:
     try:
         bundle = load_bundle(args.model)
         print(bundle.identity())
-        results = run_predict(bundle.path, site, args.out, patients=args.patient, cfg=cfg,
+        results = run_predict(bundle, site, args.out, patients=args.patient, cfg=cfg,
                               attention=not args.no_attention, progress=sys.stderr.isatty())
     except PredictError as exc:
         raise CommandError(str(exc)) from None
     t = bundle.meta["thresholds"].get("combined")
     print(f"\n{'patient_id':<16} " + " ".join(f"{MODEL_LABEL[m]:>18}" for m in bundle.models)
-          + f"  Combined risk group (threshold {t:.2f})" if t is not None else "")
+          + (f"  Combined risk group (threshold {t:.2f})" if t is not None else ""))
     for r in results:
         if r.status != "predicted":
             print(f"{r.patient_id:<16} not predicted: {r.reason}")

@@ -10,6 +10,7 @@ Grad-CAM attention of each DL model over the T2WI crop with the share of attenti
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import re
 from pathlib import Path
@@ -82,8 +83,10 @@ def attention_figure(image: np.ndarray, roi: np.ndarray | None, cam: np.ndarray,
 
 def report_filename(patient_id: str) -> str:
     """A file name for the patient's report (the site's own ID, made safe for any file system)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", patient_id).strip("._") or "patient"
-    return f"{safe[:100]}.html"
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", patient_id).strip("._")[:100] or "patient"
+    if safe != patient_id:  # two IDs that read alike once made safe keep apart
+        safe += "-" + hashlib.sha256(patient_id.encode("utf-8")).hexdigest()[:8]
+    return f"{safe}.html"
 
 
 def write_patient_report(out_dir: Path, bundle, res, row, entry: dict, image: np.ndarray, roi: np.ndarray | None,

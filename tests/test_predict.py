@@ -256,3 +256,20 @@ def test_the_reports_render_in_headless_chromium_with_images_overlay_and_numbers
         for r in res["rows"]:
             assert f"{r['auc']:.3f} ({r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f})" in text
         assert all(_crop(shot, i["box"]).std() > 0.05 for i in images)
+
+
+def test_categories_no_development_patient_had_and_ids_that_are_no_file_names():
+    from client.clinical_table import ClinicalRow
+    from client.predict import ModelBundle, range_warnings
+    from client.predict_report import report_filename
+    from server.model_bundle import clinical_ranges
+
+    #                    sex   mid   high  log_cea log_ca199 cea>5 ca>37
+    ranges = clinical_ranges([0.5, 0.4, 0.0, 1.5, 2.8, 0.4, 0.3], [0.5, 0.49, 1.0, 0.8, 0.9, 0.49, 0.46])
+    bundle = ModelBundle(Path("model.json"), {"clinical_ranges": ranges, "clinical_range_z": 3.0})
+    high = ClinicalRow("x", 2, sex="F", tumor_site="high", cea=3.0, ca199=10.0)
+    assert range_warnings(bundle, high) == ["tumor_site high: no development patient had this value"]
+    assert range_warnings(bundle, ClinicalRow("y", 3, sex="M", tumor_site="mid", cea=3.0, ca199=10.0)) == []
+    assert report_filename("P-001") == "P-001.html"
+    names = {report_filename(p) for p in ("../../etc/x", "a/b", "a_b", "a b")}
+    assert len(names) == 4 and all("/" not in n and not n.startswith(".") for n in names)
