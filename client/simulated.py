@@ -10,7 +10,7 @@ virtual site, describes the sites in the run config:
   - `sim-data`: a folder of site folders; node N takes the N-th site folder (sorted by name) and
     prepares it into `<sim-data>/caches/<site>` on first use (`flwr run .`); empty: the embedded
     synthetic cohort, generated once under `$FLWR_HOME/slmfed-data/`, with `sim-min-cell-size` as the
-    virtual sites' k.
+    virtual sites' k and `sim-dp-epsilon` as their DP budget.
 
 Why this cannot steer a real site: these run-config keys are read only when (1) the node config holds
 nothing but Flower's partition keys and (2) this ClientApp runs inside a Ray actor, which is where
@@ -68,6 +68,9 @@ def node_layer(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) ->
                                                                             generate=True)
         if k:
             site["min-cell-size"] = k
+        eps = coerce_value("sim-dp-epsilon", run_config.get("sim-dp-epsilon", 0.0), "run_config")
+        if eps:
+            site["dp-epsilon"] = eps
     try:
         load_config(node_config=site)  # the same checks as any site's node config (types, bounds, k >= 3)
     except ConfigError as exc:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -301,7 +302,9 @@ def _train_dp(model, data, labels_np, cfg, clinical_mean, clinical_std, epochs, 
     gen = torch.Generator().manual_seed(seed)
     fork_devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=fork_devices):
+        with torch.random.fork_rng(devices=fork_devices), warnings.catch_warnings():
+            # Opacus's hooks on the first layer, whose input needs no gradient: expected, harmless
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
             torch.manual_seed(seed)  # dropout
             for _ in range(epochs):
                 total, seen = 0.0, 0

@@ -82,6 +82,8 @@ SCHEMA: dict[str, Key] = {
                              "on first use; empty: the embedded synthetic cohort, generated under FLWR_HOME"),
     "sim-min-cell-size": Key(int, 0, "simulation with sim-data: the virtual sites' min-cell-size (0: the policy "
                                      "default)", bounds=(0, 10_000)),
+    "sim-dp-epsilon": Key(float, 0.0, "simulation with sim-data: the virtual sites' dp-epsilon (0: no DP)",
+                          bounds=(0.0, 100.0)),
     # --- site (ClientApp, node_config) ---
     "cache-dir": Key(str, "", "the site's prepared cache (output of `slmfed prepare`)"),
     "site-name": Key(str, "", "the site's name as the study refers to it"),

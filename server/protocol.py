@@ -345,6 +345,25 @@ class Study:
         return {"fold": fit.fold, "folds": int(self.cfg["folds"]), "seed": int(self.cfg["seed"]),
                 "study-id": f"{self.state['study_id']}/{fit.tag}"}
 
+    def _dp_fits(self) -> int:
+        """DL trainings the plan asks of its busiest training site: a site under DP calibrates its
+        noise for this many (client/dp.py); declaring fewer would only get later rounds refused."""
+        n_dl = sum(m != "cf" for m in self.models)
+        per_site = [sum(s in f.train for f in self.plan) for s in {s for f in self.plan for s in f.train}]
+        return max(1, max(per_site, default=1) * n_dl)
+
+    def _record_dp(self, model: str, site_metrics: dict[str, dict]) -> None:
+        """The DP figures a site reports with each training reply (epsilon spent so far in this study,
+        overall and for this model, and the mechanism's parameters), latest value per site."""
+        for site, m in site_metrics.items():
+            if "dp-epsilon" not in m:
+                continue
+            rec = self.state.setdefault("dp", {}).setdefault(site, {"epsilon-per-model": {}})
+            rec.update({k[3:]: float(m[k]) for k in ("dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-clip-norm",
+                                                     "dp-sample-rate") if k in m})
+            rec["epsilon-per-model"][model] = float(m["dp-epsilon-model"])
+            rec["steps"] = rec.get("steps", 0) + int(m["dp-steps"])
+
     def _model_keys(self) -> dict:
         return {k: self.cfg[k] for k in SENT_MODEL_KEYS}
 
@@ -435,7 +454,7 @@ class Study:
         cf = self.state["cf"].get(f"{fit.tag}/{fit.fold}")
         arrays = arrays if arrays is not None else self.initial_state(model, fit_index, cf["beta"] if cf else None)
         train_cfg = {**self._base(fit), **self._model_keys(), "clinical-mean": mean, "clinical-std": std, "model": model,
-                     "num-rounds": rounds}
+                     "num-rounds": rounds, "dp-fits": self._dp_fits()}
         for rnd in range(start_round + 1, rounds + 1):
             t0 = time.perf_counter()
             replies = self.fed.ask(fit.train, "train", {**train_cfg, "round": rnd}, arrays=arrays,
@@ -458,6 +477,7 @@ class Study:
                 self._stop(f"{fit.tag} fold {fit.fold} {model} round {rnd}: {len(accepted)} training update(s) "
                            f"accepted, min-train-sites = {need}", arrays)
             contents = [replies[s] for s in accepted]
+            self._record_dp(model, {s: metrics_of(replies[s]) for s in accepted})
             validate_message_reply_consistency(contents, weighted_by_key="num-examples", check_arrayrecord=True)
             arrays = aggregate(arrays, contents, str(self.cfg["aggregation"]), float(self.cfg["trim-fraction"]))
             agg = aggregate_metricrecords(contents, "num-examples")

@@ -136,7 +136,17 @@ def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
         "sat_out": state.get("sat_out", []),
         "faults": state.get("faults", []),
         "released": state.get("released", {}),
+        "dp": dp_spent(state),
     }
+
+
+def dp_spent(state: dict) -> dict:
+    """Per training site: the epsilon its DP-SGD spent in this study (overall and per model, as the site
+    reported it) with the accountant and the mechanism's parameters; empty without DP."""
+    return {site: {"accountant": "Opacus RDP", "epsilon": d["epsilon"], "delta": d["delta"],
+                   "epsilon_per_model": d["epsilon-per-model"], "noise_multiplier": d["noise-multiplier"],
+                   "clip_norm": d["clip-norm"], "sample_rate_last": d["sample-rate"], "steps": d["steps"]}
+            for site, d in sorted(state.get("dp", {}).items())}
 
 
 def _role(site: str, plan: list[dict]) -> str:
@@ -285,12 +295,41 @@ def privacy_section(res: dict) -> list[str]:
                   "sum_c neg_c * pos_c / (2 N_neg N_pos) in AUC; the largest such bound here is "
                   f"{worst['binned_auc_error_bound']:.3f} ({MODEL_LABEL[worst['model']]}, {worst['cohort']}). The AUCs "
                   "in the tables are exact."]
+    lines += dp_section(res)
     if res.get("sat_out"):
         lines += ["", "## Sat out (refused by a site's policy, or not possible at that site)", "",
                   "| fit | fold | site | step | reason |", "|---|---|---|---|---|"]
         for e in res["sat_out"]:
             lines.append(f"| {e['tag']} | {e['fold'] if e['fold'] >= 0 else '-'} | {e['site']} | {e['step']} | "
                          f"{e['reason'].replace('|', '/')} |")
+    return lines
+
+
+def dp_section(res: dict) -> list[str]:
+    """The DP table: what each site's epsilon is, and precisely what it covers."""
+    dp = res.get("dp", {})
+    trains = sorted({s for s, v in res["sites"].items() if v.get("role", "").startswith("train")}) or sorted(dp)
+    lines = ["", "### Differential privacy", ""]
+    if not dp:
+        return lines + ["No site trained under DP (`dp-epsilon` = 0 in every training site's policy): the weights "
+                        "a site sent are exact functions of its patients; their protection is the k-patient group "
+                        "rules above, not a formal privacy guarantee."]
+    lines += ["| site | epsilon spent (study) | per model | delta | noise multiplier | clip norm | sampling rate | steps |",
+              "|---|---|---|---|---|---|---|---|"]
+    for site in trains:
+        d = dp.get(site)
+        if d is None:
+            lines.append(f"| {site} | no DP (infinite) | - | - | - | - | - | - |")
+            continue
+        per = ", ".join(f"{MODEL_LABEL.get(m, m)} {e:.2f}" for m, e in d["epsilon_per_model"].items())
+        lines.append(f"| {site} | {d['epsilon']:.2f} | {per} | {d['delta']:.0e} | {d['noise_multiplier']:.3f} | "
+                     f"{d['clip_norm']:g} | {d['sample_rate_last']:.3f} | {d['steps']} |")
+    lines += ["", "Accountant: Opacus RDP, composed over every DP-SGD step of the study at that site (all fits, folds, "
+              "models and rounds; each training patient counted in every step's sampling). The epsilon covers the DL "
+              "and Combined weights the site sent (and anything computed from them). It does NOT cover the CF "
+              "model (exact sufficient statistics and coefficients: epsilon infinite), the evaluation replies "
+              "(AUC, loss, score cells, calibration: exact, k-safe only) or the enrolment counts; and it is per "
+              "study (a site's lifetime total is at most max-studies x its dp-epsilon)."]
     return lines
 
 

@@ -15,6 +15,7 @@ BENCHMARKS = {
     "deploy": "deployment round time on loopback (TLS + auth) vs simulation",
     "multisite": "multisite study wall time for 4, 8, 16 sites: this machine vs a Ray cluster",
     "attention": "slmfed predict on a site: Grad-CAM mass inside the dilated ROI, equality with the study's evaluation",
+    "dp": "DP-SGD at the site: training samples/s with vs without DP, AUC of the paper study at several epsilons",
     "faults": "a study with injected faults (site away, transient errors, a poisoned update) vs the same study clean",
 }
 

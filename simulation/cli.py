@@ -47,6 +47,8 @@ def register(sub) -> None:
                         "default 0)")
     p.add_argument("--min-cell-size", type=int, default=None, metavar="K",
                    help="every virtual site's privacy policy k (default 10; --quick: 3; never below 3)")
+    p.add_argument("--dp-epsilon", type=float, default=None, metavar="E",
+                   help="every virtual site's DP-SGD budget per study (site policy dp-epsilon; default 0 = no DP)")
     for key in SIM_FLAGS:
         p.add_argument(f"--{key}", dest=key.replace("-", "_"), default=None, help=SCHEMA[key].help)
     p.set_defaults(func=run)
@@ -114,10 +116,12 @@ def run(args) -> int:
         print(f"preparing site caches in {data_dir / 'caches'}")
         k = args.min_cell_size if args.min_cell_size is not None else (QUICK_MIN_CELL_SIZE if args.quick else None)
         policy = {} if k is None else {"min-cell-size": k}
+        if args.dp_epsilon is not None:
+            policy["dp-epsilon"] = args.dp_epsilon
         try:
-            load_config(node_config=policy)  # the site's own bounds (k >= 3)
+            load_config(node_config=policy)  # the site's own bounds (k >= 3, 0 <= dp-epsilon <= 100)
         except ConfigError as exc:
-            raise CommandError(str(exc).replace("node_config", "--min-cell-size")) from None
+            raise CommandError(str(exc).replace("node_config", "--min-cell-size / --dp-epsilon")) from None
         nodes = [{**n, **policy} for n in prepare_all(data_dir, site_folders(data_dir))]
         if scenario == "multisite":
             from server.protocol import CENTRAL_SITE

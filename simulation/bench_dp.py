@@ -1,0 +1,126 @@
+"""`slmfed bench dp`: what DP-SGD at the site costs, in training speed and in AUC.
+
+Two parts (each can be skipped):
+  throughput  local training samples/s of the Combined model with DP-SGD (Opacus, client/dp.py) and
+              without, on the same phantom site, interleaved runs, medians and their ratio;
+  auc         the paper study (primary 5-fold CV, external validation) with every site's policy at
+              dp-epsilon in --epsilons (0 = no DP), AUC of the three models. The study runs with the
+              real ClientApp and protocol on an in-process grid (simulation/inprocess.py), so it also
+              runs where Ray is not installed; `slmfed simulate --dp-epsilon E` runs the same study.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common.config import load_config
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--part", choices=("all", "throughput", "auc"), default="all")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--runs", type=int, default=5, help="throughput: timed epochs per variant (median)")
+    parser.add_argument("--patients", type=int, default=128, help="throughput: phantom patients")
+    parser.add_argument("--epsilons", default="1,3,8,0", help="auc: comma list of dp-epsilon (0 = no DP)")
+    parser.add_argument("--caches", metavar="DIR", default="data/synthetic-paper/caches",
+                        help="auc: folder holding the prepared center-primary and center-external caches")
+    parser.add_argument("--study", metavar="TOML", help="auc: study settings (default: the project defaults)")
+    parser.add_argument("--min-cell-size", type=int, default=None, metavar="K",
+                        help="auc: the sites' k (default: the policy default, 10; small test cohorts need 3)")
+    parser.add_argument("--out", metavar="JSON", help="also write the figures here")
+
+
+def throughput(args) -> dict:
+    from client import dp as D
+    from client.train import select_device, train
+    from common.model import build_model
+    from simulation.bench_train import clinical_stats, phantom_site
+
+    cfg = load_config(cli={"device": args.device, "local-epochs": 1, "augment": True})
+    device = select_device(cfg)
+    data = phantom_site(args.patients, seed=1)
+    mean, std = clinical_stats(data)
+    batch = int(cfg["batch-size"])
+    plan = D.DPTraining(noise_multiplier=1.0, clip_norm=1.0, sample_rate=batch / len(data),
+                        steps=D.steps_per_epoch(len(data), batch), seed=12345)
+    rates: dict[str, list[float]] = {"no DP": [], "DP-SGD": []}
+    for rep in range(args.runs + 1):  # the first round warms up (allocator, kernels) and is not counted
+        for name, dp in (("no DP", None), ("DP-SGD", plan)):
+            model = build_model(cfg, 3, 2, 7, use_clinical=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            out = train(model, data, cfg, mean, std, seed=rep, dp=dp)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if rep:
+                rates[name].append(out["num_examples"] / (time.perf_counter() - t))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"device {device}, torch threads {torch.get_num_threads()}, Combined model, batch {batch}, "
+          f"{len(data)} patients, {args.runs} runs (median):")
+    for k, v in med.items():
+        print(f"  {k:7s} {v:8.1f} samples/s   (runs: {', '.join(f'{x:.0f}' for x in rates[k])})")
+    ratio = med["DP-SGD"] / med["no DP"]
+    print(f"  DP / no DP: {ratio:.2f}x")
+    return {"device": str(device), "threads": torch.get_num_threads(), "samples_per_s": med, "ratio": ratio}
+
+
+def auc_sweep(args) -> dict:
+    from client.app import app as client_app
+    from server.checkpoint import Checkpoint
+    from server.protocol import Federation, Study
+    from server.report import build_results
+    from simulation.inprocess import InProcessGrid
+
+    caches = Path(args.caches)
+    sites = ["center-primary", "center-external"]
+    missing = [s for s in sites if not (caches / s / "manifest.json").is_file()]
+    if missing:
+        raise SystemExit(f"bench dp: no prepared cache for {', '.join(missing)} in {caches}; run `slmfed simulate` "
+                         "once (it prepares data/synthetic-paper/caches) or pass --caches")
+    study_cfg = {"device": args.device}
+    if args.study:
+        import tomllib
+
+        study_cfg.update(tomllib.loads(Path(args.study).read_text()))
+    out: dict = {}
+    for eps in [float(e) for e in args.epsilons.split(",")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            # each run has its own study folders (ledgers): a fresh site for every epsilon
+            nodes = [{"cache-dir": str(caches / s), "site-name": s, "study-dir": f"{tmp}/{s}-study",
+                      "dp-epsilon": eps, "device": args.device,
+                      **({} if args.min_cell_size is None else {"min-cell-size": args.min_cell_size})} for s in sites]
+            cfg = load_config(run_config={**study_cfg, "run-dir": f"{tmp}/run"})
+            t = time.perf_counter()
+            state = Study(Federation(InProcessGrid(client_app, nodes), min_sites=2, timeout_s=60), cfg,
+                          Checkpoint(Path(tmp) / "run")).run()
+            res = build_results(state, cfg)
+            seconds = time.perf_counter() - t
+        rows = {(r["model"], r["cohort"]): r["auc"] for r in res["rows"]}
+        label = f"epsilon {eps:g}" if eps else "no DP"
+        out[label] = {"seconds": seconds, "dp": res["dp"],
+                      "auc": {f"{m} | {c}": a for (m, c), a in rows.items()}}
+        spent = ", ".join(f"{s} {d['epsilon']:.2f}" for s, d in res["dp"].items()) or "-"
+        print(f"{label}: {seconds:.0f} s; epsilon spent: {spent}")
+        for (m, c), a in rows.items():
+            print(f"   {m:9s} {c:45s} AUC {a:.3f}")
+    return out
+
+
+def run(args) -> int:
+    torch.set_num_threads(args.threads)
+    figures = {}
+    if args.part in ("all", "throughput"):
+        figures["throughput"] = throughput(args)
+    if args.part in ("all", "auc"):
+        figures["auc"] = auc_sweep(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=1, default=float))
+    return 0
