@@ -13,7 +13,10 @@ with position, orientation, pixel spacing, b-value and rescale read from that fr
 functional groups, else the shared ones (PlanePositionSequence, PlaneOrientationSequence,
 PixelMeasuresSequence, MRDiffusionSequence, PixelValueTransformationSequence; for a legacy
 conversion the b-value may sit in the unassigned converted attributes), so everything downstream
-(series grouping, b-value split, stack checks) works on frames exactly as on slices. pydicom's
+(series grouping, b-value split, stack checks) works on frames exactly as on slices. Per-direction
+diffusion frames (DiffusionDirectionality DIRECTIONAL / BMATRIX) are dropped where the file holds
+the trace (ISOTROPIC) frames of the same b-value; without a trace they are kept, and the stack check
+then names the duplicated positions. pydicom's
 object model is used for the functional groups (highdicom adds nothing a header scan needs).
 DICOM SEG and RTSTRUCT objects give one "mask object" record (no pixels read here) carrying the
 series UIDs they reference, so masks are matched to the patient's T2 by UID, never by file name.
@@ -289,6 +292,7 @@ def _frame_records(ds, base: FileRecord) -> list[FileRecord]:
                          "(truncated or malformed header)")
     unassigned_shared = _item0(shared, "UnassignedSharedConvertedAttributesSequence")
     out = []
+    directional: set[int] = set()
     for i, fg in enumerate(per):
         groups = (fg, shared)
         ipp = _tuple(_group_value(groups, "PlanePositionSequence", "ImagePositionPatient") or (), 3)
@@ -302,12 +306,18 @@ def _frame_records(ds, base: FileRecord) -> list[FileRecord]:
                     b = _bvalue_in(item, ds)
         slope = _float_or_none(_group_value(groups, "PixelValueTransformationSequence", "RescaleSlope"))
         intercept = _float_or_none(_group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept"))
+        directionality = str(_group_value(groups, "MRDiffusionSequence", "DiffusionDirectionality") or "").upper()
+        if directionality in ("DIRECTIONAL", "BMATRIX"):
+            directional.add(i)
         out.append(replace(
             base, frame=i, ipp=ipp, iop=iop, pixel_spacing=ps,
             bvalue=b if b is not None else base.bvalue,
             slope=slope if slope is not None else base.slope,
             intercept=intercept if intercept is not None else base.intercept,
         ))
+    if directional:  # per-direction diffusion frames: the trace (ISOTROPIC) frames of the same b are the DWI
+        traced = {out[i].bvalue for i in range(len(out)) if i not in directional}
+        out = [r for i, r in enumerate(out) if i not in directional or r.bvalue not in traced]
     return out
 
 

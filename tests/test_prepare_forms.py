@@ -239,3 +239,14 @@ def test_roi_name_matching_is_whole_word_and_ordered():
     assert match_roi_name(["PTV", "GTV_rectum"], ("GTV", "tumor")) == (1, "GTV_rectum")
     assert match_roi_name(["Tumour bed", "gtv 1"], ("GTV", "tumour")) == (1, "gtv 1")
     assert match_roi_name(["GTVx", "PTV", "CTV"], ("GTV",)) is None
+
+
+def test_rerun_of_an_enhanced_seg_site_reads_nothing_again(forms):
+    """The scan index keeps every frame's record and the SEG's references: nothing is re-read or rebuilt."""
+    root, reports = forms
+    site = "center-external"
+    cfg = load_config(cli={"workers": 1})
+    rep = prepare_site(root / "enhanced-seg" / site, root / "cache" / "enhanced-seg" / site, cfg, progress=False)
+    first = reports["enhanced-seg"][site]
+    assert (rep.parsed_files, rep.redone, rep.included) == (0, 0, first.included)
+    assert (rep.mask_objects, rep.dicom_files) == (first.mask_objects, first.dicom_files)

@@ -120,7 +120,9 @@ class ExamWriter:
     def _enhanced(self, series_dir, series_uid, number, kind, description, image_type, grid: Grid, place: Placement,
                   volumes, items, slope, tr_te) -> None:
         """One Enhanced MR file: frames in `items` order, position / b-value per frame, orientation and
-        pixel measures shared; ADC carries its rescale per frame (as Philips does), the others shared."""
+        pixel measures shared; ADC carries its rescale per frame (as Philips does), the others shared.
+        DWI: each b > 0 slice also has three DIRECTIONAL frames (gradient along x, y, z) before its
+        ISOTROPIC trace frame, as Siemens XA / Philips enhanced exports do."""
         s, info = self.scanner, self.info
         ds = self._base(series_uid, number, description, image_type, grid, tr_te)
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = EnhancedMRImageStorage
@@ -130,6 +132,11 @@ class ExamWriter:
                     "RepetitionTime", "EchoTime", "ScanningSequence", "SequenceVariant"):
             delattr(ds, tag)  # enhanced: these live in the functional groups (or MR-specific modules)
         ds.ImageType = list(image_type)[:4]
+        if kind == "dwi":  # as scanners export it: three DIRECTIONAL frames before each b > 0 trace frame
+            items = [(bi, k, d) for bi, k in items
+                     for d in ((0, 1, 2, None) if volumes[bi][0] else (None,))]
+        else:
+            items = [(bi, k, None) for bi, k in items]
         ds.NumberOfFrames = len(items)
         ds.ContentQualification = "PRODUCT"
         ds.BurnedInAnnotation = "NO"
@@ -155,8 +162,8 @@ class ExamWriter:
             shared.PixelValueTransformationSequence = Sequence([rescale])
         ds.SharedFunctionalGroupsSequence = Sequence([shared])
         frames, pixels = [], []
-        positions = sorted({k for _, k in items})
-        for bi, k in items:
+        positions = sorted({k for _, k, _ in items})
+        for bi, k, direction in items:
             b, vol = volumes[bi]
             z = place.origin[2] + k * grid.spacing_mm
             fg = _item(
@@ -166,13 +173,22 @@ class ExamWriter:
                                                                             _ds(z)])]),
                 MRImageFrameTypeSequence=Sequence([_item(FrameType=ds.ImageType)]),
             )
-            if b is not None:
+            if b is not None and direction is not None:
+                axis = [0.0, 0.0, 0.0]
+                axis[direction] = 1.0
+                fg.MRDiffusionSequence = Sequence([_item(
+                    DiffusionBValue=float(b), DiffusionDirectionality="DIRECTIONAL",
+                    DiffusionGradientDirectionSequence=Sequence([_item(DiffusionGradientOrientation=axis)]))])
+            elif b is not None:
                 fg.MRDiffusionSequence = Sequence([_item(DiffusionBValue=float(b),
                                                          DiffusionDirectionality="ISOTROPIC" if b > 0 else "NONE")])
             if kind == "adc":
                 fg.PixelValueTransformationSequence = Sequence([rescale])
             frames.append(fg)
-            pixels.append(np.ascontiguousarray(vol[k]))
+            if direction is None:
+                pixels.append(np.ascontiguousarray(vol[k]))
+            else:  # anisotropy: each direction differs from the trace (a reader that mixes them in is caught)
+                pixels.append(np.clip(np.rint(vol[k] * (0.85, 1.0, 1.15)[direction]), 0, 65535).astype(np.uint16))
         ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
         ds.PixelData = np.stack(pixels).tobytes()
         name = f"{self.rng.integers(16**10):010X}"
