@@ -38,10 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy import bundle as B
+from deploy.task import APP_NOT_APPROVED_CODE, NOT_APPROVED, AppNotApproved, run_child  # noqa: F401
 
 log = logging.getLogger("slmfed.launcher")
-NOT_APPROVED = "app not approved at this site"
-APP_NOT_APPROVED_CODE = 4003  # error code of the refusal reply (SITE_REFUSED is 4001, SITE_CANNOT 4002)
 POLL_S = 0.2
 # imported once in the forkserver: the expensive third-party modules, never the app's own code
 WARM_MODULES = ["numpy", "torch", "monai", "flwr.supernode.runtime.run_clientapp", "flwr.clientapp",
@@ -99,42 +98,6 @@ def refuse_task(address: str, token: str, fab_hash: str) -> None:
         client.close()
 
 
-class AppNotApproved(RuntimeError):
-    """The app bundle a ClientApp process received is not one the site approved."""
-
-
-def _checked_pull(original, approved: frozenset[str]):
-    """Flower's pull_task_input, then a check of the FAB bytes themselves before anything is installed:
-    their SHA-256 must be the hash the task announced and one the site approved. On a mismatch the
-    message gets the refusal reply and the process stops before installing or importing the app."""
-    import hashlib
-
-    from flwr.app import Error, Message
-    from flwr.supernode.runtime.run_clientapp import push_message
-
-    def pull(client):
-        message, context, run, fab = original(client)
-        actual = hashlib.sha256(fab.content).hexdigest()
-        if actual != fab.hash_str or actual not in approved:
-            reason = (f"{NOT_APPROVED}: the app bundle received has SHA-256 {actual} (announced as {fab.hash_str}), "
-                      "which this site's approved-apps.toml does not list")
-            push_message(client, Message(Error(code=APP_NOT_APPROVED_CODE, reason=reason), reply_to=message), context)
-            raise AppNotApproved(reason)
-        return message, context, run, fab
-    return pull
-
-
-def _run_clientapp_child(address: str, token: str, parent_pid: int, home: str, approved: list[str]) -> None:
-    """In a forked (warm) or fresh process: Flower's own ClientApp runner, no dependency installs, the
-    task's own FLWR_HOME (where the FAB gets installed), the FAB's bytes checked before installation."""
-    from flwr.supernode.runtime import run_clientapp as rc
-
-    os.environ["FLWR_HOME"] = home
-    rc.pull_task_input = _checked_pull(rc.pull_task_input, frozenset(approved))
-    rc.run_clientapp(runtime_api_address=address, token=token, insecure=True, certificates=None,
-                     parent_pid=parent_pid, runtime_dependency_install=False)
-
-
 @dataclass
 class Launcher:
     supernode: str                     # the SuperNode's Runtime API, host:port
@@ -164,10 +127,10 @@ class Launcher:
         home = tempfile.mkdtemp(prefix="task-", dir=root)
         args = (self.supernode, token, os.getpid(), home, approved)
         if self.warm:
-            proc = self.ctx.Process(target=_run_clientapp_child, args=args, daemon=False)
+            proc = self.ctx.Process(target=run_child, args=args, daemon=False)
             proc.start()
         else:  # a fresh Python per message (what flower-superexec does), same child code
-            code = "import json,sys; from deploy.launcher import _run_clientapp_child as r; r(*json.loads(sys.argv[1]))"
+            code = "import json,sys; from deploy.task import run_child; run_child(*json.loads(sys.argv[1]))"
             proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(args)],
                                     env={**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
         self.children.append((proc, home))

@@ -905,10 +905,10 @@ def test_clientapp_process_checks_the_fab_bytes_before_installing(monkeypatch):
     for fab, ok in [(Fab(hashlib.sha256(good).hexdigest(), good, {}), True),
                     (Fab(hashlib.sha256(good).hexdigest(), b"other code", {}), False),  # announced != content
                     (Fab(hashlib.sha256(b"other").hexdigest(), b"other", {}), False)]:   # honest, not approved
-        pull = L._checked_pull(lambda client, f=fab: (msg, ctx, None, f), approved)
+        pull = T.checked_pull(lambda client, f=fab: (msg, ctx, None, f), approved)
         if ok:
             assert pull(None)[3] is fab
         else:
-            with pytest.raises(L.AppNotApproved, match="app not approved at this site"):
+            with pytest.raises(T.AppNotApproved, match="app not approved at this site"):
                 pull(None)
-    assert len(replies) == 2 and all(r.has_error() and r.error.code == L.APP_NOT_APPROVED_CODE for r in replies)
+    assert len(replies) == 2 and all(r.has_error() and r.error.code == T.APP_NOT_APPROVED_CODE for r in replies)
