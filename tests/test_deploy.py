@@ -887,11 +887,10 @@ def test_clientapp_process_checks_the_fab_bytes_before_installing(monkeypatch):
 
     from flwr.app import Context, Message, RecordDict
     from flwr.supercore.fab import Fab
+    from flwr.supercore.task_identity import TaskIdentity
     from flwr.supernode.runtime import run_clientapp as rc
 
-    from deploy import launcher as L
-
-    from flwr.supercore.task_identity import TaskIdentity
+    from deploy import task as T
 
     for attr in ("_task_id", "_run_id", "_node_id"):  # what pull_task_input sets in a ClientApp process
         monkeypatch.setattr(TaskIdentity, attr, 1)
