@@ -35,5 +35,9 @@ def main(grid: Grid, context: Context) -> None:
     except StudyInterrupted as exc:
         log.warning("%s; resume with resume=true and the same run-dir (%s)", exc, run_dir)
         raise  # the run did not finish: Flower records it as failed (`flwr ls`), not completed
+    except Exception as exc:  # e.g. the SuperLink restarted under the study: what is done is checkpointed
+        log.error("the study failed (%s: %s); every completed round is checkpointed in %s: resume with run config "
+                  "resume=true and the same run-dir", type(exc).__name__, exc, run_dir / "checkpoint")
+        raise
     write_run_folder(run_dir, state, cfg)
     log.info("study %s finished: %s", state["study_id"], run_dir / "report.md")
