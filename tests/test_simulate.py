@@ -43,6 +43,10 @@ def test_simulate_paper_scenario_through_ray_leaves_nothing_running(tmp_path):
     assert "center-primary: 2-fold CV" in proc.stdout and "center-external: external validation" in proc.stdout
     assert "report:" in proc.stdout
     report = (tmp_path / "run" / "report.md").read_text()
+    # what a site needs to use the final models (slmfed predict), and the report as one web page
+    bundle = json.loads((tmp_path / "run" / "models" / "final.json").read_text())
+    assert set(bundle["models"]) == {"cf", "dl", "combined"} and bundle["preprocessing"]["channels"] == ["t2", "dwi", "adc"]
+    assert "data:image/png;base64," in (tmp_path / "run" / "report.html").read_text()
     assert "| center-primary | 3 |" in report and "| center-external | 3 |" in report  # the k each site used
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert {(r["model"], r["site"]) for r in res["rows"]} == {
