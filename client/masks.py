@@ -123,14 +123,17 @@ def _read_seg(path: Path, t2: sitk.Image, roi_names) -> tuple[sitk.Image, list[s
         raise VolumeError(f"DICOM SEG has no segment named like {', '.join(roi_names)} "
                           f"(segments: {', '.join(repr(x) for x in labels[:6]) or 'none'}); set roi-names in site.toml")
     i, label = hit
-    try:
-        vol = seg.get_volume(segment_numbers=[numbers[i]], combine_segments=True, dtype=np.uint8)
+    fractional = str(getattr(seg, "SegmentationType", "")).upper() == "FRACTIONAL"
+    try:  # float, so a FRACTIONAL SEG (probabilities / occupancy rescaled to 0..1) is cut at 0.5, not truncated
+        vol = seg.get_volume(segment_numbers=[numbers[i]], combine_segments=False, dtype=np.float32)
     except Exception as exc:
         raise VolumeError(f"DICOM SEG segment {label!r} cannot be placed in space ({type(exc).__name__}: "
                           f"{str(exc)[:100]})") from None
     arr = np.asarray(vol.array)
+    if arr.ndim == 4:  # (slice, row, column, segment): the one segment asked for
+        arr = arr[..., 0]
     aff = np.asarray(vol.affine, dtype=float)
-    img = sitk.GetImageFromArray((arr > 0).astype(np.uint8))  # array axes (slice, row, column)
+    img = sitk.GetImageFromArray((arr >= 0.5 if fractional else arr > 0).astype(np.uint8))  # axes (slice, row, col)
     axes = [aff[:3, 2], aff[:3, 1], aff[:3, 0]]  # sitk x = column, y = row, z = slice
     img.SetSpacing([float(np.linalg.norm(a)) for a in axes])
     img.SetDirection(np.column_stack([a / np.linalg.norm(a) for a in axes]).ravel().tolist())

@@ -250,3 +250,35 @@ def test_rerun_of_an_enhanced_seg_site_reads_nothing_again(forms):
     first = reports["enhanced-seg"][site]
     assert (rep.parsed_files, rep.redone, rep.included) == (0, 0, first.included)
     assert (rep.mask_objects, rep.dicom_files) == (first.mask_objects, first.dicom_files)
+
+
+def test_fractional_seg_is_cut_at_half(forms, tmp_path):
+    """A FRACTIONAL SEG (occupancy 0.8 inside, written by highdicom on the enhanced T2) reads back as
+    the binary SEG's mask; a segment named 'tumour' is found by the default roi-names."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from client.volumes import read_volume
+
+    root, _ = forms
+    site = root / "enhanced-seg" / "center-external"
+    files = [p for p in sorted((site / "dicom").rglob("*")) if p.is_file()]
+    heads = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in files}
+    pid = "P2-0003"
+    t2_path = next(p for p, d in heads.items() if d.PatientID == pid and d.Modality == "MR" and int(d.SeriesNumber) == 2)
+    seg_path = next(p for p, d in heads.items() if d.PatientID == pid and d.Modality == "SEG")
+    t2, _ = read_volume(read_headers(t2_path), "t2")
+    binary, _ = read_roi(MaskSource("seg", seg_path), t2, ("GTV",))
+    m = sitk.GetArrayFromImage(binary)
+    src = pydicom.dcmread(t2_path)
+    idx = [int(round(t2.TransformPhysicalPointToContinuousIndex(
+        [float(v) for v in fg.PlanePositionSequence[0].ImagePositionPatient])[2])) for fg in src.PerFrameFunctionalGroupsSequence]
+    frac = np.stack([m[k] for k in idx]).astype(np.float32) * 0.8
+    desc = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="tumour", segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Neoplasm, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    hd.seg.Segmentation([src], frac, "FRACTIONAL", [desc], hd.UID(), 91, hd.UID(), 1, "x", "x", "1", "0").save_as(
+        tmp_path / "frac.dcm")
+    got, notes = read_roi(MaskSource("seg", tmp_path / "frac.dcm"), t2, ("GTV", "tumor", "tumour", "lesion"))
+    assert notes == ["mask: DICOM SEG segment 'tumour'"] and m.sum() > 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(got), m)
