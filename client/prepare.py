@@ -72,6 +72,7 @@ class PrepareReport:
     dicom_files: int = 0
     mask_objects: int = 0  # DICOM SEG / RTSTRUCT objects found
     dicomdir: list[str] = field(default_factory=list)  # what each DICOMDIR lists vs what was found
+    input_forms: dict[str, int] = field(default_factory=dict)  # "t2=enhanced ... mask=seg" -> included patients
     skipped_files: dict[str, int] = field(default_factory=dict)
     parsed_files: int = 0
     redone: int = 0
@@ -91,6 +92,8 @@ class PrepareReport:
                      + (" (" + ", ".join(f"{r}: {n}" for r, n in self.skipped_files.items()) + ")" if skipped else ""))
         for d in self.dicomdir:
             lines.append(f"  {d}")
+        if self.input_forms:
+            lines.append("  input forms: " + "; ".join(f"{k} x{n}" for k, n in sorted(self.input_forms.items(), key=lambda kv: -kv[1])))
         for seq, names in self.sequences.items():
             lines.append(f"  {seq}: " + "; ".join(f"{name} x{n}" for name, n in sorted(names.items(), key=lambda kv: -kv[1])))
         for what, (lo, hi) in self.spacing.items():
@@ -562,6 +565,8 @@ def _prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None 
         seqs["T2WI"][s.get("t2", "?")] += 1
         seqs["DWI"][s.get("dwi", "?")] += 1
         seqs["ADC"]["computed" if s.get("adc", "").startswith("computed") else "scanner"] += 1
+        form = " ".join(f"{k}={v}" for k, v in e.get("input_forms", {}).items())
+        report.input_forms[form] = report.input_forms.get(form, 0) + 1
         for name, vals in (("T2 in-plane spacing", e["t2_spacing"][:2]), ("T2 slice spacing", e["t2_spacing"][2:]),
                            ("DWI in-plane spacing", e["dwi_spacing"][:2]), ("DWI slice spacing", e["dwi_spacing"][2:])):
             lo, hi = spacing.get(name, [np.inf, -np.inf])

@@ -73,6 +73,9 @@ def test_enhanced_seg_cache_is_identical_to_classic_nifti(forms, site):
         assert a[pid]["label"] == b[pid]["label"]
     qc = _qc(root / "cache" / "enhanced-seg" / site)
     assert {r["input_forms"] for r in qc.values()} == {"t2=enhanced dwi=enhanced adc=enhanced mask=seg"}
+    n = reports["enhanced-seg"][site].included
+    assert reports["enhanced-seg"][site].input_forms == {"t2=enhanced dwi=enhanced adc=enhanced mask=seg": n}
+    assert f"input forms: t2=enhanced dwi=enhanced adc=enhanced mask=seg x{n}" in reports["enhanced-seg"][site].summary()
     assert {r["input_forms"] for r in _qc(root / "cache" / "classic-nifti" / site).values()} == {
         "t2=classic dwi=classic adc=classic mask=nifti"}
 
