@@ -311,10 +311,12 @@ class Study:
 
     def _stop(self, reason: str, arrays: ArrayRecord | None = None) -> None:
         """Checkpoint what is done (the position is the last completed step) and stop, resumable."""
-        if self.state.get("position", {}).get("round", 0) > 0 and arrays is not None:
+        rnd = self.state.get("position", {}).get("round", 0)
+        if rnd > 0 and arrays is not None:
             self.ckpt.save(self.state, arrays)
-        elif "position" in self.state:
+        elif rnd == 0 and "position" in self.state:
             self.ckpt.save_state(self.state)
+        # else (stopped while resuming, before any round): the checkpoint on disk holds this position
         raise StudyStopped(f"the study cannot go on: {reason}. Everything done so far is checkpointed in "
                            f"{self.ckpt.dir}; when the site(s) answer again, resume: `slmfed simulate --resume RUN_DIR` "
                            "(simulation) or `flwr run` with run config resume=true and the same run-dir (deployment)")

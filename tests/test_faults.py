@@ -238,3 +238,20 @@ def test_poisoned_updates_are_rejected_and_the_model_stays_as_good_as_honest_onl
     h_cv = {r["site"]: r["auc"] for r in h_res["rows"] if r["cohort"].endswith("2-fold CV")}
     assert p_cv.keys() == h_cv.keys() == set(SITES)
     assert all(abs(p_cv[s] - h_cv[s]) <= 0.02 for s in SITES), (p_cv, h_cv)
+
+
+def test_a_site_away_for_the_cf_statistics_leaves_that_fit_or_stops_the_study(nodes, tmp_path):
+    plan = FaultPlan((Fault("site-b", "raise", message_type="query.logistic_stats", tag="cv"),), str(tmp_path / "c"))
+    state, res = _study(nodes, tmp_path / "run", plan, models="cf", **{"cf-l2": 0.1})
+    left = {(f["site"], f["fold"], f["kind"], f["step"]) for f in state["faults"]}
+    assert left == {("site-b", 0, "left", "CF model fit"), ("site-b", 1, "left", "CF model fit")}
+    assert all(state["fits"][k]["train"] == ["site-a", "site-c"] for k in ("0", "1"))
+    assert {r["site"] for r in res["rows"]} == set(SITES)  # site-b is still evaluated
+    # the same fault with min-train-sites = 3: the study stops before any DL round, and resume finishes it
+    plan = FaultPlan(plan.faults, str(tmp_path / "c2"))
+    with pytest.raises(StudyStopped, match="CF model fit"):
+        _study(nodes, tmp_path / "stopped", plan, models="cf", **{"cf-l2": 0.1, "min-train-sites": 3})
+    assert Checkpoint(tmp_path / "stopped").load_state()["position"] == {"fit": 0, "model": 0, "round": 0}
+    _, resumed = _study(nodes, tmp_path / "stopped", None, models="cf", **{"cf-l2": 0.1, "min-train-sites": 3,
+                                                                          "resume": True})
+    assert {r["site"] for r in resumed["rows"]} == set(SITES)
