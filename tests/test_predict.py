@@ -117,7 +117,14 @@ def _patient_folder(study, pid: str, dest: Path, clinical: str) -> Path:
     return dest
 
 
-def test_a_patient_folder_without_label_and_an_out_of_range_marker(study, tmp_path):
+def test_a_patient_folder_without_label_and_an_out_of_range_marker(study, tmp_path, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"slmfed predict tried to open a connection: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)  # nothing of predict leaves the site
+    monkeypatch.setattr(socket.socket, "connect_ex", no_network)
     pid = "P2-0003"
     row = next(r for r in csv.DictReader(open(study["data"] / "center-external" / "clinical.csv")) if r["patient_id"] == pid)
     folder = _patient_folder(study, pid, tmp_path / "patient",
