@@ -5,9 +5,16 @@ inference, gradient inversion). With `dp-epsilon` > 0 in the site's own policy (
 the run config), every DL / Combined training round the site runs is DP-SGD:
   - Poisson sampling: each step takes every training patient independently with probability
     q = batch-size / n_train (the sampling the accountant assumes; a step may be empty);
-  - per-sample gradients (Opacus GradSampleModule, hooks mode) clipped to L2 norm `dp-clip-norm`,
-    summed, plus Gaussian noise of standard deviation noise_multiplier x clip norm, divided by the
-    expected batch size (Opacus DPOptimizer); the wrapped optimizer is the usual AdamW;
+  - per-sample gradients clipped to L2 norm `dp-clip-norm`, summed, plus Gaussian noise of standard
+    deviation noise_multiplier x clip norm, divided by the expected batch size; the wrapped optimizer
+    is the usual AdamW. Two Opacus ways to get there (GRAD_SAMPLE_MODES; `slmfed bench dp` measures
+    both): "hooks" materialises every per-sample gradient (GradSampleModule + DPOptimizer); "ghost"
+    (Opacus's fast gradient clipping) needs only per-sample gradient NORMS, then a second backward
+    pass of the clipped loss gives the clipped sum. Opacus 1.6 has ghost norms for Linear layers only;
+    `conv_norm_sample` adds them for convolutions, choosing per layer the cheaper of the Gram-matrix
+    identity ||sum_q b_q a_q^T||^2 = sum_{q,r} (a_q.a_r)(b_q.b_r) (deep layers: few positions, many
+    weights) and the materialised per-sample gradient (shallow layers) - "mixed ghost clipping"
+    (Bu et al., 2022, arXiv:2205.10683);
   - an unweighted BCE loss (a class weight computed from the site's labels would let one patient
     change every other patient's gradient, outside the clipping argument), no FedProx term, float32.
 
@@ -47,6 +54,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+GRAD_SAMPLE_MODES = ("ghost", "hooks")
+DEFAULT_MODE = "ghost"  # measured faster on 2 CPU cores and on a GPU (README, "Differential privacy")
 ACCOUNTANT = "rdp"  # Opacus's Renyi-DP accountant (Mironov 2017; Mironov, Talwar, Zhang 2019)
 EPSILON_TOLERANCE = 0.01  # calibration: the noise keeps the planned epsilon within this below the target
 
@@ -64,6 +73,7 @@ class DPTraining:
     sample_rate: float
     steps: int          # optimizer steps of this request (local epochs x steps per epoch)
     seed: int           # secret: HMAC of the site secret and the request
+    mode: str = DEFAULT_MODE  # how per-sample norms are computed (GRAD_SAMPLE_MODES); same mechanism
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -126,36 +136,114 @@ def check_model(model: nn.Module) -> None:
                       + " (use config key norm = 'instance' or 'group')")
 
 
-def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPTraining, expected_batch_size: int,
+def conv_norm_sample(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    """Per-sample gradient norms of a Conv2d / Conv3d layer without keeping per-sample gradients.
+
+    With a = the unfolded input (n x p x q: p = in-channels x kernel, q = output positions) and
+    b = the output gradient (n x o x q), patient i's weight gradient is G_i = b_i a_i^T (o x p).
+    ||G_i||^2 = sum_{q,r} (a_i^T a_i)_{qr} (b_i^T b_i)_{qr} costs q^2 (o + p); forming G_i costs o p q:
+    the cheaper one is used per layer (tests/test_dp.py checks both against Opacus's per-sample
+    gradients)."""
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+    from opacus.utils.tensor_utils import unfold2d, unfold3d
+
+    if layer.groups != 1 or isinstance(layer.padding, str):
+        grads = compute_conv_grad_sample(layer, activations, backprops)
+        return {p: g.flatten(1).norm(dim=1) for p, g in grads.items()}
+    x = activations[0].to(backprops.dtype)
+    n = x.shape[0]
+    unfold = unfold2d if isinstance(layer, nn.Conv2d) else unfold3d
+    a = unfold(x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride, dilation=layer.dilation)
+    b = backprops.reshape(n, -1, a.shape[-1])
+    o, p, q = b.shape[1], a.shape[1], a.shape[2]
+    out = {}
+    if layer.weight.requires_grad:
+        if q * (o + p) < o * p:
+            sq = (torch.einsum("npq,npr->nqr", a, a) * torch.einsum("noq,nor->nqr", b, b)).sum(dim=(1, 2))
+        else:
+            sq = torch.einsum("noq,npq->nop", b, a).pow(2).sum(dim=(1, 2))
+        out[layer.weight] = sq.clamp(min=0).sqrt()
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = b.sum(dim=2).norm(dim=1)
+    return out
+
+
+def _register_conv_norms() -> None:
+    from opacus.grad_sample.utils import register_norm_sampler
+
+    register_norm_sampler([nn.Conv2d, nn.Conv3d])(conv_norm_sample)
+
+
+class _Private:
+    """The model wrapped for DP-SGD: `step(x, z, y)` runs one clipped, noised step on a batch,
+    `noise_step()` the same for an empty Poisson batch; `close()` removes Opacus's hooks."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPTraining, expected_batch_size: int,
                  generator: torch.Generator):
-    """(GradSampleModule, DPOptimizer) around `model` and `optimizer`; the module shares `model`'s
-    parameters, so training it trains `model`. Call `release(gsm)` afterwards."""
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-
-    check_model(model)
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    dpo = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
+        check_model(model)
+        if dp.mode not in GRAD_SAMPLE_MODES:
+            raise DPError(f"grad-sample mode: expected one of {', '.join(GRAD_SAMPLE_MODES)}, found {dp.mode!r}")
+        self.mode = dp.mode
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        kwargs = dict(noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
                       expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator)
-    return gsm, dpo
+        if dp.mode == "hooks":
+            from opacus import GradSampleModule
+            from opacus.optimizers import DPOptimizer
+
+            self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            self.optimizer = DPOptimizer(optimizer, **kwargs)
+        else:
+            from opacus.grad_sample import GradSampleModuleFastGradientClipping
+            from opacus.optimizers import DPOptimizerFastGradientClipping
+            from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+            _register_conv_norms()
+            self.module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
+                                                               max_grad_norm=dp.clip_norm, use_ghost_clipping=True)
+            self.optimizer = DPOptimizerFastGradientClipping(optimizer, **kwargs)
+            self.criterion = DPLossFastGradientClipping(self.module, self.optimizer, nn.BCEWithLogitsLoss(), "mean")
+
+    def step(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> float:
+        """One DP-SGD step on a non-empty batch; returns the batch's mean (unclipped) loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.module(x, z).float()
+        if self.mode == "hooks":
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, y)
+            loss.backward()
+            value = float(loss.detach())
+        else:
+            loss = self.criterion(logits, y)
+            loss.backward()  # norms, clipping coefficients, then the clipped loss's backward
+            value = float(loss.item())
+        self.optimizer.step()
+        return value
+
+    def noise_step(self) -> None:
+        """An empty Poisson batch still releases noise (the accountant counts the step): a zero clipped
+        sum through the same noise / scale path."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params:
+            if self.mode == "hooks":
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            else:
+                p.grad = torch.zeros_like(p)
+        self.optimizer.step()
+
+    def close(self) -> None:
+        self.module._close()
 
 
-def release(gsm) -> None:
-    """Remove Opacus's hooks so the plain model is left as it was (weights trained)."""
-    gsm._close()
+def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPTraining, expected_batch_size: int,
+                 generator: torch.Generator) -> _Private:
+    """`model` and `optimizer` wrapped for DP-SGD (the wrapper shares `model`'s parameters, so its
+    steps train `model`). Call `.close()` afterwards."""
+    return _Private(model, optimizer, dp, expected_batch_size, generator)
 
 
 def poisson_batch(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
     """Indices of one Poisson-sampled batch (possibly empty)."""
     return torch.nonzero(torch.rand(n, generator=generator) < sample_rate).flatten()
-
-
-def empty_step(dpo, params: list[torch.Tensor]) -> None:
-    """An empty Poisson batch still releases noise (the accountant counts the step): zero per-sample
-    gradients through the same clip / noise / scale path."""
-    for p in params:
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-    dpo.step()
 
 
 def report(dp: DPTraining, spent_study: float, spent_model: float, delta: float) -> dict[str, Any]:

@@ -293,11 +293,9 @@ def _train_dp(model, data, labels_np, cfg, clinical_mean, clinical_std, epochs, 
     model.to(device).train()
     images, clinical = _tensors(data, clinical_mean, clinical_std, device)
     labels = torch.from_numpy(labels_np).to(device)
-    criterion = nn.BCEWithLogitsLoss()
     secret = torch.Generator(device=device).manual_seed(dp.seed)       # noise (on the parameters' device)
     sampler = torch.Generator().manual_seed(dp.seed ^ 0x5EED)          # Poisson sampling
-    gsm, optimizer = dpmod.make_private(model, make_optimizer(model, cfg), dp, batch, secret)
-    params = [p for p in model.parameters() if p.requires_grad]
+    private = dpmod.make_private(model, make_optimizer(model, cfg), dp, batch, secret)
     augment = BatchAugment(images.dim() - 2) if cfg.get("augment", True) else None
     gen = torch.Generator().manual_seed(seed)
     fork_devices = [device] if device.type == "cuda" else []
@@ -310,22 +308,18 @@ def _train_dp(model, data, labels_np, cfg, clinical_mean, clinical_std, epochs, 
                 total, seen = 0.0, 0
                 for _ in range(per_epoch):
                     idx = dpmod.poisson_batch(n, dp.sample_rate, sampler)
-                    optimizer.zero_grad(set_to_none=True)
                     if len(idx) == 0:
-                        dpmod.empty_step(optimizer, params)
+                        private.noise_step()
                         continue
                     idx = idx.to(device)
                     x, z, y = images[idx], clinical[idx], labels[idx]
                     if augment is not None:
                         x = augment(x, gen)
-                    loss = criterion(gsm(x, z).float(), y)
-                    loss.backward()
-                    optimizer.step()
-                    total += float(loss.detach()) * len(idx)
+                    total += private.step(x, z, y) * len(idx)
                     seen += len(idx)
                 last_loss = total / seen if seen else float("nan")
     finally:
-        dpmod.release(gsm)
+        private.close()
     if seen and not math.isfinite(last_loss):
         raise FloatingPointError(f"training diverged: loss is {last_loss} (lower config key 'lr')")
     return dict(loss=last_loss, num_examples=n, epochs=epochs, seconds=time.perf_counter() - start)
