@@ -127,7 +127,7 @@ def prepared_site(data: Path, pid: int, n: int, generate: bool = False) -> dict[
     """Node `pid`'s site of the folder `data`, its cache brought up to date once per actor process
     (under a lock: several actors may start at once). The embedded cohort is generated on first use."""
     data = data.resolve()
-    memo = f"{data}#{pid}"
+    memo = f"{data}#{pid}/{n}"
     if memo in _prepared:
         return dict(_prepared[memo])
     with _locked(data.with_name(data.name + ".lock")):

@@ -8,6 +8,7 @@ stopped by PID (each `ray start` process and its descendants), never with the gl
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -128,6 +129,8 @@ class LoopbackRayCluster:
         stop_pids(self.pids)
         for p in self.procs:
             p.wait(timeout=30)
+        if not any(alive(p) for p in self.pids):
+            shutil.rmtree(self.temp_dir, ignore_errors=True)  # Ray's session files of this cluster only
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -47,14 +47,6 @@ def run_study(sites: list[dict[str, Any]], run_config: dict[str, Any], ray_addre
               client_cpus: float | None = None, client_gpus: float | None = None) -> Path:
     """Run one study over `sites` (each a virtual site's node config: cache-dir, site-name, policy keys);
     returns the run folder."""
-    from flwr.app import Context, RecordDict
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.telemetry import EventType
-
-    from client.app import app as client_app
-    from server.app import app as server_app
-    from server.checkpoint import StudyInterrupted
-
     study_keys = set(flower_run_config_defaults())
     foreign = sorted(set(run_config) - study_keys)
     if foreign:
@@ -68,6 +60,14 @@ def run_study(sites: list[dict[str, Any]], run_config: dict[str, Any], ray_addre
     run_dir = Path(run_config["run-dir"]).resolve()
     run_config = {**run_config, "run-dir": str(run_dir), "min-sites": len(nodes), "sim-sites": json.dumps(nodes)}
     backend = backend_config(ray_address, client_cpus, client_gpus)
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from client.app import app as client_app
+    from server.app import app as server_app
+    from server.checkpoint import StudyInterrupted
+
     with ray_session(ray_address, backend["client_resources"]["num_cpus"]), tempfile.TemporaryDirectory(
             prefix="slmfed-app-") as app_dir, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -118,3 +118,28 @@ def test_the_runner_refuses_site_keys_in_the_study_settings(tmp_path):
 
     with pytest.raises(ConfigError, match="min-cell-size are not study settings"):
         run_study([{"cache-dir": str(tmp_path)}], {"run-dir": str(tmp_path), "min-cell-size": 3})
+
+
+def test_a_fresh_simulated_node_generates_and_prepares_the_embedded_cohort_once(tmp_path, monkeypatch):
+    """`flwr run .` on a fresh checkout: no sim-data, so node N generates (once, under a lock, in a folder
+    the simulation owns: $FLWR_HOME/slmfed-data) and prepares the N-th site of the embedded cohort. The
+    tiny preset stands in for the paper one here, to keep the test short."""
+    import simulation.synth as synth
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(simulated, "in_flower_simulation", lambda: True)
+    made = []
+    real = synth.generate_cohort
+    monkeypatch.setattr(synth, "generate_cohort", lambda out, preset, seed, sites, progress: made.append(
+        (preset, sites)) or real(out, preset="tiny", seed=seed, sites=sites, progress=progress))
+    run = {"scenario": "paper", "sim-min-cell-size": 3}
+    primary = simulated.node_layer(run, {"partition-id": 1, "num-partitions": 2})
+    external = simulated.node_layer(run, {"partition-id": 0, "num-partitions": 2})
+    root = tmp_path / "home" / "slmfed-data" / "synthetic-paper"
+    assert made == [("paper", None)]  # generated once, the two-centre paper cohort
+    assert primary == {"partition-id": 1, "num-partitions": 2, "cache-dir": str(root / "caches" / "center-primary"),
+                       "site-name": "center-primary", "min-cell-size": 3}
+    assert external["site-name"] == "center-external" and external["min-cell-size"] == 3
+    assert (root / "caches" / "center-external" / "manifest.json").is_file()
+    with pytest.raises(Exception, match="holds 2 site folders but the simulation has 3 nodes"):
+        simulated.node_layer({"sim-data": str(root)}, {"partition-id": 0, "num-partitions": 3})
