@@ -285,3 +285,20 @@ def test_fractional_seg_is_cut_at_half(forms, tmp_path):
     got, notes = read_roi(MaskSource("seg", tmp_path / "frac.dcm"), t2, ("GTV", "tumor", "tumour", "lesion"))
     assert notes == ["mask: DICOM SEG segment 'tumour'"] and m.sum() > 0
     np.testing.assert_array_equal(sitk.GetArrayFromImage(got), m)
+
+
+def test_enhanced_frames_without_plane_position_are_named(forms, tmp_path):
+    """Geometry comes only from the functional groups: without them the series is refused, by name."""
+    from client.volumes import VolumeError, read_volume
+
+    root, _ = forms
+    t2_path = next(p for p in sorted((root / "enhanced-seg" / "center-external" / "dicom").rglob("*"))
+                   if p.is_file() and p.parent.name == "Se2")
+    ds = pydicom.dcmread(t2_path)
+    for fg in ds.PerFrameFunctionalGroupsSequence:
+        del fg.PlanePositionSequence
+    ds.save_as(tmp_path / "t2")
+    recs = read_headers(tmp_path / "t2")
+    assert len(recs) == ds.NumberOfFrames and {r.frame for r in recs} == set(range(len(recs)))
+    with pytest.raises(VolumeError, match="frames lack PlanePositionSequence / PlaneOrientationSequence"):
+        read_volume(recs, "t2")
