@@ -43,7 +43,6 @@ class MaskSource:
 
     form: str
     path: Path
-    record: FileRecord | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -59,10 +58,10 @@ def match_roi_name(names: list[str], wanted) -> tuple[int, str] | None:
 
 
 def dicom_candidates(objs: list[FileRecord], t2_uid: str, patient_series: set[str]) -> tuple[list[FileRecord], str]:
-    """The patient's SEG / RTSTRUCT objects that reference the chosen T2 series (SEG first, then the
-    latest file), and the reason none do when the list is empty."""
+    """The patient's SEG / RTSTRUCT objects that reference the chosen T2 series (SEG first, then by
+    SOP instance UID, so the choice is deterministic), and the reason none do when the list is empty."""
     hits = [o for o in objs if t2_uid in o.ref_series]
-    hits.sort(key=lambda o: (input_form(o) == "seg", o.study_date, o.sop_uid), reverse=True)
+    hits.sort(key=lambda o: (input_form(o) != "seg", o.sop_uid))
     if hits or not objs:
         return hits, ""
     forms = sorted({input_form(o).upper() for o in objs})

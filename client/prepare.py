@@ -165,10 +165,10 @@ def build_patient_image(series: list[Series], mask_path: Path | None, rules: Ser
         raise Excluded("sequences", str(exc)) from None
     hits, why_not = masks_mod.dicom_candidates(dicom_masks, sel.t2.series_uid, {s.series_uid for s in series})
     if hits:
-        src = masks_mod.MaskSource(input_form(hits[0]), Path(hits[0].path), hits[0])
+        src = masks_mod.MaskSource(input_form(hits[0]), Path(hits[0].path))
         if len(hits) > 1:
-            src.notes.append(f"mask: {len(hits)} DICOM mask objects reference the T2, used the "
-                             f"{src.form.upper()} (SEG before RTSTRUCT, then the latest)")
+            src.notes.append(f"mask: {len(hits)} DICOM mask objects reference the T2, used a "
+                             f"{src.form.upper()} (SEG before RTSTRUCT, then by SOP instance UID)")
         if mask_path is not None:
             src.notes.append(f"mask: DICOM {src.form.upper()} used; the mask file beside it was ignored")
     elif mask_path is not None:

@@ -302,3 +302,21 @@ def test_enhanced_frames_without_plane_position_are_named(forms, tmp_path):
     assert len(recs) == ds.NumberOfFrames and {r.frame for r in recs} == set(range(len(recs)))
     with pytest.raises(VolumeError, match="frames lack PlanePositionSequence / PlaneOrientationSequence"):
         read_volume(recs, "t2")
+
+
+def test_dicom_mask_choice_and_reasons():
+    from client.dicom_scan import RTSTRUCT_STORAGE, SEG_STORAGE, FileRecord
+    from client.masks import dicom_candidates
+
+    def obj(cls, sop, *refs):
+        return FileRecord(path=sop, size=1, mtime_ns=1, patient_id="P", study_uid="S", series_uid="X" + sop,
+                          sop_uid=sop, sop_class=cls, ref_series=refs)
+
+    rs, seg_a, seg_b = obj(RTSTRUCT_STORAGE, "1", "T2"), obj(SEG_STORAGE, "3", "T2"), obj(SEG_STORAGE, "2", "T2")
+    hits, why = dicom_candidates([rs, seg_a, seg_b], "T2", {"T2", "DWI"})
+    assert [h.sop_uid for h in hits] == ["2", "3", "1"] and why == ""
+    hits, why = dicom_candidates([obj(SEG_STORAGE, "4", "DWI")], "T2", {"T2", "DWI"})
+    assert hits == [] and "not the T2WI used" in why
+    hits, why = dicom_candidates([obj(SEG_STORAGE, "5", "OTHER")], "T2", {"T2", "DWI"})
+    assert hits == [] and why.startswith("1 DICOM SEG object(s) with this PatientID reference no series of this patient")
+    assert dicom_candidates([], "T2", {"T2"}) == ([], "")
