@@ -20,7 +20,8 @@ from pathlib import Path
 
 def configure(p) -> None:
     p.add_argument("--sites", default="4,8,16", help="comma list of site counts (default 4,8,16)")
-    p.add_argument("--preset", default="tiny", choices=("tiny", "small", "paper"), help="synthetic preset (default tiny)")
+    p.add_argument("--preset", default="small", choices=("tiny", "small", "paper"),
+                   help="synthetic preset (default small; tiny sites are too small to release anything at k = 3)")
     p.add_argument("--models", default="cf", help="models of each study (default cf: the per-site message cost)")
     p.add_argument("--num-rounds", type=int, default=1)
     p.add_argument("--folds", type=int, default=2)
@@ -62,8 +63,8 @@ def run(args) -> int:
     data = work / f"cohort-{args.preset}-{counts[-1]}sites"
     if not (data / "truth.json").is_file():
         print(f"generating a {counts[-1]}-site {args.preset} cohort in {data}")
-        generate_cohort(data, preset=args.preset, seed=0, sites=counts[-1], progress=False)
-    # tiny sites cannot hold k = 10 of each class: every virtual site uses the policy's floor, k = 3
+        generate_cohort(data, preset=args.preset, seed=0, sites=counts[-1], progress=False, workers=os.cpu_count() or 1)
+    # small sites cannot hold k = 10 of each class: every virtual site uses the policy's floor, k = 3
     nodes = [{**n, "min-cell-size": 3} for n in prepare_all(data, site_folders(data))]
     cfg = {"scenario": "multisite", "models": args.models, "num-rounds": args.num_rounds, "folds": args.folds,
            "local-epochs": 1}
