@@ -8,8 +8,9 @@ commands, shell scripts, Flower connection files, bundle.toml) and reports one l
 
 Privacy settings: each site's bundle.toml holds the site's privacy policy ([privacy], validated as
 the ClientApp validates its node config), and every SuperNode command must pass exactly that
-policy in --node-config; the coordinator bundle holds no [privacy] (it cannot set it) and a [dp]
-table that says DP is off, because no code in SLM-Fed applies DP.
+policy in --node-config, DP choice included (dp-epsilon, stated explicitly; client/dp.py applies
+it); the coordinator bundle holds no [privacy] (it cannot set it), and no bundle holds a [dp] table
+(no code reads one: it could only claim a protection nothing applies).
 """
 from __future__ import annotations
 
@@ -37,9 +38,11 @@ REVIEWED = (*FLOWER_PROGRAMS, LAUNCHER)
 MAX_SCAN_BYTES = 1 << 20
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
-# deploy/README.md, "Site privacy policy": DP is not implemented, so [dp] may only say it is off.
-DP_KEYS = ("enabled", "clipping-norm", "noise-multiplier")
-DP_NOT_IMPLEMENTED = "DP is not implemented in SLM-Fed: no code applies it; a config must not claim it"
+# deploy/README.md, "Differential privacy": DP is each site's [privacy] dp-epsilon, applied by
+# client/dp.py; a [dp] table anywhere is read by no code, so it could only claim what is not applied.
+DP_TABLE_NOT_READ = ("[dp] table: no code reads it, so it would claim a protection nothing applies; DP is each "
+                     "site's choice, [privacy] dp-epsilon / dp-delta / dp-clip-norm in sites/<name>/bundle.toml "
+                     "(applied by the ClientApp, client/dp.py); remove this table")
 
 
 @dataclass(frozen=True, order=True)
@@ -774,14 +777,10 @@ class Checker:
 
     # --- policy
     def check_policy(self, bundle: B.Bundle) -> None:
-        """Coordinator bundle: DP stated as off (not implemented); no privacy policy of its own."""
+        """Coordinator bundle: no privacy policy and no DP settings of its own (both are the sites')."""
         path = bundle.root / B.BUNDLE_FILE
-        dp = bundle.data.get("dp")
-        if not isinstance(dp, dict):
-            self.add(path, "[dp] section is missing; state explicitly that DP is off (enabled = false)")
-        else:
-            for problem in dp_policy_problems(dp):
-                self.add(path, problem)
+        if "dp" in bundle.data:
+            self.add(path, DP_TABLE_NOT_READ)
         if "privacy" in bundle.data:
             self.add(path, "[privacy] in the coordinator bundle: the privacy policy belongs to each site "
                            "(sites/<name>/bundle.toml, passed in the SuperNode's --node-config); "
@@ -797,6 +796,11 @@ class Checker:
             return
         for problem in B.privacy_problems(privacy):
             self.add(path, problem)
+        if "dp-epsilon" not in privacy:
+            self.add(path, "[privacy] dp-epsilon is missing: state the site's DP choice explicitly (0.0 = no DP-SGD; "
+                           "> 0 = the study's epsilon budget for the weights this site trains)")
+        if "dp" in bundle.data:
+            self.add(path, DP_TABLE_NOT_READ)
 
     # --- driver
     def run(self) -> list[Finding]:
@@ -858,28 +862,6 @@ class Checker:
         if not commands:
             self.add(self.root, "no flower-superlink / flower-supernode command found (expected systemd units, compose files or scripts)")
         return sorted(self.findings)
-
-
-def dp_policy_problems(dp: dict[str, Any]) -> list[str]:
-    """Why a [dp] table claims more than SLM-Fed does: DP is not implemented, so it must say off."""
-    enabled = dp.get("enabled")
-    if not isinstance(enabled, bool):
-        return [f"[dp] enabled = {enabled!r}: expected true or false (and false: {DP_NOT_IMPLEMENTED})"]
-    out = []
-    if enabled:
-        out.append(f"[dp] enabled = true: {DP_NOT_IMPLEMENTED}; set enabled = false")
-    for name in ("clipping-norm", "noise-multiplier"):
-        value = dp.get(name, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            out.append(f"[dp] {name} = {value!r}: expected 0")
-        elif value != 0:
-            out.append(f"[dp] {name} = {value}: {DP_NOT_IMPLEMENTED}, so nothing is clipped or noised; "
-                       "set it to 0")
-    for name in dp:
-        if name not in DP_KEYS:
-            out.append(f"[dp] {name}: unknown key (known: {', '.join(DP_KEYS)}); {DP_NOT_IMPLEMENTED}")
-    return out
-
 
 
 def _volume(vol) -> tuple[str, str, bool]:

@@ -31,10 +31,9 @@ FEDERATION = "slmfed"
 DEFAULT_IMAGE = "slmfed:0.1.0"
 NGINX_IMAGE = "nginx:1.27"  # the official image: the coordinator's public front door in compose
 
-# Differential privacy is not implemented anywhere in SLM-Fed: the coordinator bundle says so
-# explicitly, and `deploy check` rejects a [dp] table that claims otherwise (deploy/README.md).
-DEFAULT_DP = {"enabled": False, "clipping-norm": 0.0, "noise-multiplier": 0.0}
-# Each site's privacy policy ([privacy] in sites/<name>/bundle.toml; the coordinator has none).
+# Each site's privacy policy ([privacy] in sites/<name>/bundle.toml; the coordinator has none),
+# written out in full, DP included: dp-epsilon = 0.0 (no DP-SGD) until the site's privacy officer
+# sets a budget, which client/dp.py applies (deploy/README.md, "Differential privacy").
 DEFAULT_PRIVACY = B.DEFAULT_SITE_PRIVACY
 
 
@@ -56,7 +55,6 @@ class DeployPlan:
     supernode_port: int = B.DEFAULT_SUPERNODE_PORT
     max_retries: int = B.DEFAULT_MAX_RETRIES
     max_wait_time: float = B.DEFAULT_MAX_WAIT_TIME
-    dp: dict = field(default_factory=lambda: dict(DEFAULT_DP))
     # every site's [privacy] starts from this; each site's privacy officer then edits their own
     privacy: dict = field(default_factory=lambda: dict(DEFAULT_PRIVACY))
 
@@ -182,9 +180,7 @@ def _files(plan: DeployPlan) -> dict[Path, tuple[bytes, bool]]:
                       "port": plan.port, "internal-host": plan.internal_host, "internal-port": plan.internal_port,
                       "database": f"{plan.state_dir}/superlink.db", "log-file": f"{plan.log_dir}/superlink.log"},
         "sites": {"names": plan.sites, "registry": registry},
-        # DP is not implemented: stated as off, and `deploy check` fails on a table that claims it.
-        # No [privacy] here: the privacy policy belongs to each site, the coordinator cannot set it.
-        "dp": plan.dp,
+        # No [privacy] and no DP settings here: both belong to each site, the coordinator cannot set them.
     }
     files[coord / B.BUNDLE_FILE] = (tomli_w.dumps(coord_toml).encode(), False)
     link_kw = dict(ca_cert=f"{inst}/{B.COORD_CA}", server_cert=f"{inst}/{B.SERVER_CERT}",

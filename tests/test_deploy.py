@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from deploy import bundle as B
 from deploy import pki
 from common.config import SITE_POLICY_KEYS, load_config
-from deploy.check import Finding, check_deployment, collect_commands, dp_policy_problems
+from deploy.check import Finding, check_deployment, collect_commands
 from common.cli import main as deploy_main
 from deploy.init import DeployPlan, init_deployment
 from deploy.join import JoinError, join_command, preflight_tls
@@ -65,14 +65,14 @@ def test_init_writes_private_keys_0600_and_bundles(generated):
     assert sorted(p.name for p in (generated / "coordinator" / "site-keys").iterdir()) == ["a.pub", "b.pub"]
 
 
-def test_privacy_policy_belongs_to_each_site_and_dp_is_stated_off(generated):
+def test_privacy_policy_and_dp_choice_belong_to_each_site(generated):
     coord = tomllib.loads((generated / "coordinator/bundle.toml").read_text())
-    assert "privacy" not in coord  # the coordinator cannot set the sites' policy
-    assert coord["dp"] == {"enabled": False, "clipping-norm": 0.0, "noise-multiplier": 0.0}  # DP is not implemented
+    assert "privacy" not in coord and "dp" not in coord  # the coordinator cannot set the sites' policy or DP
     for site in ("a", "b"):
         privacy = tomllib.loads((generated / f"sites/{site}/bundle.toml").read_text())["privacy"]
         assert privacy == {"min-cell-size": 10, "histogram-bins": 100, "share-histograms": True,
-                           "max-logit-slope": 10.0, "max-partitions": 24, "max-studies": 50}
+                           "max-logit-slope": 10.0, "max-partitions": 24, "max-studies": 50,
+                           "dp-epsilon": 0.0, "dp-delta": 1e-5, "dp-clip-norm": 1.0}  # DP stated explicitly: off
         assert set(privacy) == set(SITE_POLICY_KEYS) - {"privacy-ledger"}  # ledger: STUDY_DIR default
 
 
@@ -292,17 +292,21 @@ def _v_flwr_insecure(d):
     _edit(d / "coordinator/flwr-config.toml", 'root-certificates = "/etc/slmfed/certs/ca.crt"', "insecure = true")
 
 
-def _v_dp_contradiction(d):
-    _toml_edit(d / "coordinator/bundle.toml", lambda t: t["dp"].update({"noise-multiplier": 1.0}))
+def _v_dp_table_coordinator(d):  # a [dp] table no code reads: it could only claim what nothing applies
+    _toml_edit(d / "coordinator/bundle.toml", lambda t: t.update(
+        {"dp": {"enabled": True, "clipping-norm": 1.0, "noise-multiplier": 1.0}}))
 
 
-def _v_dp_claimed(d):  # even with "enough" noise: no code applies DP, so no config may claim it
-    _toml_edit(d / "coordinator/bundle.toml", lambda t: t["dp"].update(
-        {"enabled": True, "clipping-norm": 1.0, "noise-multiplier": 1.0}))
+def _v_dp_table_site(d):
+    _toml_edit(d / "sites/a/bundle.toml", lambda t: t.update({"dp": {"enabled": True, "noise-multiplier": 1.0}}))
 
 
-def _v_dp_clipping(d):
-    _toml_edit(d / "coordinator/bundle.toml", lambda t: t["dp"].update({"clipping-norm": 1.0}))
+def _v_dp_choice_missing(d):
+    _toml_edit(d / "sites/b/bundle.toml", lambda t: t["privacy"].pop("dp-epsilon"))
+
+
+def _v_dp_budget_bad(d):
+    _toml_edit(d / "sites/a/bundle.toml", lambda t: t["privacy"].update({"dp-epsilon": -1.0}))
 
 
 def _v_coord_privacy(d):
@@ -520,11 +524,10 @@ BAD_VARIANTS = {
     "unregistered site key": (_v_unregistered, "sites/a/compose.yaml", "the SuperLink will refuse this SuperNode"),
     "cache is raw DICOM": (_v_dicom_path, "sites/a/flower-supernode.service", "points at raw DICOM"),
     "researcher insecure": (_v_flwr_insecure, "coordinator/flwr-config.toml", "insecure = true turns TLS off"),
-    "DP off but noise set": (_v_dp_contradiction, "coordinator/bundle.toml",
-                             "noise-multiplier = 1.0: DP is not implemented in SLM-Fed"),
-    "DP clipping set": (_v_dp_clipping, "coordinator/bundle.toml", "clipping-norm = 1.0: DP is not implemented"),
-    "DP claimed": (_v_dp_claimed, "coordinator/bundle.toml",
-                   "enabled = true: DP is not implemented in SLM-Fed: no code applies it; a config must not claim it"),
+    "DP claimed by the coordinator": (_v_dp_table_coordinator, "coordinator/bundle.toml", "[dp] table: no code reads it"),
+    "DP table at a site": (_v_dp_table_site, "sites/a/bundle.toml", "[dp] table: no code reads it"),
+    "site DP choice not stated": (_v_dp_choice_missing, "sites/b/bundle.toml", "[privacy] dp-epsilon is missing"),
+    "DP budget out of bounds": (_v_dp_budget_bad, "sites/a/bundle.toml", "[privacy] dp-epsilon = -1.0"),
     "coordinator sets privacy": (_v_coord_privacy, "coordinator/bundle.toml", "the coordinator cannot set it"),
     "histogram too fine": (_v_bins, "sites/a/bundle.toml", "histogram-bins = 1000"),
     "k below 3": (_v_k_low, "sites/b/bundle.toml", "[privacy] min-cell-size = 2"),
@@ -656,21 +659,6 @@ def test_check_finds_raw_site_folder_and_unprepared_cache(dep, tmp_path):
         unit.write_text(text.replace('cache-dir="/srv/slmfed/cache"', f'cache-dir="{cache}"'))
         assert any(problem in str(f) for f in check_deployment(dep)), problem
         unit.write_text(text)
-
-
-def test_dp_policy_rules():
-    # DP is not implemented anywhere in SLM-Fed: the only acceptable [dp] says it is off
-    assert dp_policy_problems({"enabled": False, "clipping-norm": 0.0, "noise-multiplier": 0.0}) == []
-    assert dp_policy_problems({"enabled": False}) == []
-    for strong in ({"enabled": True, "clipping-norm": 1.0, "noise-multiplier": 1.0},
-                   {"enabled": True, "clipping-norm": 1.0, "noise-multiplier": 5.0}):
-        assert any("enabled = true: DP is not implemented in SLM-Fed: no code applies it; a config must not claim it" in p
-                   for p in dp_policy_problems(strong))
-    assert "noise-multiplier = 0.5" in dp_policy_problems({"enabled": False, "noise-multiplier": 0.5})[0]
-    assert "clipping-norm = 2" in dp_policy_problems({"enabled": False, "clipping-norm": 2})[0]
-    assert "expected 0" in dp_policy_problems({"enabled": False, "clipping-norm": "1"})[0]
-    assert "min-sites-per-round: unknown key" in dp_policy_problems({"enabled": False, "min-sites-per-round": 2})[0]
-    assert "expected true or false" in dp_policy_problems({"enabled": "yes"})[0]
 
 
 def test_privacy_problems_validate_as_the_clientapp_does():
