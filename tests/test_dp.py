@@ -236,3 +236,31 @@ def test_dp_off_leaves_training_exactly_as_without_the_dp_code(tmp_path):
     seed = int(np_.random.SeedSequence([1, MODELS.index("dl"), 0, 1, _site_hash("dp")]).generate_state(1)[0] % (2**31))
     train(net, load_cache(Path(node["cache-dir"])), cfg, STD["clinical-mean"], STD["clinical-std"], seed=seed)
     assert all(torch.equal(v, got[k]) for k, v in net.state_dict().items())
+
+
+# ---- the study: the plan the server declares, what the report says ---------------------------------
+def test_a_study_under_dp_reports_the_epsilon_each_site_spent(tmp_path):
+    from server.checkpoint import Checkpoint
+    from server.protocol import Federation, Study
+    from server.report import write_run_folder
+    from tests.fedtools import LocalGrid
+
+    primary = _site(tmp_path, "center-primary", n=40, seed=1, **{"dp-epsilon": 5.0})
+    external = _site(tmp_path, "center-external", n=14, seed=2)
+    cfg = load_config(run_config={"folds": 2, "num-rounds": 1, "local-epochs": 1, "batch-size": 8, "clinical-embed-dim": 4,
+                                  "augment": False, "seed": 3, "cf-l2": 0.1, "site-timeout-s": 5.0,
+                                  "models": "cf,dl", "run-dir": str(tmp_path / "run")})
+    state = Study(Federation(LocalGrid(client_app, [primary, external]), min_sites=2, timeout_s=5), cfg,
+                  Checkpoint(tmp_path / "run")).run()
+    res = write_run_folder(tmp_path / "run", state, cfg)
+    book = _ledger(primary)["dp"][state["study_id"]]
+    assert book["planned"]["dp-fits"] == 3  # 2 CV folds + the final fit, one DL model
+    assert len(book["history"]) == 3 and not (Path(external["cache-dir"]).parent / "center-external-study" / "dp-secret").exists()
+    spent = res["dp"]["center-primary"]
+    assert spent["epsilon"] == pytest.approx(D.epsilon([(h["noise-multiplier"], h["sample-rate"], h["steps"])
+                                                        for h in book["history"]], 1e-5), rel=1e-9)
+    assert 0 < spent["epsilon"] <= 5.0 and spent["epsilon_per_model"]["dl"] == pytest.approx(spent["epsilon"])
+    assert set(res["dp"]) == {"center-primary"}  # the evaluate-only site trained nothing
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "### Differential privacy" in report and "| center-primary | " + f"{spent['epsilon']:.2f}" in report
+    assert "does NOT cover the CF model" in report
