@@ -11,58 +11,15 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.cache import CACHE_FORMAT_VERSION, atomic_write_json, patient_key, write_patient
 from common.clinical import FEATURE_NAMES, encode_row
+from simulation.inprocess import InProcessGrid
 
 
-class LocalGrid(Grid):
-    def __init__(self, client_app, node_configs: list[dict], run_config: dict | None = None):
-        self.client_app = client_app
-        self.nodes = {1000 + i: cfg for i, cfg in enumerate(node_configs)}
-        self.run_config = run_config or {}
-        self.replies: list[tuple[str, Message]] = []  # (message_type, reply)
-        self.sent: list[Message] = []
-        self._ids = itertools.count()
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
-            node = msg.metadata.dst_node_id
-            ctx = Context(run_id=1, node_id=node, node_config=dict(self.nodes[node]), state=RecordDict(),
-                          run_config=dict(self.run_config))
-            self.sent.append(msg)
-            reply = self.client_app(msg, ctx)
-            self.replies.append((msg.metadata.message_type, reply))
-            out.append(reply)
-        return out
-
-    # unused by the study protocol
-    def set_run(self, run):  # pragma: no cover
-        raise NotImplementedError
-
-    @property
-    def run(self):  # pragma: no cover
-        raise NotImplementedError
-
-    def create_message(self, *a, **k):  # pragma: no cover
-        raise NotImplementedError
-
-    def get_nodes(self):  # pragma: no cover
-        raise NotImplementedError
-
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
+class LocalGrid(InProcessGrid):
+    """The in-process grid of simulation/inprocess.py: every message straight to the ClientApp of the
+    addressed node, every reply recorded in `replies` (what left each site)."""
 
 
 def make_cache(cache_dir: Path, n: int, seed: int, site_name: str, prevalence: float = 0.4,
