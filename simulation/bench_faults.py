@@ -1,7 +1,7 @@
 """`slmfed bench faults`: a study with faults injected against the same study without, one line of figures.
 
 The `federated` scenario (DL model) on a small synthetic 3-hospital cohort, run in this process
-(simulation/faults.py InProcessGrid: the real ClientApp, no Ray) twice per repetition: clean, then
+(simulation/inprocess.py InProcessGrid: the real ClientApp, no Ray) twice per repetition: clean, then
 with these faults (simulation/faults.py, never reachable from a message):
   - site-03 raises on every training message of round 2 (away: left out of that round);
   - site-02 raises once on a training message (transient: answered on the retry);
@@ -25,7 +25,7 @@ FAULTS = (("site-03", "raise", "train", (2,), 0), ("site-02", "raise", "train", 
 
 def configure(p) -> None:
     p.add_argument("--data", help="folder of 3 site folders site-01..03 (default: a generated small cohort)")
-    p.add_argument("--runs", type=int, default=1, help="repetitions (median reported)")
+    p.add_argument("--runs", type=int, default=3, help="repetitions (median reported)")
     p.add_argument("--num-rounds", type=int, default=2)
     p.add_argument("--folds", type=int, default=2)
     p.add_argument("--backoff-s", type=float, default=0.5, help="retry-backoff-s of the runs")
@@ -35,7 +35,7 @@ def _study(nodes: list[dict], cfg: dict, run_dir: Path, app) -> tuple[dict | Non
     from server.checkpoint import Checkpoint, StudyInterrupted
     from server.protocol import Federation, Study
     from server.report import write_run_folder
-    from simulation.faults import InProcessGrid
+    from simulation.inprocess import InProcessGrid
 
     t0 = time.perf_counter()
     fed = Federation(InProcessGrid(app, nodes), min_sites=len(nodes), timeout_s=60, retries=int(cfg["site-retries"]),
@@ -47,6 +47,21 @@ def _study(nodes: list[dict], cfg: dict, run_dir: Path, app) -> tuple[dict | Non
         return None, time.perf_counter() - t0
     res = write_run_folder(run_dir, state, cfg)
     return res, time.perf_counter() - t0
+
+
+def _warm_up(nodes: list[dict], cfg: dict) -> None:
+    """Load every site's data and run the model once, so neither timed run pays the imports / first load."""
+    import torch
+
+    from client.study import Site
+    from common.model import build_model
+
+    for n in nodes:
+        site = Site.open({**cfg, **n})
+        d = site.data
+        net = build_model(cfg, d.images.shape[1], d.images.ndim - 2, d.clinical.shape[1], use_clinical=False)
+        with torch.no_grad():
+            net(torch.as_tensor(d.images[:2]), torch.as_tensor(d.clinical[:2], dtype=torch.float32))
 
 
 def patients_lost(clean: dict, faulty: dict | None) -> int:
@@ -70,13 +85,16 @@ def run(args) -> int:
     cfg = load_config(run_config={"scenario": "federated", "models": "dl", "num-rounds": args.num_rounds,
                                   "local-epochs": 1, "folds": args.folds, "site-retries": 2,
                                   "retry-backoff-s": args.backoff_s})
+    _warm_up(nodes, cfg)
     injected, survived, lost, extra = [], [], [], []
     for i in range(args.runs):
-        clean, t_clean = _study(nodes, {**cfg, "run-dir": str(work / f"clean{i}")}, work / f"clean{i}", client_app)
         plan = FaultPlan(tuple(Fault(s, k, message_type=m, rounds=r, times=t) for s, k, m, r, t in FAULTS),
                          str(work / f"counts{i}"))
-        faulty, t_faulty = _study(nodes, {**cfg, "run-dir": str(work / f"faulty{i}")}, work / f"faulty{i}",
-                                  faulty_client_app(plan, client_app))
+        runs = {}
+        for name in (("clean", "faulty") if i % 2 == 0 else ("faulty", "clean")):  # alternate the order
+            app = client_app if name == "clean" else faulty_client_app(plan, client_app)
+            runs[name] = _study(nodes, {**cfg, "run-dir": str(work / f"{name}{i}")}, work / f"{name}{i}", app)
+        (clean, t_clean), (faulty, t_faulty) = runs["clean"], runs["faulty"]
         fired = sum(plan.fired().values())
         injected.append(fired)
         survived.append(fired if faulty is not None else 0)

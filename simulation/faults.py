@@ -139,30 +139,3 @@ def faulty_client_app(plan: FaultPlan, real: ClientApp | None = None) -> ClientA
         out.query(action)(handler)
     return out
 
-
-class InProcessGrid:
-    """A Flower Grid that hands each message straight to a ClientApp in this process (no Ray, no
-    network): what `slmfed bench faults` runs the study on. Node ids 1000, 1001, ... in the order of
-    `node_configs`."""
-
-    def __init__(self, client_app, node_configs: list[dict]):
-        import itertools
-
-        from flwr.supercore.task_identity import TaskIdentity
-
-        self.client_app = client_app
-        self.nodes = {1000 + i: cfg for i, cfg in enumerate(node_configs)}
-        self._ids = itertools.count()
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
-            node = msg.metadata.dst_node_id
-            ctx = Context(run_id=1, node_id=node, node_config=dict(self.nodes[node]), state=RecordDict(), run_config={})
-            out.append(self.client_app(msg, ctx))
-        return out
