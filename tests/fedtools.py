@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from client.cache import CACHE_FORMAT_VERSION, atomic_write_json, patient_key, write_patient
 from common.clinical import FEATURE_NAMES, encode_row
