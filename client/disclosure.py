@@ -295,10 +295,11 @@ class Gate:
         return False
 
     # -- differential privacy --
-    def dp_training(self, study_id: str, model: str, request_digest: str, *, n_train: int, n_min: int, batch: int,
-                    epochs: int, rounds: int, dp_fits: int | None):
+    def dp_training(self, study_id: str, model: str, request_digest: str, *, n_train: int,
+                    n_min: Callable[[], int], batch: int, epochs: int, rounds: int, dp_fits: int | None):
         """(DPTraining, reply figures) for one training request, charged to the study's epsilon;
-        None when the site's policy has no DP. See client/dp.py for the accounting."""
+        None when the site's policy has no DP. `n_min()`: patients in the study's smallest training
+        part (asked only when calibrating). See client/dp.py for the accounting."""
         pol = self.policy
         if pol.dp_epsilon <= 0:
             return None
@@ -312,16 +313,17 @@ class Gate:
             if dp_fits is None:
                 raise Refused("request", "train needs 'dp-fits' (the study's planned DL trainings at this site) "
                                          "under this site's DP policy")
-            per_fit = rounds * epochs * D.steps_per_epoch(n_min, batch)
+            smallest = min(n_min(), n_train)
+            per_fit = rounds * epochs * D.steps_per_epoch(smallest, batch)
             try:
-                sigma = D.calibrate(pol.dp_epsilon, pol.dp_delta, batch / n_min, dp_fits * per_fit)
+                sigma = D.calibrate(pol.dp_epsilon, pol.dp_delta, batch / smallest, dp_fits * per_fit)
             except ValueError as exc:  # Opacus: no noise multiplier reaches the target
                 raise Refused("dp-budget", f"no noise level keeps {dp_fits} trainings x {rounds} rounds x {epochs} "
                                            f"epochs within epsilon {pol.dp_epsilon:g} ({exc})") from None
             book = {"noise-multiplier": sigma, "epsilon": pol.dp_epsilon, "delta": pol.dp_delta,
                     "clip-norm": pol.dp_clip_norm, "accountant": D.ACCOUNTANT,
                     "planned": {"dp-fits": dp_fits, "rounds": rounds, "epochs": epochs, "batch-size": batch,
-                                "sample-rate": batch / n_min, "steps": dp_fits * per_fit},
+                                "sample-rate": batch / smallest, "steps": dp_fits * per_fit},
                     "history": []}
             self.state["dp"][study_id.split("/")[0]] = book
         plan = D.DPTraining(noise_multiplier=book["noise-multiplier"], clip_norm=book["clip-norm"],
@@ -332,9 +334,10 @@ class Gate:
             entry = {"model": model, "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
                      "steps": plan.steps, "request": request_digest}
             after = D.epsilon([_dp_step(h) for h in history + [entry]], book["delta"])
-            if after > book["epsilon"] * (1 + 1e-9):
+            limit = min(book["epsilon"], pol.dp_epsilon)  # a budget the site lowered mid-study applies at once
+            if after > limit * (1 + 1e-9):
                 raise Refused("dp-budget", f"this training request would bring the study's epsilon at this site to "
-                                           f"{after:.3f}, over its budget {book['epsilon']:g}; nothing was trained")
+                                           f"{after:.3f}, over its budget {limit:g}; nothing was trained")
             history.append(entry)
         spent = D.epsilon([_dp_step(h) for h in history], book["delta"])
         spent_model = D.epsilon([_dp_step(h) for h in history if h["model"] == model], book["delta"])

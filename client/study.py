@@ -250,7 +250,8 @@ def train_dl(site: Site, gate: Gate, req: Mapping[str, Any], state) -> tuple[Any
     settings = {k: req[k] for k in req if k not in ("clinical-mean", "clinical-std")}
     request = digest(settings, req["clinical-mean"], req["clinical-std"], _weights_digest(state))
     gate.spend(f"{req['study-id']}|train|{model_name}|fold{fold}|round{rnd}", request)
-    dp = gate.dp_training(req["study-id"], model_name, request, n_train=len(d), n_min=_smallest_training_part(site, req),
+    dp = gate.dp_training(req["study-id"], model_name, request, n_train=len(d),
+                          n_min=lambda: _smallest_training_part(site, req, len(d)),
                           batch=req["batch-size"], epochs=req["local-epochs"], rounds=req["num-rounds"],
                           dp_fits=req.get("dp-fits"))
     global_params = dict(state) if float(site.cfg["fedprox-mu"]) > 0 else None
@@ -265,10 +266,14 @@ def train_dl(site: Site, gate: Gate, req: Mapping[str, Any], state) -> tuple[Any
                               "train-seconds": float(out["seconds"]), **({} if dp is None else dp[1])}
 
 
-def _smallest_training_part(site: Site, req: Mapping[str, Any]) -> int:
+def _smallest_training_part(site: Site, req: Mapping[str, Any], n_train: int) -> int:
     """Patients in the smallest CV training part of this study's folds: the DP calibration's
-    sampling rate (every fit trains on at least this many; more patients cost less epsilon)."""
-    return min(len(site.partition(f, "train", req["folds"], req["seed"])) for f in range(req["folds"]))
+    sampling rate (every fit trains on at least this many; more patients cost less epsilon). A site
+    too small for the study's CV trains only on all its patients, `n_train`."""
+    try:
+        return min(len(site.partition(f, "train", req["folds"], req["seed"])) for f in range(req["folds"]))
+    except (Refused, StudyError):
+        return n_train
 
 
 def _site_hash(name: str) -> int:

@@ -264,3 +264,11 @@ def test_a_study_under_dp_reports_the_epsilon_each_site_spent(tmp_path):
     report = (tmp_path / "run" / "report.md").read_text()
     assert "### Differential privacy" in report and "| center-primary | " + f"{spent['epsilon']:.2f}" in report
     assert "does NOT cover the CF model" in report
+
+
+def test_a_budget_the_site_lowers_mid_study_applies_at_once(tmp_path):
+    node = _site(tmp_path, **{"dp-epsilon": 4.0})
+    _ok(ask_site(client_app, node, "train", _request(rnd=1), arrays=_weights()))
+    lowered = {**node, "dp-epsilon": 0.01}  # the privacy officer edits the policy between two rounds
+    reply = ask_site(client_app, lowered, "train", _request(rnd=2), arrays=_weights())
+    assert reply.has_error() and "rule 'dp-budget'" in reply.error.reason
