@@ -78,6 +78,7 @@ class LoopbackRayCluster:
                  object_store_mb: int = 100):
         self.nodes, self.cpus, self.store = nodes, cpus_per_node, object_store_mb * 1024**2
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="slmfed-raycluster-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.temp_dir = tempfile.mkdtemp(prefix="slmrc-", dir="/tmp")  # short: Ray's socket paths are length-limited
