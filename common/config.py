@@ -2,8 +2,8 @@
 
 Values come in layers, later layers win:
     defaults  <  Flower run_config  <  Flower node_config  <  TOML file  <  CLI flags
-Flower's Python simulation API hands apps an empty `run_config`, so every app and command reads
-its settings through `load_config`, never straight from the Context.
+A run config may lack keys (Flower's public `run_simulation` API hands apps an empty one), so every
+app and command reads its settings through `load_config`, never straight from the Context.
 
 Keys are kebab-case everywhere (config files, run_config, node_config, CLI flags), with the same
 name in code and docs. Unknown keys and wrong types are errors that name the key, the layer it
