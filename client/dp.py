@@ -202,22 +202,34 @@ class _Private:
             self.module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
                                                                max_grad_norm=dp.clip_norm, use_ghost_clipping=True)
             self.optimizer = DPOptimizerFastGradientClipping(optimizer, **kwargs)
-            self.criterion = DPLossFastGradientClipping(self.module, self.optimizer, nn.BCEWithLogitsLoss(), "mean")
 
     def step(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> float:
         """One DP-SGD step on a non-empty batch; returns the batch's mean (unclipped) loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.module(x, z).float()
         if self.mode == "hooks":
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, y)
+            loss = nn.functional.binary_cross_entropy_with_logits(self.module(x, z).float(), y)
             loss.backward()
-            value = float(loss.detach())
-        else:
-            loss = self.criterion(logits, y)
-            loss.backward()  # norms, clipping coefficients, then the clipped loss's backward
-            value = float(loss.item())
+            self.optimizer.step()
+            return float(loss.detach())
+        # Opacus's two-pass fast gradient clipping (DPTensorFastGradientClipping.backward), with one
+        # change: the first pass, which only feeds the norm hooks, asks autograd for the gradient of
+        # the INPUTS, so no weight gradient is computed there (about a quarter of the step's work).
+        x, z = x.detach().requires_grad_(), z.detach().requires_grad_()
+        for p in self.params:
+            p._norm_sample = None
+        per_patient = nn.functional.binary_cross_entropy_with_logits(self.module(x, z).float(), y, reduction="none")
+        torch.autograd.grad(per_patient.mean(), [x, z], retain_graph=True, allow_unused=True)
+        missing = sum(getattr(p, "_norm_sample", None) is None for p in self.params)
+        if missing:  # a parameter off every path to the inputs would escape clipping: never train then
+            raise DPError(f"DP-SGD: {missing} parameter(s) got no per-sample norm; refusing to train unclipped")
+        coeff = self.module.get_clipping_coef()
+        self.module.disable_hooks()
+        try:
+            (coeff.to(per_patient.device) * per_patient).sum().backward()  # the clipped sum, into p.grad
+        finally:
+            self.module.enable_hooks()
         self.optimizer.step()
-        return value
+        return float(per_patient.detach().mean())
 
     def noise_step(self) -> None:
         """An empty Poisson batch still releases noise (the accountant counts the step): a zero clipped
