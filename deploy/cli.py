@@ -61,9 +61,12 @@ def cmd_register(args) -> int:
         raise CommandError(str(exc)) from None
     if b.kind != "coordinator":
         raise CommandError(f"{args.bundle}: expected the coordinator bundle, found a {b.kind} bundle")
-    keys = sorted((b.root / B.SITE_KEYS_DIR).glob("*.pub"))
-    if not keys:
-        raise CommandError(f"{b.root / B.SITE_KEYS_DIR}: no site public keys (*.pub) found")
+    names = b.data.get("sites", {}).get("names", [])
+    keys = [b.root / B.SITE_KEYS_DIR / f"{n}.pub" for n in names]  # exactly the sites the bundle names
+    missing = [str(k) for k in keys if not k.is_file()]
+    if not keys or missing:
+        raise CommandError(f"{b.root / B.SITE_KEYS_DIR}: no public key for "
+                           f"{', '.join(missing) or 'any site ([sites] names is empty)'}")
     conn = args.connection or FEDERATION
     for k in keys:
         print(shlex.join(["flwr", "supernode", "register", str(k), conn, "--name", k.stem]))

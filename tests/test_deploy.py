@@ -500,6 +500,10 @@ def _v_front_door_missing(d):
     (d / "coordinator/nginx-slmfed.conf").unlink()
 
 
+def _v_compose_superlink_public(d):
+    _edit(d / "coordinator/compose.yaml", '"127.0.0.1:9093:9093"', '"9093:9093"')
+
+
 def _v_approved_broken(d):
     (d / "sites/a/approved-apps.toml").write_text('[apps.latest]\nnote = "whatever the coordinator sends"\n')
 
@@ -586,6 +590,8 @@ BAD_VARIANTS = {
     "front door does not verify": (_v_front_door_no_verify, "coordinator/nginx-slmfed.conf", "proxy_ssl_verify on is missing"),
     "front door missing": (_v_front_door_missing, "coordinator", "nginx-slmfed.conf (the nginx front door) is missing"),
     "allow-list broken": (_v_approved_broken, "sites/a/approved-apps.toml", "expected the app's SHA-256"),
+    "compose SuperLink port published": (_v_compose_superlink_public, "coordinator/compose.yaml",
+                                         "flower-superlink: --host 0.0.0.0 exposes its Control API"),
 }
 
 
