@@ -272,3 +272,17 @@ def test_a_budget_the_site_lowers_mid_study_applies_at_once(tmp_path):
     lowered = {**node, "dp-epsilon": 0.01}  # the privacy officer edits the policy between two rounds
     reply = ask_site(client_app, lowered, "train", _request(rnd=2), arrays=_weights())
     assert reply.has_error() and "rule 'dp-budget'" in reply.error.reason
+
+
+def test_a_parameter_that_gets_no_per_sample_norm_stops_training():
+    """Ghost clipping clips by the norms its hooks saw: a trainable parameter whose hook never fired
+    would enter the update unclipped, so the step refuses instead."""
+    net = _tiny_net().train()
+    net.unused = nn.Linear(2, 2)  # trainable, on no path from the inputs to the loss
+    plan = D.DPTraining(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.5, steps=1, seed=1, mode="ghost")
+    private = D.make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), plan, 4, torch.Generator())
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(D.DPError, match="got no per-sample norm"):
+        private.step(torch.randn(4, 3, 40, 40), torch.randn(4, 7), torch.tensor([0.0, 1.0, 1.0, 0.0]))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # nothing was trained
+    private.close()
