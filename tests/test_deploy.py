@@ -169,7 +169,7 @@ def test_generated_commands_carry_the_required_flags(generated):
     assert B.parse_node_config(node.flag("--node-config")) == {
         "cache-dir": "/srv/slmfed/cache", "site-name": "a", "study-dir": "/srv/slmfed/study",
         "min-cell-size": "10", "histogram-bins": "100", "share-histograms": "true", "max-logit-slope": "10.0",
-        "max-partitions": "24", "max-studies": "50"}
+        "max-partitions": "24", "max-studies": "50", "dp-epsilon": "0.0", "dp-delta": "1e-05", "dp-clip-norm": "1.0"}
     cfg = tomllib.loads((generated / "coordinator/flwr-config.toml").read_text())
     # the researcher's flwr talks to the SuperLink on the coordinator's loopback, not the front door
     assert cfg["superlink"]["slmfed"] == {"address": "127.0.0.1:9093",

@@ -231,6 +231,17 @@ def slmfed_parser():
 
 
 @lru_cache(maxsize=None)
+def bench_parser(name: str):
+    """`slmfed bench NAME`'s own flags: the benchmark module's `configure` (simulation/bench.py)."""
+    import argparse
+    import importlib
+
+    parser = argparse.ArgumentParser(prog=f"slmfed bench {name}")
+    importlib.import_module(f"simulation.bench_{name}").configure(parser)
+    return parser
+
+
+@lru_cache(maxsize=None)
 def flower_argparse(program: str):
     import importlib
 
@@ -295,6 +306,8 @@ def problem(cmd: Command) -> str | None:
     """Why this command would not parse, or None (also None for commands we do not check)."""
     prog, args = cmd.program, cmd.argv[1:]
     if prog == "slmfed":
+        if len(args) > 1 and args[0] == "bench" and not args[1].startswith("-"):  # the benchmark's own flags
+            return _argparse_problem(slmfed_parser(), args[:2]) or _argparse_problem(bench_parser(args[1]), args[2:])
         return _argparse_problem(slmfed_parser(), args)
     if prog == "flwr":
         return _flwr_problem(args)
@@ -437,6 +450,9 @@ def inline_problem(span: str) -> str | None:
             bad = [a for a in w.split("|") if a and a not in pos_choices]
             if bad:
                 return f"{' '.join(path)}: invalid choice(s) {bad} (choose from {pos_choices})"
+            if path == ["slmfed", "bench"] and "|" not in w:  # one benchmark named: its own flags follow
+                node = bench_parser(w)
+                path.append(w)
     return None
 
 
@@ -606,6 +622,7 @@ def test_checker_rejects_bad_commands(line, fragment):
     ("slmfed simulate [--rounds N]", "--rounds"),
     ("slmfed deploy init / verify", "verify"),
     ("slmfed bench prepare\\|speed", "speed"),
+    ("slmfed bench dp --parts auc", "--parts"),
     ("flwr supernode remove NODE_ID slmfed", "remove"),
     ("flower-supernode --trusted-entity", "--trusted-entity"),
 ])

@@ -92,9 +92,11 @@ def test_flwr_run_in_the_project_folder_gives_the_rows_of_slmfed_simulate(cohort
 
 
 def test_slmfed_simulate_on_a_ray_cluster_it_did_not_start(cohort, local_rows, tmp_path):
-    # a head and a second node standing in for another machine, each with a bare environment
-    with LoopbackRayCluster(nodes=2, cpus_per_node=1, log_dir=tmp_path) as cluster:
-        proc = simulate(cohort, tmp_path / "run-ray", "--ray-address", cluster.address)
+    # a head and a second node standing in for another machine, each with a bare environment; each
+    # site's actor gets as many CPUs (torch threads) as the local reference run, whose float reductions
+    # it must reproduce bit for bit (1 thread vs 2 changes the DL model's last digits)
+    with LoopbackRayCluster(nodes=2, cpus_per_node=2, log_dir=tmp_path) as cluster:
+        proc = simulate(cohort, tmp_path / "run-ray", "--ray-address", cluster.address, "--client-cpus", "2")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert rows(tmp_path / "run-ray") == local_rows
 
