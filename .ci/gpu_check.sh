@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check of the CUDA path on a lent GPU machine (the `device` tool; CI never runs this).
-# The machine has PyTorch but none of our other packages: the wheels travel in .whl/ (see README,
-# "GPU"), the paper cohort's prepared caches in data/synthetic-paper/caches. Figures land in $OUT.
+# The machine has PyTorch but none of our other packages: the wheels travel in .whl/ (README, "On a
+# GPU"), the paper cohort's prepared caches in data/synthetic-paper/caches. Figures land in $OUT.
 #   1. device selection + AMP training throughput on the GPU (bench train), DP-SGD vs no DP (bench dp);
 #   2. DP-SGD (both grad-sample modes) vs no DP on 2 pinned CPU cores (the issue's 2-core target);
 #   3. the paper study at dp-epsilon 0 / 1 / 3 / 8 on the GPU (bench dp --part auc), 4 at once.
