@@ -2,6 +2,12 @@
 # One-shot check of the CUDA path on a lent GPU machine (the `device` tool; CI never runs this).
 # The machine has PyTorch but none of our other packages: the wheels travel in .whl/ (README, "On a
 # GPU"), the paper cohort's prepared caches in data/synthetic-paper/caches. Figures land in $OUT.
+# Make .whl/ here first (versions as in .ci/constraints.txt; the GPU image has Python 3.12 and torch):
+#   for p in monai opacus opt_einsum flwr cryptography cffi pycparser pycryptodome iterators \
+#            grpcio-health-checking protobuf grpcio pydicom nibabel tomli-w; do
+#     v=$(grep -i "^${p//-/[-_]}==" .ci/constraints.txt); python3 -m pip download -q --no-deps --only-binary=:all: \
+#       --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl "$v"; done
 #   1. device selection + AMP training throughput on the GPU (bench train), DP-SGD vs no DP (bench dp);
 #   2. DP-SGD (both grad-sample modes) vs no DP on 2 pinned CPU cores (the issue's 2-core target);
 #   3. the paper study at dp-epsilon 0 / 1 / 3 / 8 on the GPU (bench dp --part auc), 4 at once.
