@@ -196,7 +196,6 @@ class _Private:
         else:
             from opacus.grad_sample import GradSampleModuleFastGradientClipping
             from opacus.optimizers import DPOptimizerFastGradientClipping
-            from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
             _register_conv_norms()
             self.module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
