@@ -16,13 +16,13 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.processes import descendants, free_port
 from deploy import bundle as B
 from deploy.init import DEFAULT_PRIVACY, FEDERATION, DeployPlan, init_deployment
 from deploy.join import preflight_tls
@@ -41,35 +41,9 @@ def nginx_binary() -> str | None:
                                           if Path(p).is_file()), None)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _children(pid: int) -> list[int]:
-    """All descendants of pid (Linux /proc), deepest last."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # exited while we looked
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM the process and its descendants by PID, SIGKILL whatever is left after `grace`."""
-    pids = [proc.pid, *_children(proc.pid)]
+    pids = [proc.pid, *descendants(proc.pid)]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)

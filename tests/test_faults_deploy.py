@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from common.processes import descendants
 from deploy.loopback import LoopbackFederation, nginx_binary, stop_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -32,23 +33,6 @@ STUDY = {"scenario": "paper", "num-rounds": 1, "folds": 2, "models": "dl", "loca
          "site-timeout-s": 30.0, "site-retries": 8, "retry-backoff-s": 2.0}
 
 
-def _descendants(pid: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -57,7 +41,7 @@ def _cmdline(pid: int) -> str:
 
 
 def _sigkill_tree(pid: int) -> None:
-    for p in [pid, *_descendants(pid)]:
+    for p in [pid, *descendants(pid)]:
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
@@ -135,7 +119,7 @@ def test_serverapp_sigkill_and_supernode_restart_then_resume_gives_identical_row
                            cwd=fed.work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_for(lambda: _seq(run_dir) >= 1, 600, "the first checkpoint")
-        servers = [p for p in _descendants(fed.procs["superlink"].pid) if "flwr-serverapp" in _cmdline(p)]
+        servers = [p for p in descendants(fed.procs["superlink"].pid) if "flwr-serverapp" in _cmdline(p)]
         assert servers, "no flwr-serverapp process under the SuperLink"
         for p in servers:
             _sigkill_tree(p)

@@ -55,15 +55,7 @@ def _ray_pids() -> set[int]:
     until its parent (or PID 1, which in some containers never reaps) collects it, and pgrep -f
     still matches it by name."""
     out = subprocess.run(["pgrep", "-f", "raylet|gcs_server|ray::"], capture_output=True, text=True).stdout
-    running = set()
-    for pid in map(int, out.split()):
-        try:
-            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        if state != "Z":
-            running.add(pid)
-    return running
+    return {pid for pid in map(int, out.split()) if alive(pid)}
 
 
 @pytest.fixture(scope="module")
