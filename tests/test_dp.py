@@ -286,3 +286,10 @@ def test_a_parameter_that_gets_no_per_sample_norm_stops_training():
         private.step(torch.randn(4, 3, 40, 40), torch.randn(4, 7), torch.tensor([0.0, 1.0, 1.0, 0.0]))
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # nothing was trained
     private.close()
+
+
+def test_a_delta_not_below_one_in_ten_patients_is_refused_before_training(tmp_path):
+    node = _site(tmp_path, n=100, **{"dp-epsilon": 3.0, "dp-delta": 1e-3})  # 1e-3 >= 1 / (10 x 100)
+    reply = ask_site(client_app, node, "train", _request(), arrays=_weights())
+    assert reply.has_error() and "rule 'dp-delta'" in reply.error.reason and not reply.has_content()
+    assert "100" not in reply.error.reason  # the refusal names the rule, not the site's patient count
