@@ -2,11 +2,14 @@
 
 Layout of CACHE_DIR:
     manifest.json              format version, preprocessing parameters, per-patient status + hashes
+                               + order (rank of the patient_id: the patient order load_cache uses)
     qc.csv                     one row per patient: patient_key, status (included/excluded), reason, ...
     patients/<patient_key>.npz image (float32, C x H x W for 2d/2.5d, C x D x H x W for 3d),
                                clinical (float32, common.clinical.FEATURE_NAMES order),
                                label (int8: 0/1, -1 when the site has no outcome),
                                roi (uint8, the ROI mask on the crop's grid: reports and attention maps)
+                               radiomics (float64, client.radiomics.FEATURE_NAMES order; optional:
+                               caches from before it, or a patient whose features failed, lack it)
 Beside it (not inside, never shared): CACHE_DIR.parent / f"{CACHE_DIR.name}-id-map.csv" maps the
 salted patient_key back to the hospital's patient_id for the site's own use.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,10 +49,13 @@ def patient_key(patient_id: str, salt: str) -> str:
     return "p" + hashlib.sha256(f"{salt}:{patient_id}".encode("utf-8")).hexdigest()[:16]
 
 
-def encode_patient(image: np.ndarray, clinical: np.ndarray, label: int, roi: np.ndarray | None = None) -> bytes:
+def encode_patient(image: np.ndarray, clinical: np.ndarray, label: int, roi: np.ndarray | None = None,
+                   radiomics: np.ndarray | None = None) -> bytes:
     """Serialise one patient's record to .npz bytes (no pickle)."""
     buf = io.BytesIO()
     extra = {} if roi is None else {"roi": np.ascontiguousarray(roi, dtype=np.uint8)}
+    if radiomics is not None:
+        extra["radiomics"] = np.ascontiguousarray(radiomics, dtype=np.float64)
     np.savez(
         buf,
         image=np.ascontiguousarray(image, dtype=np.float32),
@@ -60,9 +67,9 @@ def encode_patient(image: np.ndarray, clinical: np.ndarray, label: int, roi: np.
 
 
 def write_patient(cache_dir: str | Path, key: str, image: np.ndarray, clinical: np.ndarray, label: int,
-                  roi: np.ndarray | None = None) -> str:
+                  roi: np.ndarray | None = None, radiomics: np.ndarray | None = None) -> str:
     """Atomically write one patient file; returns its sha256 for the manifest."""
-    data = encode_patient(image, clinical, label, roi)
+    data = encode_patient(image, clinical, label, roi, radiomics)
     atomic_write_bytes(Path(cache_dir) / PATIENTS_DIR / f"{key}.npz", data)
     return sha256_bytes(data)
 
@@ -106,15 +113,41 @@ def read_manifest(cache_dir: str | Path) -> dict:
     return manifest
 
 
+def patient_order(cache_dir, keys: list[str], ranks: list, images, clinical, labels) -> list[int]:
+    """The site's patient order, as indices into `keys` (salted keys, sorted).
+
+    It must not depend on the cache's random salt (a re-prepared cache would get other folds), nor on
+    the image bytes: the same cohort exported in another form (an RTSTRUCT rasterised instead of a
+    voxel mask) gives slightly different crops, and the folds, hence every study result, CF's too,
+    would move with them. So `slmfed prepare` records each patient's "order" in the manifest: the rank
+    of its patient_id among the site's patient_ids. A cache written before that field existed keeps
+    its former order, a hash of each patient's content, so it loads and trains as it did.
+    """
+    where = Path(cache_dir) / MANIFEST
+    given = [r is not None for r in ranks]
+    if not any(given):
+        return sorted(range(len(keys)), key=lambda i: hashlib.sha256(
+            images[i].tobytes() + clinical[i].tobytes() + bytes([labels[i] & 0xFF])).hexdigest())
+    for key, r in zip(keys, ranks):
+        if type(r) is not int or r < 0:
+            raise CacheError(f"{where}: patient {key} has order {r!r}, expected an integer >= 0 "
+                             "(every included patient has one, or none does); re-run `slmfed prepare`")
+    dup = [r for r, n in Counter(ranks).items() if n > 1]
+    if dup:
+        raise CacheError(f"{where}: more than one included patient has order {dup[0]}; re-run `slmfed prepare`")
+    return sorted(range(len(keys)), key=ranks.__getitem__)
+
+
 def load_cache(cache_dir: str | Path, verify: bool = True) -> SiteData:
-    """Load every included patient of a prepared cache (checking hashes against the manifest), in an
-    order fixed by the patients' data, not by their salted keys."""
+    """Load every included patient of a prepared cache (checking hashes against the manifest), in the
+    site's patient order (`patient_order`): folds and mini-batches derive from it."""
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
-    keys, images, clinical, labels = [], [], [], []
+    keys, images, clinical, labels, ranks = [], [], [], [], []
     for key, entry in sorted(manifest.get("patients", {}).items()):
         if entry.get("status") != "included":
             continue
+        ranks.append(entry.get("order"))
         path = cache_dir / PATIENTS_DIR / f"{key}.npz"
         try:
             data = path.read_bytes()
@@ -129,10 +162,7 @@ def load_cache(cache_dir: str | Path, verify: bool = True) -> SiteData:
         keys.append(key)
     if not keys:
         raise CacheError(f"{cache_dir}: the cache holds no included patient")
-    # A stable patient order, independent of the cache's random salt: the content itself. Folds and
-    # mini-batches derive from this order, so two caches of the same data give the same study.
-    order = sorted(range(len(keys)), key=lambda i: hashlib.sha256(
-        images[i].tobytes() + clinical[i].tobytes() + bytes([labels[i] & 0xFF])).hexdigest())
+    order = patient_order(cache_dir, keys, ranks, images, clinical, labels)
     return SiteData(
         keys=[keys[i] for i in order],
         images=np.stack([images[i] for i in order]).astype(np.float32, copy=False),

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from client import cache as cache_mod
+from client import radiomics
 from client.clinical_table import ClinicalRow, ClinicalTableError, read_clinical_table
 from client.dicom_scan import _FIELDS as _RECORD_FIELDS
 from client.dicom_scan import FileRecord, dicomdir_summary, input_form, is_mask_object, list_files, scan_files
@@ -132,6 +133,7 @@ def preprocessing_params(cfg: dict) -> dict:
         "adc-normalisation": "ADC [mm^2/s] / 3e-3, clipped to [0, 1.5]",
         "registration": "scanner coordinates (linear resampling onto the T2 grid)"
         + ("; rigid refinement (Mattes MI, Euler 3D, ROI neighbourhood)" if cfg.get("rigid-refine") else ""),
+        "radiomics": radiomics.VERSION,  # in the source hash: a new feature version rebuilds every patient
     }
 
 
@@ -228,6 +230,11 @@ def build_patient_image(series: list[Series], mask_path: Path | None, rules: Ser
         raise Excluded("ADC", str(exc)) from None
     sp = t2.GetSpacing()
     data = {"t2": sitk.GetArrayFromImage(t2), "dwi": dwi, "adc": adc, "mask": roi, "spacing": sp}
+    try:  # the handcrafted baseline's features; a failure leaves the patient in, without them, and says so
+        features = radiomics.compute_features(data["t2"], dwi, adc, roi, sp)
+    except radiomics.RadiomicsError as exc:
+        features = None
+        notes.append(f"radiomics: {exc}")
     out = build_input_transform(cfg["input-mode"], cfg["fov-mm"], cfg["crop-size"], cfg["crop-depth"],
                                 cfg["context-slices"])(data)
     image = np.asarray(out["image"], dtype=np.float32)
@@ -243,6 +250,7 @@ def build_patient_image(series: list[Series], mask_path: Path | None, rules: Ser
         "roi_area_mm2": round(out["roi_area_mm2"], 1),
         "notes": notes,
         "roi_crop": (np.asarray(out["mask"]) > 0).astype(np.uint8),  # kept in the patient file, not the manifest
+        "radiomics": features,  # likewise
     }
     return image, info
 
@@ -264,7 +272,8 @@ def _process(job: dict) -> dict:
         return {**base, "status": "excluded", "_traceback": traceback.format_exc(),
                 "reason": f"internal error: {type(exc).__name__} (traceback in the site-local errors.log)"}
     roi = info.pop("roi_crop", None)
-    sha = cache_mod.write_patient(job["cache_dir"], key, image, row.encode(), row.slm, roi=roi)
+    features = info.pop("radiomics", None)
+    sha = cache_mod.write_patient(job["cache_dir"], key, image, row.encode(), row.slm, roi=roi, radiomics=features)
     return {**base, "status": "included", "reason": "", "sha256": sha, **info}
 
 
@@ -548,6 +557,13 @@ def _prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None 
         if pool:
             pool.shutdown()
 
+    # Each patient's place in the site's patient order (client/cache.py load_cache): the rank of its
+    # patient_id among all the site's patient_ids, sorted as strings. It depends on neither the images
+    # nor the salt, so the same cohort prepared again, or exported in another form, gets the same folds.
+    # Recomputed for every patient, reused entries included, since a new or removed patient shifts it.
+    for rank, (key, _pid) in enumerate(id_rows):  # id_rows follows `ids`: sorted patient_ids
+        entries[key] = {**entries[key], "order": rank}
+
     # stale patient files (patients gone or now excluded) are removed so the cache holds no leftovers
     pdir = cache_dir / cache_mod.PATIENTS_DIR
     if pdir.is_dir():
@@ -585,6 +601,8 @@ def _prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None 
         "image_shape": image_shape(mode, cfg["crop-size"], cfg["crop-depth"], ctxs),
         "feature_names": list(FEATURE_NAMES),
         "clinical_encoding": ENCODING_VERSION,
+        "radiomics_features": list(radiomics.FEATURE_NAMES),
+        "radiomics_version": radiomics.VERSION,
         "has_label": table.has_label,
         "salt": salt,
         "counts": {"patients": report.patients, "included": report.included, "excluded": report.excluded,

@@ -13,6 +13,8 @@ centred on it), a sub-pixel shift: mean |difference| <= 0.012 per channel, 99th 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -21,10 +23,11 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from client.cache import id_map_path
+from client.cache import CacheError, atomic_write_json, id_map_path, load_cache, patient_order
 from client.dicom_scan import dicomdir_summary, read_headers
 from client.masks import fill_polygons, match_roi_name, read_roi, MaskSource
 from client.prepare import prepare_site
+from client.study import Site
 from common.config import load_config
 from simulation.synth import generate_cohort
 
@@ -320,3 +323,94 @@ def test_dicom_mask_choice_and_reasons():
     hits, why = dicom_candidates([obj(SEG_STORAGE, "5", "OTHER")], "T2", {"T2", "DWI"})
     assert hits == [] and why.startswith("1 DICOM SEG object(s) with this PatientID reference no series of this patient")
     assert dicom_candidates([], "T2", {"T2"}) == ([], "")
+
+
+# ---- the site's patient order (client/cache.py patient_order): by patient_id, not by salt or form -----
+def _ids(cache: Path) -> dict[str, str]:
+    with open(id_map_path(cache), newline="", encoding="utf-8") as fh:
+        return {r["patient_key"]: r["patient_id"] for r in csv.DictReader(fh)}
+
+
+def _manifest(cache: Path) -> dict:
+    return json.loads((cache / "manifest.json").read_text("utf-8"))
+
+
+def test_patient_order_and_folds_follow_patient_id_not_salt_or_form(forms, tmp_path):
+    """Every form of the cohort, and the classic + NIfTI one prepared again under a new salt, loads its
+    patients in patient_id order and so gets the same CV folds. The content order used before would
+    not: the RTSTRUCT crops differ slightly from the NIfTI ones (the #11 CF AUC 0.866 vs 0.840)."""
+    root, _ = forms
+    cfg = load_config(cli={"workers": 1})
+    folds = {}
+    for site in SITES:
+        caches = {name: root / "cache" / name / site for name in FORMS}
+        caches["classic-nifti-resalted"] = tmp_path / "resalted" / site
+        prepare_site(root / "classic-nifti" / site, caches["classic-nifti-resalted"], cfg, progress=False)
+        assert len({_manifest(c)["salt"] for c in caches.values()}) == len(caches)
+        want = sorted(_ids(caches["classic-nifti"]).values())
+        for name, cache in caches.items():
+            ids, data = _ids(cache), load_cache(cache)
+            assert [ids[k] for k in data.keys] == want, name
+            assert {ids[k]: e["order"] for k, e in _manifest(cache)["patients"].items()} == {
+                pid: i for i, pid in enumerate(want)}, name
+            if site == "center-primary":  # the tiny external site has one SLM patient: no stratified folds
+                folds[name] = Site({"cache-dir": str(cache)}, data, tmp_path / "study").fold_ids(2, seed=7).tolist()
+    assert len(folds) == len(FORMS) + 1 and len({tuple(f) for f in folds.values()}) == 1, folds
+    assert sorted(set(folds["classic-nifti"])) == [0, 1]
+    a, b = (load_cache(root / "cache" / name / "center-primary") for name in ("classic-nifti", "classic-rtstruct"))
+    legacy = [patient_order("-", list(range(len(d))), [None] * len(d), d.images, d.clinical, d.labels) for d in (a, b)]
+    assert legacy[0] != legacy[1]  # the fixture exercises what the order field fixes
+
+
+def test_patient_order_is_recomputed_on_an_incremental_prepare(forms, tmp_path):
+    """A patient added to a prepared site shifts the others' rank: the reused entries get theirs anew."""
+    root, _ = forms
+    site, cache, aside = tmp_path / "site", tmp_path / "cache", tmp_path / "aside"
+    shutil.copytree(root / "classic-nifti" / "center-primary", site)
+    pid = "P1-0004"
+    aside.mkdir()
+    shutil.move(site / "dicom" / pid, aside / "dicom")
+    shutil.move(site / "masks" / f"{pid}.nii.gz", aside / "mask.nii.gz")
+    rows = (site / "clinical.csv").read_text("utf-8").splitlines(keepends=True)
+    (site / "clinical.csv").write_text("".join(r for r in rows if not r.startswith(pid + ",")), "utf-8")
+    cfg = load_config(cli={"workers": 1})
+    first = prepare_site(site, cache, cfg, progress=False)
+    assert first.included == len(rows) - 2  # header and the patient set aside
+    shutil.move(aside / "dicom", site / "dicom" / pid)
+    shutil.move(aside / "mask.nii.gz", site / "masks" / f"{pid}.nii.gz")
+    (site / "clinical.csv").write_text("".join(rows), "utf-8")
+    rep = prepare_site(site, cache, cfg, progress=False)
+    assert (rep.reused, rep.redone, rep.included) == (first.included, 1, first.included + 1)
+    ids = _ids(cache)
+    want = sorted(ids.values())
+    assert {ids[k]: e["order"] for k, e in _manifest(cache)["patients"].items()} == {p: i for i, p in enumerate(want)}
+    assert [ids[k] for k in load_cache(cache).keys] == want
+
+
+def test_cache_without_order_loads_in_its_former_content_order(forms, tmp_path):
+    """A cache prepared before the order field keeps loading as it did (hash of each patient's content);
+    a manifest where only some patients, or two patients with one rank, have an order is refused."""
+    root, _ = forms
+    cache = tmp_path / "cache"
+    shutil.copytree(root / "cache" / "classic-rtstruct" / "center-primary", cache)
+    manifest = _manifest(cache)
+    for e in manifest["patients"].values():
+        e.pop("order")
+    atomic_write_json(cache / "manifest.json", manifest)
+    content = {}
+    for p in (cache / "patients").glob("*.npz"):
+        with np.load(p) as z:
+            content[p.stem] = hashlib.sha256(z["image"].astype(np.float32).tobytes() + z["clinical"].astype(np.float32).tobytes()
+                                             + bytes([int(z["label"]) & 0xFF])).hexdigest()
+    assert load_cache(cache).keys == sorted(content, key=content.get)
+
+    keys = sorted(manifest["patients"])
+    manifest["patients"][keys[0]]["order"] = 0
+    atomic_write_json(cache / "manifest.json", manifest)
+    with pytest.raises(CacheError, match=f"patient {keys[1]} has order None"):
+        load_cache(cache)
+    for i, k in enumerate(keys):
+        manifest["patients"][k]["order"] = min(i, 3)
+    atomic_write_json(cache / "manifest.json", manifest)
+    with pytest.raises(CacheError, match="more than one included patient has order 3"):
+        load_cache(cache)
