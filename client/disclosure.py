@@ -47,8 +47,10 @@ from common.config import MODELS, SENT_MODEL_KEYS, ConfigError, coerce_value
 
 log = logging.getLogger(__name__)
 
-# "<12 hex study id>/<fit tag>"; fit tags are the protocol's (server/protocol.py study_plan)
-STUDY_ID = re.compile(r"^(?P<study>[0-9a-f]{12})/(?P<tag>cv|final|central|(?:loco|local)-[a-z0-9][a-z0-9_-]{0,62})$")
+# "<12 hex study id>/<fit tag>"; fit tags are the protocol's (server/protocol.py study_plan): a repeat
+# r = 1..19 of repeated cross-validation is "<family>-r<r>" ("cv-r2", "central-r1", "local-<site>-r3")
+STUDY_ID = re.compile(r"^(?P<study>[0-9a-f]{12})/(?P<tag>(?:cv|central)(?:-r(?:[1-9]|1[0-9]))?|final|"
+                      r"(?:loco|local)-[a-z0-9][a-z0-9_-]{0,62})\Z")
 LOGISTIC_QUERIES = 200  # Newton steps x line-search halvings of one CF fit, with a wide margin
 MAX_FOLDS = 20
 MAX_ROUNDS = 1000

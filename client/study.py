@@ -71,7 +71,8 @@ class Site:
 
     # ---- partitions -----------------------------------------------------------------------------
     def fold_ids(self, folds: int, seed: int) -> np.ndarray:
-        """Stratified fold of each patient, reproducible from the seed the server sends."""
+        """Stratified fold of each patient, reproducible from the seed the server sends (a repeat of a
+        repeated CV sends its own seed: another assignment, i.e. new patient groups for the gate)."""
         y = self.data.labels
         if not self.has_labels:
             raise StudyError(f"site {self.name}: cross-validation needs an slm label for every patient")
@@ -128,6 +129,13 @@ class Site:
         keys = np.concatenate([p[0] for p in parts])
         order = np.argsort(keys)
         return keys[order], np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
+
+
+def cv_partitions(folds: int, repeats: int) -> int:
+    """Distinct patient groups one study asks of a cross-validation site: its whole cohort, plus a
+    training and a held-out group per fold of each repeat (every CV family of a repeat, and the final
+    fit on all patients, reuse these). What a site's max-partitions must allow for one such study."""
+    return 1 + 2 * int(folds) * int(repeats)
 
 
 _LOADED: dict[str, tuple[tuple, SiteData]] = {}

@@ -35,6 +35,8 @@ SCHEMA: dict[str, Key] = {
     "scenario": Key(str, "paper", "study design", ("paper", "federated", "multisite")),
     "seed": Key(int, 42, "seed for folds, initialisation and augmentation"),
     "folds": Key(int, 5, "cross-validation folds in the training cohort(s)", bounds=(2, 20)),
+    "cv-repeats": Key(int, 1, "repeated cross-validation: R different fold assignments, each a full CV; per-repeat "
+                              "AUCs, mean and SD", bounds=(1, 20)),
     "models": Key(str, "cf,dl,combined", "which of the three models to run (comma list)"),
     "cf-l2": Key(float, 0.0, "ridge penalty on the CF model's slopes (0 = plain maximum likelihood)"),
     "num-rounds": Key(int, 8, "federated rounds per DL model fit", bounds=(1, 1000)),

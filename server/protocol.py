@@ -8,6 +8,10 @@ external validation). For each fit and model:
   - DL / Combined: R rounds of local training + FedAvg (the aggregation Flower's FedAvg strategy uses,
     weighted by num-examples; FedProx via fedprox-mu at the sites), a checkpoint after every round;
   - evaluation: sites store per-patient scores locally and reply the loss and AUC only.
+Repeated cross-validation (cv-repeats R): every CV family ("cv", "local-<site>", "central") is run R
+times, repeat r > 0 under tag "<family>-r<r>" with its own fold seed (`fold_seed`); the sites treat it
+as new patient groups (their max-partitions and no-differencing rules apply), and the threshold, the
+headline rows and the figures stay those of repeat 0.
 At the end each site summarises its stored predictions (exact AUC with DeLong CI, calibration, DeLong
 tests, and k-safe score cells); the server picks the Youden threshold on the pooled out-of-fold cells
 of the training sites and derives every operating point and decision curve from the cells.
@@ -179,9 +183,42 @@ class Fit:
     train: list[str]
     val: list[str] = field(default_factory=list)
     test: list[str] = field(default_factory=list)
+    repeat: int = 0               # repeated CV (cv-repeats): r > 0 is tag "<family>-r<r>" with its own fold seed
 
 
-def study_plan(scenario: str, sites: dict[str, dict], folds: int, eval_sites: list[str]) -> list[Fit]:
+def fold_seed(seed: int, repeat: int) -> int:
+    """The seed of repeat `repeat`'s fold assignment: the study seed for repeat 0 (today's folds, so
+    cv-repeats = 1 changes nothing), a derived one for each further repeat."""
+    if repeat == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(repeat)]).generate_state(1)[0] % 2**31)
+
+
+def repeat_tag(family: str, repeat: int) -> str:
+    """The fit tag of a CV family's repeat: its prediction-store namespace at the sites, so every repeat
+    has its own stored predictions, query budget and summary (client/disclosure.py STUDY_ID)."""
+    return family if repeat == 0 else f"{family}-r{repeat}"
+
+
+def family_of(fit: dict | Fit) -> str:
+    """The CV family of a planned fit ("cv", "central", "local-<site>"), whatever its repeat."""
+    tag, r = (fit.tag, fit.repeat) if isinstance(fit, Fit) else (fit["tag"], int(fit.get("repeat", 0)))
+    return tag[: -len(f"-r{r}")] if r else tag
+
+
+def study_plan(scenario: str, sites: dict[str, dict], folds: int, eval_sites: list[str], repeats: int = 1) -> list[Fit]:
+    """The fits of the study. With repeats R > 1 every cross-validation family is run again R - 1
+    times with other fold assignments; those fits come after today's plan, so the indices (and the
+    seeded initial weights) of repeat 0 and of the final fits do not depend on R."""
+    plan = _single_plan(scenario, sites, folds, eval_sites)
+    families = [f for f in plan if f.fold >= 0]
+    for r in range(1, repeats):
+        plan += [Fit(repeat_tag(f.tag, r), f.fold, list(f.train), val=list(f.val), test=list(f.test), repeat=r)
+                 for f in families]
+    return plan
+
+
+def _single_plan(scenario: str, sites: dict[str, dict], folds: int, eval_sites: list[str]) -> list[Fit]:
     names = sorted(sites)
     labelled = [s for s in names if sites[s]["has-labels"]]
     if scenario == "paper":
@@ -270,7 +307,8 @@ class Study:
         # a site whose cohort cannot be released (e.g. it grew by fewer than k patients since a released
         # study) answers nothing in this study: plan without it
         usable = {s: m for s, m in sites.items() if self.state["sites"][s]["cohort-released"]}
-        self.plan = study_plan(self.cfg["scenario"], usable, int(self.cfg["folds"]), eval_sites)
+        self.plan = study_plan(self.cfg["scenario"], usable, int(self.cfg["folds"]), eval_sites,
+                               int(self.cfg["cv-repeats"]))
         self.state["plan"] = [asdict(f) for f in self.plan]
 
     def _site_name(self, node: int, content: RecordDict) -> str:
@@ -344,12 +382,14 @@ class Study:
 
     # -- helpers --
     def _base(self, fit: Fit) -> dict:
-        return {"fold": fit.fold, "folds": int(self.cfg["folds"]), "seed": int(self.cfg["seed"]),
+        # a CV repeat sends its own seed: the site's fold assignment (and local training stream) follow it
+        return {"fold": fit.fold, "folds": int(self.cfg["folds"]), "seed": fold_seed(int(self.cfg["seed"]), fit.repeat),
                 "study-id": f"{self.state['study_id']}/{fit.tag}"}
 
     def _dp_fits(self) -> int:
-        """DL trainings the plan asks of its busiest training site: a site under DP calibrates its
-        noise for this many (client/dp.py); declaring fewer would only get later rounds refused."""
+        """DL trainings the plan asks of its busiest training site (every CV repeat included): a site
+        under DP calibrates its noise for this many (client/dp.py); declaring fewer would only get later
+        rounds refused."""
         n_dl = sum(m != "cf" for m in self.models)
         per_site = [sum(s in f.train for f in self.plan) for s in {s for f in self.plan for s in f.train}]
         return max(1, max(per_site, default=1) * n_dl)
@@ -559,6 +599,7 @@ class Study:
         summaries = []
         for tag in dict.fromkeys(f.tag for f in self.plan):
             fits = [f for f in self.plan if f.tag == tag]
+            repeat = {"repeat": fits[0].repeat, "family": family_of(fits[0])} if fits[0].repeat else {}
             kind = "oof" if fits[0].fold >= 0 else "final"
             sites = sorted({s for f in fits for s in (f.val if kind == "oof" else f.test)})
             sites = [s for s in sites if (tag, s) not in incomplete
@@ -576,7 +617,8 @@ class Study:
                 self.fault(Fit(tag, -1, []), site, "results summary", "missing", reason)
             for site, content in replies.items():
                 notes = dict(content["notes"]) if "notes" in content else {}
-                summaries.append({"tag": tag, "kind": kind, "site": site, "metrics": metrics_of(content), "notes": notes})
+                summaries.append({"tag": tag, "kind": kind, "site": site, "metrics": metrics_of(content), "notes": notes,
+                                  **repeat})
         self.state["summaries"] = summaries
         self.state["thresholds"] = development_thresholds(summaries, self.models)
         return self.state
@@ -590,12 +632,13 @@ class _SiteLeft(Exception):
 
 def development_thresholds(summaries: list[dict], models: list[str]) -> dict[str, float]:
     """Per model, the Youden threshold on the out-of-fold score cells of the federated CV ("cv"),
-    pooled over its sites; other out-of-fold fits when there is no "cv" summary. A model without
-    cells (sites withholding them) gets no threshold."""
+    pooled over its sites; other out-of-fold fits when there is no "cv" summary. Only repeat 0 of a
+    repeated CV counts (its fold assignment is the study seed's). A model without cells (sites
+    withholding them) gets no threshold."""
     out = {}
     for model in models:
         for tags in (("cv",), None):
-            parts = [c for s in summaries if s["kind"] == "oof" and (tags is None or s["tag"] in tags)
+            parts = [c for s in summaries if s["kind"] == "oof" and not s.get("repeat") and (tags is None or s["tag"] in tags)
                      and (c := score_cells(s["metrics"], model)) is not None]
             if parts:
                 edges, neg, pos = M.pool_cells(parts)

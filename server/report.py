@@ -61,7 +61,8 @@ def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
     thresholds = state.get("thresholds", {})
     t_grid = M.DEFAULT_THRESHOLDS
     rows, delong, curves = [], [], {}
-    for s in state["summaries"]:
+    # repeats r > 0 of a repeated CV go to "cv_repeats" only: rows, curves and figures are repeat 0's
+    for s in [s for s in state["summaries"] if not s.get("repeat")]:
         m = s["metrics"]
         cohort = cohort_label(s["tag"], s["kind"], s["site"], folds)
         for model in models:
@@ -128,7 +129,9 @@ def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
         "pooled": pooled,
         "cf_model": cf_tables,
         "oracle": _oracle(truth),
-        "learning_curves": _learning_curves(state["history"]),
+        "learning_curves": _learning_curves(state["history"], {f["tag"] for f in state.get("plan", []) if f.get("repeat")}),
+        "cv_repeats": repeated_cv(state, cfg),
+        "cv_repeats_pooled": repeated_cv_pooled(state, cfg, models),
         "communication": state.get("bytes", {}),
         "timing": state.get("timing", {}),
         "curves": curves,
@@ -138,6 +141,86 @@ def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
         "released": state.get("released", {}),
         "dp": dp_spent(state),
     }
+
+
+def _mean_sd(aucs: list[float | None]) -> tuple[float | None, float | None]:
+    done = [a for a in aucs if a is not None]
+    mean = float(np.mean(done)) if done else None
+    return mean, (float(np.std(done, ddof=1)) if len(done) > 1 else None)
+
+
+def _cv_families(state: dict) -> dict[str, list[str]]:
+    """{CV family tag: the sites planned to evaluate its held-out folds} (repeat 0 fits of the plan)."""
+    out: dict[str, list[str]] = {}
+    for f in state.get("plan", []):
+        if f["fold"] >= 0 and not f.get("repeat"):
+            out.setdefault(f["tag"], [])
+            out[f["tag"]] += [s for s in f["val"] if s not in out[f["tag"]]]
+    return out
+
+
+def _why_missing(state: dict, tag: str, site: str, model: str) -> str:
+    """Why (tag, site) has no AUC for `model`: the first refusal, n/a or fault the study recorded."""
+    for e in state.get("sat_out", []) + state.get("faults", []):
+        if e["tag"] == tag and e["site"] in (site, "(every training site)") and e.get("model", model) in (model, ""):
+            return f"{e['step']}: {e['reason']}"
+    return "no results summary"
+
+
+def repeated_cv(state: dict, cfg: dict) -> dict:
+    """Repeated cross-validation: {family: {model: {site: per-repeat AUCs, their mean and SD}}}.
+
+    Families are the plan's CV fits ("cv", and in multisite "local-<site>" and "central"); repeat r
+    used fold seed fold_seeds[r]. A repeat a site did not compute (e.g. refused under its
+    max-partitions) is None in `aucs`, with the reason in `not_computed`; mean and SD (n - 1) are over
+    the computed repeats."""
+    from server.protocol import fold_seed, repeat_tag
+
+    repeats = int(cfg.get("cv-repeats", 1))
+    seeds = [fold_seed(int(cfg["seed"]), r) for r in range(repeats)]
+    found = {(s["tag"], s["site"]): s["metrics"] for s in state["summaries"]}
+    models = [m for m in ("cf", "dl", "combined") if any(f"{m}.auc" in s["metrics"] for s in state["summaries"])]
+    out: dict = {}
+    for family, sites in _cv_families(state).items():
+        for model in models:
+            for site in sites:
+                aucs, missing = [], {}
+                for r in range(repeats):
+                    tag = repeat_tag(family, r)
+                    m = found.get((tag, site), {})
+                    auc = _f(m[f"{model}.auc"]) if f"{model}.auc" in m else None
+                    aucs.append(auc)
+                    if auc is None:
+                        missing[str(r)] = _why_missing(state, tag, site, model)
+                mean, sd = _mean_sd(aucs)
+                out.setdefault(family, {}).setdefault(model, {})[site] = {
+                    "cohort": cohort_label(family, "oof", site, int(cfg["folds"])), "fold_seeds": seeds, "aucs": aucs,
+                    "mean": mean, "sd": sd, "computed": sum(a is not None for a in aucs), "not_computed": missing}
+    return out
+
+
+def repeated_cv_pooled(state: dict, cfg: dict, models: list[str]) -> dict:
+    """Several training sites ("cv" at more than one site): per repeat the AUC of their pooled k-safe
+    out-of-fold score cells, as `pooled` reports for repeat 0; None where a site's cells are missing."""
+    from server.protocol import repeat_tag
+
+    sites = _cv_families(state).get("cv", [])
+    if len(sites) < 2:
+        return {}
+    found = {(s["tag"], s["site"]): s["metrics"] for s in state["summaries"]}
+    out = {}
+    for model in models:
+        aucs = []
+        for r in range(int(cfg.get("cv-repeats", 1))):
+            parts = [score_cells(found.get((repeat_tag("cv", r), site), {}), model) for site in sites]
+            if any(p is None for p in parts):
+                aucs.append(None)
+                continue
+            _, neg, pos = M.pool_cells(parts)
+            aucs.append(float(M.auc_from_histograms(neg, pos)) if neg.sum() and pos.sum() else None)
+        mean, sd = _mean_sd(aucs)
+        out[model] = {"cohort": "all training sites: pooled CV (k-safe cells)", "aucs": aucs, "mean": mean, "sd": sd}
+    return out
 
 
 def dp_spent(state: dict) -> dict:
@@ -173,11 +256,12 @@ def _oracle(truth: dict | None) -> dict:
     return {name: dict(c.get("oracle_auc", {})) for name, c in truth.get("sites", {}).items()}
 
 
-def _learning_curves(history: list[dict]) -> dict:
-    """Mean over folds/sites of the per-round validation AUC and training loss, per model and fit tag."""
+def _learning_curves(history: list[dict], skip: set[str] = frozenset()) -> dict:
+    """Mean over folds/sites of the per-round validation AUC and training loss, per model and fit tag
+    (not for the tags in `skip`: the repeats r > 0 of a repeated CV)."""
     out: dict[str, dict[str, list]] = {}
     for h in history:
-        if h.get("fold", -1) < 0:
+        if h.get("fold", -1) < 0 or h["tag"] in skip:
             continue
         key = f"{h['model']} ({h['tag']})"
         rnd = int(h["round"])
@@ -229,6 +313,7 @@ def render_report(res: dict) -> str:
                   "| model | n | AUC (cells) | bound on the error vs exact pooled AUC |", "|---|---|---|---|"]
         for p in res["pooled"]:
             lines.append(f"| {MODEL_LABEL[p['model']]} | {p['n']} | {_fmt(p['auc_from_cells'])} | {_fmt(p['auc_error_bound'])} |")
+    lines += repeated_cv_section(res)
     if res["scenario"] == "paper":
         lines += ["", "## For reference: Sun et al., BMC Med Imaging 2025 (real patients, reported AUC with 95% CI)", "",
                   "| model | primary cohort (5-fold CV) | external validation |", "|---|---|---|"]
@@ -261,6 +346,36 @@ def render_report(res: dict) -> str:
     lines += privacy_section(res)
     lines += faults_section(res)
     return "\n".join(lines) + "\n"
+
+
+def repeated_cv_section(res: dict) -> list[str]:
+    """The "Repeated cross-validation" table (only with cv-repeats > 1): per-repeat AUCs, mean, SD."""
+    reps = res.get("cv_repeats") or {}
+    first = next((e for fam in reps.values() for mod in fam.values() for e in mod.values()), None)
+    if first is None or len(first["fold_seeds"]) < 2:
+        return []
+    seeds = ", ".join(f"r{r} = {s}" for r, s in enumerate(first["fold_seeds"]))
+    lines = ["", "## Repeated cross-validation", "",
+             f"{len(first['fold_seeds'])} fold assignments, each a full cross-validation (fold seeds {seeds}; r0 is "
+             "the study seed's, the one of the rows above). Exact out-of-fold AUC per repeat; mean and SD (n - 1) "
+             "over the computed repeats. n/a: not computed at that site (see the notes).", "",
+             "| model | cohort | AUC per repeat | mean | SD | repeats |", "|---|---|---|---|---|---|"]
+    notes = []
+    for family in reps.values():
+        for model, sites in family.items():
+            for site, e in sites.items():
+                per = ", ".join(_fmt(a) for a in e["aucs"])
+                lines.append(f"| {MODEL_LABEL[model]} | {e['cohort']} | {per} | {_fmt(e['mean'])} | {_fmt(e['sd'])} | "
+                             f"{e['computed']} of {len(e['aucs'])} |")
+                notes += [f"- {MODEL_LABEL[model]}, {e['cohort']}, repeat r{r}: not computed ({why})"
+                          for r, why in e["not_computed"].items()]
+    for model, e in (res.get("cv_repeats_pooled") or {}).items():
+        per = ", ".join(_fmt(a) for a in e["aucs"])
+        lines.append(f"| {MODEL_LABEL[model]} | {e['cohort']} | {per} | {_fmt(e['mean'])} | {_fmt(e['sd'])} | "
+                     f"{sum(a is not None for a in e['aucs'])} of {len(e['aucs'])} |")
+    if notes:
+        lines += ["", *[n.replace("|", "/") for n in notes]]
+    return lines
 
 
 def privacy_section(res: dict) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from common.cli import CommandError
 from common.config import SCHEMA, ConfigError, load_config
 
-SIM_FLAGS = ("num-rounds", "local-epochs", "folds", "seed", "backbone", "norm", "models", "fedprox-mu", "cf-l2")
+SIM_FLAGS = ("num-rounds", "local-epochs", "folds", "cv-repeats", "seed", "backbone", "norm", "models", "fedprox-mu", "cf-l2")
 PRESET_ROUNDS = {"quick": {"num-rounds": 3, "local-epochs": 1, "folds": 3, "cf-l2": 0.1}}
 # The smoke-run cohorts (12-28 patients a site) cannot hold k = 10 patients of each class in a fold:
 # --quick lowers every virtual site's min-cell-size to this (never below 3, the policy's floor); the
@@ -128,6 +128,14 @@ def run(args) -> int:
             from simulation.runner import pooled_cache
 
             nodes.append({**pooled_cache(nodes, data_dir / "caches" / CENTRAL_SITE, CENTRAL_SITE), **policy})
+        from simulation.runner import size_for_repeats
+
+        sized = size_for_repeats(nodes, base)  # repeated CV: the virtual sites' max-partitions fits the study
+        for before, after in zip(nodes, sized):
+            if before != after:
+                print(f"  {after['site-name']}: max-partitions {after['max-partitions']} (virtual site, sized for "
+                      f"{base['cv-repeats']} repeats of {base['folds']}-fold CV)")
+        nodes = sized
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{scenario}-{stamp}")
         truth = data_dir / "truth.json"

@@ -15,9 +15,17 @@ from flwr.supercore.task_identity import TaskIdentity
 
 
 class InProcessGrid(Grid):
-    """Nodes 1000, 1001, ... with the given node configs; one shared run config."""
+    """Nodes 1000, 1001, ... with the given node configs; one shared run config. With `study_config`
+    (the study's settings) the nodes are the caller's virtual sites: their max-partitions is raised to
+    fit its repeated cross-validation (simulation/runner.py size_for_repeats); without it every node
+    keeps exactly the policy it was given (tests of a site's own refusals)."""
 
-    def __init__(self, client_app, node_configs: list[dict], run_config: dict | None = None):
+    def __init__(self, client_app, node_configs: list[dict], run_config: dict | None = None,
+                 study_config: dict | None = None):
+        if study_config is not None:
+            from simulation.runner import size_for_repeats
+
+            node_configs = size_for_repeats(node_configs, study_config)
         self.client_app = client_app
         self.nodes = {1000 + i: cfg for i, cfg in enumerate(node_configs)}
         self.run_config = run_config or {}

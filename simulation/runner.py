@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from common.config import SITE_ONLY_KEYS, ConfigError, flower_run_config_defaults
+from common.config import SCHEMA, SITE_ONLY_KEYS, ConfigError, coerce_value, flower_run_config_defaults
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,32 @@ def backend_config(ray_address: str | None = None, client_cpus: float | None = N
             "init_args": {"logging_level": "WARNING", "log_to_driver": False}}
 
 
+def size_for_repeats(sites: list[dict[str, Any]], study_config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The virtual sites, each with a max-partitions that fits one study of `study_config`'s repeated
+    cross-validation (client/study.py cv_partitions); unchanged with cv-repeats 1.
+
+    Why: the default policy (24 partitions) holds about two repeats of 5-fold CV. These virtual sites
+    are the simulation's own, so it may size their policy; a real site's policy stays its own node
+    config (nothing in the run config can set it). Logged, and the report shows each site's policy."""
+    from client.study import cv_partitions
+
+    repeats = coerce_value("cv-repeats", study_config.get("cv-repeats", 1), "the study config")
+    if repeats <= 1:
+        return [dict(s) for s in sites]
+    folds = coerce_value("folds", study_config.get("folds", SCHEMA["folds"].default), "the study config")
+    need = cv_partitions(folds, repeats)
+    out = []
+    for site in sites:
+        have = int(site.get("max-partitions", SCHEMA["max-partitions"].default))
+        if have < need:
+            log.warning("virtual site %s: max-partitions raised from %d to %d for %d repeats of %d-fold CV "
+                        "(a simulation's own site; a real site's policy is its own)", site.get("site-name") or
+                        site.get("cache-dir"), have, need, repeats, folds)
+            site = {**site, "max-partitions": need}
+        out.append(dict(site))
+    return out
+
+
 def run_study(sites: list[dict[str, Any]], run_config: dict[str, Any], ray_address: str | None = None,
               client_cpus: float | None = None, client_gpus: float | None = None) -> Path:
     """Run one study over `sites` (each a virtual site's node config: cache-dir, site-name, policy keys);
@@ -53,7 +79,7 @@ def run_study(sites: list[dict[str, Any]], run_config: dict[str, Any], ray_addre
         raise ConfigError(f"run config: {', '.join(foreign)} are not study settings (a site's keys belong in its "
                           "entry of the site list)")
     nodes = []
-    for site in sites:
+    for site in size_for_repeats(sites, run_config):
         if set(site) - set(SITE_ONLY_KEYS) or not site.get("cache-dir"):
             raise ConfigError(f"virtual site {site}: expected cache-dir and site keys ({', '.join(SITE_ONLY_KEYS)})")
         nodes.append({**site, "cache-dir": str(Path(site["cache-dir"]).resolve())})
