@@ -235,6 +235,10 @@ def build_patient_image(series: list[Series], mask_path: Path | None, rules: Ser
     except radiomics.RadiomicsError as exc:
         features = None
         notes.append(f"radiomics: {exc}")
+    except Exception as exc:  # a bug in the baseline's features must not cost the model a patient: say it
+        features = None
+        log.error("radiomics: unexpected %s: %s", type(exc).__name__, exc)
+        notes.append(f"radiomics: internal error: {type(exc).__name__}")
     out = build_input_transform(cfg["input-mode"], cfg["fov-mm"], cfg["crop-size"], cfg["crop-depth"],
                                 cfg["context-slices"])(data)
     image = np.asarray(out["image"], dtype=np.float32)
