@@ -81,10 +81,17 @@ def _shape(mask: np.ndarray, spacing: tuple[float, float, float]) -> tuple[float
     surface = float(stats.GetPerimeter(1))
     volume = float(mask.sum()) * float(np.prod(spacing))
     sphericity = math.pi ** (1 / 3) * (6 * volume) ** (2 / 3) / surface if surface > 0 else float("nan")
-    # hull of the voxels' corners (not centres): it contains the voxels, so solidity <= 1
-    zyx = np.argwhere(mask)
-    corners = (zyx[:, None, :] + np.array([[i, j, k] for i in (-.5, .5) for j in (-.5, .5) for k in (-.5, .5)])[None])
-    pts = np.unique(corners.reshape(-1, 3), axis=0) * np.array(spacing[::-1], dtype=np.float64)
+    # hull of the voxels' corners (not centres): it contains the voxels, so solidity <= 1. Its vertices
+    # are corners of voxels on the ROI surface (a face neighbour outside), so only those are listed.
+    from scipy.ndimage import binary_erosion
+
+    zyx = np.argwhere(mask & ~binary_erosion(mask, border_value=0))
+    offsets = np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)])
+    half = (2 * zyx[:, None, :] + offsets[None] + 1).reshape(-1, 3)  # corners in half voxels, >= 0
+    dims = np.array(mask.shape, dtype=np.int64) * 2 + 2
+    code = np.unique((half[:, 0] * dims[1] + half[:, 1]) * dims[2] + half[:, 2])  # 1-D unique: fast
+    half = np.stack([code // (dims[1] * dims[2]), code // dims[2] % dims[1], code % dims[2]], axis=1)
+    pts = (half - 1) * (np.array(spacing[::-1], dtype=np.float64) / 2)
     try:
         hull = ConvexHull(pts).volume
     except QhullError:  # cannot happen for voxel corners, but say so rather than crash a patient
