@@ -62,9 +62,11 @@ def _core(mask: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
     """Voxels at least CORE_MM from the ROI border within their slice (in-plane: slices are thick)."""
     from scipy.ndimage import distance_transform_edt
 
-    core = np.zeros_like(mask)
-    for z in np.flatnonzero(mask.any(axis=(1, 2))):
-        core[z] = distance_transform_edt(np.pad(mask[z], 1), sampling=(spacing[1], spacing[0]))[1:-1, 1:-1] > CORE_MM
+    # one 3D transform whose slice distance is so large that only in-plane background counts
+    # (the padding gives every slice background at most a slice width away in-plane)
+    far = 1e6
+    dist = distance_transform_edt(np.pad(mask, 1), sampling=(far, spacing[1], spacing[0]))[1:-1, 1:-1, 1:-1]
+    core = mask & (dist > CORE_MM)
     return core if core.sum() >= CORE_MIN else mask
 
 
@@ -73,7 +75,7 @@ def _shape(mask: np.ndarray, spacing: tuple[float, float, float]) -> tuple[float
     import SimpleITK as sitk
     from scipy.spatial import ConvexHull, QhullError
 
-    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    img = sitk.GetImageFromArray(np.pad(mask, 1).astype(np.uint8))  # background all round
     img.SetSpacing(tuple(float(s) for s in spacing))
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.SetComputePerimeter(True)
@@ -130,8 +132,7 @@ def compute_features(t2: np.ndarray, dwi: np.ndarray, adc: np.ndarray, mask: np.
     as SimpleITK gives it. Raises RadiomicsError for inputs that cannot give features.
     """
     mask = np.asarray(mask) > 0
-    arrays = {"t2": np.asarray(t2, dtype=np.float64), "dwi": np.asarray(dwi, dtype=np.float64),
-              "adc": np.asarray(adc, dtype=np.float64)}
+    arrays = {"t2": np.asarray(t2), "dwi": np.asarray(dwi), "adc": np.asarray(adc)}
     spacing = tuple(float(s) for s in spacing)
     if mask.ndim != 3 or len(spacing) != 3 or not all(s > 0 and math.isfinite(s) for s in spacing):
         raise RadiomicsError(f"expected a 3D mask and 3 positive spacings, found shape {mask.shape}, spacing {spacing}")
@@ -140,6 +141,9 @@ def compute_features(t2: np.ndarray, dwi: np.ndarray, adc: np.ndarray, mask: np.
             raise RadiomicsError(f"{name}: shape {a.shape} differs from the mask's {mask.shape}")
     if not mask.any():
         raise RadiomicsError("the ROI is empty")
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(mask))  # only the ROI's bounding box matters
+    mask = mask[box]
+    arrays = {name: a[box].astype(np.float64) for name, a in arrays.items()}
     core = _core(mask, spacing)
     vals = {name: a[core] for name, a in arrays.items()}
     for name, v in vals.items():
