@@ -10,7 +10,8 @@ virtual site, describes the sites in the run config:
   - `sim-data`: a folder of site folders; node N takes the N-th site folder (sorted by name) and
     prepares it into `<sim-data>/caches/<site>` on first use (`flwr run .`); empty: the embedded
     synthetic cohort, generated once under `$FLWR_HOME/slmfed-data/`, with `sim-min-cell-size` as the
-    virtual sites' k and `sim-dp-epsilon` as their DP budget.
+    virtual sites' k and `sim-dp-epsilon` as their DP budget (and a max-partitions that fits the
+    run's `cv-repeats`).
 
 Why this cannot steer a real site: these run-config keys are read only when (1) the node config holds
 nothing but Flower's partition keys and (2) this ClientApp runs inside a Ray actor, which is where
@@ -29,8 +30,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from client.study import StudyError
-from common.config import SITE_ONLY_KEYS, ConfigError, coerce_value, load_config
+from client.study import StudyError, cv_partitions
+from common.config import SCHEMA, SITE_ONLY_KEYS, ConfigError, coerce_value, load_config
 
 SIM_NODE_KEYS = frozenset({"partition-id", "num-partitions"})  # what Flower gives a simulated node
 _prepared: dict[str, dict[str, str]] = {}  # per actor process: caches already brought up to date
@@ -71,6 +72,11 @@ def node_layer(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) ->
         eps = coerce_value("sim-dp-epsilon", run_config.get("sim-dp-epsilon", 0.0), "run_config")
         if eps:
             site["dp-epsilon"] = eps
+        # repeated CV: these virtual sites' max-partitions fits the study (as `slmfed simulate` sizes its own)
+        repeats = coerce_value("cv-repeats", run_config.get("cv-repeats", 1), "run_config")
+        need = cv_partitions(coerce_value("folds", run_config.get("folds", SCHEMA["folds"].default), "run_config"), repeats)
+        if repeats > 1 and need > SCHEMA["max-partitions"].default:
+            site["max-partitions"] = need
     try:
         load_config(node_config=site)  # the same checks as any site's node config (types, bounds, k >= 3)
     except ConfigError as exc:
