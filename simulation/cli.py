@@ -176,4 +176,11 @@ def format_table(res: dict) -> str:
         fmt = lambda x: "  n/a" if x is None else f"{x:.3f}"  # noqa: E731
         lines.append(f"{MODEL_LABEL[r['model']]:<18} {r['cohort']:<36} {auc_cell(r):<22} {fmt(r['sensitivity']):>6} "
                      f"{fmt(r['specificity']):>6} {fmt(oracle):>7}")
+    reps = [(model, e) for fam in res.get("cv_repeats", {}).values() for model, sites in fam.items() for e in sites.values()]
+    if reps and len(reps[0][1]["aucs"]) > 1:  # cv-repeats > 1: mean (SD) over the fold assignments
+        lines += ["", f"repeated cross-validation ({len(reps[0][1]['aucs'])} fold assignments): mean AUC (SD)"]
+        for model, e in reps:
+            sd = "n/a" if e["sd"] is None else f"{e['sd']:.3f}"
+            mean = "n/a" if e["mean"] is None else f"{e['mean']:.3f}"
+            lines.append(f"{MODEL_LABEL[model]:<18} {e['cohort']:<36} {mean} ({sd}), {e['computed']} of {len(e['aucs'])}")
     return "\n".join(lines)

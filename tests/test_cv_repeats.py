@@ -147,13 +147,44 @@ def test_two_repeats_use_two_fold_assignments_and_report_both_aucs(nodes, two):
     assert "## Repeated cross-validation" in report and line in report
     assert "Repeated cross-validation</h2>" in (run_dir / "report.html").read_text()
     assert len(list(run_dir.glob("roc-*.png"))) == 2  # figures: repeat 0's cohorts only
+    from simulation.cli import format_table  # what `slmfed simulate` prints
+
+    assert f"MRI DL model       {PRIMARY}: 2-fold CV            {e['mean']:.3f} ({e['sd']:.3f}), 2 of 2" in format_table(res)
 
 
 def test_without_repeats_the_report_has_no_repeats_table(plain):
     _, _, res = plain
     assert "Repeated cross-validation" not in (Path(res["config"]["run-dir"]) / "report.md").read_text()
+    from simulation.cli import format_table
+
+    assert "repeated cross-validation" not in format_table(res)
     cf = next(r for r in res["rows"] if r["model"] == "cf" and r["tag"] == "cv")
     assert res["cv_repeats"]["cv"]["cf"][PRIMARY]["aucs"] == [cf["auc"]]
+
+
+def test_multisite_repeats_every_cv_family_and_pools_each_repeat(tmp_path):
+    """Federated CV, each site alone and the centralized comparison all repeat (CF model: fast)."""
+    from server.protocol import CENTRAL_SITE
+    from simulation.runner import pooled_cache
+
+    hosp = []
+    for name, n, seed, prev in (("hospital-a", 30, 11, 0.5), ("hospital-b", 20, 12, 0.4), ("hospital-c", 24, 13, 0.4)):
+        make_cache(tmp_path / name, n, seed=seed, site_name=name, prevalence=prev)
+        hosp.append({"cache-dir": str(tmp_path / name), "site-name": name, "min-cell-size": 3})
+    sites = hosp + [{**pooled_cache(hosp, tmp_path / "pooled", CENTRAL_SITE), "min-cell-size": 3}]
+    _, state, res = run(sites, tmp_path / "run", scenario="multisite", models="cf", **{"cv-repeats": 2})
+    assert not state["sat_out"]
+    names = [h["site-name"] for h in hosp]
+    assert set(res["cv_repeats"]) == {"cv", "central", *(f"local-{h}" for h in names)}
+    for family, entries in res["cv_repeats"].items():
+        for site, e in entries["cf"].items():
+            assert e["computed"] == 2 and all(0 < a <= 1 for a in e["aucs"]), (family, site)
+    assert set(res["cv_repeats"]["cv"]["cf"]) == set(names) and set(res["cv_repeats"]["central"]["cf"]) == {CENTRAL_SITE}
+    assert res["cv_repeats"]["local-hospital-a"]["cf"]["hospital-a"]["cohort"] == "hospital-a: site alone, 2-fold CV"
+    pooled = res["cv_repeats_pooled"]["cf"]
+    assert pooled["aucs"][0] == pytest.approx(res["pooled"][0]["auc_from_cells"]) and pooled["aucs"][1] is not None
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| CF model | all hospitals pooled centrally: 2-fold CV | " in report.split("## Repeated cross-validation")[1]
 
 
 def _eval(**change):
