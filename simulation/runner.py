@@ -49,7 +49,7 @@ def size_for_repeats(sites: list[dict[str, Any]], study_config: dict[str, Any]) 
 
     Why: the default policy (24 partitions) holds about two repeats of 5-fold CV. These virtual sites
     are the simulation's own, so it may size their policy; a real site's policy stays its own node
-    config (nothing in the run config can set it). Logged, and the report shows each site's policy."""
+    config (nothing in the run config can set it). Logged; results.json lists each site's policy."""
     from client.study import cv_partitions
 
     repeats = coerce_value("cv-repeats", study_config.get("cv-repeats", 1), "the study config")
