@@ -553,6 +553,15 @@ class Study:
                 continue
             if str(i) in self.state["fits"]:  # resuming: the sites that sat out before stay out
                 fit = self.plan[i] = Fit(**self.state["fits"][str(i)])
+            if fit.repeat and all([fit.tag, m] in self.state["not_computed"] for m in self.models):
+                # an earlier fold of this CV repeat left every model not computed (e.g. its only training
+                # site refused the repeat's patient groups): its summary cannot exist, so the sites are
+                # asked for no more of its groups and nothing more is trained for it
+                self.sit_out(fit.tag, fit.fold, "(every training site)", "the whole fit",
+                             "skipped: this repeat is not computed (an earlier fold)")
+                self.state["fits"][str(i)] = asdict(fit)
+                self.state["position"] = {"fit": i + 1, "model": 0, "round": 0}
+                continue
             std_ = self.standardisation(fit)
             self.state["fits"][str(i)] = asdict(fit)
             if std_ is None:

@@ -224,13 +224,17 @@ def test_a_crafted_repeat_or_fold_seed_is_refused_and_nothing_is_stored(tmp_path
 def test_a_site_whose_policy_allows_no_second_repeat_refuses_it_and_the_study_finishes(nodes, tmp_path):
     # 2-fold CV at this site: its cohort and the two halves of repeat 0 are 3 groups, all its policy allows
     small = [{**nodes[0], "max-partitions": 3, "study-dir": str(tmp_path / "primary-study")}, nodes[1]]
-    _, state, res = run(small, tmp_path / "run", models="cf", **{"cv-repeats": 2})
+    grid, state, res = run(small, tmp_path / "run", models="cf", **{"cv-repeats": 2})
     e = res["cv_repeats"]["cv"]["cf"][PRIMARY]
     assert e["aucs"][0] is not None and e["aucs"][1] is None and e["computed"] == 1
     assert e["mean"] == e["aucs"][0] and e["sd"] is None
     assert "rule 'max-partitions'" in e["not_computed"]["1"]
     refused = [x for x in state["sat_out"] if x["tag"] == "cv-r1" and x["site"] == PRIMARY]
-    assert refused and all("rule 'max-partitions'" in x["reason"] for x in refused)
+    assert [x["fold"] for x in refused] == [0] and "rule 'max-partitions'" in refused[0]["reason"]
+    # fold 0 of the repeat cannot be computed, so its other folds are not asked for (no more groups)
+    asked = [c["fold"] for c in _sent(grid, "query.clinical_sums") if c["study-id"].endswith("/cv-r1")]
+    assert asked == [0]
+    assert any(x["tag"] == "cv-r1" and x["fold"] == 1 and x["reason"].startswith("skipped") for x in state["sat_out"])
     # the study went on: the final model and the external validation are there
     assert {(r["tag"], r["site"]) for r in res["rows"]} == {("cv", PRIMARY), ("final", "center-external")}
     report = (tmp_path / "run" / "report.md").read_text()
