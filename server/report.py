@@ -360,21 +360,22 @@ def repeated_cv_section(res: dict) -> list[str]:
              "the study seed's, the one of the rows above). Exact out-of-fold AUC per repeat; mean and SD (n - 1) "
              "over the computed repeats. n/a: not computed at that site (see the notes).", "",
              "| model | cohort | AUC per repeat | mean | SD | repeats |", "|---|---|---|---|---|---|"]
-    notes = []
+    notes: dict[tuple[str, str, str], list[str]] = {}  # (cohort, repeat, why) -> models
     for family in reps.values():
         for model, sites in family.items():
             for site, e in sites.items():
                 per = ", ".join(_fmt(a) for a in e["aucs"])
                 lines.append(f"| {MODEL_LABEL[model]} | {e['cohort']} | {per} | {_fmt(e['mean'])} | {_fmt(e['sd'])} | "
                              f"{e['computed']} of {len(e['aucs'])} |")
-                notes += [f"- {MODEL_LABEL[model]}, {e['cohort']}, repeat r{r}: not computed ({why})"
-                          for r, why in e["not_computed"].items()]
+                for r, why in e["not_computed"].items():
+                    notes.setdefault((e["cohort"], r, why), []).append(MODEL_LABEL[model])
     for model, e in (res.get("cv_repeats_pooled") or {}).items():
         per = ", ".join(_fmt(a) for a in e["aucs"])
         lines.append(f"| {MODEL_LABEL[model]} | {e['cohort']} | {per} | {_fmt(e['mean'])} | {_fmt(e['sd'])} | "
                      f"{sum(a is not None for a in e['aucs'])} of {len(e['aucs'])} |")
-    if notes:
-        lines += ["", *[n.replace("|", "/") for n in notes]]
+    lines += [""] if notes else []
+    lines += [f"- {cohort}, repeat r{r}: not computed for {', '.join(models)} ({why})".replace("|", "/")
+              for (cohort, r, why), models in notes.items()]
     return lines
 
 

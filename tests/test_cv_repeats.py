@@ -239,7 +239,8 @@ def test_a_site_whose_policy_allows_no_second_repeat_refuses_it_and_the_study_fi
     assert {(r["tag"], r["site"]) for r in res["rows"]} == {("cv", PRIMARY), ("final", "center-external")}
     report = (tmp_path / "run" / "report.md").read_text()
     assert f"| CF model | {PRIMARY}: 2-fold CV | {e['aucs'][0]:.3f}, n/a | {e['mean']:.3f} | n/a | 1 of 2 |" in report
-    assert "repeat r1: not computed (training: refused by the site's privacy policy, rule 'max-partitions'" in report
+    assert (f"- {PRIMARY}: 2-fold CV, repeat r1: not computed for CF model (training: refused by the site's privacy "
+            "policy, rule 'max-partitions'") in report
     ledger = json.loads((tmp_path / "primary-study" / "disclosure-ledger.json").read_text())
     assert len(ledger["partitions"]) == 3  # nothing beyond its policy was released
 
