@@ -9,6 +9,7 @@ smooth polygons along the phantom's true margin, rasterised at voxel centres: wh
 0.980-0.999 against the voxel mask; the model input then moves with the ROI's centroid (the crop is
 centred on it), a sub-pixel shift: mean |difference| <= 0.012 per channel, 99th percentile <= 0.05
 (channels normalised to [0, 1]).
+The patient order (hence the CV folds) follows the patient_id, the same for every form and salt.
 """
 from __future__ import annotations
 
