@@ -168,8 +168,9 @@ def site_description(cfg: dict) -> dict[str, Any]:
     mode = cfg["input-mode"]
     return describe({"preprocessing": preprocessing_params(cfg), "input_mode": mode,
                      "pipeline_version": PIPELINE_VERSION,
-                     "channels": channel_names(mode, cfg["context-slices"]),
-                     "image_shape": image_shape(mode, cfg["crop-size"], cfg["crop-depth"], cfg["context-slices"]),
+                     "channels": channel_names(mode, cfg["context-slices"], cfg["mask-channel"]),
+                     "image_shape": image_shape(mode, cfg["crop-size"], cfg["crop-depth"], cfg["context-slices"],
+                                                cfg["mask-channel"]),
                      "feature_names": list(FEATURE_NAMES), "clinical_encoding": ENCODING_VERSION})
 
 

@@ -123,6 +123,7 @@ def preprocessing_params(cfg: dict) -> dict:
         "crop-size": cfg["crop-size"],
         "crop-depth": cfg["crop-depth"],
         "context-slices": cfg["context-slices"],
+        "mask-channel": bool(cfg["mask-channel"]),
         "cea-unit": cfg["cea-unit"],
         "ca199-unit": cfg["ca199-unit"],
         "series-rules": cfg["series-rules"],
@@ -240,7 +241,7 @@ def build_patient_image(series: list[Series], mask_path: Path | None, rules: Ser
         log.error("radiomics: unexpected %s: %s", type(exc).__name__, exc)
         notes.append(f"radiomics: internal error: {type(exc).__name__}")
     out = build_input_transform(cfg["input-mode"], cfg["fov-mm"], cfg["crop-size"], cfg["crop-depth"],
-                                cfg["context-slices"])(data)
+                                cfg["context-slices"], cfg["mask-channel"])(data)
     image = np.asarray(out["image"], dtype=np.float32)
     if not np.isfinite(image).all():
         raise Excluded("image", "the model input contains non-finite values")
@@ -601,8 +602,8 @@ def _prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None 
         "preprocessing": params,
         "input_mode": mode,
         "spatial_dims": 3 if mode == "3d" else 2,
-        "channels": channel_names(mode, ctxs),
-        "image_shape": image_shape(mode, cfg["crop-size"], cfg["crop-depth"], ctxs),
+        "channels": channel_names(mode, ctxs, cfg["mask-channel"]),
+        "image_shape": image_shape(mode, cfg["crop-size"], cfg["crop-depth"], ctxs, cfg["mask-channel"]),
         "feature_names": list(FEATURE_NAMES),
         "clinical_encoding": ENCODING_VERSION,
         "radiomics_features": list(radiomics.FEATURE_NAMES),

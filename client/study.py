@@ -229,7 +229,8 @@ def _model(site: Site, model_name: str, state=None):
     from common.model import build_model
 
     n_ch, dims = site.data.images.shape[1], int(site.data.manifest.get("spatial_dims", 2))
-    net = build_model(site.cfg, n_ch, dims, site.n_features, use_clinical=(model_name == "combined"))
+    net = build_model(site.cfg, n_ch, dims, site.n_features, use_clinical=(model_name == "combined"),
+                      channels=site.data.manifest.get("channels"))
     if state is not None:
         expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
         sent = {k: tuple(v.shape) for k, v in state.items()}

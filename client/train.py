@@ -6,9 +6,12 @@ The ClientApp calls these each round; tests and benchmarks call them directly.
   slices of it, so the data path costs nothing next to the forward/backward pass.
 - Augmentation (config key `augment`) runs batched on the same device: per-sample random flips,
   small rotations (+-10 deg), scales (+-10 %) and shifts through MONAI's batched spatial
-  transformer (`monai.networks.layers.AffineTransform`), then per-sample, per-channel intensity
-  scale / shift jitter. Per-sample MONAI array transforms in a Python loop would cost more than the
-  model itself on a GPU.
+  transformer (`monai.networks.layers.AffineTransform`). Per-sample MONAI array transforms in a
+  Python loop would cost more than the model itself on a GPU. No intensity jitter by default: the
+  ADC channel is on a physical scale (its level is the signal: tumour ADC spans about 0.29-0.38 of
+  the scaled range, a +-0.1 offset would drown it) and the mask channel is 0/1. On the synthetic
+  paper cohort (MRI DL, primary 5-fold CV, mean of 3 fold assignments) jitter on every channel gave
+  0.783 against 0.794 without; T2/DWI-only jitter 0.803 against 0.811 without (with ROI pooling).
 - Class-weighted BCE: pos_weight = negatives / positives of the local labels (1 when a site
   holds only one class, which can happen in federated splits).
 - AdamW (lr, weight-decay; fused kernel, see make_optimizer), gradient clipping at GRAD_CLIP_NORM, seeded shuffling, augmentation
@@ -66,7 +69,7 @@ def select_device(cfg: Mapping[str, Any]) -> torch.device:
 
 
 class BatchAugment:
-    """Per-sample random flips / rotation / scale / shift + intensity jitter on a whole batch."""
+    """Per-sample random flips / rotation / scale / shift (+ optional intensity jitter) on a whole batch."""
 
     def __init__(
         self,
@@ -75,8 +78,8 @@ class BatchAugment:
         rotate_deg: float = 10.0,
         scale: float = 0.1,
         shift: float = 0.05,
-        intensity_scale: float = 0.1,
-        intensity_shift: float = 0.1,
+        intensity_scale: float = 0.0,
+        intensity_shift: float = 0.0,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims: expected 2 or 3, found {spatial_dims!r}")
@@ -105,10 +108,20 @@ class BatchAugment:
     def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         n, c = images.shape[:2]
         out = self.warp(images, self.theta(n, gen).to(images.device, images.dtype))
+        if not (self.intensity_scale or self.intensity_shift):
+            return out
         extra = (1,) * self.spatial_dims
         gain = (1 + (torch.rand(n, c, generator=gen) * 2 - 1) * self.intensity_scale).view(n, c, *extra)
         offset = ((torch.rand(n, c, generator=gen) * 2 - 1) * self.intensity_shift).view(n, c, *extra)
         return out * gain.to(out) + offset.to(out)
+
+
+def make_augment(spatial_dims: int, cfg: Mapping[str, Any]) -> BatchAugment | None:
+    """Config keys augment (on / off) and augment-intensity (gain / offset jitter, 0 = none)."""
+    if not cfg.get("augment", True):
+        return None
+    jitter = float(cfg.get("augment-intensity", 0.0))
+    return BatchAugment(spatial_dims, intensity_scale=jitter, intensity_shift=jitter)
 
 
 def check_labels(data: SiteData, purpose: str) -> np.ndarray:
@@ -234,7 +247,7 @@ def train(
     optimizer = make_optimizer(model, cfg)
     anchor = _reference_params(model, global_params, device) if mu > 0 else None
     params = dict(model.named_parameters())
-    augment = BatchAugment(images.dim() - 2) if cfg.get("augment", True) else None
+    augment = make_augment(images.dim() - 2, cfg)
     autocast, amp_dtype = _autocast(device, cfg)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
     gen = torch.Generator().manual_seed(seed)
@@ -296,7 +309,7 @@ def _train_dp(model, data, labels_np, cfg, clinical_mean, clinical_std, epochs, 
     secret = torch.Generator(device=device).manual_seed(dp.seed)       # noise (on the parameters' device)
     sampler = torch.Generator().manual_seed(dp.seed ^ 0x5EED)          # Poisson sampling
     private = dpmod.make_private(model, make_optimizer(model, cfg), dp, batch, secret)
-    augment = BatchAugment(images.dim() - 2) if cfg.get("augment", True) else None
+    augment = make_augment(images.dim() - 2, cfg)
     gen = torch.Generator().manual_seed(seed)
     fork_devices = [device] if device.type == "cuda" else []
     try:

@@ -7,7 +7,10 @@ Input dict: "t2", "dwi", "adc" (float32 arrays z, y, x on the T2 grid; ADC in mm
                           crop-size x crop-size, so every scanner's pixel size maps to the same crop
     ScaleIntensityRangePercentilesd (T2, DWI)  1st-99th percentile of the crop -> [0, 1]
     AdcScaled             ADC / 3e-3 mm^2/s clipped to [0, 1.5] (physical units, comparable across sites)
-    ConcatItemsd          channels T2, DWI, ADC (2.5d: each sequence's slices -1..+1 in a row)
+    ConcatItemsd          channels T2, DWI, ADC (2.5d: each sequence's slices -1..+1 in a row), then
+                          with mask-channel the ROI mask itself (0/1, same slices): the model sees the
+                          outline it is asked about instead of having to find the tumour, and can pool
+                          inside it (common/model.py roi-pooling)
 The crop is centred on the ROI centroid itself (sub-voxel), at pixel (size-1)/2 of the crop.
 """
 from __future__ import annotations
@@ -21,19 +24,24 @@ ADC_REF_MM2_S = 3e-3
 ADC_MAX_SCALED = 1.5
 
 
-def channel_names(mode: str, context: int) -> list[str]:
+def _inputs(mask_channel: bool) -> tuple[str, ...]:
+    return SEQUENCES + ("mask",) if mask_channel else SEQUENCES
+
+
+def channel_names(mode: str, context: int, mask_channel: bool = False) -> list[str]:
     if mode == "2.5d":
         offs = [f"{o:+d}" if o else "" for o in range(-context, context + 1)]
-        return [f"{s}{o}" for s in SEQUENCES for o in offs]
-    return list(SEQUENCES)
+        return [f"{s}{o}" for s in _inputs(mask_channel) for o in offs]
+    return list(_inputs(mask_channel))
 
 
-def image_shape(mode: str, size: int, depth: int, context: int) -> list[int]:
+def image_shape(mode: str, size: int, depth: int, context: int, mask_channel: bool = False) -> list[int]:
+    n = len(_inputs(mask_channel))
     if mode == "3d":
-        return [3, depth, size, size]
+        return [n, depth, size, size]
     if mode == "2.5d":
-        return [3 * (2 * context + 1), size, size]
-    return [3, size, size]
+        return [n * (2 * context + 1), size, size]
+    return [n, size, size]
 
 
 class RoiCentred(MapTransform):
@@ -111,8 +119,21 @@ class AdcScaled(MapTransform):
         return d
 
 
+class MaskChanneld(MapTransform):
+    """The cropped ROI as a float32 0/1 channel under `out_key` (the uint8 "mask" stays for the cache)."""
+
+    def __init__(self, key: str, out_key: str):
+        super().__init__([key])
+        self.out_key = out_key
+
+    def __call__(self, data):
+        d = dict(data)
+        d[self.out_key] = (np.asarray(d[self.keys[0]]) > 0).astype(np.float32)
+        return d
+
+
 def build_input_transform(mode: str = "2d", fov_mm: float = 48.0, size: int = 64, depth: int = 32,
-                          context: int = 1) -> Compose:
+                          context: int = 1, mask_channel: bool = False) -> Compose:
     """The crop/normalise chain; output key "image" (float32, channels first) plus "mask" crop."""
     if mode not in ("2d", "2.5d", "3d"):
         raise ValueError(f"input-mode: expected 2d, 2.5d or 3d, found {mode!r}")
@@ -122,5 +143,6 @@ def build_input_transform(mode: str = "2d", fov_mm: float = 48.0, size: int = 64
         ScaleIntensityRangePercentilesd(["t2", "dwi"], lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True),
         AdcScaled(["adc"]),
         ToNumpyd(list(SEQUENCES), dtype=np.float32),
-        ConcatItemsd(list(SEQUENCES), "image", dim=0),
+        *([MaskChanneld("mask", "mask_channel")] if mask_channel else []),
+        ConcatItemsd(list(SEQUENCES) + (["mask_channel"] if mask_channel else []), "image", dim=0),
     ])

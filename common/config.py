@@ -38,6 +38,9 @@ SCHEMA: dict[str, Key] = {
     "cv-repeats": Key(int, 1, "repeated cross-validation: R different fold assignments, each a full CV; per-repeat "
                               "AUCs, mean and SD", bounds=(1, 20)),
     "models": Key(str, "cf,dl,combined", "which of the three models to run (comma list)"),
+    "combined-from": Key(str, "dl+cf", "the Combined model: dl+cf = this fit's DL model plus its CF model's clinical "
+                                       "term, not trained further; cf = trained for num-rounds from the CF model",
+                         ("dl+cf", "cf")),
     "cf-l2": Key(float, 0.0, "ridge penalty on the CF model's slopes (0 = plain maximum likelihood)"),
     "num-rounds": Key(int, 8, "federated rounds per DL model fit", bounds=(1, 1000)),
     "local-epochs": Key(int, 2, "local epochs per round at each training site", bounds=(1, 100)),
@@ -47,8 +50,13 @@ SCHEMA: dict[str, Key] = {
     "fedprox-mu": Key(float, 0.0, "FedProx proximal term (0 = plain FedAvg)", bounds=(0.0, 100.0)),
     "backbone": Key(str, "resnet10", "MONAI ResNet depth", ("resnet10", "resnet18", "resnet34")),
     "norm": Key(str, "instance", "normalisation layer", ("batch", "instance", "group")),
+    "widen-factor": Key(float, 0.25, "ResNet stage widths are 64, 128, 256, 512 times this (MONAI widen_factor)",
+                        bounds=(0.0625, 2.0)),
     "clinical-embed-dim": Key(int, 16, "width of the clinical embedding in the Combined model", bounds=(1, 256)),
     "augment": Key(bool, True, "MONAI augmentation during local training"),
+    "augment-intensity": Key(float, 0.0, "augmentation: per-sample, per-channel random gain 1 +- x and offset +- x "
+                                         "(0 = spatial augmentation only)", bounds=(0.0, 0.5)),
+    "roi-pooling": Key(bool, True, "the model also pools its features inside the tumour ROI (needs the mask channel)"),
     "amp": Key(bool, True, "automatic mixed precision when training on CUDA"),
     "device": Key(str, "auto", "torch device: auto (CUDA when present), cpu, cuda, cuda:N"),
     "run-dir": Key(str, "runs/latest", "where the ServerApp writes the run folder"),
@@ -111,6 +119,7 @@ SCHEMA: dict[str, Key] = {
     "crop-size": Key(int, 64, "in-plane matrix of the crop (pixels)"),
     "crop-depth": Key(int, 32, "slices of the 3D crop"),
     "context-slices": Key(int, 1, "2.5d: neighbouring slices on each side of the largest-ROI slice"),
+    "mask-channel": Key(bool, True, "give the model the tumour ROI mask as an input channel after T2WI, DWI, ADC"),
     "cea-unit": Key(str, "ng/mL", "unit of the CEA column", ("ng/mL", "ug/L")),
     "ca199-unit": Key(str, "U/mL", "unit of the CA19-9 column", ("U/mL", "kU/L")),
     "workers": Key(int, 1, "parallel worker processes for `slmfed prepare`"),
@@ -129,8 +138,8 @@ SITE_ONLY_KEYS = ("cache-dir", "site-name", "study-dir") + SITE_POLICY_KEYS
 
 # Training settings the server decides for every site and sends with each train / evaluate message
 # (a site keeps its own device, paths and privacy settings).
-SENT_MODEL_KEYS = ("backbone", "norm", "clinical-embed-dim", "lr", "weight-decay", "batch-size", "augment",
-                   "local-epochs", "fedprox-mu", "amp")
+SENT_MODEL_KEYS = ("backbone", "norm", "widen-factor", "roi-pooling", "clinical-embed-dim", "lr", "weight-decay",
+                   "batch-size", "augment", "augment-intensity", "local-epochs", "fedprox-mu", "amp")
 
 
 def coerce_value(key: str, value: Any, source: str, *, strict: bool = False) -> Any:

@@ -252,6 +252,10 @@ class Study:
                  on_progress: Callable[[str], None] | None = None):
         self.fed, self.cfg, self.ckpt = fed, cfg, checkpoint
         self.models = model_list(cfg)
+        if "combined" in self.models and cfg["combined-from"] == "dl+cf" and not {"cf", "dl"} <= set(self.models):
+            raise StudyError(f"combined-from = dl+cf makes the Combined model from the DL and CF models: models "
+                             f"{','.join(self.models)} lacks {' and '.join(sorted({'cf', 'dl'} - set(self.models)))}; "
+                             "add them or set combined-from = cf")
         self.say = on_progress or (lambda m: log.info(m))
         self.rounds_done_this_run = 0
         self.state: dict[str, Any] = {}
@@ -303,6 +307,10 @@ class Study:
             raise StudyError(f"sites prepared different model inputs {sorted(shapes)}: use the same `slmfed prepare` settings")
         first = next(iter(sites.values()))
         self.n_channels, self.spatial_dims, self.n_features = int(first["n-channels"]), int(first["spatial-dims"]), int(first["n-features"])
+        channels = {tuple(inputs[s].get("channels") or ()) for s in sites}
+        if len(channels) != 1:  # the same shape from different inputs (e.g. a mask where another site has none)
+            raise StudyError(f"sites prepared different input channels {sorted(channels)}: use the same `slmfed prepare` settings")
+        self.channels = list(channels.pop()) or None  # names tell the model which channels hold the ROI mask
         eval_sites = [s.strip() for s in str(self.cfg["eval-sites"]).split(",") if s.strip()]
         # a site whose cohort cannot be released (e.g. it grew by fewer than k patients since a released
         # study) answers nothing in this study: plan without it
@@ -390,7 +398,8 @@ class Study:
         """DL trainings the plan asks of its busiest training site (every CV repeat included): a site
         under DP calibrates its noise for this many (client/dp.py); declaring fewer would only get later
         rounds refused."""
-        n_dl = sum(m != "cf" for m in self.models)
+        trained = ("dl", "combined") if self.cfg["combined-from"] == "cf" else ("dl",)
+        n_dl = sum(m in trained for m in self.models)
         per_site = [sum(s in f.train for f in self.plan) for s in {s for f in self.plan for s in f.train}]
         return max(1, max(per_site, default=1) * n_dl)
 
@@ -485,7 +494,8 @@ class Study:
         from common.model import build_model
 
         torch.manual_seed(int(np.random.SeedSequence([int(self.cfg["seed"]), fit_index, DL_MODELS.index(model)]).generate_state(1)[0] % 2**31))
-        net = build_model(self.cfg, self.n_channels, self.spatial_dims, self.n_features, use_clinical=(model == "combined"))
+        net = build_model(self.cfg, self.n_channels, self.spatial_dims, self.n_features, use_clinical=(model == "combined"),
+                          channels=self.channels)
         if model == "combined" and cf_beta is not None:
             net.start_from_logistic(cf_beta)
         return ArrayRecord(net.state_dict())
@@ -544,6 +554,25 @@ class Study:
                 raise StudyInterrupted(f"stopped after {stop} rounds as configured (stop-after-rounds)")
         return arrays
 
+    def combine(self, fit: Fit, dl_arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """combined-from = "dl+cf": the Combined model of this fit made of its trained DL model and its
+        CF model (common/model.py FusionResNet.start_from_parts), with no further training."""
+        from common.model import build_model
+
+        cf = self.state["cf"].get(f"{fit.tag}/{fit.fold}")
+        if dl_arrays is None or cf is None:
+            missing = " and ".join(m for m, a in (("DL", dl_arrays), ("CF", cf)) if a is None)
+            self._not_computed(fit, ["combined"], "Combined model", f"combined-from dl+cf: this fit has no {missing} model")
+            return None
+        def net(use_clinical: bool):
+            return build_model(self.cfg, self.n_channels, self.spatial_dims, self.n_features, use_clinical=use_clinical,
+                               channels=self.channels)
+        dl = net(False)
+        dl.load_state_dict(dl_arrays.to_torch_state_dict())
+        combined = net(True)
+        combined.start_from_parts(dl, cf["beta"])
+        return ArrayRecord(combined.state_dict())
+
     # -- the whole run --
     def run(self) -> dict:
         self.start()
@@ -569,6 +598,7 @@ class Study:
                 self.state["position"] = {"fit": i + 1, "model": 0, "round": 0}
                 continue
             mean, std = std_
+            dl_arrays = None  # this fit's trained DL model, for a Combined model made of it (combine)
             if fit.fold < 0:  # the final models' standardisation, for `slmfed predict` (models/<fit>.json)
                 self.state.setdefault("standardisation", {})[fit.tag] = {"mean": mean.tolist(), "std": std.tolist()}
             for j, model in enumerate(self.models):
@@ -584,6 +614,12 @@ class Study:
                     else:
                         self.state["cf"][f"{fit.tag}/{fit.fold}"] = {**cf, "mean": mean.tolist(), "std": std.tolist()}
                         self.evaluate(fit, "cf", mean, std, None, beta=cf["beta"], store=True)
+                elif model == "combined" and self.cfg["combined-from"] == "dl+cf":
+                    arrays = self.combine(fit, dl_arrays)
+                    if arrays is not None:
+                        self.evaluate(fit, model, mean, std, arrays, store=True)
+                        if fit.fold < 0:
+                            self.ckpt.save_model(f"{fit.tag}-{model}", arrays)
                 else:
                     start = pos["round"] if resume_here else 0
                     arrays = self.ckpt.load_arrays() if resume_here else None
@@ -595,6 +631,8 @@ class Study:
                         self.evaluate(fit, model, mean, std, arrays, store=True)
                         if fit.fold < 0:
                             self.ckpt.save_model(f"{fit.tag}-{model}", arrays)
+                    if model == "dl":
+                        dl_arrays = arrays
                 self.state["fits"][str(i)] = asdict(fit)
                 self.state["position"] = {"fit": i, "model": j + 1, "round": 0}
             self.state["position"] = {"fit": i + 1, "model": 0, "round": 0}

@@ -442,7 +442,8 @@ def dp_section(res: dict) -> list[str]:
                      f"{d['clip_norm']:g} | {d['sample_rate_last']:.3f} | {d['steps']} |")
     lines += ["", "Accountant: Opacus RDP, composed over every DP-SGD step of the study at that site (all fits, folds, "
               "models and rounds; each training patient counted in every step's sampling). The epsilon covers the DL "
-              "and Combined weights the site sent (and anything computed from them). It does NOT cover the CF "
+              "and Combined weights the site sent (and anything computed from them; a Combined model made of the DL "
+              "model and the CF coefficients (combined-from dl+cf) is covered only in its DL part). It does NOT cover the CF "
               "model (exact sufficient statistics and coefficients: epsilon infinite), the evaluation replies "
               "(AUC, loss, score cells, calibration: exact, k-safe only) or the enrolment counts; and it is per "
               "study (a site's lifetime total is at most max-studies x its dp-epsilon)."]
@@ -520,8 +521,12 @@ def model_card(res: dict) -> str:
         "- Task: predict synchronous liver metastases (SLM) in rectal cancer from pre-treatment T2WI / DWI / ADC "
         "of the primary tumour plus sex, tumor_site, CEA, CA19-9 (after Sun et al., BMC Med Imaging 2025).",
         f"- Data: {sites}.",
-        f"- Models: CF logistic regression; {cfg['backbone']} ({cfg['norm']} norm) MRI DL model; Combined model with a "
-        f"{cfg['clinical-embed-dim']}-d clinical embedding. FedAvg, {cfg['num-rounds']} rounds x {cfg['local-epochs']} "
+        f"- Models: CF logistic regression; {cfg['backbone']} ({cfg['norm']} norm, width x{cfg['widen-factor']:g}"
+        f"{', ROI pooling' if cfg['roi-pooling'] else ''}) MRI DL model; Combined model "
+        + ("= the MRI DL model's logit + the CF model's (the same network with a clinical term, not trained further). "
+           if cfg["combined-from"] == "dl+cf" else f"with a {cfg['clinical-embed-dim']}-d clinical embedding, trained "
+           "from the CF model. ")
+        + f"FedAvg, {cfg['num-rounds']} rounds x {cfg['local-epochs']} "
         f"local epochs, lr {cfg['lr']}, batch {cfg['batch-size']}, FedProx mu {cfg['fedprox-mu']}, seed {cfg['seed']}.",
         "- Weights: `models/<fit>-<model>.npz` (state_dict arrays, load with `common.model.build_model`); "
         "`models/<fit>.json` holds what a site needs to use them (`slmfed predict --model models/<fit>.json`): CF "

@@ -16,6 +16,7 @@ BENCHMARKS = {
     "multisite": "multisite study wall time for 4, 8, 16 sites: this machine vs a Ray cluster",
     "attention": "slmfed predict on a site: Grad-CAM mass inside the dilated ROI, equality with the study's evaluation",
     "dp": "DP-SGD at the site: training samples/s with vs without DP, AUC of the paper study at several epsilons",
+    "model": "model selection: candidate settings on the paper cohort, repeated CV, beside the handcrafted baseline",
     "faults": "a study with injected faults (site away, transient errors, a poisoned update) vs the same study clean",
 }
 

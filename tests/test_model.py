@@ -179,3 +179,61 @@ def test_out_of_place_blocks_equal_monai_resnet_bit_for_bit(backbone):
         grads.append([p.grad.clone() for p in net.parameters()])
     assert torch.equal(outs[0], outs[1])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+# ---- ROI pooling (issue 17) --------------------------------------------------------------------------
+def test_roi_channels_are_found_by_name():
+    from common.model import roi_channels
+
+    assert roi_channels(["t2", "dwi", "adc", "mask"]) == [3]
+    assert roi_channels(["t2-1", "t2", "t2+1", "adc-1", "adc", "adc+1", "mask-1", "mask", "mask+1"]) == [6, 7, 8]
+    assert roi_channels(["t2", "dwi", "adc"]) == [] and roi_channels(None) == []
+    assert roi_channels(["t2", "masked-t2"]) == []  # a name that only starts with "mask" is not the mask
+
+
+def _stage_maps(net, image):
+    maps = {}
+    hooks = [getattr(net.backbone, n).register_forward_hook(lambda m, i, o, n=n: maps.__setitem__(n, o))
+             for n in ("layer2", "layer3")]
+    try:
+        pooled = net._roi_features(image)
+    finally:
+        for h in hooks:
+            h.remove()
+    return pooled, maps
+
+
+def test_roi_pooling_is_monai_forward_plus_the_stage_means_inside_the_roi():
+    torch.manual_seed(0)
+    net = FusionResNet(n_channels=4, widen_factor=0.25, roi_channels=(3,)).eval()
+    image = torch.rand(2, 4, 64, 64)
+    image[:, 3] = 0
+    image[:, 3, :32, :32] = 1  # the ROI: the top-left quadrant, 4 x 4 cells of layer2's 8 x 8 grid, 2 x 2 of layer3's
+    with torch.no_grad():
+        pooled, maps = _stage_maps(net, image)
+        assert torch.equal(pooled[:, :128], net.backbone(image))  # the global average: MONAI's own forward
+        l2, l3 = maps["layer2"], maps["layer3"]
+        want = torch.cat([l2[:, :, :4, :4].mean((2, 3)), l3[:, :, :2, :2].mean((2, 3))], 1)
+        # the pooled weights sum to the ROI area plus ROI_POOL_EPS: exact up to that
+        torch.testing.assert_close(pooled[:, 128:], want, rtol=1e-3, atol=1e-4)
+        assert not torch.allclose(pooled[:, 128:160], l2.mean((2, 3)), atol=1e-3)  # not the global mean
+        image[:, 3] = 1  # an ROI over everything pools like the global average of each stage
+        pooled, maps = _stage_maps(net, image)
+        torch.testing.assert_close(pooled[:, 128:160], maps["layer2"].mean((2, 3)), rtol=1e-3, atol=1e-4)
+
+
+def test_build_model_pools_inside_the_roi_when_the_input_has_the_mask_and_the_config_says_so():
+    cfg = load_config(cli={"widen-factor": 0.25})
+    with_mask = ["t2", "dwi", "adc", "mask"]
+    assert build_model(cfg, 4, 2, 7, False, channels=with_mask).roi_channels == (3,)
+    assert build_model({**cfg, "roi-pooling": False}, 4, 2, 7, False, channels=with_mask).roi_channels == ()
+    assert build_model(cfg, 3, 2, 7, False, channels=["t2", "dwi", "adc"]).roi_channels == ()
+    n_roi = _n_params(build_model(cfg, 4, 2, 7, True, channels=with_mask))
+    n_plain = _n_params(build_model({**cfg, "roi-pooling": False}, 4, 2, 7, True, channels=with_mask))
+    assert n_roi - n_plain == (32 + 64) * 64  # the head's first layer reads the 32 + 64 ROI means too
+    net3d = build_model({**cfg, "norm": "group"}, 4, 3, 7, True, channels=with_mask).eval()
+    x = torch.rand(2, 4, 8, 32, 32)
+    x[:, 3] = (x[:, 3] > 0.5).float()
+    assert net3d(x, torch.randn(2, 7)).shape == (2,)
+    with pytest.raises(ValueError, match="roi_channels"):
+        FusionResNet(n_channels=3, roi_channels=(3,))

@@ -109,8 +109,8 @@ def test_manifest_and_cache_contract(site):
     root, cache, _, specs = site
     m = json.loads((cache / "manifest.json").read_text())
     assert m["format_version"] == CACHE_FORMAT_VERSION
-    assert m["input_mode"] == "2d" and m["spatial_dims"] == 2 and m["channels"] == ["t2", "dwi", "adc"]
-    assert m["image_shape"] == [3, SIZE, SIZE] and m["feature_names"] == list(FEATURE_NAMES)
+    assert m["input_mode"] == "2d" and m["spatial_dims"] == 2 and m["channels"] == ["t2", "dwi", "adc", "mask"]
+    assert m["image_shape"] == [4, SIZE, SIZE] and m["feature_names"] == list(FEATURE_NAMES)
     assert m["preprocessing"]["pipeline_version"] and m["preprocessing"]["fov-mm"] == FOV
     assert len(m["salt"]) >= 16 and m["counts"]["included"] == 4
     for e in m["patients"].values():
@@ -121,6 +121,8 @@ def test_manifest_and_cache_contract(site):
     qc = list(csv.DictReader(open(cache / "qc.csv", encoding="utf-8")))
     assert len(qc) == 4 and {r["patient_key"] for r in qc} == set(m["patients"])
     assert len(list((cache / "previews").glob("*.png"))) == 4
+    with np.load(cache / "patients" / f"{data.keys[0]}.npz") as npz:  # 4th channel: the ROI the model is asked about
+        np.testing.assert_array_equal(data.images[0][3], npz["roi"][0].astype(np.float32))
     assert (local_dir(cache) / "scan-index.json").is_file()
 
 
@@ -180,8 +182,9 @@ def test_workers_give_identical_cache(site, tmp_path):
 
 
 @pytest.mark.parametrize("mode,shape,channels", [
-    ("2.5d", [9, 32, 32], ["t2-1", "t2", "t2+1", "dwi-1", "dwi", "dwi+1", "adc-1", "adc", "adc+1"]),
-    ("3d", [3, 8, 32, 32], ["t2", "dwi", "adc"]),
+    ("2.5d", [12, 32, 32], ["t2-1", "t2", "t2+1", "dwi-1", "dwi", "dwi+1", "adc-1", "adc", "adc+1",
+                            "mask-1", "mask", "mask+1"]),
+    ("3d", [4, 8, 32, 32], ["t2", "dwi", "adc", "mask"]),
 ])
 def test_other_input_modes(site, tmp_path, mode, shape, channels):
     root, _, _, _ = site
@@ -193,6 +196,9 @@ def test_other_input_modes(site, tmp_path, mode, shape, channels):
     data = load_cache(tmp_path / "c")
     assert list(data.images.shape[1:]) == shape
     img = data.images[0]
+    with np.load(tmp_path / "c" / "patients" / f"{data.keys[0]}.npz") as npz:  # the mask channels are the ROI crop
+        np.testing.assert_array_equal(img[-3:] if mode == "2.5d" else img[-1], npz["roi"].astype(np.float32))
+    assert set(np.unique(img[-1]).tolist()) == {0.0, 1.0}
     centre_t2 = img[1] if mode == "2.5d" else img[0, 4]
     assert blob_centre(centre_t2, (15.5, 15.5), radius=4).round(0).tolist() in ([15.0, 15.0], [16.0, 16.0],
                                                                                [15.0, 16.0], [16.0, 15.0])

@@ -263,3 +263,18 @@ def test_bench_train_command_prints_figures(capsys):
     for line in ("bare PyTorch loop", "train() augment=on", "train() augment=off", "peak memory: max RSS"):
         assert line in out
     assert main(["bench", "train", "--runs", "0"]) == 2
+
+
+def test_default_augmentation_is_spatial_only_and_intensity_jitter_is_a_setting():
+    """ADC is on a physical scale and the 4th channel is the 0/1 mask: by default nothing rescales them."""
+    from client.train import make_augment
+
+    x = torch.rand(4, 4, 16, 16)
+    spatial = make_augment(2, load_config())
+    assert spatial.intensity_scale == 0 and spatial.intensity_shift == 0
+    out = spatial(x, torch.Generator().manual_seed(3))
+    want = spatial.warp(x, spatial.theta(4, torch.Generator().manual_seed(3)))
+    assert torch.equal(out, want)
+    jitter = make_augment(2, load_config(cli={"augment-intensity": 0.1}))
+    assert not torch.equal(jitter(x, torch.Generator().manual_seed(3)), want)
+    assert make_augment(2, load_config(cli={"augment": False})) is None
