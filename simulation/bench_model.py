@@ -28,19 +28,20 @@ from common.config import load_config
 SITES = ("center-primary", "center-external")
 PREPARE_KEYS = ("input-mode", "fov-mm", "crop-size", "context-slices", "mask-channel")
 # name -> (what it is, config keys). "v0" is the model before issue 17; each later line changes one thing.
+_V0 = {"mask-channel": False, "widen-factor": 1.0, "augment-intensity": 0.1, "roi-pooling": False, "combined-from": "cf"}
 CANDIDATES: dict[str, tuple[str, dict]] = {
-    "v0": ("3 channels, resnet10 width 1, intensity jitter 0.1",
-           {"mask-channel": False, "widen-factor": 1.0, "augment-intensity": 0.1, "roi-pooling": False}),
-    "mask": ("v0 + the ROI mask as a 4th channel",
-             {"mask-channel": True, "widen-factor": 1.0, "augment-intensity": 0.1, "roi-pooling": False}),
-    "mask-w0.25": ("mask + width 0.25",
-                   {"mask-channel": True, "widen-factor": 0.25, "augment-intensity": 0.1, "roi-pooling": False}),
+    "v0": ("before issue 17: 3 channels, width 1, intensity jitter 0.1, Combined trained from CF", _V0),
+    "mask": ("v0 + the ROI mask as a 4th input channel", {**_V0, "mask-channel": True}),
+    "mask-w0.25": ("mask + width 0.25", {**_V0, "mask-channel": True, "widen-factor": 0.25}),
     "mask-w0.25-nojitter": ("mask-w0.25 without intensity jitter",
-                            {"mask-channel": True, "widen-factor": 0.25, "augment-intensity": 0.0, "roi-pooling": False}),
-    "chosen": ("mask-w0.25-nojitter + ROI pooling (the defaults)",
-               {"mask-channel": True, "widen-factor": 0.25, "augment-intensity": 0.0, "roi-pooling": True}),
-    "chosen-2.5d": ("chosen, 2.5d input (3 slices per sequence and mask)", {"input-mode": "2.5d"}),
+                            {**_V0, "mask-channel": True, "widen-factor": 0.25, "augment-intensity": 0.0}),
+    "roi": ("mask-w0.25-nojitter + ROI pooling",
+            {**_V0, "mask-channel": True, "widen-factor": 0.25, "augment-intensity": 0.0, "roi-pooling": True}),
+    "chosen": ("roi + Combined = DL logit + CF logit (the defaults)", {}),
+    "chosen-jitter": ("chosen with intensity jitter 0.1 (every channel)", {"augment-intensity": 0.1}),
+    "chosen-2.5d": ("chosen, 2.5d input (3 slices of each sequence and of the mask)", {"input-mode": "2.5d"}),
     "chosen-fov64": ("chosen, 64 mm field of view", {"fov-mm": 64.0}),
+    "chosen-batchnorm": ("chosen with BatchNorm", {"norm": "batch"}),
     "chosen-16rounds": ("chosen, 16 rounds", {"num-rounds": 16}),
 }
 
@@ -70,8 +71,7 @@ def candidate_settings(names: str) -> dict[str, dict]:
     unknown = [n for n in chosen if n not in CANDIDATES]
     if unknown:
         raise SystemExit(f"bench model: unknown candidate(s) {unknown}; expected some of {', '.join(CANDIDATES)}")
-    base = CANDIDATES["chosen"][1]
-    return {n: ({**base, **CANDIDATES[n][1]} if n.startswith("chosen-") else dict(CANDIDATES[n][1])) for n in chosen}
+    return {n: dict(CANDIDATES[n][1]) for n in chosen}  # "chosen*": the defaults + what they name
 
 
 def prepared(data: Path, work: Path, settings: dict) -> Path:

@@ -24,9 +24,10 @@ class LocalGrid(InProcessGrid):
 
 
 def make_cache(cache_dir: Path, n: int, seed: int, site_name: str, prevalence: float = 0.4,
-               shape=(3, 40, 40), labelled: bool = True, salt: str | None = None) -> list[str]:
+               shape=(3, 40, 40), labelled: bool = True, salt: str | None = None, mask_channel: bool = False) -> list[str]:
     """A prepared cache with a learnable signal: SLM patients have a bigger, darker-ADC blob and
-    higher tumour markers. Returns the raw patient_ids (for leak checks)."""
+    higher tumour markers (with mask_channel, the blob's mask as a 4th channel, as `slmfed prepare`
+    writes by default). Returns the raw patient_ids (for leak checks)."""
     rng = np.random.default_rng(seed)
     cache_dir = Path(cache_dir)
     salt = salt or f"salt-{seed}"
@@ -49,11 +50,14 @@ def make_cache(cache_dir: Path, n: int, seed: int, site_name: str, prevalence: f
         clin = encode_row("M" if rng.random() < 0.6 else "F", ["low", "mid", "high"][rng.integers(3)], cea, ca199)
         key = patient_key(pid, salt)
         label = int(y[i]) if labelled else -1
-        sha = write_patient(cache_dir, key, img, clin, label)
+        if mask_channel:
+            img = np.concatenate([img, blob[None]])
+        sha = write_patient(cache_dir, key, img, clin, label, roi=blob[None].astype(np.uint8) if mask_channel else None)
         patients[key] = {"status": "included", "reason": "", "sha256": sha, "label": label}
     atomic_write_json(cache_dir / "manifest.json", {
         "format_version": CACHE_FORMAT_VERSION, "site_name": site_name, "input_mode": "2d", "spatial_dims": 2,
-        "channels": ["t2", "dwi", "adc"], "image_shape": list(shape), "feature_names": list(FEATURE_NAMES),
+        "channels": ["t2", "dwi", "adc"] + (["mask"] if mask_channel else []),
+        "image_shape": [shape[0] + int(mask_channel), *shape[1:]], "feature_names": list(FEATURE_NAMES),
         "salt": salt, "patients": patients, "counts": {"included": n, "excluded": 0},
     })
     return ids

@@ -237,3 +237,35 @@ def test_build_model_pools_inside_the_roi_when_the_input_has_the_mask_and_the_co
     assert net3d(x, torch.randn(2, 7)).shape == (2,)
     with pytest.raises(ValueError, match="roi_channels"):
         FusionResNet(n_channels=3, roi_channels=(3,))
+
+
+def test_combined_made_of_dl_and_cf_gives_the_sum_of_their_logits():
+    cfg = load_config(cli={"widen-factor": 0.25})
+    ch = ["t2", "dwi", "adc", "mask"]
+    dl = build_model({**cfg, "seed": 5}, 4, 2, 7, use_clinical=False, channels=ch).eval()
+    combined = build_model(cfg, 4, 2, 7, use_clinical=True, channels=ch).eval()
+    beta = torch.randn(8)
+    combined.start_from_parts(dl, beta)
+    x, z = torch.rand(3, 4, 64, 64), torch.randn(3, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(combined(x, z), dl(x) + beta[0] + z @ beta[1:], rtol=1e-5, atol=1e-5)
+    other = build_model({**cfg, "widen-factor": 0.5}, 4, 2, 7, use_clinical=False, channels=ch)
+    with pytest.raises(ValueError, match="image part"):
+        combined.start_from_parts(other, beta)
+    with pytest.raises(ValueError, match="coefficients"):
+        combined.start_from_parts(dl, beta[:5])
+
+
+def test_every_bench_model_candidate_is_a_valid_study_and_prepare_config():
+    """`slmfed bench model` candidates are plain config keys: a renamed or mistyped key fails here, not
+    20 minutes into the benchmark."""
+    from simulation.bench_model import CANDIDATES, candidate_settings
+
+    settings = candidate_settings("all")
+    assert set(settings) == set(CANDIDATES) and settings["chosen"] == {}
+    for name, keys in settings.items():
+        cfg = load_config(cli=keys)
+        assert all(cfg[k] == v for k, v in keys.items()), name
+    assert settings["v0"]["mask-channel"] is False and load_config()["mask-channel"] is True
+    with pytest.raises(SystemExit, match="unknown candidate"):
+        candidate_settings("chosen,bogus")

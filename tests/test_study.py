@@ -231,3 +231,41 @@ def test_a_cf_fit_that_does_not_exist_is_reported_and_the_study_goes_on(tmp_path
     cohorts = {r["cohort"] for r in res["rows"]}
     assert "hospital-c: site alone, 2-fold CV" not in cohorts  # n/a, not a made-up number
     assert "hospital-c: 2-fold CV" in cohorts and "hospital-a: leave-center-out" in cohorts  # the rest stands
+
+
+def test_the_combined_model_is_the_dl_logit_plus_the_cf_logit_for_every_patient(tmp_path):
+    """combined-from dl+cf (the default): every stored Combined prediction, in every CV fold and at the
+    external site, is sigmoid(logit DL + logit CF) of the same fit; the DL model pools inside the ROI."""
+    from common.model import build_model
+
+    root = tmp_path / "sites"
+    make_cache(root / "primary", 36, seed=1, site_name="center-primary", mask_channel=True)
+    make_cache(root / "external", 14, seed=2, site_name="center-external", mask_channel=True)
+    nodes = [{"cache-dir": str(root / "primary"), "site-name": "center-primary", "min-cell-size": 3,
+              "study-dir": str(tmp_path / "primary-study")},
+             {"cache-dir": str(root / "external"), "site-name": "center-external", "min-cell-size": 3,
+              "study-dir": str(tmp_path / "external-study")}]
+    grid, state, res, cfg = run(nodes, tmp_path / "run", **{"widen-factor": 0.25})
+    assert cfg["combined-from"] == "dl+cf" and cfg["roi-pooling"]
+    assert not any(m.content["config"]["model"] == "combined" for m in grid.sent if m.metadata.message_type == "train")
+    logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
+    checked = 0
+    for study in (tmp_path / "primary-study", tmp_path / "external-study"):
+        for comb in sorted(study.glob("*/*/combined/*.npz")):
+            parts = {m: np.load(comb.parent.parent / m / comb.name) for m in ("cf", "dl", "combined")}
+            assert all(np.array_equal(parts[m]["keys"], parts["combined"]["keys"]) for m in ("cf", "dl"))
+            np.testing.assert_allclose(logit(parts["combined"]["probs"]),
+                                       logit(parts["dl"]["probs"]) + logit(parts["cf"]["probs"]),
+                                       rtol=1e-3, atol=1e-4)  # probabilities come from a float32 sigmoid
+            checked += 1
+    assert checked == 3  # 2 CV folds' held-out patients + the external site
+    weights = np.load(tmp_path / "run" / "models" / "final-dl.npz")
+    plain = build_model({**cfg, "roi-pooling": False}, 4, 2, 7, use_clinical=False).state_dict()["head.0.weight"]
+    assert weights["head.0.weight"].shape[1] == plain.shape[1] + (32 + 64)  # the ROI means of layer2 and layer3
+
+
+def test_a_combined_model_made_of_dl_and_cf_needs_both_in_the_study(caches, tmp_path):
+    from server.protocol import StudyError
+
+    with pytest.raises(StudyError, match="combined-from = dl\\+cf .* lacks dl"):
+        run(caches[0], tmp_path / "run", models="cf,combined")
