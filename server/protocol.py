@@ -52,7 +52,7 @@ from common.config import SENT_MODEL_KEYS, model_list
 from common.logistic import LogisticFitError, newton_fit
 from common.model_input import ModelInputError
 from common.model_input import validate as validate_model_input
-from common.records import SITE_CANNOT, SITE_REFUSED, score_cells, to_config_record
+from common.records import SITE_CANNOT, SITE_REFUSED, arrays_to_numpy, numpy_to_record, score_cells, to_config_record
 from server.checkpoint import Checkpoint, StudyInterrupted, StudyStopped
 from server.robust import aggregate, check_updates
 
@@ -242,6 +242,30 @@ def _single_plan(scenario: str, sites: dict[str, dict], folds: int, eval_sites: 
             plan += [Fit("central", k, list(central), val=list(central)) for k in range(folds)] if central else []
         return plan
     raise StudyError(f"unknown scenario {scenario!r}")
+
+
+# ---- stochastic weight averaging (swa-rounds): the running sum travels in the checkpoint ----------
+SWA_PREFIX = "swa-sum."
+
+
+def _unpack_swa(record: ArrayRecord | None) -> tuple[ArrayRecord | None, dict[str, np.ndarray]]:
+    if record is None:
+        return None, {}
+    arrays = arrays_to_numpy(record)
+    plain = {k: v for k, v in arrays.items() if not k.startswith(SWA_PREFIX)}
+    sums = {k[len(SWA_PREFIX):]: v for k, v in arrays.items() if k.startswith(SWA_PREFIX)}
+    return (record if not sums else numpy_to_record(plain)), sums
+
+
+def _add_swa(sums: dict[str, np.ndarray], arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    now = arrays_to_numpy(arrays)
+    return {k: sums.get(k, 0.0) + v.astype(np.float64) for k, v in now.items()}
+
+
+def _pack_swa(arrays: ArrayRecord, sums: dict[str, np.ndarray]) -> ArrayRecord:
+    if not sums:
+        return arrays
+    return numpy_to_record({**arrays_to_numpy(arrays), **{SWA_PREFIX + k: v for k, v in sums.items()}})
 
 
 # ---- the study ----------------------------------------------------------------------------------
@@ -504,7 +528,11 @@ class Study:
                arrays: ArrayRecord | None) -> ArrayRecord | None:
         rounds = int(self.cfg["num-rounds"])
         cf = self.state["cf"].get(f"{fit.tag}/{fit.fold}")
+        arrays, swa_sum = _unpack_swa(arrays)
         arrays = arrays if arrays is not None else self.initial_state(model, fit_index, cf["beta"] if cf else None)
+        swa_from = rounds - int(self.cfg["swa-rounds"]) + 1  # rounds whose global weights are averaged
+        if start_round == 0:
+            self.state["swa-count"] = 0
         train_cfg = {**self._base(fit), **self._model_keys(), "clinical-mean": mean, "clinical-std": std, "model": model,
                      "num-rounds": rounds, "dp-fits": self._dp_fits()}
         for rnd in range(start_round + 1, rounds + 1):
@@ -532,6 +560,9 @@ class Study:
             self._record_dp(model, {s: metrics_of(replies[s]) for s in accepted})
             validate_message_reply_consistency(contents, weighted_by_key="num-examples", check_arrayrecord=True)
             arrays = aggregate(arrays, contents, str(self.cfg["aggregation"]), float(self.cfg["trim-fraction"]))
+            if rnd >= swa_from:
+                swa_sum = _add_swa(swa_sum, arrays)
+                self.state["swa-count"] += 1
             agg = aggregate_metricrecords(contents, "num-examples")
             timing = self.state.setdefault("timing", {"train-rounds-s": 0.0, "train-rounds": 0, "local-training-s": 0.0})
             timing["train-rounds-s"] += time.perf_counter() - t0  # send, local training, reply, FedAvg
@@ -546,13 +577,24 @@ class Study:
                 self.evaluate(fit, model, mean, std, arrays, store=False, rnd=rnd)
             self.state["position"] = {"fit": fit_index, "model": self.models.index(model), "round": rnd}
             self.state["fits"][str(fit_index)] = asdict(fit)
-            self.ckpt.save(self.state, arrays)
+            self.ckpt.save(self.state, _pack_swa(arrays, swa_sum))
             self.rounds_done_this_run += 1
             self.say(f"{fit.tag} fold {fit.fold} {model}: round {rnd}/{rounds} done")
             stop = int(self.cfg["stop-after-rounds"])
             if stop and self.rounds_done_this_run >= stop:
                 raise StudyInterrupted(f"stopped after {stop} rounds as configured (stop-after-rounds)")
-        return arrays
+        return self.swa_result(_pack_swa(arrays, swa_sum))
+
+    def swa_result(self, packed: ArrayRecord) -> ArrayRecord:
+        """The fit's model: with swa-rounds N, the mean of the global weights of its last N rounds
+        (stochastic weight averaging, done by the server on weights it already holds: nothing more
+        leaves a site); else the last round's."""
+        arrays, swa_sum = _unpack_swa(packed)
+        if not swa_sum:
+            return arrays
+        n = int(self.state["swa-count"])
+        ref = arrays_to_numpy(arrays)
+        return numpy_to_record({k: (swa_sum[k] / n).astype(ref[k].dtype) for k in ref})
 
     def combine(self, fit: Fit, dl_arrays: ArrayRecord | None) -> ArrayRecord | None:
         """combined-from = "dl+cf": the Combined model of this fit made of its trained DL model and its
@@ -625,6 +667,8 @@ class Study:
                     arrays = self.ckpt.load_arrays() if resume_here else None
                     if start < int(self.cfg["num-rounds"]):
                         arrays = self.fit_dl(i, fit, model, mean, std, start, arrays)
+                    elif arrays is not None:  # resumed after the last round: the checkpoint's model
+                        arrays = self.swa_result(arrays)
                     if arrays is None:
                         self._not_computed(fit, [model], f"{model} model", "no training site left")
                     else:

@@ -43,6 +43,7 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "chosen-fov64": ("chosen, 64 mm field of view", {"fov-mm": 64.0}),
     "chosen-batchnorm": ("chosen with BatchNorm", {"norm": "batch"}),
     "chosen-16rounds": ("chosen, 16 rounds", {"num-rounds": 16}),
+    "chosen-swa4": ("chosen, each fit's model the mean of its last 4 rounds' weights", {"swa-rounds": 4}),
 }
 
 

@@ -197,7 +197,8 @@ def test_other_input_modes(site, tmp_path, mode, shape, channels):
     assert list(data.images.shape[1:]) == shape
     img = data.images[0]
     with np.load(tmp_path / "c" / "patients" / f"{data.keys[0]}.npz") as npz:  # the mask channels are the ROI crop
-        np.testing.assert_array_equal(img[-3:] if mode == "2.5d" else img[-1], npz["roi"].astype(np.float32))
+        roi = npz["roi"].astype(np.float32)
+        np.testing.assert_array_equal(img[-3:] if mode == "2.5d" else img[-1:], roi.reshape((-1,) + img.shape[1:]))
     assert set(np.unique(img[-1]).tolist()) == {0.0, 1.0}
     centre_t2 = img[1] if mode == "2.5d" else img[0, 4]
     assert blob_centre(centre_t2, (15.5, 15.5), radius=4).round(0).tolist() in ([15.0, 15.0], [16.0, 16.0],

@@ -269,3 +269,32 @@ def test_a_combined_model_made_of_dl_and_cf_needs_both_in_the_study(caches, tmp_
 
     with pytest.raises(StudyError, match="combined-from = dl\\+cf .* lacks dl"):
         run(caches[0], tmp_path / "run", models="cf,combined")
+
+
+def test_weight_averaging_is_the_mean_of_the_last_rounds_and_survives_a_resume(caches, tmp_path, monkeypatch):
+    """swa-rounds 2: each DL fit's model is the mean of its last 2 rounds' global weights (recorded here
+    as the protocol aggregates them); a study interrupted between those rounds resumes to the same model."""
+    import server.protocol as P
+    from common.records import arrays_to_numpy
+
+    seen = []
+    real = P.aggregate
+    monkeypatch.setattr(P, "aggregate", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    nodes = caches[0]
+    over = {"num-rounds": 3, "swa-rounds": 2, "models": "dl"}
+    run(nodes, tmp_path / "full", **over)
+    last = [arrays_to_numpy(r) for r in seen[-2:]]  # the final fit's rounds 2 and 3
+    model = np.load(tmp_path / "full" / "models" / "final-dl.npz")
+    for k in model.files:
+        np.testing.assert_allclose(model[k], ((last[0][k].astype(np.float64) + last[1][k]) / 2).astype(model[k].dtype),
+                                   rtol=1e-6, atol=1e-7)
+    assert not np.allclose(model["head.0.weight"], last[1]["head.0.weight"])  # not just the last round
+    # interrupted after round 2 of the final fit (2 CV folds x 3 rounds before it), between the two
+    # averaged rounds, then resumed: the running sum comes back from the checkpoint
+    with pytest.raises(StudyInterrupted):
+        run([{**n, "study-dir": str(tmp_path / f"s{i}")} for i, n in enumerate(nodes)], tmp_path / "cut",
+            **over, **{"stop-after-rounds": 8})
+    run([{**n, "study-dir": str(tmp_path / f"s{i}")} for i, n in enumerate(nodes)], tmp_path / "cut", **over, resume=True)
+    again = np.load(tmp_path / "cut" / "models" / "final-dl.npz")
+    for k in model.files:
+        np.testing.assert_array_equal(again[k], model[k])
