@@ -127,7 +127,10 @@ class Site:
             return self.load_predictions(study_id, model, -1, "all")
         parts = [self.load_predictions(study_id, model, k, "val") for k in range(folds)]
         keys = np.concatenate([p[0] for p in parts])
-        order = np.argsort(keys)
+        # the cache's own patient order (by patient_id, client/cache.py), not the salted keys: summaries
+        # then sum in the same order whatever the salt, so two caches of one cohort give identical rows
+        position = {k: i for i, k in enumerate(self.data.keys)}
+        order = np.argsort([position.get(str(k), len(position)) for k in keys], kind="stable")
         return keys[order], np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
 
 
