@@ -102,7 +102,7 @@ def auc_sweep(args) -> dict:
                       **({} if args.min_cell_size is None else {"min-cell-size": args.min_cell_size})} for s in sites]
             cfg = load_config(run_config={**study_cfg, "run-dir": f"{tmp}/run"})
             t = time.perf_counter()
-            state = Study(Federation(InProcessGrid(client_app, nodes), min_sites=2, timeout_s=60), cfg,
+            state = Study(Federation(InProcessGrid(client_app, nodes, keep_messages=False), min_sites=2, timeout_s=60), cfg,
                           Checkpoint(Path(tmp) / "run")).run()
             res = build_results(state, cfg)
             seconds = time.perf_counter() - t

@@ -105,7 +105,7 @@ def study(caches: Path, settings: dict, args) -> dict:
                                       "run-dir": f"{tmp}/run"})
         nodes = [{"cache-dir": str(caches / s), "site-name": s, "study-dir": f"{tmp}/{s}-study", "device": args.device,
                   **({} if args.min_cell_size is None else {"min-cell-size": args.min_cell_size})} for s in SITES]
-        grid = InProcessGrid(client_app, nodes, study_config=cfg)
+        grid = InProcessGrid(client_app, nodes, study_config=cfg, keep_messages=False)
         state = Study(Federation(grid, min_sites=2, timeout_s=60), cfg, Checkpoint(Path(tmp) / "run")).run()
         return build_results(state, cfg)
 

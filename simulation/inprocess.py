@@ -21,7 +21,7 @@ class InProcessGrid(Grid):
     keeps exactly the policy it was given (tests of a site's own refusals)."""
 
     def __init__(self, client_app, node_configs: list[dict], run_config: dict | None = None,
-                 study_config: dict | None = None):
+                 study_config: dict | None = None, keep_messages: bool = True):
         if study_config is not None:
             from simulation.runner import size_for_repeats
 
@@ -29,6 +29,9 @@ class InProcessGrid(Grid):
         self.client_app = client_app
         self.nodes = {1000 + i: cfg for i, cfg in enumerate(node_configs)}
         self.run_config = run_config or {}
+        # every message, for tests that inspect what left a site; a benchmark running whole studies turns
+        # this off (a study at width 1 with repeats sends gigabytes of weights)
+        self.keep_messages = keep_messages
         self.replies: list[tuple[str, Message]] = []  # (message_type, reply)
         self.sent: list[Message] = []
         self._ids = itertools.count()
@@ -44,9 +47,10 @@ class InProcessGrid(Grid):
             node = msg.metadata.dst_node_id
             ctx = Context(run_id=1, node_id=node, node_config=dict(self.nodes[node]), state=RecordDict(),
                           run_config=dict(self.run_config))
-            self.sent.append(msg)
             reply = self.client_app(msg, ctx)
-            self.replies.append((msg.metadata.message_type, reply))
+            if self.keep_messages:
+                self.sent.append(msg)
+                self.replies.append((msg.metadata.message_type, reply))
             out.append(reply)
         return out
 
