@@ -9,9 +9,10 @@ The ClientApp calls these each round; tests and benchmarks call them directly.
   transformer (`monai.networks.layers.AffineTransform`). Per-sample MONAI array transforms in a
   Python loop would cost more than the model itself on a GPU. No intensity jitter by default: the
   ADC channel is on a physical scale (its level is the signal: tumour ADC spans about 0.29-0.38 of
-  the scaled range, a +-0.1 offset would drown it) and the mask channel is 0/1. On the synthetic
-  paper cohort (MRI DL, primary 5-fold CV, mean of 3 fold assignments) jitter on every channel gave
-  0.783 against 0.794 without; T2/DWI-only jitter 0.803 against 0.811 without (with ROI pooling).
+  the scaled range, a +-0.1 offset would drown it) and the mask channel is 0/1. `slmfed bench model`
+  (MRI DL, primary 5-fold CV, mean of 3 fold assignments): with ROI pooling, jitter of 0.1 on every
+  channel gave 0.777 against 0.788 without; without ROI pooling 0.782 against 0.773 (within the
+  fold-assignment noise either way). Config augment-intensity turns it back on.
 - Class-weighted BCE: pos_weight = negatives / positives of the local labels (1 when a site
   holds only one class, which can happen in federated splits).
 - AdamW (lr, weight-decay; fused kernel, see make_optimizer), gradient clipping at GRAD_CLIP_NORM, seeded shuffling, augmentation
