@@ -27,16 +27,21 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-def _tiny_net() -> FusionResNet:
+def _tiny_net(roi: bool = False) -> FusionResNet:
+    """roi: a 4th (mask) channel and ROI pooling, the default model since issue 17."""
     torch.manual_seed(0)
-    return FusionResNet(n_channels=3, n_clinical=7, widen_factor=0.125, clinical_embed_dim=4, dropout=0.0)
+    return FusionResNet(n_channels=4 if roi else 3, n_clinical=7, widen_factor=0.125, clinical_embed_dim=4, dropout=0.0,
+                        roi_channels=(3,) if roi else ())
 
 
 # ---- the mechanism --------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", D.GRAD_SAMPLE_MODES)
-def test_per_sample_gradients_are_clipped_to_the_bound_before_noise(mode):
-    net = _tiny_net().train()  # dropout 0 and instance norm: per-sample passes equal the batched one
-    x, z = torch.randn(6, 3, 40, 40), torch.randn(6, 7)
+@pytest.mark.parametrize("roi", [False, True])
+def test_per_sample_gradients_are_clipped_to_the_bound_before_noise(mode, roi):
+    net = _tiny_net(roi).train()  # dropout 0 and instance norm: per-sample passes equal the batched one
+    x, z = torch.randn(6, 4 if roi else 3, 40, 40), torch.randn(6, 7)
+    if roi:
+        x[:, 3] = (x[:, 3] > 0.5).float()
     y = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
     clip = 1e-3
     # reference: each patient's own gradient, clipped to `clip`, summed
