@@ -43,7 +43,7 @@ SCHEMA: dict[str, Key] = {
                          ("dl+cf", "cf")),
     "cf-l2": Key(float, 0.0, "ridge penalty on the CF model's slopes (0 = plain maximum likelihood)"),
     "num-rounds": Key(int, 8, "federated rounds per DL model fit", bounds=(1, 1000)),
-    "swa-rounds": Key(int, 0, "a DL fit's model is the mean of the global weights of its last N rounds (stochastic "
+    "swa-rounds": Key(int, 4, "a DL fit's model is the mean of the global weights of its last N rounds (stochastic "
                               "weight averaging by the server; 0 = the last round's weights)", bounds=(0, 1000)),
     "local-epochs": Key(int, 2, "local epochs per round at each training site", bounds=(1, 100)),
     "batch-size": Key(int, 16, "local mini-batch size", bounds=(1, 1024)),

@@ -91,11 +91,14 @@ def test_the_dp_plan_counts_every_repeats_trainings():
     """A DP site calibrates its noise for the trainings the server declares: repeats must be in it."""
     study = Study.__new__(Study)
     study.models = ["cf", "dl", "combined"]
+    study.cfg = {"combined-from": "cf"}  # the Combined model trained too
     sites = {PRIMARY: {"has-labels": True}, "center-external": {"has-labels": True}}
     study.plan = study_plan("paper", sites, 2, ["center-external"], 1)
     assert study._dp_fits() == (2 + 1) * 2  # 2 CV folds + the final fit, two DL models
     study.plan = study_plan("paper", sites, 2, ["center-external"], 3)
     assert study._dp_fits() == (2 * 3 + 1) * 2
+    study.cfg = {"combined-from": "dl+cf"}  # the default: the Combined model is made of the DL one, untrained
+    assert study._dp_fits() == 2 * 3 + 1
 
 
 def test_cv_repeats_is_bounded():

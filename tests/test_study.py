@@ -149,7 +149,7 @@ def test_federated_logistic_regression_equals_the_pooled_fit(two_training_sites,
 def test_fedavg_of_two_sites_is_the_example_weighted_mean(two_training_sites, tmp_path):
     run_dir = tmp_path / "fedavg"
     cfg = load_config(run_config={**TINY, "run-dir": str(run_dir), "scenario": "federated", "models": "dl",
-                                  "stop-after-rounds": 1})
+                                  "stop-after-rounds": 1, "swa-rounds": 0})  # the checkpoint: this round's FedAvg
     grid = LocalGrid(client_app, two_training_sites)
     with pytest.raises(StudyInterrupted):
         Study(Federation(grid, min_sites=2, timeout_s=5), cfg, Checkpoint(run_dir)).run()
