@@ -28,22 +28,25 @@ from common.config import load_config
 SITES = ("center-primary", "center-external")
 PREPARE_KEYS = ("input-mode", "fov-mm", "crop-size", "context-slices", "mask-channel")
 # name -> (what it is, config keys). "v0" is the model before issue 17; each later line changes one thing.
-_V0 = {"mask-channel": False, "widen-factor": 1.0, "augment-intensity": 0.1, "roi-pooling": False, "combined-from": "cf"}
+_V0 = {"mask-channel": False, "widen-factor": 1.0, "augment-intensity": 0.1, "roi-pooling": False, "combined-from": "cf",
+       "swa-rounds": 0}
+_ROI = {**_V0, "mask-channel": True, "widen-factor": 0.25, "augment-intensity": 0.0, "roi-pooling": True}
+_SUM = {**_ROI, "combined-from": "dl+cf"}
+# name -> (what it is, config keys); each line changes one thing against an earlier one. "chosen" = the defaults.
 CANDIDATES: dict[str, tuple[str, dict]] = {
     "v0": ("before issue 17: 3 channels, width 1, intensity jitter 0.1, Combined trained from CF", _V0),
     "mask": ("v0 + the ROI mask as a 4th input channel", {**_V0, "mask-channel": True}),
     "mask-w0.25": ("mask + width 0.25", {**_V0, "mask-channel": True, "widen-factor": 0.25}),
-    "mask-w0.25-nojitter": ("mask-w0.25 without intensity jitter",
-                            {**_V0, "mask-channel": True, "widen-factor": 0.25, "augment-intensity": 0.0}),
-    "roi": ("mask-w0.25-nojitter + ROI pooling",
-            {**_V0, "mask-channel": True, "widen-factor": 0.25, "augment-intensity": 0.0, "roi-pooling": True}),
-    "chosen": ("roi + Combined = DL logit + CF logit (the defaults)", {}),
-    "chosen-jitter": ("chosen with intensity jitter 0.1 (every channel)", {"augment-intensity": 0.1}),
-    "chosen-2.5d": ("chosen, 2.5d input (3 slices of each sequence and of the mask)", {"input-mode": "2.5d"}),
-    "chosen-fov64": ("chosen, 64 mm field of view", {"fov-mm": 64.0}),
-    "chosen-batchnorm": ("chosen with BatchNorm", {"norm": "batch"}),
-    "chosen-16rounds": ("chosen, 16 rounds", {"num-rounds": 16}),
-    "chosen-swa4": ("chosen, each fit's model the mean of its last 4 rounds' weights", {"swa-rounds": 4}),
+    "mask-w0.25-nojitter": ("mask-w0.25 without intensity jitter", {**_ROI, "roi-pooling": False}),
+    "roi": ("mask-w0.25-nojitter + ROI pooling", _ROI),
+    "sum": ("roi + Combined = DL logit + CF logit", _SUM),
+    "chosen": ("sum + each fit's model the mean of its last 4 rounds' weights (the defaults)", {}),
+    "sum-jitter": ("sum with intensity jitter 0.1", {**_SUM, "augment-intensity": 0.1}),
+    "sum-2.5d": ("sum, 2.5d input (3 slices of each sequence and of the mask)", {**_SUM, "input-mode": "2.5d"}),
+    "sum-fov64": ("sum, 64 mm field of view", {**_SUM, "fov-mm": 64.0}),
+    "sum-batchnorm": ("sum with BatchNorm", {**_SUM, "norm": "batch"}),
+    "sum-16rounds": ("sum, 16 rounds", {**_SUM, "num-rounds": 16}),
+    "chosen-2.5d": ("chosen, 2.5d input", {"input-mode": "2.5d"}),
 }
 
 

@@ -267,5 +267,6 @@ def test_every_bench_model_candidate_is_a_valid_study_and_prepare_config():
         cfg = load_config(cli=keys)
         assert all(cfg[k] == v for k, v in keys.items()), name
     assert settings["v0"]["mask-channel"] is False and load_config()["mask-channel"] is True
+    assert load_config(cli=settings["sum"])["swa-rounds"] == 0 and load_config()["swa-rounds"] == 4
     with pytest.raises(SystemExit, match="unknown candidate"):
         candidate_settings("chosen,bogus")
