@@ -94,6 +94,9 @@ def test_crafted_standardisation_cannot_steepen_the_logit(small_site):
     ({"beta": [float("nan")] + [0.0] * 7}, "request"),
     ({"min-cell-size": 3}, "request"),     # the policy is the site's, never the message's
     ({"share-histograms": True}, "request"),
+    ({"widen-factor": 64.0}, "request"),   # a model 64x wider than any study uses: out of bounds
+    ({"roi-pooling": "yes"}, "request"),   # not a bool
+    ({"augment-intensity": 5.0}, "request"),
 ])
 def test_malformed_or_hostile_values_are_refused_naming_the_rule(small_site, tmp_path, monkeypatch, change, rule):
     from client import study
