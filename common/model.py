@@ -209,24 +209,25 @@ class FusionResNet(nn.Module):
         to the head at zero, the clinical linear term = the CF coefficients. The DL model is trained
         with class-balanced BCE, so its logit estimates the image's log likelihood ratio, and adding it
         to the CF model's log-odds is the Bayes combination of the two (exact if they were independent
-        given the outcome). Why not train further: on the synthetic paper cohort (primary CV, 3 fold
-        assignments) this sum gave 0.858 against 0.834 for the Combined model trained from the CF
-        start, and 4 more rounds of training from the sum lowered it to 0.843."""
+        given the outcome). Measured with `slmfed bench model` (synthetic paper cohort, primary CV,
+        3 fold assignments): 0.853 for this sum against 0.837 for the Combined model trained from the
+        CF start (candidates "sum" and "roi"); in an exploratory run outside the repository, 4 more
+        rounds of training from the sum lowered it, so it is not trained further."""
         if self.clinical_linear is None or dl.clinical_linear is not None:
             raise ValueError("start_from_parts: expected a Combined model built from an MRI-only (use_clinical=False) model")
         image_part = lambda c: {k: v for k, v in c.items() if k not in ("use_clinical", "n_clinical", "clinical_embed_dim")}  # noqa: E731
         if image_part(dl.config) != image_part(self.config):
             raise ValueError(f"start_from_parts: the DL model's image part {image_part(dl.config)} differs from "
                              f"this model's {image_part(self.config)}")
+        beta = torch.as_tensor(beta, dtype=self.clinical_linear.weight.dtype).flatten()
+        if beta.numel() != self.n_clinical + 1:
+            raise ValueError(f"start_from_parts: expected {self.n_clinical + 1} coefficients, found {beta.numel()}")
         self.backbone.load_state_dict(dl.backbone.state_dict())
         n_image = dl.head[0].in_features
         self.head[0].weight.zero_()
         self.head[0].weight[:, :n_image] = dl.head[0].weight
         self.head[0].bias.copy_(dl.head[0].bias)
         self.head[-1].load_state_dict(dl.head[-1].state_dict())
-        beta = torch.as_tensor(beta, dtype=self.clinical_linear.weight.dtype).flatten()
-        if beta.numel() != self.n_clinical + 1:
-            raise ValueError(f"start_from_parts: expected {self.n_clinical + 1} coefficients, found {beta.numel()}")
         self.clinical_linear.bias.copy_(beta[:1])
         self.clinical_linear.weight.copy_(beta[1:].unsqueeze(0))
 
