@@ -83,7 +83,7 @@ def test_simulate_paper_scenario_through_ray_leaves_nothing_running(cohort, loca
     report = (run / "report.md").read_text()
     # what a site needs to use the final models (slmfed predict), and the report as one web page
     bundle = json.loads((run / "models" / "final.json").read_text())
-    assert set(bundle["models"]) == {"cf", "dl", "combined"} and bundle["preprocessing"]["channels"] == ["t2", "dwi", "adc"]
+    assert set(bundle["models"]) == {"cf", "dl", "combined"} and bundle["preprocessing"]["channels"] == ["t2", "dwi", "adc", "mask"]
     assert "data:image/png;base64," in (run / "report.html").read_text()
     assert "| center-primary | 3 |" in report and "| center-external | 3 |" in report  # the k each site used
     res = json.loads((run / "results.json").read_text())

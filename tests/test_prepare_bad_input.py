@@ -137,7 +137,7 @@ def test_valid_patients_survive_bad_neighbours(bad_site):
     assert report.included == 3 and report.excluded == len(EXPECTED)
     assert report.skipped_files == {"not a DICOM file": 1, "truncated or empty DICOM header": 1}
     data = load_cache(cache)
-    assert data.images.shape == (3, 3, 64, 64)
+    assert data.images.shape == (3, 4, 64, 64)  # T2WI, DWI, ADC and the ROI mask
 
 
 def test_common_spellings_are_accepted(bad_site):
