@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from client.study import StudyError, cv_partitions
+from client.study import StudyError, sized_for_repeats
 from common.config import SCHEMA, SITE_ONLY_KEYS, ConfigError, coerce_value, load_config
 
 SIM_NODE_KEYS = frozenset({"partition-id", "num-partitions"})  # what Flower gives a simulated node
@@ -73,10 +73,8 @@ def node_layer(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) ->
         if eps:
             site["dp-epsilon"] = eps
         # repeated CV: these virtual sites' max-partitions fits the study (as `slmfed simulate` sizes its own)
-        repeats = coerce_value("cv-repeats", run_config.get("cv-repeats", 1), "run_config")
-        need = cv_partitions(coerce_value("folds", run_config.get("folds", SCHEMA["folds"].default), "run_config"), repeats)
-        if repeats > 1 and need > SCHEMA["max-partitions"].default:
-            site["max-partitions"] = need
+        site = sized_for_repeats(site, coerce_value("folds", run_config.get("folds", SCHEMA["folds"].default), "run_config"),
+                                 coerce_value("cv-repeats", run_config.get("cv-repeats", 1), "run_config"))
     try:
         load_config(node_config=site)  # the same checks as any site's node config (types, bounds, k >= 3)
     except ConfigError as exc:

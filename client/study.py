@@ -26,7 +26,7 @@ from client.disclosure import LOGISTIC_QUERIES, Gate, Refused, digest
 from client.policy import Ledger, SitePolicy
 from common import metrics as M
 from common.clinical import standardise
-from common.config import MODELS
+from common.config import MODELS, SCHEMA
 from common.logistic import add_intercept, suff_stats
 
 class StudyError(RuntimeError):
@@ -80,13 +80,7 @@ class Site:
         if n_min < folds:
             raise Refused("min-cell-size", f"{folds}-fold stratified CV needs at least {folds} patients of each class",
                           f"found {int(np.sum(y == 1))} with SLM and {int(np.sum(y == 0))} without")
-        from sklearn.model_selection import StratifiedKFold  # lazy: each message may be a fresh process
-
-        skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-        ids = np.empty(len(y), dtype=int)
-        for k, (_, val) in enumerate(skf.split(np.zeros(len(y)), y)):
-            ids[val] = k
-        return ids
+        return stratified_folds(y, folds, seed)
 
     def partition(self, fold: int, part: str, folds: int, seed: int) -> SiteData:
         if part == "all" or (fold < 0 and part == "train"):
@@ -134,11 +128,32 @@ class Site:
         return keys[order], np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
 
 
+def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold of each patient (in the site's patient order): the stratified, seeded split every CV of a
+    study uses, at the site and in the handcrafted baseline (simulation/handcrafted.py)."""
+    from sklearn.model_selection import StratifiedKFold  # lazy: each message may be a fresh process
+
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=int(seed))
+    ids = np.empty(len(y), dtype=int)
+    for k, (_, val) in enumerate(skf.split(np.zeros(len(y)), y)):
+        ids[val] = k
+    return ids
+
+
 def cv_partitions(folds: int, repeats: int) -> int:
     """Distinct patient groups one study asks of a cross-validation site: its whole cohort, plus a
     training and a held-out group per fold of each repeat (every CV family of a repeat, and the final
     fit on all patients, reuse these). What a site's max-partitions must allow for one such study."""
     return 1 + 2 * int(folds) * int(repeats)
+
+
+def sized_for_repeats(site: dict, folds: int, repeats: int) -> dict:
+    """A virtual site's node config whose max-partitions fits one study of `repeats` CV repeats
+    (cv_partitions), raised only where it falls short and only for repeats > 1; a copy either way.
+    For the simulation's own sites only: a real site's policy is its own node config."""
+    need = cv_partitions(folds, repeats)
+    have = int(site.get("max-partitions", SCHEMA["max-partitions"].default))
+    return {**site, "max-partitions": need} if repeats > 1 and have < need else dict(site)
 
 
 _LOADED: dict[str, tuple[tuple, SiteData]] = {}

@@ -33,6 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from client.cache import load_cache
+from client.study import stratified_folds
 from client.radiomics import FEATURE_NAMES, load_features
 
 LOG_FEATURES = ("volume_ml", "surface_mm2", "max_area_mm2")
@@ -65,17 +66,6 @@ def _model():
     return make_pipeline(StandardScaler(), LogisticRegression(C=L2_C, max_iter=1000))
 
 
-def fold_assignment(y: np.ndarray, folds: int, fold_seed: int) -> np.ndarray:
-    """Fold of each patient: the stratified split client/study.py fold_ids makes for this seed."""
-    from sklearn.model_selection import StratifiedKFold
-
-    ids = np.empty(len(y), dtype=int)
-    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=int(fold_seed))
-    for k, (_, val) in enumerate(skf.split(np.zeros(len(y)), y)):
-        ids[val] = k
-    return ids
-
-
 def oof_predictions(X: np.ndarray, y: np.ndarray, fold_ids: np.ndarray) -> np.ndarray:
     """Out-of-fold predicted probabilities: each patient scored by the model fitted without its fold."""
     p = np.full(len(y), np.nan)
@@ -100,7 +90,7 @@ def handcrafted_cv(cache_dir: str | Path, fold_seeds: Sequence[int], folds: int 
     if n_min < folds:
         raise ValueError(f"{cache_dir}: {folds}-fold stratified CV needs at least {folds} patients of each class, "
                          f"found {int((y == 1).sum())} with SLM and {int((y == 0).sum())} without")
-    aucs = [float(roc_auc_score(y, oof_predictions(X, y, fold_assignment(y, folds, s)))) for s in fold_seeds]
+    aucs = [float(roc_auc_score(y, oof_predictions(X, y, stratified_folds(y, folds, s)))) for s in fold_seeds]
     return {"aucs": aucs, "mean": float(np.mean(aucs)), "sd": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
             "fold_seeds": [int(s) for s in fold_seeds], "folds": int(folds), "n": int(len(y)), "features": names}
 

@@ -50,22 +50,19 @@ def size_for_repeats(sites: list[dict[str, Any]], study_config: dict[str, Any]) 
     Why: the default policy (24 partitions) holds about two repeats of 5-fold CV. These virtual sites
     are the simulation's own, so it may size their policy; a real site's policy stays its own node
     config (nothing in the run config can set it). Logged; results.json lists each site's policy."""
-    from client.study import cv_partitions
+    from client.study import sized_for_repeats
 
     repeats = coerce_value("cv-repeats", study_config.get("cv-repeats", 1), "the study config")
-    if repeats <= 1:
-        return [dict(s) for s in sites]
     folds = coerce_value("folds", study_config.get("folds", SCHEMA["folds"].default), "the study config")
-    need = cv_partitions(folds, repeats)
     out = []
     for site in sites:
-        have = int(site.get("max-partitions", SCHEMA["max-partitions"].default))
-        if have < need:
+        sized = sized_for_repeats(site, folds, repeats)
+        if sized != site:
             log.warning("virtual site %s: max-partitions raised from %d to %d for %d repeats of %d-fold CV "
                         "(a simulation's own site; a real site's policy is its own)", site.get("site-name") or
-                        site.get("cache-dir"), have, need, repeats, folds)
-            site = {**site, "max-partitions": need}
-        out.append(dict(site))
+                        site.get("cache-dir"), int(site.get("max-partitions", SCHEMA["max-partitions"].default)),
+                        sized["max-partitions"], repeats, folds)
+        out.append(sized)
     return out
 
 

@@ -14,7 +14,8 @@ from scipy.stats import spearmanr
 from client import cache as cache_mod
 from client.cache import CacheError, id_map_path, load_cache
 from client.radiomics import CORE_MM, FEATURE_NAMES, VERSION, compute_features, load_features
-from simulation.handcrafted import fold_assignment, handcrafted_cv, handcrafted_external
+from client.study import stratified_folds
+from simulation.handcrafted import handcrafted_cv, handcrafted_external
 
 F = {name: i for i, name in enumerate(FEATURE_NAMES)}
 SPACING = (0.8, 0.8, 3.3)  # x, y, z mm: the primary centre's T2 grid
@@ -226,7 +227,7 @@ def test_handcrafted_cv_gives_one_auc_per_fold_seed_on_the_study_folds(tmp_path)
     assert all(0.75 < a <= 1.0 for a in res["aucs"])  # the planted signal is found
     data = load_cache(cache)
     site = Site({}, data, tmp_path / "study")
-    folds = {s: fold_assignment(data.labels, 5, s) for s in seeds}
+    folds = {s: stratified_folds(data.labels, 5, s) for s in seeds}
     for s in seeds:
         assert np.array_equal(folds[s], site.fold_ids(5, s))  # the DL study's split for that seed
     assert not np.array_equal(folds[42], folds[7]) and not np.array_equal(folds[7], folds[123])
