@@ -531,8 +531,6 @@ class Study:
         arrays, swa_sum = _unpack_swa(arrays)
         arrays = arrays if arrays is not None else self.initial_state(model, fit_index, cf["beta"] if cf else None)
         swa_from = rounds - int(self.cfg["swa-rounds"]) + 1  # rounds whose global weights are averaged
-        if start_round == 0:
-            self.state["swa-count"] = 0
         train_cfg = {**self._base(fit), **self._model_keys(), "clinical-mean": mean, "clinical-std": std, "model": model,
                      "num-rounds": rounds, "dp-fits": self._dp_fits()}
         for rnd in range(start_round + 1, rounds + 1):
@@ -562,7 +560,6 @@ class Study:
             arrays = aggregate(arrays, contents, str(self.cfg["aggregation"]), float(self.cfg["trim-fraction"]))
             if rnd >= swa_from:
                 swa_sum = _add_swa(swa_sum, arrays)
-                self.state["swa-count"] += 1
             agg = aggregate_metricrecords(contents, "num-examples")
             timing = self.state.setdefault("timing", {"train-rounds-s": 0.0, "train-rounds": 0, "local-training-s": 0.0})
             timing["train-rounds-s"] += time.perf_counter() - t0  # send, local training, reply, FedAvg
@@ -586,13 +583,13 @@ class Study:
         return self.swa_result(_pack_swa(arrays, swa_sum))
 
     def swa_result(self, packed: ArrayRecord) -> ArrayRecord:
-        """The fit's model: with swa-rounds N, the mean of the global weights of its last N rounds
-        (stochastic weight averaging, done by the server on weights it already holds: nothing more
-        leaves a site); else the last round's."""
+        """The fit's model (all its rounds done): with swa-rounds N, the mean of the global weights of
+        its last N rounds (stochastic weight averaging, done by the server on weights it already holds:
+        nothing more leaves a site); else the last round's."""
         arrays, swa_sum = _unpack_swa(packed)
         if not swa_sum:
             return arrays
-        n = int(self.state["swa-count"])
+        n = min(int(self.cfg["swa-rounds"]), int(self.cfg["num-rounds"]))  # every round from swa_from on
         ref = arrays_to_numpy(arrays)
         return numpy_to_record({k: (swa_sum[k] / n).astype(ref[k].dtype) for k in ref})
 
@@ -656,22 +653,19 @@ class Study:
                     else:
                         self.state["cf"][f"{fit.tag}/{fit.fold}"] = {**cf, "mean": mean.tolist(), "std": std.tolist()}
                         self.evaluate(fit, "cf", mean, std, None, beta=cf["beta"], store=True)
-                elif model == "combined" and self.cfg["combined-from"] == "dl+cf":
-                    arrays = self.combine(fit, dl_arrays)
-                    if arrays is not None:
-                        self.evaluate(fit, model, mean, std, arrays, store=True)
-                        if fit.fold < 0:
-                            self.ckpt.save_model(f"{fit.tag}-{model}", arrays)
                 else:
-                    start = pos["round"] if resume_here else 0
-                    arrays = self.ckpt.load_arrays() if resume_here else None
-                    if start < int(self.cfg["num-rounds"]):
-                        arrays = self.fit_dl(i, fit, model, mean, std, start, arrays)
-                    elif arrays is not None:  # resumed after the last round: the checkpoint's model
-                        arrays = self.swa_result(arrays)
-                    if arrays is None:
-                        self._not_computed(fit, [model], f"{model} model", "no training site left")
+                    if model == "combined" and self.cfg["combined-from"] == "dl+cf":
+                        arrays = self.combine(fit, dl_arrays)  # records why when it cannot
                     else:
+                        start = pos["round"] if resume_here else 0
+                        arrays = self.ckpt.load_arrays() if resume_here else None
+                        if start < int(self.cfg["num-rounds"]):
+                            arrays = self.fit_dl(i, fit, model, mean, std, start, arrays)
+                        elif arrays is not None:  # resumed after the last round: the checkpoint's model
+                            arrays = self.swa_result(arrays)
+                        if arrays is None:
+                            self._not_computed(fit, [model], f"{model} model", "no training site left")
+                    if arrays is not None:
                         self.evaluate(fit, model, mean, std, arrays, store=True)
                         if fit.fold < 0:
                             self.ckpt.save_model(f"{fit.tag}-{model}", arrays)

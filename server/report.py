@@ -130,7 +130,7 @@ def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
         "cf_model": cf_tables,
         "oracle": _oracle(truth),
         "learning_curves": _learning_curves(state["history"], {f["tag"] for f in state.get("plan", []) if f.get("repeat")}),
-        "cv_repeats": repeated_cv(state, cfg),
+        "cv_repeats": repeated_cv(state, cfg, models),
         "cv_repeats_pooled": repeated_cv_pooled(state, cfg, models),
         "communication": state.get("bytes", {}),
         "timing": state.get("timing", {}),
@@ -167,7 +167,7 @@ def _why_missing(state: dict, tag: str, site: str, model: str) -> str:
     return "no results summary"
 
 
-def repeated_cv(state: dict, cfg: dict) -> dict:
+def repeated_cv(state: dict, cfg: dict, models: list[str]) -> dict:
     """Repeated cross-validation: {family: {model: {site: per-repeat AUCs, their mean and SD}}}.
 
     Families are the plan's CV fits ("cv", and in multisite "local-<site>" and "central"); repeat r
@@ -179,7 +179,6 @@ def repeated_cv(state: dict, cfg: dict) -> dict:
     repeats = int(cfg.get("cv-repeats", 1))
     seeds = [fold_seed(int(cfg["seed"]), r) for r in range(repeats)]
     found = {(s["tag"], s["site"]): s["metrics"] for s in state["summaries"]}
-    models = [m for m in ("cf", "dl", "combined") if any(f"{m}.auc" in s["metrics"] for s in state["summaries"])]
     out: dict = {}
     for family, sites in _cv_families(state).items():
         for model in models:
