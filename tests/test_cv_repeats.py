@@ -302,3 +302,35 @@ def test_simulate_has_the_cv_repeats_flag():
     register(sub)
     args = sub.choices["simulate"].parse_args(["--cv-repeats", "3"])
     assert args.cv_repeats == "3" and load_config(cli={"cv-repeats": args.cv_repeats})["cv-repeats"] == 3
+
+
+def test_a_coordinator_cannot_pick_fold_seeds_whose_held_out_groups_difference_to_one_patient(tmp_path):
+    """The fold seed is the coordinator's choice, so a curious one could search seeds for two held-out
+    groups that differ by a single patient swap and read that patient off the two evaluations. The site's
+    gate refuses the second group (rule no-differencing) and stores nothing for it."""
+    from client.cache import load_cache
+    from client.study import stratified_folds
+    from tests.test_disclosure import STD, STUDY, rule_of
+
+    make_cache(tmp_path / "cache", 20, seed=11, site_name="small", shape=(3, 40, 40))
+    node = {"cache-dir": str(tmp_path / "cache"), "site-name": "small", "min-cell-size": 3}
+    y = load_cache(tmp_path / "cache").labels  # the site's own patient order, as fold_ids uses it
+    assert min(np.bincount(y)) >= 6  # each held-out half holds >= 3 patients of each class
+    first = set(np.flatnonzero(stratified_folds(y, 2, 1) == 0))
+    crafted = None
+    for seed in range(2, 20000):  # what a coordinator can do offline: it knows nothing but the class counts
+        group = set(np.flatnonzero(stratified_folds(y, 2, seed) == 0))
+        if len(first ^ group) == 2:  # one patient swapped for another of the same class
+            crafted = seed
+            break
+    assert crafted is not None
+
+    def evaluate(tag, seed):
+        return ask_site(client_app, node, "evaluate", {
+            "fold": 0, "folds": 2, "seed": seed, "study-id": f"{STUDY}/{tag}", "model": "cf", "part": "val",
+            "store": True, "round": 0, "num-rounds": 1, **STD, "beta": [0.0] * 8})
+
+    assert rule_of(evaluate("cv", 1)) is None  # the first held-out group is released
+    assert rule_of(evaluate("cv-r1", crafted)) == "no-differencing"
+    study = tmp_path / "cache-study" / STUDY
+    assert (study / "cv").is_dir() and not (study / "cv-r1").exists()
