@@ -24,6 +24,7 @@ A DICOMDIR is skipped and counted: the layout it describes is read from the imag
 """
 from __future__ import annotations
 
+import copy
 import os
 import struct
 from collections import Counter
@@ -247,74 +248,109 @@ def read_headers(path: str | os.PathLike) -> list[FileRecord]:
             return [_mask_record(ds, path, st, sop_class)]
         rec = _record(ds, path, st, pixel_offset)
         rec.sop_class = sop_class
-        if 0x52009230 in ds or rec.frames > 1:  # PerFrameFunctionalGroupsSequence: enhanced / legacy converted
+        if _PER_FRAME_FG in ds or rec.frames > 1:  # PerFrameFunctionalGroupsSequence: enhanced / legacy converted
             return _frame_records(ds, rec)
         return [rec]
     except (ValueError, TypeError, struct.error, AttributeError, IndexError) as exc:
         raise NotAnImage(f"malformed DICOM header value ({type(exc).__name__}: {exc})"[:160]) from None
 
 
-def _item0(group, keyword: str):
-    """The first item of sequence `keyword` in a functional-group item, or None."""
-    if group is None or keyword not in group:
+# Functional-group sequences (by tag: a keyword costs a dictionary lookup on every access) and the
+# attributes read from them. pydicom parses the sequences; the leaf values are read raw (as in
+# _record), since pydicom's DS / FD conversion costs more than the rest of a frame's record.
+_PER_FRAME_FG, _SHARED_FG = 0x52009230, 0x52009229
+_FG_POSITION, _FG_ORIENTATION, _FG_MEASURES = 0x00209113, 0x00209116, 0x00289110
+_FG_DIFFUSION, _FG_RESCALE = 0x00189117, 0x00289145
+_UNASSIGNED_PER_FRAME, _UNASSIGNED_SHARED = 0x00209171, 0x00209170
+_FACTS = ("ipp", "iop", "pixel_spacing", "bvalue", "slope", "intercept", "directionality")
+
+
+def _item0(group, tag: int):
+    """The first item of sequence `tag` in a functional-group item, or None."""
+    if group is None:
         return None
-    seq = group[keyword].value
+    try:
+        seq = group[tag].value
+    except KeyError:
+        return None
     return seq[0] if seq else None
 
 
-def _group_value(groups, seq: str, keyword: str):
-    """A value from the first functional group (per-frame, then shared) whose `seq` carries `keyword`."""
-    for g in groups:
-        item = _item0(g, seq)
-        if item is not None and keyword in item and item[keyword].value not in (None, ""):
-            return item[keyword].value
-    return None
+def _fd(ds, tag: int, little: bool) -> float | None:
+    """A single FD value (raw 8 bytes in the file's byte order, or already converted)."""
+    v = _raw(ds, tag)
+    if isinstance(v, bytes):
+        return float(struct.unpack("<d" if little else ">d", v)[0]) if len(v) == 8 else None
+    return _float_or_none(v)
 
 
-def _tuple(v, n: int) -> tuple[float, ...] | None:
-    try:
-        t = tuple(float(x) for x in v)
-    except (TypeError, ValueError):
-        return None
-    return t if len(t) == n else None
+def _group_facts(group, little: bool) -> dict:
+    """What one functional-groups item (a frame's, or the shared one) says about the frame: only the
+    attributes it carries with a usable value (the shared item fills in the rest)."""
+    out: dict = {}
+    if group is None:
+        return out
+    item = _item0(group, _FG_POSITION)
+    v = _floats(item, 0x00200032) if item is not None else None
+    if v and len(v) == 3:
+        out["ipp"] = tuple(v)
+    item = _item0(group, _FG_ORIENTATION)
+    v = _floats(item, 0x00200037) if item is not None else None
+    if v and len(v) == 6:
+        out["iop"] = tuple(v)
+    item = _item0(group, _FG_MEASURES)
+    v = _floats(item, 0x00280030) if item is not None else None
+    if v and len(v) == 2:
+        out["pixel_spacing"] = tuple(v)
+    item = _item0(group, _FG_DIFFUSION)
+    if item is not None:
+        b = _fd(item, TAG_BVALUE, little)
+        if b is not None:
+            out["bvalue"] = b
+        d = _str(item, 0x00189075).upper()  # DiffusionDirectionality
+        if d:
+            out["directionality"] = d
+    item = _item0(group, _FG_RESCALE)
+    if item is not None:
+        for key, tag in (("slope", 0x00281053), ("intercept", 0x00281052)):
+            v = _floats(item, tag)
+            if v:
+                out[key] = v[0]
+    return out
 
 
 def _frame_records(ds, base: FileRecord) -> list[FileRecord]:
-    """One record per frame of an Enhanced (or Legacy Converted Enhanced) MR file, from its functional groups."""
-    from dataclasses import replace
-
-    per = ds.get("PerFrameFunctionalGroupsSequence")
-    per = list(per) if per is not None else []
-    shared_seq = ds.get("SharedFunctionalGroupsSequence")
-    shared = shared_seq[0] if shared_seq else None
+    """One record per frame of an Enhanced (or Legacy Converted Enhanced) MR file, from its functional
+    groups: each attribute from the frame's own group, else from the shared group (read once)."""
+    per = ds.get(_PER_FRAME_FG)
+    per = list(per.value) if per is not None else []
     if len(per) != base.frames:
         raise NotAnImage(f"multi-frame file with {base.frames} frames but {len(per)} per-frame functional groups "
                          "(truncated or malformed header)")
-    unassigned_shared = _item0(shared, "UnassignedSharedConvertedAttributesSequence")
+    little = ds.original_encoding[1] is not False
+    shared = _item0(ds, _SHARED_FG)
+    shared_facts = _group_facts(shared, little)
+    unassigned_shared = _item0(shared, _UNASSIGNED_SHARED)
+    legacy_b = _bvalue_in(unassigned_shared, ds) if unassigned_shared is not None else None
+    defaults = {"ipp": None, "iop": None, "pixel_spacing": None, "bvalue": None, "slope": None,
+                "intercept": None, "directionality": ""}
     out = []
     directional: set[int] = set()
     for i, fg in enumerate(per):
-        groups = (fg, shared)
-        ipp = _tuple(_group_value(groups, "PlanePositionSequence", "ImagePositionPatient") or (), 3)
-        iop = _tuple(_group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient") or (), 6)
-        ps = _tuple(_group_value(groups, "PixelMeasuresSequence", "PixelSpacing") or (), 2)
-        b = _group_value(groups, "MRDiffusionSequence", "DiffusionBValue")
-        b = _float_or_none(b)
+        facts = {**defaults, **shared_facts, **_group_facts(fg, little)}
+        b = facts["bvalue"]
         if b is None:  # legacy converted: the classic tags sit in the unassigned converted attributes
-            for item in (_item0(fg, "UnassignedPerFrameConvertedAttributesSequence"), unassigned_shared):
-                if item is not None and b is None:
-                    b = _bvalue_in(item, ds)
-        slope = _float_or_none(_group_value(groups, "PixelValueTransformationSequence", "RescaleSlope"))
-        intercept = _float_or_none(_group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept"))
-        directionality = str(_group_value(groups, "MRDiffusionSequence", "DiffusionDirectionality") or "").upper()
-        if directionality in ("DIRECTIONAL", "BMATRIX"):
+            item = _item0(fg, _UNASSIGNED_PER_FRAME)
+            b = _bvalue_in(item, ds) if item is not None else None
+            b = legacy_b if b is None else b
+        if facts["directionality"] in ("DIRECTIONAL", "BMATRIX"):
             directional.add(i)
-        out.append(replace(
-            base, frame=i, ipp=ipp, iop=iop, pixel_spacing=ps,
-            bvalue=b if b is not None else base.bvalue,
-            slope=slope if slope is not None else base.slope,
-            intercept=intercept if intercept is not None else base.intercept,
-        ))
+        rec = copy.copy(base)
+        rec.frame, rec.ipp, rec.iop, rec.pixel_spacing = i, facts["ipp"], facts["iop"], facts["pixel_spacing"]
+        rec.bvalue = b if b is not None else base.bvalue
+        rec.slope = facts["slope"] if facts["slope"] is not None else base.slope
+        rec.intercept = facts["intercept"] if facts["intercept"] is not None else base.intercept
+        out.append(rec)
     if directional:  # per-direction diffusion frames: the trace (ISOTROPIC) frames of the same b are the DWI
         traced = {out[i].bvalue for i in range(len(out)) if i not in directional}
         out = [r for i, r in enumerate(out) if i not in directional or r.bvalue not in traced]

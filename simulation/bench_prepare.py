@@ -7,7 +7,8 @@ Figures (medians over --runs, warm OS file cache for both):
     re-run     prepare again with nothing changed, as % of the first run (target < 10 %)
     forms      (default data only) the same cohort exported classic single-frame, Enhanced MR
                multi-frame, and enhanced + DICOM SEG masks: prepare time per patient and per image
-               (slice or frame) of each, next to each other (target: enhanced no slower per image)
+               (slice or frame) of each, next to each other, the forms alternating within each run and
+               the ratio to classic taken within a run (target: enhanced no slower per image)
 """
 from __future__ import annotations
 
@@ -53,7 +54,9 @@ def _parse_all(files: list[Path]) -> int:
 
 
 def _forms(tmp: Path, classic: Path, cfg: dict, runs: int) -> None:
-    """Prepare time of the same cohort written as classic slices, Enhanced MR and enhanced + SEG."""
+    """Prepare time of the same cohort written as classic slices, Enhanced MR and enhanced + SEG.
+    The forms alternate within each run (order reversed every other run), so a change in machine load
+    hits all of them alike; the ratios to classic are taken within a run, then the median is reported."""
     from client.prepare import prepare_site
     from simulation.synth import generate_cohort
 
@@ -63,26 +66,40 @@ def _forms(tmp: Path, classic: Path, cfg: dict, runs: int) -> None:
         generate_cohort(cohorts[name], preset="tiny", seed=0, progress=False, export=export, masks=masks)
     import highdicom  # noqa: F401  (imported once here, as a long-running site process would have it)
 
-    print("input form (same cohort)         :   per patient    per image   (images = slices or frames; "
-          f"median of {runs})")
-    base = None
-    for name, data in cohorts.items():
-        times, cpus, patients, images = [], [], 0, 0
-        for r in range(runs):
+    names = list(cohorts)
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    phases: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    counts: dict[str, tuple[int, int]] = {}
+    for r in range(runs + 1):  # run 0 warms the file cache and the imports, and is not counted
+        for name in (names if r % 2 else names[::-1]):
             t, c = time.perf_counter(), _cpu()
             patients = images = 0
-            for s in _sites(data):
+            ph: dict[str, float] = {}
+            for s in _sites(cohorts[name]):
                 rep = prepare_site(s, tmp / f"forms{r}" / name / s.name, cfg, progress=False)
                 patients, images = patients + rep.included, images + rep.dicom_files
-            times.append(time.perf_counter() - t)
-            cpus.append(_cpu() - c)
+                for k, v in rep.timings.items():
+                    ph[k] = ph.get(k, 0.0) + v
+            if r:
+                wall[name].append(time.perf_counter() - t)
+                cpu[name].append(_cpu() - c)
+                for k, v in ph.items():
+                    phases[name].setdefault(k, []).append(v)
+            counts[name] = (patients, images)
             shutil.rmtree(tmp / f"forms{r}", ignore_errors=True)
-        m, mc = statistics.median(times), statistics.median(cpus)
-        per_image = m / max(images, 1)
-        base = base or (per_image, mc)
-        print(f"  {name:<31}: {1000 * m / max(patients, 1):8.1f} ms {1e6 * per_image:9.0f} us   "
-              f"x{per_image / base[0]:.2f} wall, x{mc / base[1]:.2f} CPU of classic per image "
-              f"({patients} patients, {images} images, CPU {mc:.2f} s)")
+    print("input form (same cohort)         :   per patient    per image   (images = slices or frames; "
+          f"median of {runs}, forms alternating)")
+    base = names[0]
+    for name in names:
+        patients, images = counts[name]
+        m = statistics.median(wall[name])
+        rw = statistics.median(w / b * counts[base][1] / max(images, 1) for w, b in zip(wall[name], wall[base]))
+        rc = statistics.median(c / b * counts[base][1] / max(images, 1) for c, b in zip(cpu[name], cpu[base]))
+        ph = ", ".join(f"{k} {1000 * statistics.median(v) / max(patients, 1):.0f}" for k, v in phases[name].items())
+        print(f"  {name:<31}: {1000 * m / max(patients, 1):8.1f} ms {1e6 * m / max(images, 1):9.0f} us   "
+              f"x{rw:.2f} wall, x{rc:.2f} CPU of classic per image ({patients} patients, {images} images, "
+              f"CPU {statistics.median(cpu[name]):.2f} s; ms per patient: {ph})")
 
 
 def _cpu() -> float:
