@@ -248,7 +248,7 @@ def read_headers(path: str | os.PathLike) -> list[FileRecord]:
             return [_mask_record(ds, path, st, sop_class)]
         rec = _record(ds, path, st, pixel_offset)
         rec.sop_class = sop_class
-        if _PER_FRAME_FG in ds or rec.frames > 1:  # PerFrameFunctionalGroupsSequence: enhanced / legacy converted
+        if PER_FRAME_FG in ds or rec.frames > 1:  # PerFrameFunctionalGroupsSequence: enhanced / legacy converted
             return _frame_records(ds, rec)
         return [rec]
     except (ValueError, TypeError, struct.error, AttributeError, IndexError) as exc:
@@ -258,14 +258,14 @@ def read_headers(path: str | os.PathLike) -> list[FileRecord]:
 # Functional-group sequences (by tag: a keyword costs a dictionary lookup on every access) and the
 # attributes read from them. pydicom parses the sequences; the leaf values are read raw (as in
 # _record), since pydicom's DS / FD conversion costs more than the rest of a frame's record.
-_PER_FRAME_FG, _SHARED_FG = 0x52009230, 0x52009229
+PER_FRAME_FG, SHARED_FG = 0x52009230, 0x52009229
 _FG_POSITION, _FG_ORIENTATION, _FG_MEASURES = 0x00209113, 0x00209116, 0x00289110
 _FG_DIFFUSION, _FG_RESCALE = 0x00189117, 0x00289145
 _UNASSIGNED_PER_FRAME, _UNASSIGNED_SHARED = 0x00209171, 0x00209170
 _FACTS = ("ipp", "iop", "pixel_spacing", "bvalue", "slope", "intercept", "directionality")
 
 
-def _item0(group, tag: int):
+def first_item(group, tag: int):
     """The first item of sequence `tag` in a functional-group item, or None."""
     if group is None:
         return None
@@ -284,25 +284,25 @@ def _fd(ds, tag: int, little: bool) -> float | None:
     return _float_or_none(v)
 
 
-def _group_facts(group, little: bool) -> dict:
+def group_facts(group, little: bool) -> dict:
     """What one functional-groups item (a frame's, or the shared one) says about the frame: only the
     attributes it carries with a usable value (the shared item fills in the rest)."""
     out: dict = {}
     if group is None:
         return out
-    item = _item0(group, _FG_POSITION)
+    item = first_item(group, _FG_POSITION)
     v = _floats(item, 0x00200032) if item is not None else None
     if v and len(v) == 3:
         out["ipp"] = tuple(v)
-    item = _item0(group, _FG_ORIENTATION)
+    item = first_item(group, _FG_ORIENTATION)
     v = _floats(item, 0x00200037) if item is not None else None
     if v and len(v) == 6:
         out["iop"] = tuple(v)
-    item = _item0(group, _FG_MEASURES)
+    item = first_item(group, _FG_MEASURES)
     v = _floats(item, 0x00280030) if item is not None else None
     if v and len(v) == 2:
         out["pixel_spacing"] = tuple(v)
-    item = _item0(group, _FG_DIFFUSION)
+    item = first_item(group, _FG_DIFFUSION)
     if item is not None:
         b = _fd(item, TAG_BVALUE, little)
         if b is not None:
@@ -310,7 +310,7 @@ def _group_facts(group, little: bool) -> dict:
         d = _str(item, 0x00189075).upper()  # DiffusionDirectionality
         if d:
             out["directionality"] = d
-    item = _item0(group, _FG_RESCALE)
+    item = first_item(group, _FG_RESCALE)
     if item is not None:
         for key, tag in (("slope", 0x00281053), ("intercept", 0x00281052)):
             v = _floats(item, tag)
@@ -322,25 +322,25 @@ def _group_facts(group, little: bool) -> dict:
 def _frame_records(ds, base: FileRecord) -> list[FileRecord]:
     """One record per frame of an Enhanced (or Legacy Converted Enhanced) MR file, from its functional
     groups: each attribute from the frame's own group, else from the shared group (read once)."""
-    per = ds.get(_PER_FRAME_FG)
+    per = ds.get(PER_FRAME_FG)
     per = list(per.value) if per is not None else []
     if len(per) != base.frames:
         raise NotAnImage(f"multi-frame file with {base.frames} frames but {len(per)} per-frame functional groups "
                          "(truncated or malformed header)")
     little = ds.original_encoding[1] is not False
-    shared = _item0(ds, _SHARED_FG)
-    shared_facts = _group_facts(shared, little)
-    unassigned_shared = _item0(shared, _UNASSIGNED_SHARED)
+    shared = first_item(ds, SHARED_FG)
+    shared_facts = group_facts(shared, little)
+    unassigned_shared = first_item(shared, _UNASSIGNED_SHARED)
     legacy_b = _bvalue_in(unassigned_shared, ds) if unassigned_shared is not None else None
     defaults = {"ipp": None, "iop": None, "pixel_spacing": None, "bvalue": None, "slope": None,
                 "intercept": None, "directionality": ""}
     out = []
     directional: set[int] = set()
     for i, fg in enumerate(per):
-        facts = {**defaults, **shared_facts, **_group_facts(fg, little)}
+        facts = {**defaults, **shared_facts, **group_facts(fg, little)}
         b = facts["bvalue"]
         if b is None:  # legacy converted: the classic tags sit in the unassigned converted attributes
-            item = _item0(fg, _UNASSIGNED_PER_FRAME)
+            item = first_item(fg, _UNASSIGNED_PER_FRAME)
             b = _bvalue_in(item, ds) if item is not None else None
             b = legacy_b if b is None else b
         if facts["directionality"] in ("DIRECTIONAL", "BMATRIX"):

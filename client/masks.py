@@ -107,8 +107,124 @@ def _onto_t2(mask: sitk.Image, t2: sitk.Image, what: str, tol: float = 0.1) -> t
 
 logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines narrate every module copied
 
+SEG_TYPES = ("BINARY", "FRACTIONAL", "LABELMAP")
+_SEGMENT_ID, _REF_SEGMENT = 0x0062000A, 0x0062000B  # SegmentIdentificationSequence > ReferencedSegmentNumber
+
 
 def _read_seg(path: Path, t2: sitk.Image, roi_names) -> tuple[sitk.Image, list[str]]:
+    """The SEG's ROI segment on the T2 grid: pydicom reads the object and each frame is placed on the
+    T2 lattice directly (`_seg_frames`); what that reader does not take (no per-frame plane position,
+    frames in more than one orientation or pixel spacing, an unknown SegmentationType) goes to highdicom."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path))
+        labels = [str(getattr(s, "SegmentLabel", "")) for s in ds.SegmentSequence]
+        numbers = [int(s.SegmentNumber) for s in ds.SegmentSequence]
+    except Exception as exc:  # pydicom raises many types for a broken object: say so for this patient
+        raise VolumeError(f"DICOM SEG could not be read ({type(exc).__name__}: {str(exc)[:100]})") from None
+    hit = match_roi_name(labels, roi_names)
+    if hit is None:
+        raise VolumeError(f"DICOM SEG has no segment named like {', '.join(roi_names)} "
+                          f"(segments: {', '.join(repr(x) for x in labels[:6]) or 'none'}); set roi-names in site.toml")
+    i, label = hit
+    what = f"DICOM SEG segment {label!r}"
+    frames = _seg_frames(ds, numbers[i], what)
+    if frames is None:
+        return _read_seg_highdicom(path, t2, roi_names)
+    out, notes = _frames_onto_t2(*frames, t2, what)
+    return out, [f"mask: {what}"] + notes
+
+
+def _seg_frames(ds, number: int, what: str):
+    """(masks (k, rows, cols) bool, positions (k, 3), orientation (6,), pixel spacing (row, column)) of
+    the frames of segment `number`, or None when the object is one for highdicom (see _read_seg).
+    The same reading as highdicom's: BINARY frames are the segment where ReferencedSegmentNumber is
+    `number`, FRACTIONAL ones are cut at half of MaximumFractionalValue, LABELMAP pixels equal to
+    `number` are the segment; frames left out of the object (empty ones) are simply absent."""
+    from client.dicom_scan import PER_FRAME_FG, SHARED_FG, first_item, group_facts
+
+    kind = str(getattr(ds, "SegmentationType", "")).upper()
+    per = ds.get(PER_FRAME_FG)
+    if kind not in SEG_TYPES or per is None or 0x7FE00010 not in ds:
+        return None
+    try:
+        per = list(per.value)
+        little = ds.original_encoding[1] is not False
+        shared = first_item(ds, SHARED_FG)
+        base = group_facts(shared, little)
+        facts = [{**base, **group_facts(fg, little)} for fg in per]
+        if any("ipp" not in f for f in facts) or len({(f.get("iop"), f.get("pixel_spacing")) for f in facts}) != 1:
+            return None
+        iop, spacing = facts[0].get("iop"), facts[0].get("pixel_spacing")
+        if iop is None or spacing is None:
+            return None
+        if kind == "LABELMAP":
+            keep = list(range(len(per)))
+        else:
+            refs = []
+            for fg in per:
+                item = first_item(fg, _SEGMENT_ID) or first_item(shared, _SEGMENT_ID)
+                if item is None or _REF_SEGMENT not in item:
+                    return None
+                refs.append(int(item[_REF_SEGMENT].value))
+            keep = [k for k, n in enumerate(refs) if n == number]
+        arr = ds.pixel_array
+    except Exception as exc:  # pydicom's decoders and value conversions raise many types
+        raise VolumeError(f"DICOM SEG could not be read ({type(exc).__name__}: {str(exc)[:100]})") from None
+    arr = arr.reshape((-1,) + arr.shape[-2:])
+    if arr.shape[0] != len(per):
+        raise VolumeError(f"{what}: {len(per)} frames described but {arr.shape[0]} in the pixel data")
+    arr = arr[keep]
+    if kind == "LABELMAP":
+        masks = arr == number
+    elif kind == "FRACTIONAL":  # as highdicom's float reading: value / MaximumFractionalValue, cut at 0.5
+        masks = arr.astype(np.float32) / np.float32(int(ds.MaximumFractionalValue)) >= 0.5
+    else:
+        masks = arr > 0
+    positions = np.array([facts[k]["ipp"] for k in keep], dtype=float).reshape(-1, 3)
+    return masks, positions, np.array(iop, dtype=float), np.array(spacing, dtype=float)
+
+
+def _frames_onto_t2(masks: np.ndarray, positions: np.ndarray, iop: np.ndarray, spacing: np.ndarray,
+                    t2: sitk.Image, what: str, tol: float = 0.1) -> tuple[sitk.Image, list[str]]:
+    """SEG frames placed exactly onto the T2 grid: a frame's pixel steps must be T2 voxel steps and its
+    first pixel a T2 voxel centre (within `tol` voxel), else the reason; the same checks, errors and
+    note as _onto_t2, without building the SEG's own volume first."""
+    origin = np.array(t2.GetOrigin())
+    t2_spacing = np.array(t2.GetSpacing())
+    inv = np.linalg.inv(np.array(t2.GetDirection()).reshape(3, 3) * t2_spacing[None, :])
+    col_step = inv @ (iop[:3] * spacing[1])  # one column along the row direction cosine
+    row_step = inv @ (iop[3:] * spacing[0])
+    steps = np.stack([row_step, col_step])
+    unit = np.round(steps)
+    width = max(masks.shape[1:])
+    if (not (np.abs(unit).sum(axis=1) == 1).all() or np.abs(unit[0]) @ np.abs(unit[1]) != 0
+            or np.abs(np.linalg.norm(steps, axis=1) - 1).max() * width > tol):
+        raise VolumeError(f"{what} pixel spacing {tuple(round(float(v), 3) for v in spacing)} mm or orientation does not "
+                          f"match the T2 series' voxels {tuple(round(v, 3) for v in t2.GetSpacing())} mm")
+    first = (inv @ (positions - origin).T).T  # continuous T2 index of each frame's first pixel
+    if np.abs(steps - unit).max() * width > tol or (len(first) and np.abs(first - np.round(first)).max() > tol):
+        raise VolumeError(f"{what} is not on the T2 voxel grid (its voxel centres fall between the T2's)")
+    if not masks.any():
+        raise VolumeError(f"{what} is empty (no voxel in the ROI)")
+    k, r, c = np.nonzero(masks)
+    idx = np.round(first[k] + r[:, None] * unit[0] + c[:, None] * unit[1]).astype(np.int64)  # (x, y, z) indices
+    idx = np.unique(idx, axis=0)  # frames at one position: the union
+    size = np.array(t2.GetSize())
+    inside = idx[((idx >= 0) & (idx < size)).all(axis=1)]
+    if len(inside) == 0:
+        raise VolumeError(f"{what} lies entirely outside the T2 volume")
+    arr = np.zeros(tuple(size[::-1]), dtype=np.uint8)
+    arr[inside[:, 2], inside[:, 1], inside[:, 0]] = 1
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(t2)
+    notes = [f"{what}: {100 * (1 - len(inside) / len(idx)):.0f} % of the ROI lies outside the T2 volume and was dropped"] \
+        if len(inside) < len(idx) else []
+    return out, notes
+
+
+def _read_seg_highdicom(path: Path, t2: sitk.Image, roi_names) -> tuple[sitk.Image, list[str]]:
     import highdicom as hd
 
     try:
