@@ -9,10 +9,19 @@ tumor, tumour, lesion: whole word, case-insensitive, first list entry wins); no 
 per-patient exclusion, never a guess.
 
 Libraries (documented choice):
-- SEG: highdicom reads it (segment metadata, frame geometry from the functional groups, omitted
-  empty frames, fractional vs binary) and hands back a volume with its affine; we place that on the
-  T2 grid by nearest neighbour after checking every SEG voxel centre is a T2 voxel centre, so the
-  mask is read back exactly.
+- SEG: pydicom reads it (segment labels, each frame's plane position and referenced segment from the
+  functional groups, as for enhanced MR in client/dicom_scan.py; BINARY, FRACTIONAL cut at half,
+  LABELMAP; empty frames may be left out) and each frame is placed on the T2 grid directly, after
+  checking its pixel steps are T2 voxel steps and its first pixel a T2 voxel centre, so the mask is
+  read back exactly. highdicom (segread + get_volume, then the same checks) reads what that does not
+  take: a frame without a plane position, frames in several orientations or pixel spacings, another
+  SegmentationType. Why not highdicom for all: it costs ~22 ms per SEG (its object checks against the
+  standard's tables, an SQLite frame index) plus ~0.3 s to load those tables in every fresh worker,
+  where pydicom takes ~5 ms, which made the enhanced + SEG path slower per image than classic + NIfTI
+  (`slmfed bench prepare`). tests/test_prepare_forms.py checks both readers agree on every type.
+  What is kept is ours, not highdicom's: the segment chosen by label, the T2 series matched by the
+  UID the SEG references, another patient's SEG refused (dicom_candidates); highdicom's check that
+  the object carries every attribute its IOD requires is not made on this path.
 - RTSTRUCT: highdicom has no RTSTRUCT reader, and rt-utils would pull in OpenCV (a ~60 MB wheel) for
   one polygon fill; pydicom reads the contours and `fill_polygons` below rasterises them: contour
   points (patient mm) go to continuous T2 indices through the T2 image's own geometry, each contour
@@ -113,7 +122,7 @@ _SEGMENT_ID, _REF_SEGMENT = 0x0062000A, 0x0062000B  # SegmentIdentificationSeque
 
 def _read_seg(path: Path, t2: sitk.Image, roi_names) -> tuple[sitk.Image, list[str]]:
     """The SEG's ROI segment on the T2 grid: pydicom reads the object and each frame is placed on the
-    T2 lattice directly (`_seg_frames`); what that reader does not take (no per-frame plane position,
+    T2 lattice directly (`_seg_frames`); what that reader does not take (a frame without a plane position,
     frames in more than one orientation or pixel spacing, an unknown SegmentationType) goes to highdicom."""
     import pydicom
 

@@ -291,6 +291,132 @@ def test_fractional_seg_is_cut_at_half(forms, tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(got), m)
 
 
+def _seg_source(forms):
+    """P2-0003's enhanced T2 (dataset and volume), its SEG's mask on the T2 grid and, per T2 frame,
+    that mask's slice: the material for SEGs written by highdicom in other forms."""
+    from client.volumes import read_volume
+
+    root, _ = forms
+    site = root / "enhanced-seg" / "center-external"
+    heads = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in sorted((site / "dicom").rglob("*")) if p.is_file()}
+    t2_path = next(p for p, d in heads.items() if d.PatientID == "P2-0003" and d.Modality == "MR" and int(d.SeriesNumber) == 2)
+    seg_path = next(p for p, d in heads.items() if d.PatientID == "P2-0003" and d.Modality == "SEG")
+    t2, _ = read_volume(read_headers(t2_path), "t2")
+    m = sitk.GetArrayFromImage(read_roi(MaskSource("seg", seg_path), t2, ("GTV",))[0])
+    src = pydicom.dcmread(t2_path)
+    idx = [int(round(t2.TransformPhysicalPointToContinuousIndex(
+        [float(v) for v in fg.PlanePositionSequence[0].ImagePositionPatient])[2])) for fg in src.PerFrameFunctionalGroupsSequence]
+    return src, t2, seg_path, m, np.stack([m[k] for k in idx])
+
+
+def _write_seg(path: Path, src, frames: np.ndarray, kind: str, labels: list[str]) -> Path:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    descs = [hd.seg.SegmentDescription(
+        segment_number=i + 1, segment_label=label, segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Neoplasm, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        for i, label in enumerate(labels)]
+    hd.seg.Segmentation([src], frames, kind, descs, hd.UID(), 91, hd.UID(), 1, "x", "x", "1", "0").save_as(path)
+    return path
+
+
+def _both_readers(path: Path, t2, names=("GTV",)):
+    """(image array, notes) or the VolumeError text, from the pydicom reader and from highdicom's."""
+    from client.masks import _read_seg, _read_seg_highdicom
+    from client.volumes import VolumeError
+
+    out = []
+    for read in (_read_seg, _read_seg_highdicom):
+        try:
+            img, notes = read(path, t2, names)
+        except VolumeError as exc:
+            out.append(str(exc))
+            continue
+        assert img.GetSize() == t2.GetSize() and img.GetOrigin() == t2.GetOrigin()
+        assert img.GetPixelID() == sitk.sitkUInt8
+        out.append((sitk.GetArrayFromImage(img), notes))
+    return out
+
+
+def test_seg_reader_agrees_with_highdicom(forms, tmp_path):
+    """The pydicom SEG reader (client/masks.py _seg_frames) gives highdicom's mask and notes for every
+    segmentation type: BINARY with two segments and the empty frames left out (the ROI segment second),
+    FRACTIONAL (cut at half) and LABELMAP; the synthetic cohort's own SEGs are covered by the cache test."""
+    from client.masks import _seg_frames
+
+    src, t2, _, m, per_frame = _seg_source(forms)
+    other = np.zeros_like(per_frame)
+    other[:, :8, :8] = 1  # a 'Rectum wall' segment in the corner, on every frame
+    cases = {
+        "binary": _write_seg(tmp_path / "b.dcm", src, np.stack([other, per_frame], axis=-1), "BINARY", ["Rectum wall", "GTV"]),
+        "fractional": _write_seg(tmp_path / "f.dcm", src, per_frame.astype(np.float32) * 0.8, "FRACTIONAL", ["GTV"]),
+        "labelmap": _write_seg(tmp_path / "l.dcm", src, np.where(per_frame > 0, 2, other).astype(np.uint8), "LABELMAP",
+                               ["Rectum wall", "GTV"]),
+    }
+    assert pydicom.dcmread(cases["binary"]).NumberOfFrames < 2 * len(per_frame)  # empty frames were left out
+    for name, path in cases.items():
+        ds = pydicom.dcmread(path)
+        gtv = next(int(x.SegmentNumber) for x in ds.SegmentSequence if x.SegmentLabel == "GTV")
+        assert _seg_frames(ds, gtv, "x")[0].any(), name  # taken by the pydicom reader, not handed to highdicom
+        (fast, fast_notes), (slow, slow_notes) = _both_readers(path, t2)
+        np.testing.assert_array_equal(fast, slow, err_msg=name)
+        np.testing.assert_array_equal(fast, m, err_msg=name)
+        assert fast_notes == slow_notes == ["mask: DICOM SEG segment 'GTV'"], name
+
+
+def test_seg_reader_agrees_with_highdicom_off_the_t2(forms, tmp_path):
+    """A SEG moved by whole voxels partly out of the T2 field of view: the same voxels kept and the same
+    note; moved by half a voxel, or with another pixel spacing: refused by both readers."""
+    src, t2, seg_path, m, _ = _seg_source(forms)
+    ds = pydicom.dcmread(seg_path)
+    row_dir = np.array([float(v) for v in ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient[:3]])
+    col_spacing = float(ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[1])
+    cols = np.nonzero(m.any(axis=(0, 1)))[0]
+    shift = t2.GetSize()[0] - int((cols.min() + cols.max()) // 2)  # the ROI's centre column onto the edge
+
+    def moved(name: str, voxels: float, spacing_factor: float = 1.0) -> Path:
+        d = pydicom.dcmread(seg_path)
+        for fg in d.PerFrameFunctionalGroupsSequence:
+            pos = fg.PlanePositionSequence[0]
+            pos.ImagePositionPatient = [f"{v:.4f}" for v in np.array([float(x) for x in pos.ImagePositionPatient])
+                                        + row_dir * col_spacing * voxels]
+        pm = d.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        pm.PixelSpacing = [f"{float(v) * spacing_factor:g}" for v in pm.PixelSpacing]
+        d.save_as(tmp_path / name)
+        return tmp_path / name
+
+    (fast, fast_notes), (slow, slow_notes) = _both_readers(moved("part", shift), t2)
+    np.testing.assert_array_equal(fast, slow)
+    assert 0 < fast.sum() < m.sum() and fast_notes == slow_notes and "lies outside the T2 volume and was dropped" in fast_notes[1]
+    fast, slow = _both_readers(moved("gone", 3 * t2.GetSize()[0]), t2)
+    assert fast == slow == "DICOM SEG segment 'GTV' lies entirely outside the T2 volume"
+    fast, slow = _both_readers(moved("half", 0.5), t2)
+    assert fast == slow == "DICOM SEG segment 'GTV' is not on the T2 voxel grid (its voxel centres fall between the T2's)"
+    fast, slow = _both_readers(moved("coarse", 0, spacing_factor=2), t2)
+    assert "does not match the T2 series' voxels" in fast and "differs from the T2 series'" in slow
+
+
+def test_seg_reader_hands_unusual_objects_to_highdicom(forms, tmp_path):
+    """A SEG whose frames carry no plane position of their own goes to highdicom, with its answer (here:
+    refused, highdicom's reason); a damaged SEG is one patient's clear reason, never a crash."""
+    from client.masks import _read_seg, _seg_frames
+    from client.volumes import VolumeError
+
+    _, t2, seg_path, _, _ = _seg_source(forms)
+    d = pydicom.dcmread(seg_path)
+    for fg in d.PerFrameFunctionalGroupsSequence:
+        del fg.PlanePositionSequence
+    d.save_as(tmp_path / "nopos.dcm")
+    assert _seg_frames(pydicom.dcmread(tmp_path / "nopos.dcm"), 1, "x") is None
+    fast, slow = _both_readers(tmp_path / "nopos.dcm", t2)
+    assert fast == slow and fast.startswith(("DICOM SEG could not be read (", "DICOM SEG segment 'GTV' cannot be placed")), fast
+    data = seg_path.read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 200])
+    with pytest.raises(VolumeError, match=r"^DICOM SEG could not be read \("):
+        _read_seg(tmp_path / "cut.dcm", t2, ("GTV",))
+
+
 def test_enhanced_frames_without_plane_position_are_named(forms, tmp_path):
     """Geometry comes only from the functional groups: without them the series is refused, by name."""
     from client.volumes import VolumeError, read_volume
@@ -306,6 +432,38 @@ def test_enhanced_frames_without_plane_position_are_named(forms, tmp_path):
     assert len(recs) == ds.NumberOfFrames and {r.frame for r in recs} == set(range(len(recs)))
     with pytest.raises(VolumeError, match="frames lack PlanePositionSequence / PlaneOrientationSequence"):
         read_volume(recs, "t2")
+
+
+def test_frame_values_come_from_the_frame_else_the_shared_group(forms, tmp_path):
+    """Each attribute from the frame's own functional group, else the shared one (an empty value counts
+    as absent); b-values from the binary FD; per-direction frames dropped where the trace is there."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    root, _ = forms
+    dwi_path = next(p for p in sorted((root / "enhanced-seg" / "center-external" / "dicom").rglob("*"))
+                    if p.is_file() and p.parent.name == "Se4")
+    ds = pydicom.dcmread(dwi_path)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    shared.PixelValueTransformationSequence[0].RescaleSlope = "3"
+    shared.PixelValueTransformationSequence[0].RescaleIntercept = "7"
+    per = ds.PerFrameFunctionalGroupsSequence
+    assert [per[i].MRDiffusionSequence[0].DiffusionDirectionality for i in (0, 1, 4)] == ["NONE", "DIRECTIONAL", "ISOTROPIC"]
+    own = Dataset()
+    own.RescaleSlope, own.RescaleIntercept = "2", ""  # a slope of its own, the intercept empty: the shared one
+    per[0].PixelValueTransformationSequence = Sequence([own])
+    per[4].PixelMeasuresSequence = Sequence([Dataset()])
+    per[4].PixelMeasuresSequence[0].PixelSpacing = ["0.5", "0.25"]
+    ds.save_as(tmp_path / "dwi")
+    recs = {r.frame: r for r in read_headers(tmp_path / "dwi")}
+    kept = [i for i, fg in enumerate(per) if fg.MRDiffusionSequence[0].DiffusionDirectionality != "DIRECTIONAL"]
+    assert sorted(recs) == kept and len(kept) < len(per)
+    assert [recs[i].bvalue for i in kept] == [float(per[i].MRDiffusionSequence[0].DiffusionBValue) for i in kept]
+    assert {recs[i].bvalue for i in kept} == {0.0, 1000.0}
+    assert (recs[0].slope, recs[0].intercept) == (2.0, 7.0) and (recs[4].slope, recs[4].intercept) == (3.0, 7.0)
+    shared_ps = tuple(float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing)
+    assert recs[4].pixel_spacing == (0.5, 0.25) and {recs[i].pixel_spacing for i in kept if i != 4} == {shared_ps}
+    assert recs[4].ipp == tuple(float(v) for v in per[4].PlanePositionSequence[0].ImagePositionPatient)
 
 
 def test_dicom_mask_choice_and_reasons():
