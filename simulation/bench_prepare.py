@@ -64,8 +64,6 @@ def _forms(tmp: Path, classic: Path, cfg: dict, runs: int) -> None:
     for name, export, masks in (("enhanced + NIfTI", "enhanced", "nifti"), ("enhanced + SEG", "enhanced", "seg")):
         cohorts[name] = tmp / name.replace(" + ", "-")
         generate_cohort(cohorts[name], preset="tiny", seed=0, progress=False, export=export, masks=masks)
-    import highdicom  # noqa: F401  (imported once here, as a long-running site process would have it)
-
     names = list(cohorts)
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
