@@ -166,7 +166,8 @@ def _seg_frames(ds, number: int, what: str):
         if any("ipp" not in f for f in facts) or len({(f.get("iop"), f.get("pixel_spacing")) for f in facts}) != 1:
             return None
         iop, spacing = facts[0].get("iop"), facts[0].get("pixel_spacing")
-        if iop is None or spacing is None:
+        top = int(ds.get("MaximumFractionalValue") or 0) if kind == "FRACTIONAL" else 1
+        if iop is None or spacing is None or top <= 0:
             return None
         if kind == "LABELMAP":
             keep = list(range(len(per)))
@@ -188,7 +189,7 @@ def _seg_frames(ds, number: int, what: str):
     if kind == "LABELMAP":
         masks = arr == number
     elif kind == "FRACTIONAL":  # as highdicom's float reading: value / MaximumFractionalValue, cut at 0.5
-        masks = arr.astype(np.float32) / np.float32(int(ds.MaximumFractionalValue)) >= 0.5
+        masks = arr.astype(np.float32) / np.float32(top) >= 0.5
     else:
         masks = arr > 0
     positions = np.array([facts[k]["ipp"] for k in keep], dtype=float).reshape(-1, 3)

@@ -403,14 +403,18 @@ def test_seg_reader_hands_unusual_objects_to_highdicom(forms, tmp_path):
     from client.masks import _read_seg, _seg_frames
     from client.volumes import VolumeError
 
-    _, t2, seg_path, _, _ = _seg_source(forms)
+    src, t2, seg_path, _, per_frame = _seg_source(forms)
     d = pydicom.dcmread(seg_path)
     for fg in d.PerFrameFunctionalGroupsSequence:
         del fg.PlanePositionSequence
     d.save_as(tmp_path / "nopos.dcm")
-    assert _seg_frames(pydicom.dcmread(tmp_path / "nopos.dcm"), 1, "x") is None
-    fast, slow = _both_readers(tmp_path / "nopos.dcm", t2)
-    assert fast == slow and fast.startswith(("DICOM SEG could not be read (", "DICOM SEG segment 'GTV' cannot be placed")), fast
+    d = pydicom.dcmread(_write_seg(tmp_path / "frac.dcm", src, per_frame.astype(np.float32) * 0.8, "FRACTIONAL", ["GTV"]))
+    del d.MaximumFractionalValue  # no scale for the fractions
+    d.save_as(tmp_path / "noscale.dcm")
+    for name in ("nopos.dcm", "noscale.dcm"):
+        assert _seg_frames(pydicom.dcmread(tmp_path / name), 1, "x") is None, name
+        fast, slow = _both_readers(tmp_path / name, t2)
+        assert fast == slow and fast.startswith(("DICOM SEG could not be read (", "DICOM SEG segment 'GTV' cannot be placed")), fast
     data = seg_path.read_bytes()
     (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 200])
     with pytest.raises(VolumeError, match=r"^DICOM SEG could not be read \("):
