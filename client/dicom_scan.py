@@ -262,7 +262,6 @@ PER_FRAME_FG, SHARED_FG = 0x52009230, 0x52009229
 _FG_POSITION, _FG_ORIENTATION, _FG_MEASURES = 0x00209113, 0x00209116, 0x00289110
 _FG_DIFFUSION, _FG_RESCALE = 0x00189117, 0x00289145
 _UNASSIGNED_PER_FRAME, _UNASSIGNED_SHARED = 0x00209171, 0x00209170
-_FACTS = ("ipp", "iop", "pixel_spacing", "bvalue", "slope", "intercept", "directionality")
 
 
 def first_item(group, tag: int):
