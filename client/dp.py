@@ -206,7 +206,7 @@ class _Private:
         """One DP-SGD step on a non-empty batch; returns the batch's mean (unclipped) loss."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.mode == "hooks":
-            loss = nn.functional.binary_cross_entropy_with_logits(self.module(x, z).float(), y)
+            loss = self._per_patient_loss(x, z, y).mean()
             loss.backward()
             self.optimizer.step()
             return float(loss.detach())
@@ -216,7 +216,7 @@ class _Private:
         x, z = x.detach().requires_grad_(), z.detach().requires_grad_()
         for p in self.params:
             p._norm_sample = None
-        per_patient = nn.functional.binary_cross_entropy_with_logits(self.module(x, z).float(), y, reduction="none")
+        per_patient = self._per_patient_loss(x, z, y)
         torch.autograd.grad(per_patient.mean(), [x, z], retain_graph=True, allow_unused=True)
         missing = sum(getattr(p, "_norm_sample", None) is None for p in self.params)
         if missing:  # a parameter off every path to the inputs would escape clipping: never train then
@@ -229,6 +229,14 @@ class _Private:
             self.module.enable_hooks()
         self.optimizer.step()
         return float(per_patient.detach().mean())
+
+    def _per_patient_loss(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Unweighted BCE per patient; an ensemble's members each on their own logit, summed, so the
+        patient's gradient over all members is clipped as one (the accounting stays that of one model)."""
+        inner = self.module._module
+        logits = inner.member_logits(x, z) if hasattr(inner, "member_logits") else self.module(x, z).unsqueeze(1)
+        bce = nn.functional.binary_cross_entropy_with_logits(logits.float(), y[:, None].expand_as(logits), reduction="none")
+        return bce.sum(dim=1)
 
     def noise_step(self) -> None:
         """An empty Poisson batch still releases noise (the accountant counts the step): a zero clipped

@@ -285,7 +285,7 @@ class PatientResult:
 def model_config(bundle: ModelBundle, cfg: dict) -> dict:
     """The site's own settings (device) with the model's (backbone, norm, batch size ...), as the
     ClientApp combines them for the study's evaluation."""
-    out = dict(cfg)
+    out = dict(cfg, **{"ensemble-size": 1})  # bundles written before ensembles existed hold one network
     out.update({k: bundle.meta["settings"][k] for k in SENT_MODEL_KEYS if k in bundle.meta["settings"]})
     if "seed" in bundle.meta["settings"]:
         out["seed"] = bundle.meta["settings"]["seed"]
@@ -411,6 +411,13 @@ def gradcam_layer(net) -> str:
     return "net." + stages[-2 if len(stages) > 1 else -1]
 
 
+def gradcam_layers(net) -> list[str]:
+    """gradcam_layer of each network in `net`: one per ensemble member (common/model.py EnsembleNet)."""
+    if hasattr(net, "members"):
+        return [f"net.members.{i}." + gradcam_layer(member)[len("net."):] for i, member in enumerate(net.members)]
+    return [gradcam_layer(net)]
+
+
 def attention_maps(bundle: ModelBundle, data: cache_mod.SiteData, cfg: dict) -> dict[str, np.ndarray]:
     """{dl/combined: Grad-CAM per patient for the class the model predicts (SLM when its logit is
     >= 0, else no SLM), upsampled to the crop (N x spatial), non-negative, not normalised}, with
@@ -446,13 +453,18 @@ def attention_maps(bundle: ModelBundle, data: cache_mod.SiteData, cfg: dict) -> 
                 logit = self.net(x, z).unsqueeze(1)
                 return torch.cat([-logit, logit], dim=1)
 
-        cam = GradCAM(Wrapped(net), target_layers=gradcam_layer(net), postprocessing=lambda x: x)
+        # an ensemble's map is the sum of its members' maps for the ensemble's score (the mean logit):
+        # each member's Grad-CAM weighted by its share of that score
+        cams = [GradCAM(Wrapped(net), target_layers=layer, postprocessing=lambda x: x) for layer in gradcam_layers(net)]
         maps = []
         for i in range(len(data)):
             x = torch.from_numpy(np.ascontiguousarray(data.images[i:i + 1])).to(device)
-            with torch.enable_grad():
-                a = cam(x, z=clinical[i:i + 1])  # the predicted class
-            maps.append(np.nan_to_num(a.detach().float().cpu().numpy()[0, 0]).clip(min=0))
+            total = 0.0
+            for cam in cams:
+                with torch.enable_grad():
+                    a = cam(x, z=clinical[i:i + 1])  # the predicted class
+                total = total + np.nan_to_num(a.detach().float().cpu().numpy()[0, 0]).clip(min=0)
+            maps.append(total)
         out[m] = np.stack(maps)
     return out
 

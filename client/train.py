@@ -42,6 +42,7 @@ from torch import nn
 from client.cache import SiteData
 from common.clinical import standardise
 from common.metrics import loss_and_auc
+from common.model import EnsembleNet
 
 GRAD_CLIP_NORM = 1.0
 
@@ -123,6 +124,23 @@ def make_augment(spatial_dims: int, cfg: Mapping[str, Any]) -> BatchAugment | No
         return None
     jitter = float(cfg.get("augment-intensity", 0.0))
     return BatchAugment(spatial_dims, intensity_scale=jitter, intensity_shift=jitter)
+
+
+def member_seed(seed: int, member: int) -> int:
+    """The training seed (batch order, augmentation, dropout) of ensemble member `member`; member 0
+    keeps the fit's own seed, so it trains exactly as the single network would."""
+    if member == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, member]).generate_state(1)[0] % 2**31)
+
+
+def _member_params(model: EnsembleNet, global_params, member: int):
+    """Member `member`'s part of the FedProx anchor (a state_dict-like mapping or Flower's array list)."""
+    if global_params is None:
+        return None
+    source = dict(global_params) if isinstance(global_params, Mapping) else dict(zip(model.state_dict(), global_params))
+    prefix = f"members.{member}."
+    return {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
 
 
 def check_labels(data: SiteData, purpose: str) -> np.ndarray:
@@ -237,6 +255,14 @@ def train(
     start = time.perf_counter()
     if dp is not None:
         return _train_dp(model, data, labels_np, cfg, clinical_mean, clinical_std, epochs, seed, mu, device, dp, start)
+    if isinstance(model, EnsembleNet):
+        # each member on its own batch order, augmentation and dropout: the diversity an ensemble
+        # needs (members that shared the batches and differed only in their initial weights gained
+        # nothing, README "The MRI model")
+        runs = [train(m, data, cfg, clinical_mean, clinical_std, epochs=epochs, seed=member_seed(seed, i),
+                      global_params=_member_params(model, global_params, i)) for i, m in enumerate(model.members)]
+        return dict(loss=float(np.mean([r["loss"] for r in runs])), num_examples=len(labels_np), epochs=epochs,
+                    seconds=time.perf_counter() - start)
 
     model.to(device).train()
     images, clinical = _tensors(data, clinical_mean, clinical_std, device)

@@ -54,6 +54,8 @@ SCHEMA: dict[str, Key] = {
     "norm": Key(str, "instance", "normalisation layer", ("batch", "instance", "group")),
     "widen-factor": Key(float, 0.25, "ResNet stage widths are 64, 128, 256, 512 times this (MONAI widen_factor)",
                         bounds=(0.0625, 2.0)),
+    "ensemble-size": Key(int, 1, "DL networks with different initial weights trained side by side in each fit; the model's "
+                                 "prediction is their mean logit (common/model.py EnsembleNet)", bounds=(1, 8)),
     "clinical-embed-dim": Key(int, 16, "width of the clinical embedding in the Combined model", bounds=(1, 256)),
     "augment": Key(bool, True, "MONAI augmentation during local training"),
     "augment-intensity": Key(float, 0.0, "augmentation: per-sample, per-channel random gain 1 +- x and offset +- x "
@@ -140,7 +142,7 @@ SITE_ONLY_KEYS = ("cache-dir", "site-name", "study-dir") + SITE_POLICY_KEYS
 
 # Training settings the server decides for every site and sends with each train / evaluate message
 # (a site keeps its own device, paths and privacy settings).
-SENT_MODEL_KEYS = ("backbone", "norm", "widen-factor", "roi-pooling", "clinical-embed-dim", "lr", "weight-decay",
+SENT_MODEL_KEYS = ("backbone", "norm", "widen-factor", "roi-pooling", "ensemble-size", "clinical-embed-dim", "lr", "weight-decay",
                    "batch-size", "augment", "augment-intensity", "local-epochs", "fedprox-mu", "amp")
 
 

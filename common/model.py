@@ -273,6 +273,56 @@ class FusionResNet(nn.Module):
         return torch.cat([b.avgpool(x).flatten(1), *pooled], dim=1)
 
 
+class EnsembleNet(nn.Module):
+    """`ensemble-size` FusionResNets with different initial weights, each trained as if alone (its own
+    batch order, augmentation and dropout: client/train.py); the prediction is their mean logit.
+
+    Why: with ~140 training patients a single network's out-of-fold AUC moves by about 0.01 with its
+    seed alone; averaging a few independently trained members removes part of that variance (measured
+    with `slmfed bench model`, README "The MRI model"). One module, one state_dict: FedAvg, the
+    server's weight averaging (swa-rounds, per member since the keys are per member), checkpoints and
+    the model bundle need nothing new. Member 0 has exactly the weights, and gets exactly the
+    training, of the single model. Under DP-SGD the members share the Poisson batches and a patient's
+    gradient over all members is clipped as one (client/dp.py), so the privacy accounting is that of
+    one model."""
+
+    def __init__(self, members: Sequence[FusionResNet]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"EnsembleNet: expected >= 2 members, found {len(members)}")
+        if any(m.config != members[0].config for m in members):
+            raise ValueError("EnsembleNet: every member must be the same network")
+        self.members = nn.ModuleList(members)
+        self.config = {**members[0].config, "ensemble_size": len(members)}
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("spatial_dims", "n_channels", "n_clinical", "use_clinical", "roi_channels", "total_stride"):
+                return getattr(self.members[0], name)
+            raise
+
+    def member_logits(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
+        """N x ensemble-size logits, one column per member."""
+        return torch.stack([m(image, clinical) for m in self.members], dim=1)
+
+    def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
+        return self.member_logits(image, clinical).mean(dim=1)
+
+    def start_from_logistic(self, beta) -> None:
+        for m in self.members:
+            m.start_from_logistic(beta)
+
+    def start_from_parts(self, dl: "EnsembleNet", beta) -> None:
+        """Member i = DL member i + the CF linear term, so the mean logit is the DL ensemble's + CF's."""
+        if not isinstance(dl, EnsembleNet) or len(dl.members) != len(self.members):
+            found = len(dl.members) if isinstance(dl, EnsembleNet) else 1
+            raise ValueError(f"start_from_parts: expected a DL ensemble of {len(self.members)} members, found {found}")
+        for m, d in zip(self.members, dl.members):
+            m.start_from_parts(d, beta)
+
+
 def roi_channels(channels: Sequence[str] | None) -> list[int]:
     """Indices of the ROI mask channels among a cache's channel names ("mask", "mask-1" ...)."""
     return [i for i, c in enumerate(channels or ()) if str(c).split("+")[0].split("-")[0] == "mask"]
@@ -281,10 +331,14 @@ def roi_channels(channels: Sequence[str] | None) -> list[int]:
 def build_model(
     cfg: Mapping[str, Any], n_channels: int, spatial_dims: int, n_clinical: int, use_clinical: bool,
     channels: Sequence[str] | None = None,
-) -> FusionResNet:
-    """The study's model from config keys backbone, norm, widen-factor, clinical-embed-dim (seeded by `seed`)."""
-    with torch.random.fork_rng(devices=[]):  # same weights for the same seed, global RNG untouched
-        torch.manual_seed(int(cfg.get("seed", 42)))
+) -> FusionResNet | EnsembleNet:
+    """The study's model from config keys backbone, norm, widen-factor, roi-pooling, clinical-embed-dim
+    and ensemble-size (seeded by `seed`; members are drawn one after the other from that seed)."""
+    size = int(cfg.get("ensemble-size", 1))
+    if size < 1:
+        raise ValueError(f"config key 'ensemble-size': expected >= 1, found {size}")
+
+    def one() -> FusionResNet:
         return FusionResNet(
             n_channels=n_channels,
             n_clinical=n_clinical,
@@ -296,3 +350,7 @@ def build_model(
             widen_factor=float(cfg.get("widen-factor", 1.0)),
             roi_channels=roi_channels(channels) if cfg.get("roi-pooling", True) else (),
         )
+
+    with torch.random.fork_rng(devices=[]):  # same weights for the same seed, global RNG untouched
+        torch.manual_seed(int(cfg.get("seed", 42)))
+        return one() if size == 1 else EnsembleNet([one() for _ in range(size)])

@@ -96,6 +96,8 @@ def test_crafted_standardisation_cannot_steepen_the_logit(small_site):
     ({"share-histograms": True}, "request"),
     ({"widen-factor": 64.0}, "request"),   # a model 64x wider than any study uses: out of bounds
     ({"roi-pooling": "yes"}, "request"),   # not a bool
+    ({"ensemble-size": 64}, "request"),    # 64 networks per fit: out of bounds (the site's CPU time)
+    ({"ensemble-size": 2.0}, "request"),   # not an int
     ({"augment-intensity": 5.0}, "request"),
 ])
 def test_malformed_or_hostile_values_are_refused_naming_the_rule(small_site, tmp_path, monkeypatch, change, rule):

@@ -13,7 +13,7 @@ from torch import nn
 from client import dp as D
 from client.app import app as client_app
 from common.config import SENT_MODEL_KEYS, load_config
-from common.model import FusionResNet
+from common.model import EnsembleNet, FusionResNet
 from common.records import SITE_CANNOT, record_to_state
 from tests.fedtools import ask_site, make_cache
 
@@ -27,18 +27,21 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-def _tiny_net(roi: bool = False) -> FusionResNet:
-    """roi: a 4th (mask) channel and ROI pooling, the default model since issue 17."""
+def _tiny_net(roi: bool = False, members: int = 1):
+    """roi: a 4th (mask) channel and ROI pooling, the default model since issue 17; members > 1: an
+    EnsembleNet of that many such networks."""
     torch.manual_seed(0)
-    return FusionResNet(n_channels=4 if roi else 3, n_clinical=7, widen_factor=0.125, clinical_embed_dim=4, dropout=0.0,
-                        roi_channels=(3,) if roi else ())
+    nets = [FusionResNet(n_channels=4 if roi else 3, n_clinical=7, widen_factor=0.125, clinical_embed_dim=4, dropout=0.0,
+                         roi_channels=(3,) if roi else ()) for _ in range(members)]
+    return nets[0] if members == 1 else EnsembleNet(nets)
 
 
 # ---- the mechanism --------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", D.GRAD_SAMPLE_MODES)
-@pytest.mark.parametrize("roi", [False, True])
-def test_per_sample_gradients_are_clipped_to_the_bound_before_noise(mode, roi):
-    net = _tiny_net(roi).train()  # dropout 0 and instance norm: per-sample passes equal the batched one
+@pytest.mark.parametrize("roi, members", [(False, 1), (True, 1), (True, 2)])
+def test_per_sample_gradients_are_clipped_to_the_bound_before_noise(mode, roi, members):
+    """A patient's gradient over ALL parameters (every ensemble member's together) is clipped as one."""
+    net = _tiny_net(roi, members).train()  # dropout 0 and instance norm: per-sample passes equal the batched one
     x, z = torch.randn(6, 4 if roi else 3, 40, 40), torch.randn(6, 7)
     if roi:
         x[:, 3] = (x[:, 3] > 0.5).float()
@@ -49,7 +52,9 @@ def test_per_sample_gradients_are_clipped_to_the_bound_before_noise(mode, roi):
     norms = []
     for i in range(6):
         net.zero_grad()
-        nn.functional.binary_cross_entropy_with_logits(net(x[i:i + 1], z[i:i + 1]), y[i:i + 1]).backward()
+        logits = net.member_logits(x[i:i + 1], z[i:i + 1]) if members > 1 else net(x[i:i + 1], z[i:i + 1])[:, None]
+        # each member on its own loss: the patient's loss is the sum over members
+        nn.functional.binary_cross_entropy_with_logits(logits, y[i:i + 1, None].expand_as(logits), reduction="sum").backward()
         g = [p.grad.clone() for p in net.parameters()]
         norm = torch.sqrt(sum((t ** 2).sum() for t in g))
         norms.append(float(norm))

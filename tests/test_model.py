@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from common.config import load_config
-from common.model import FusionResNet, build_model, norm_spec
+from common.model import EnsembleNet, FusionResNet, build_model, norm_spec
 
 
 @pytest.fixture(autouse=True)
@@ -254,6 +254,45 @@ def test_combined_made_of_dl_and_cf_gives_the_sum_of_their_logits():
         combined.start_from_parts(other, beta)
     with pytest.raises(ValueError, match="coefficients"):
         combined.start_from_parts(dl, beta[:5])
+
+
+def test_an_ensemble_predicts_its_members_mean_logit_and_member_0_is_the_single_model():
+    cfg = load_config(cli={"widen-factor": 0.25, "ensemble-size": 3, "seed": 7})
+    ch = ["t2", "dwi", "adc", "mask"]
+    ens = build_model(cfg, 4, 2, 7, use_clinical=False, channels=ch).eval()
+    single = build_model({**cfg, "ensemble-size": 1}, 4, 2, 7, use_clinical=False, channels=ch).eval()
+    assert isinstance(ens, EnsembleNet) and isinstance(single, FusionResNet) and len(ens.members) == 3
+    first = ens.members[0].state_dict()
+    assert all(torch.equal(first[k], v) for k, v in single.state_dict().items())  # the same seed, the same net
+    other = ens.members[1].state_dict()
+    assert not all(torch.equal(other[k], v) for k, v in first.items())  # members differ in their initial weights
+    x = torch.rand(3, 4, 64, 64)
+    x[:, 3] = (x[:, 3] > 0.5).float()
+    with torch.no_grad():
+        each = torch.stack([m(x) for m in ens.members], dim=1)
+        torch.testing.assert_close(ens.member_logits(x), each)
+        torch.testing.assert_close(ens(x), each.mean(dim=1))
+        torch.testing.assert_close(ens.members[0](x), single(x))
+    assert ens.roi_channels == (3,) and ens.spatial_dims == 2 and ens.n_channels == 4
+    with pytest.raises(ValueError, match="ensemble-size"):
+        build_model({**cfg, "ensemble-size": 0}, 4, 2, 7, use_clinical=False, channels=ch)
+    with pytest.raises(ValueError, match="same network"):
+        EnsembleNet([FusionResNet(n_channels=4), FusionResNet(n_channels=3)])
+
+
+def test_combined_ensemble_from_dl_ensemble_and_cf_gives_the_sum_of_their_logits():
+    cfg = load_config(cli={"widen-factor": 0.25, "ensemble-size": 2})
+    ch = ["t2", "dwi", "adc", "mask"]
+    dl = build_model({**cfg, "seed": 5}, 4, 2, 7, use_clinical=False, channels=ch).eval()
+    combined = build_model(cfg, 4, 2, 7, use_clinical=True, channels=ch).eval()
+    beta = torch.randn(8)
+    combined.start_from_parts(dl, beta)
+    x, z = torch.rand(3, 4, 64, 64), torch.randn(3, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(combined(x, z), dl(x) + beta[0] + z @ beta[1:], rtol=1e-5, atol=1e-5)
+    single = build_model({**cfg, "ensemble-size": 1}, 4, 2, 7, use_clinical=False, channels=ch)
+    with pytest.raises(ValueError, match="ensemble of 2 members, found 1"):
+        combined.start_from_parts(single, beta)
 
 
 def test_every_bench_model_candidate_is_a_valid_study_and_prepare_config():

@@ -6,9 +6,9 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
-from client.train import BatchAugment, LabelError, check_labels, evaluate, predict_proba, select_device, train
+from client.train import BatchAugment, LabelError, check_labels, evaluate, member_seed, predict_proba, select_device, train
 from common.config import load_config
-from common.model import FusionResNet, build_model
+from common.model import EnsembleNet, FusionResNet, build_model
 from simulation.bench_train import clinical_stats, phantom_site
 
 
@@ -263,6 +263,35 @@ def test_bench_train_command_prints_figures(capsys):
     for line in ("bare PyTorch loop", "train() augment=on", "train() augment=off", "peak memory: max RSS"):
         assert line in out
     assert main(["bench", "train", "--runs", "0"]) == 2
+
+
+def test_each_ensemble_member_trains_exactly_as_it_would_alone(site):
+    """ensemble-size: member i is the network trained alone with its own seed (batch order,
+    augmentation, dropout); member 0 with the fit's own seed, i.e. exactly the single model."""
+    cfg = _cfg(augment=True)
+    mean, std = clinical_stats(site)
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return FusionResNet(norm="group", widen_factor=0.25, use_clinical=True)
+
+    ens = EnsembleNet([net(1), net(2)])
+    out = train(ens, site, cfg, mean, std, epochs=1, seed=3)
+    losses = []
+    for i, (init, member) in enumerate(zip((1, 2), ens.members)):
+        alone = net(init)
+        losses.append(train(alone, site, cfg, mean, std, epochs=1, seed=member_seed(3, i))["loss"])
+        assert torch.equal(_flat(member), _flat(alone))
+    assert member_seed(3, 0) == 3 and member_seed(3, 1) != 3
+    assert out["loss"] == pytest.approx(np.mean(losses)) and out["num_examples"] == len(site)
+    # FedProx: each member is held near its own part of the global weights (sent as Flower's array list)
+    anchor = EnsembleNet([net(1), net(2)])
+    prox, free = EnsembleNet([net(1), net(2)]), EnsembleNet([net(1), net(2)])
+    train(prox, site, _cfg(**{"fedprox-mu": 100.0}), mean, std, epochs=1, seed=3,
+          global_params=[v.numpy() for v in anchor.state_dict().values()])
+    train(free, site, cfg, mean, std, epochs=1, seed=3)
+    moved = lambda m: float((_flat(m.members[1]) - _flat(anchor.members[1])).norm())  # noqa: E731
+    assert 0 < moved(prox) < 0.5 * moved(free)
 
 
 def test_default_augmentation_is_spatial_only_and_intensity_jitter_is_a_setting():
