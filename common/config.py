@@ -54,7 +54,7 @@ SCHEMA: dict[str, Key] = {
     "norm": Key(str, "instance", "normalisation layer", ("batch", "instance", "group")),
     "widen-factor": Key(float, 0.25, "ResNet stage widths are 64, 128, 256, 512 times this (MONAI widen_factor)",
                         bounds=(0.0625, 2.0)),
-    "ensemble-size": Key(int, 1, "DL networks with different initial weights trained side by side in each fit; the model's "
+    "ensemble-size": Key(int, 3, "DL networks per fit, each trained on its own seed (initial weights, batch order, augmentation); the model's "
                                  "prediction is their mean logit (common/model.py EnsembleNet)", bounds=(1, 8)),
     "clinical-embed-dim": Key(int, 16, "width of the clinical embedding in the Combined model", bounds=(1, 256)),
     "augment": Key(bool, True, "MONAI augmentation during local training"),

@@ -29,9 +29,10 @@ SITES = ("center-primary", "center-external")
 PREPARE_KEYS = ("input-mode", "fov-mm", "crop-size", "context-slices", "mask-channel")
 # name -> (what it is, config keys). "v0" is the model before issue 17; each later line changes one thing.
 _V0 = {"mask-channel": False, "widen-factor": 1.0, "augment-intensity": 0.1, "roi-pooling": False, "combined-from": "cf",
-       "swa-rounds": 0}
+       "swa-rounds": 0, "ensemble-size": 1}
 _ROI = {**_V0, "mask-channel": True, "widen-factor": 0.25, "augment-intensity": 0.0, "roi-pooling": True}
 _SUM = {**_ROI, "combined-from": "dl+cf"}
+_SWA = {**_SUM, "swa-rounds": 4}
 # name -> (what it is, config keys); each line changes one thing against an earlier one. "chosen" = the defaults.
 CANDIDATES: dict[str, tuple[str, dict]] = {
     "v0": ("before issue 17: 3 channels, width 1, intensity jitter 0.1, Combined trained from CF", _V0),
@@ -40,13 +41,15 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "mask-w0.25-nojitter": ("mask-w0.25 without intensity jitter", {**_ROI, "roi-pooling": False}),
     "roi": ("mask-w0.25-nojitter + ROI pooling", _ROI),
     "sum": ("roi + Combined = DL logit + CF logit", _SUM),
-    "chosen": ("sum + each fit's model the mean of its last 4 rounds' weights (the defaults)", {}),
+    "swa": ("sum + each fit's model the mean of its last 4 rounds' weights", _SWA),
+    "chosen": ("swa + an ensemble of 3 networks per fit, each trained on its own seed (the defaults)", {}),
+    "swa-e5": ("swa + an ensemble of 5", {**_SWA, "ensemble-size": 5}),
     "sum-jitter": ("sum with intensity jitter 0.1", {**_SUM, "augment-intensity": 0.1}),
     "sum-2.5d": ("sum, 2.5d input (3 slices of each sequence and of the mask)", {**_SUM, "input-mode": "2.5d"}),
     "sum-fov64": ("sum, 64 mm field of view", {**_SUM, "fov-mm": 64.0}),
     "sum-batchnorm": ("sum with BatchNorm", {**_SUM, "norm": "batch"}),
     "sum-16rounds": ("sum, 16 rounds", {**_SUM, "num-rounds": 16}),
-    "chosen-2.5d": ("chosen, 2.5d input", {"input-mode": "2.5d"}),
+    "swa-2.5d": ("swa, 2.5d input", {**_SWA, "input-mode": "2.5d"}),
 }
 
 

@@ -25,7 +25,8 @@ from server.report import write_run_folder
 from tests.fedtools import LocalGrid, ask_site, make_cache
 
 TINY = {"folds": 2, "num-rounds": 1, "local-epochs": 1, "batch-size": 8, "backbone": "resnet10",
-        "clinical-embed-dim": 4, "augment": False, "seed": 3, "cf-l2": 0.1, "site-timeout-s": 5.0, "models": "cf,dl"}
+        "clinical-embed-dim": 4, "augment": False, "seed": 3, "cf-l2": 0.1, "site-timeout-s": 5.0, "models": "cf,dl",
+        "ensemble-size": 1}
 PRIMARY = "center-primary"
 
 

@@ -194,7 +194,7 @@ def test_paper_study_runs_across_two_sites(fed, tmp_path):
     # 2. the approved app runs
     run_dir = tmp_path / "run"
     res, seconds = fed.run_study(approved_app, {"scenario": "paper", "num-rounds": 1, "local-epochs": 1, "folds": 2,
-                                        "models": "dl", "run-dir": str(run_dir)}, timeout=600)
+                                        "models": "dl", "ensemble-size": 1, "run-dir": str(run_dir)}, timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
     assert (run_dir / "results.json").is_file(), f"no results.json after {seconds:.0f}s:\n{out[-3000:]}"

@@ -114,8 +114,9 @@ def test_calibrated_noise_meets_the_target_and_more_steps_need_more_noise():
 
 
 # ---- the site: budget, accountant, secret noise ---------------------------------------------------
-def _request(study=f"{STUDY}/final", fold=-1, rnd=1, dp_fits=1, **extra):
-    cfg = load_config(run_config={"augment": False, "local-epochs": 1, "batch-size": 8, "clinical-embed-dim": 4})
+def _request(study=f"{STUDY}/final", fold=-1, rnd=1, dp_fits=1, ensemble=1, **extra):
+    cfg = load_config(run_config={"augment": False, "local-epochs": 1, "batch-size": 8, "clinical-embed-dim": 4,
+                                  "ensemble-size": ensemble})
     req = {"fold": fold, "folds": 3, "seed": 1, "study-id": study, "model": "dl", "round": rnd, "num-rounds": 2,
            **STD, **{k: cfg[k] for k in SENT_MODEL_KEYS}, **extra}
     if dp_fits is not None:
@@ -123,13 +124,13 @@ def _request(study=f"{STUDY}/final", fold=-1, rnd=1, dp_fits=1, **extra):
     return req
 
 
-def _weights(norm: str = "instance"):
+def _weights(norm: str = "instance", ensemble: int = 1):
     from flwr.app import ArrayRecord
 
     from common.model import build_model
 
     torch.manual_seed(0)
-    cfg = load_config(run_config={"clinical-embed-dim": 4, "norm": norm})
+    cfg = load_config(run_config={"clinical-embed-dim": 4, "norm": norm, "ensemble-size": ensemble})
     return ArrayRecord(build_model(cfg, 3, 2, 7, use_clinical=False).state_dict())
 
 
@@ -148,10 +149,12 @@ def _ok(reply) -> dict:
 
 
 def test_reported_epsilon_is_opacus_accountant_for_the_same_mechanism(tmp_path):
+    """With the default ensemble of 3 networks: the members share the Poisson batches, so the steps
+    and the epsilon are those of one model."""
     from opacus.accountants import RDPAccountant
 
     node = _site(tmp_path, **{"dp-epsilon": 4.0, "dp-delta": 1e-5, "dp-clip-norm": 0.8})
-    m = _ok(ask_site(client_app, node, "train", _request(), arrays=_weights()))
+    m = _ok(ask_site(client_app, node, "train", _request(ensemble=3), arrays=_weights(ensemble=3)))
     assert m["dp-sample-rate"] == pytest.approx(8 / 40) and m["dp-steps"] == math.ceil(40 / 8)
     assert m["dp-clip-norm"] == 0.8 and m["dp-delta"] == 1e-5
     acc = RDPAccountant()
@@ -162,7 +165,7 @@ def test_reported_epsilon_is_opacus_accountant_for_the_same_mechanism(tmp_path):
     book = _ledger(node)["dp"][STUDY]
     planned = D.epsilon([(book["noise-multiplier"], book["planned"]["sample-rate"], book["planned"]["steps"])], 1e-5)
     assert 4.0 - D.EPSILON_TOLERANCE <= planned <= 4.0
-    m2 = _ok(ask_site(client_app, node, "train", _request(rnd=2), arrays=_weights()))
+    m2 = _ok(ask_site(client_app, node, "train", _request(rnd=2, ensemble=3), arrays=_weights(ensemble=3)))
     for _ in range(int(m2["dp-steps"])):
         acc.step(noise_multiplier=m2["dp-noise-multiplier"], sample_rate=m2["dp-sample-rate"])
     assert m2["dp-epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9) and m2["dp-epsilon"] <= 4.0
@@ -259,7 +262,7 @@ def test_a_study_under_dp_reports_the_epsilon_each_site_spent(tmp_path):
     external = _site(tmp_path, "center-external", n=14, seed=2)
     cfg = load_config(run_config={"folds": 2, "num-rounds": 1, "local-epochs": 1, "batch-size": 8, "clinical-embed-dim": 4,
                                   "augment": False, "seed": 3, "cf-l2": 0.1, "site-timeout-s": 5.0,
-                                  "models": "cf,dl", "run-dir": str(tmp_path / "run")})
+                                  "models": "cf,dl", "run-dir": str(tmp_path / "run"), "ensemble-size": 1})
     state = Study(Federation(LocalGrid(client_app, [primary, external]), min_sites=2, timeout_s=5), cfg,
                   Checkpoint(tmp_path / "run")).run()
     res = write_run_folder(tmp_path / "run", state, cfg)

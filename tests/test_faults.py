@@ -26,7 +26,7 @@ from tests.fedtools import LocalGrid, make_cache
 
 TINY = {"scenario": "federated", "models": "dl", "folds": 2, "num-rounds": 2, "local-epochs": 1, "batch-size": 8,
         "clinical-embed-dim": 4, "augment": False, "seed": 5, "site-timeout-s": 5.0, "site-retries": 1,
-        "retry-backoff-s": 0.0}
+        "retry-backoff-s": 0.0, "ensemble-size": 1}
 SITES = ("site-a", "site-b", "site-c")
 
 

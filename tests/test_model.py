@@ -107,7 +107,7 @@ def test_bad_inputs_are_clear_errors():
 
 
 def test_build_model_reads_config_and_is_seeded():
-    cfg = load_config(cli={"backbone": "resnet18", "norm": "group", "clinical-embed-dim": 8, "seed": 3})
+    cfg = load_config(cli={"backbone": "resnet18", "norm": "group", "clinical-embed-dim": 8, "seed": 3, "ensemble-size": 1})
     before = torch.random.get_rng_state()
     m1 = build_model(cfg, n_channels=3, spatial_dims=2, n_clinical=7, use_clinical=True)
     assert torch.equal(before, torch.random.get_rng_state())  # global RNG untouched
@@ -223,7 +223,7 @@ def test_roi_pooling_is_monai_forward_plus_the_stage_means_inside_the_roi():
 
 
 def test_build_model_pools_inside_the_roi_when_the_input_has_the_mask_and_the_config_says_so():
-    cfg = load_config(cli={"widen-factor": 0.25})
+    cfg = load_config(cli={"widen-factor": 0.25, "ensemble-size": 1})
     with_mask = ["t2", "dwi", "adc", "mask"]
     assert build_model(cfg, 4, 2, 7, False, channels=with_mask).roi_channels == (3,)
     assert build_model({**cfg, "roi-pooling": False}, 4, 2, 7, False, channels=with_mask).roi_channels == ()
@@ -240,7 +240,7 @@ def test_build_model_pools_inside_the_roi_when_the_input_has_the_mask_and_the_co
 
 
 def test_combined_made_of_dl_and_cf_gives_the_sum_of_their_logits():
-    cfg = load_config(cli={"widen-factor": 0.25})
+    cfg = load_config(cli={"widen-factor": 0.25, "ensemble-size": 1})
     ch = ["t2", "dwi", "adc", "mask"]
     dl = build_model({**cfg, "seed": 5}, 4, 2, 7, use_clinical=False, channels=ch).eval()
     combined = build_model(cfg, 4, 2, 7, use_clinical=True, channels=ch).eval()

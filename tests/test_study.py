@@ -15,7 +15,7 @@ from server.report import write_run_folder
 from tests.fedtools import LocalGrid, make_cache
 
 TINY = {"folds": 2, "num-rounds": 2, "local-epochs": 1, "batch-size": 8, "backbone": "resnet10",
-        "clinical-embed-dim": 4, "augment": False, "seed": 3, "cf-l2": 0.1, "site-timeout-s": 5.0}
+        "clinical-embed-dim": 4, "augment": False, "seed": 3, "cf-l2": 0.1, "site-timeout-s": 5.0, "ensemble-size": 1}
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +235,8 @@ def test_a_cf_fit_that_does_not_exist_is_reported_and_the_study_goes_on(tmp_path
 
 def test_the_combined_model_is_the_dl_logit_plus_the_cf_logit_for_every_patient(tmp_path):
     """combined-from dl+cf (the default): every stored Combined prediction, in every CV fold and at the
-    external site, is sigmoid(logit DL + logit CF) of the same fit; the DL model pools inside the ROI."""
+    external site, is sigmoid(logit DL + logit CF) of the same fit; the DL model pools inside the ROI and,
+    with ensemble-size 2, is two networks whose mean logit that is (the Combined one member-wise too)."""
     from common.model import build_model
 
     root = tmp_path / "sites"
@@ -245,7 +246,7 @@ def test_the_combined_model_is_the_dl_logit_plus_the_cf_logit_for_every_patient(
               "study-dir": str(tmp_path / "primary-study")},
              {"cache-dir": str(root / "external"), "site-name": "center-external", "min-cell-size": 3,
               "study-dir": str(tmp_path / "external-study")}]
-    grid, state, res, cfg = run(nodes, tmp_path / "run", **{"widen-factor": 0.25})
+    grid, state, res, cfg = run(nodes, tmp_path / "run", **{"widen-factor": 0.25, "ensemble-size": 2})
     assert cfg["combined-from"] == "dl+cf" and cfg["roi-pooling"]
     assert not any(m.content["config"]["model"] == "combined" for m in grid.sent if m.metadata.message_type == "train")
     logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
@@ -260,8 +261,10 @@ def test_the_combined_model_is_the_dl_logit_plus_the_cf_logit_for_every_patient(
             checked += 1
     assert checked == 3  # 2 CV folds' held-out patients + the external site
     weights = np.load(tmp_path / "run" / "models" / "final-dl.npz")
-    plain = build_model({**cfg, "roi-pooling": False}, 4, 2, 7, use_clinical=False).state_dict()["head.0.weight"]
-    assert weights["head.0.weight"].shape[1] == plain.shape[1] + (32 + 64)  # the ROI means of layer2 and layer3
+    plain = build_model({**cfg, "roi-pooling": False, "ensemble-size": 1}, 4, 2, 7, use_clinical=False).state_dict()
+    assert {k.split(".")[1] for k in weights.files} == {"0", "1"} and len(weights.files) == 2 * len(plain)
+    assert weights["members.1.head.0.weight"].shape[1] == plain["head.0.weight"].shape[1] + (32 + 64)  # ROI means
+    assert not np.array_equal(weights["members.0.head.0.weight"], weights["members.1.head.0.weight"])
 
 
 def test_a_combined_model_made_of_dl_and_cf_needs_both_in_the_study(caches, tmp_path):
