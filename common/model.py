@@ -277,9 +277,10 @@ class EnsembleNet(nn.Module):
     """`ensemble-size` FusionResNets with different initial weights, each trained as if alone (its own
     batch order, augmentation and dropout: client/train.py); the prediction is their mean logit.
 
-    Why: with ~140 training patients a single network's out-of-fold AUC moves by about 0.01 with its
-    seed alone; averaging a few independently trained members removes part of that variance (measured
-    with `slmfed bench model`, README "The MRI model"). One module, one state_dict: FedAvg, the
+    Why: with ~140 training patients a single network's predictions depend on its seed; averaging 3
+    independently trained members took the MRI DL model's primary CV AUC from 0.799 to 0.809 and the
+    Combined model's from 0.855 to 0.863 (`slmfed bench model`, README "The MRI model"; members that
+    shared the batches and differed only in their initial weights gained nothing). One module, one state_dict: FedAvg, the
     server's weight averaging (swa-rounds, per member since the keys are per member), checkpoints and
     the model bundle need nothing new. Member 0 has exactly the weights, and gets exactly the
     training, of the single model. Under DP-SGD the members share the Poisson batches and a patient's
@@ -294,14 +295,6 @@ class EnsembleNet(nn.Module):
             raise ValueError("EnsembleNet: every member must be the same network")
         self.members = nn.ModuleList(members)
         self.config = {**members[0].config, "ensemble_size": len(members)}
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("spatial_dims", "n_channels", "n_clinical", "use_clinical", "roi_channels", "total_stride"):
-                return getattr(self.members[0], name)
-            raise
 
     def member_logits(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
         """N x ensemble-size logits, one column per member."""

@@ -279,7 +279,7 @@ def test_an_ensemble_predicts_its_members_mean_logit_and_member_0_is_the_single_
         torch.testing.assert_close(ens.member_logits(x), each)
         torch.testing.assert_close(ens(x), each.mean(dim=1))
         torch.testing.assert_close(ens.members[0](x), single(x))
-    assert ens.roi_channels == (3,) and ens.spatial_dims == 2 and ens.n_channels == 4
+    assert all(m.roi_channels == (3,) for m in ens.members)
     with pytest.raises(ValueError, match="ensemble-size"):
         build_model({**cfg, "ensemble-size": 0}, 4, 2, 7, use_clinical=False, channels=ch)
     with pytest.raises(ValueError, match="same network"):
