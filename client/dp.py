@@ -181,6 +181,10 @@ class _Private:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPTraining, expected_batch_size: int,
                  generator: torch.Generator):
         check_model(model)
+        from common.model import EnsembleNet
+
+        # an ensemble's member logits come from the model itself (the wrapper shares its parameters and hooks)
+        self.ensemble = model if isinstance(model, EnsembleNet) else None
         if dp.mode not in GRAD_SAMPLE_MODES:
             raise DPError(f"grad-sample mode: expected one of {', '.join(GRAD_SAMPLE_MODES)}, found {dp.mode!r}")
         self.mode = dp.mode
@@ -233,8 +237,7 @@ class _Private:
     def _per_patient_loss(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Unweighted BCE per patient; an ensemble's members each on their own logit, summed, so the
         patient's gradient over all members is clipped as one (the accounting stays that of one model)."""
-        inner = self.module._module
-        logits = inner.member_logits(x, z) if hasattr(inner, "member_logits") else self.module(x, z).unsqueeze(1)
+        logits = self.ensemble.member_logits(x, z) if self.ensemble is not None else self.module(x, z).unsqueeze(1)
         bce = nn.functional.binary_cross_entropy_with_logits(logits.float(), y[:, None].expand_as(logits), reduction="none")
         return bce.sum(dim=1)
 

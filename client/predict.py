@@ -413,7 +413,9 @@ def gradcam_layer(net) -> str:
 
 def gradcam_layers(net) -> list[str]:
     """gradcam_layer of each network in `net`: one per ensemble member (common/model.py EnsembleNet)."""
-    if hasattr(net, "members"):
+    from common.model import EnsembleNet
+
+    if isinstance(net, EnsembleNet):
         return [f"net.members.{i}." + gradcam_layer(member)[len("net."):] for i, member in enumerate(net.members)]
     return [gradcam_layer(net)]
 

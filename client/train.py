@@ -134,13 +134,12 @@ def member_seed(seed: int, member: int) -> int:
     return int(np.random.SeedSequence([seed, member]).generate_state(1)[0] % 2**31)
 
 
-def _member_params(model: EnsembleNet, global_params, member: int):
-    """Member `member`'s part of the FedProx anchor (a state_dict-like mapping or Flower's array list)."""
-    if global_params is None:
+def _member_anchor(anchor: Mapping[str, torch.Tensor] | None, member: int) -> dict[str, torch.Tensor] | None:
+    """Member `member`'s part of the ensemble's FedProx anchor (keys "members.<i>.<name>" -> "<name>")."""
+    if anchor is None:
         return None
-    source = dict(global_params) if isinstance(global_params, Mapping) else dict(zip(model.state_dict(), global_params))
     prefix = f"members.{member}."
-    return {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
+    return {k[len(prefix):]: v for k, v in anchor.items() if k.startswith(prefix)}
 
 
 def check_labels(data: SiteData, purpose: str) -> np.ndarray:
@@ -259,8 +258,10 @@ def train(
         # each member on its own batch order, augmentation and dropout: the diversity an ensemble
         # needs (members that shared the batches and differed only in their initial weights gained
         # nothing, README "The MRI model")
+        # the FedProx anchor checked and converted once for the whole ensemble (count, names, shapes)
+        anchor = _reference_params(model, global_params, device) if mu > 0 and global_params is not None else None
         runs = [train(m, data, cfg, clinical_mean, clinical_std, epochs=epochs, seed=member_seed(seed, i),
-                      global_params=_member_params(model, global_params, i)) for i, m in enumerate(model.members)]
+                      global_params=_member_anchor(anchor, i)) for i, m in enumerate(model.members)]
         return dict(loss=float(np.mean([r["loss"] for r in runs])), num_examples=len(labels_np), epochs=epochs,
                     seconds=time.perf_counter() - start)
 
