@@ -381,7 +381,7 @@ class Gate:
 _REPLY_KEYS = {
     "query.info": {"num-examples", "num-positive", "has-labels", "spatial-dims", "n-channels", "n-features",
                    "image-shape", "cohort-released"},
-    "query.clinical_sums": {"num-examples", "sum", "sumsq"},
+    "query.clinical_sums": {"num-examples", "sum", "sumsq", "roi-sum", "roi-sumsq"},
     "query.logistic_stats": {"num-examples", "grad", "hess", "loglik"},
     "train": {"num-examples", "train-loss", "train-seconds", "dp-epsilon", "dp-epsilon-model", "dp-delta",
               "dp-noise-multiplier", "dp-clip-norm", "dp-sample-rate", "dp-steps"},

@@ -285,7 +285,8 @@ class PatientResult:
 def model_config(bundle: ModelBundle, cfg: dict) -> dict:
     """The site's own settings (device) with the model's (backbone, norm, batch size ...), as the
     ClientApp combines them for the study's evaluation."""
-    out = dict(cfg, **{"ensemble-size": 1})  # bundles written before ensembles existed hold one network
+    # bundles written before ensembles / ROI statistics existed hold one network without them
+    out = dict(cfg, **{"ensemble-size": 1, "roi-stats": False})
     out.update({k: bundle.meta["settings"][k] for k in SENT_MODEL_KEYS if k in bundle.meta["settings"]})
     if "seed" in bundle.meta["settings"]:
         out["seed"] = bundle.meta["settings"]["seed"]

@@ -217,9 +217,18 @@ def _partition(site: Site, gate: Gate, req: Mapping[str, Any], part: str) -> Sit
 
 
 def clinical_sums(site: Site, gate: Gate, req: Mapping[str, Any]) -> dict[str, Any]:
-    """Sums and sums of squares of the clinical features on the training partition (for standardisation)."""
-    x = _partition(site, gate, req, "train").clinical.astype(np.float64)
-    return {"num-examples": len(x), "sum": x.sum(axis=0), "sumsq": (x**2).sum(axis=0)}
+    """Sums and sums of squares of the clinical features on the training partition (for standardisation),
+    and of the model's ROI statistics (client/train.py roi_statistics) when the images carry the ROI mask:
+    the same patient group, released by the same gate."""
+    from client.train import roi_statistics
+
+    d = _partition(site, gate, req, "train")
+    x = d.clinical.astype(np.float64)
+    out = {"num-examples": len(x), "sum": x.sum(axis=0), "sumsq": (x**2).sum(axis=0)}
+    r = roi_statistics(d)
+    if r is not None:
+        out.update({"roi-sum": r.sum(axis=0), "roi-sumsq": (r**2).sum(axis=0)})
+    return out
 
 
 def _site_sd(site: Site) -> np.ndarray:

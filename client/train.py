@@ -171,6 +171,24 @@ def _tensors(data: SiteData, clinical_mean, clinical_std, device: torch.device) 
     return images, clinical
 
 
+def roi_statistics(data: SiteData, chunk: int = 64) -> np.ndarray | None:
+    """Per patient (float64, N x 2C): the ROI mean and SD of each image channel, exactly as the model
+    computes them (common.model.roi_input_stats), for the pooled standardisation of the model's
+    roi-stats input; None when the cache's images carry no ROI mask channel."""
+    from common.model import roi_channels, roi_input_stats
+
+    rois = roi_channels(data.manifest.get("channels"))
+    if not rois or len(data) == 0:
+        return None
+    others = [c for c in range(data.images.shape[1]) if c not in rois]
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(data), chunk):
+            x = torch.from_numpy(np.ascontiguousarray(data.images[i:i + chunk], dtype=np.float32))
+            out.append(roi_input_stats(x[:, others], x[:, rois].mean(dim=1, keepdim=True)).double().numpy())
+    return np.concatenate(out)
+
+
 def _batches(n: int, batch_size: int, gen: torch.Generator | None) -> list[torch.Tensor]:
     """Index batches (shuffled when gen is given); a trailing batch of one joins the previous one
     so BatchNorm never sees a single sample."""

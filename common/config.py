@@ -60,6 +60,7 @@ SCHEMA: dict[str, Key] = {
     "augment": Key(bool, True, "MONAI augmentation during local training"),
     "augment-intensity": Key(float, 0.0, "augmentation: per-sample, per-channel random gain 1 +- x and offset +- x "
                                          "(0 = spatial augmentation only)", bounds=(0.0, 0.5)),
+    "roi-stats": Key(bool, True, "the model also gets the ROI mean and SD of each input image channel, standardised over the training patients (needs the mask channel)"),
     "roi-pooling": Key(bool, True, "the model also pools its features inside the tumour ROI (needs the mask channel)"),
     "amp": Key(bool, True, "automatic mixed precision when training on CUDA"),
     "device": Key(str, "auto", "torch device: auto (CUDA when present), cpu, cuda, cuda:N"),
@@ -142,7 +143,7 @@ SITE_ONLY_KEYS = ("cache-dir", "site-name", "study-dir") + SITE_POLICY_KEYS
 
 # Training settings the server decides for every site and sends with each train / evaluate message
 # (a site keeps its own device, paths and privacy settings).
-SENT_MODEL_KEYS = ("backbone", "norm", "widen-factor", "roi-pooling", "ensemble-size", "clinical-embed-dim", "lr", "weight-decay",
+SENT_MODEL_KEYS = ("backbone", "norm", "widen-factor", "roi-pooling", "roi-stats", "ensemble-size", "clinical-embed-dim", "lr", "weight-decay",
                    "batch-size", "augment", "augment-intensity", "local-epochs", "fedprox-mu", "amp")
 
 

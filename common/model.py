@@ -13,7 +13,14 @@ When the input carries the tumour ROI mask as channels (`slmfed prepare` with ma
 default; build_model finds them by name), the pooled vector also holds the mean of the second and
 third residual stages' feature maps inside the ROI ("ROI pooling"): the global average alone mixes
 the tumour with the rectal wall and fat around it, and the tumour's own ADC, texture and margin are
-what carries the signal. Width: MONAI's widen_factor (config widen-factor, default 0.25: stages
+what carries the signal. With roi-stats (the default), the model also gets the ROI mean and SD of
+each input image channel (T2WI, DWI, ADC), standardised with the pooled mean / SD over the fit's
+training patients (the coordinator computes them from the sites' sums, as for the clinical vector,
+and puts them in the weights as buffers); they go to the head and, as a linear term, straight to the
+logit. Why: the ResNet is instance-normalised, which removes each image's absolute intensity level,
+and the network trained on ~140 patients learned the tumour's size and little else (its out-of-fold
+logit correlated 0.94 with the log ROI volume), while the ROI's mean ADC, in physical units, carries
+signal that the size does not (measured: README "The MRI model"). Width: MONAI's widen_factor (config widen-factor, default 0.25: stages
 16-128 wide): on the synthetic paper cohort narrower was not worse and is several times cheaper
 to train. What each of these choices gained is measured with `slmfed bench model` (README, "The MRI
 model").
@@ -56,7 +63,8 @@ from torch import nn
 BACKBONES = {"resnet10": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
 NORMS = ("batch", "instance", "group")
 GROUP_NORM_GROUPS = 32
-ROI_POOL_EPS = 1e-3  # in mask-area units of the pooled grid: an empty ROI gives 0 features, not NaN
+ROI_POOL_EPS = 1e-3
+ROI_STATS_VAR_EPS = 1e-6  # keeps the SD's gradient finite for a flat ROI  # in mask-area units of the pooled grid: an empty ROI gives 0 features, not NaN
 
 
 def norm_spec(norm: str, min_channels: int) -> tuple[str, dict[str, Any]]:
@@ -118,6 +126,7 @@ class FusionResNet(nn.Module):
         head_hidden: int = 64,
         dropout: float = 0.2,
         roi_channels: Sequence[int] = (),
+        roi_stats: bool = False,
     ) -> None:
         super().__init__()
         if backbone not in BACKBONES:
@@ -146,7 +155,10 @@ class FusionResNet(nn.Module):
             n_channels=n_channels, n_clinical=n_clinical, spatial_dims=spatial_dims, backbone=backbone,
             norm=norm, use_clinical=use_clinical, clinical_embed_dim=clinical_embed_dim,
             widen_factor=widen_factor, small_input_stem=small_input_stem, roi_channels=list(roi_channels),
+            roi_stats=bool(roi_stats),
         )
+        if roi_stats and not roi_channels:
+            raise ValueError("roi_stats: needs the ROI mask channels (roi_channels)")
         self.roi_channels = roi_channels
         self.spatial_dims = spatial_dims
         self.total_stride = 16 if small_input_stem else 32  # stem (+ max-pool) and three stride-2 stages
@@ -170,6 +182,16 @@ class FusionResNet(nn.Module):
         n_image = int(512 * widen_factor)  # basic blocks: last stage width = 512 * widen_factor
         if roi_channels:  # + the ROI means of the 2nd and 3rd stages (128 and 256 * widen_factor wide)
             n_image += int(128 * widen_factor) + int(256 * widen_factor)
+        self.image_channels = [c for c in range(n_channels) if c not in roi_channels]
+        self.roi_stats_linear = None
+        if roi_stats:  # + the standardised ROI mean and SD of each image channel, to the head and linearly
+            k = 2 * len(self.image_channels)
+            n_image += k
+            self.register_buffer("roi_stats_mean", torch.zeros(k))
+            self.register_buffer("roi_stats_std", torch.ones(k))
+            self.roi_stats_linear = nn.Linear(k, 1)
+            nn.init.zeros_(self.roi_stats_linear.weight)
+            nn.init.zeros_(self.roi_stats_linear.bias)
         if use_clinical:
             self.clinical_embed = nn.Sequential(nn.Linear(n_clinical, clinical_embed_dim), nn.ReLU())
             # "wide and deep": a linear clinical term added to the logit, so the Combined model can
@@ -185,6 +207,23 @@ class FusionResNet(nn.Module):
         self.head = nn.Sequential(
             nn.Linear(n_fused, head_hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(head_hidden, 1)
         )
+
+    @torch.no_grad()
+    def set_roi_standardisation(self, mean, std) -> None:
+        """The pooled mean / SD of the training patients' ROI statistics (roi_input_stats), as the
+        coordinator computes them from the sites' sums like the clinical vector's; kept as buffers, so
+        they travel with the weights into FedAvg, checkpoints and the model bundle."""
+        if self.roi_stats_linear is None:
+            raise ValueError("set_roi_standardisation: this model has no ROI statistics (roi_stats=False)")
+        mean = torch.as_tensor(mean, dtype=self.roi_stats_mean.dtype).flatten()
+        std = torch.as_tensor(std, dtype=self.roi_stats_std.dtype).flatten()
+        k = self.roi_stats_mean.numel()
+        if mean.numel() != k or std.numel() != k:
+            raise ValueError(f"set_roi_standardisation: expected {k} means and SDs, found {mean.numel()} and {std.numel()}")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError("set_roi_standardisation: expected finite means and positive finite SDs")
+        self.roi_stats_mean.copy_(mean)
+        self.roi_stats_std.copy_(std)
 
     @torch.no_grad()
     def start_from_logistic(self, beta) -> None:
@@ -228,6 +267,9 @@ class FusionResNet(nn.Module):
         self.head[0].weight[:, :n_image] = dl.head[0].weight
         self.head[0].bias.copy_(dl.head[0].bias)
         self.head[-1].load_state_dict(dl.head[-1].state_dict())
+        if self.roi_stats_linear is not None:
+            self.roi_stats_linear.load_state_dict(dl.roi_stats_linear.state_dict())
+            self.set_roi_standardisation(dl.roi_stats_mean, dl.roi_stats_std)
         self.clinical_linear.bias.copy_(beta[:1])
         self.clinical_linear.weight.copy_(beta[1:].unsqueeze(0))
 
@@ -244,14 +286,20 @@ class FusionResNet(nn.Module):
                 f"{self.total_stride}), found spatial shape {tuple(image.shape[2:])}; use larger crops or norm group/batch"
             )
         features = self._roi_features(image) if self.roi_channels else self.backbone(image)
+        wide = []  # linear terms added to the head's logit
+        if self.roi_stats_linear is not None:
+            mask = image[:, list(self.roi_channels)].mean(dim=1, keepdim=True)
+            stats = (roi_input_stats(image[:, self.image_channels], mask) - self.roi_stats_mean) / self.roi_stats_std
+            features = torch.cat([features, stats], dim=1)
+            wide.append(self.roi_stats_linear(stats))
         if self.clinical_embed is not None:
             if clinical is None or clinical.dim() != 2 or clinical.shape != (image.shape[0], self.n_clinical):
                 found = None if clinical is None else tuple(clinical.shape)
                 raise ValueError(f"clinical: expected shape ({image.shape[0]}, {self.n_clinical}), found {found}")
             clinical = clinical.to(features.dtype)
             features = torch.cat([features, self.clinical_embed(clinical)], dim=1)
-            return (self.head(features) + self.clinical_linear(clinical)).squeeze(1)
-        return self.head(features).squeeze(1)
+            wide.append(self.clinical_linear(clinical))
+        return sum(wide, self.head(features)).squeeze(1)
 
 
     def _roi_features(self, image: torch.Tensor) -> torch.Tensor:
@@ -303,6 +351,10 @@ class EnsembleNet(nn.Module):
     def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
         return self.member_logits(image, clinical).mean(dim=1)
 
+    def set_roi_standardisation(self, mean, std) -> None:
+        for m in self.members:
+            m.set_roi_standardisation(mean, std)
+
     def start_from_logistic(self, beta) -> None:
         for m in self.members:
             m.start_from_logistic(beta)
@@ -314,6 +366,18 @@ class EnsembleNet(nn.Module):
             raise ValueError(f"start_from_parts: expected a DL ensemble of {len(self.members)} members, found {found}")
         for m, d in zip(self.members, dl.members):
             m.start_from_parts(d, beta)
+
+
+def roi_input_stats(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """N x 2C: the mean, then the SD, of each of the C image channels inside the ROI (mask N x 1 x ...,
+    0/1 or fractional weights). The network's own features are instance-normalised per image, which
+    removes the absolute intensity level; these keep it (ADC in physical units)."""
+    dims = tuple(range(2, image.dim()))
+    n = mask.sum(dims) + ROI_POOL_EPS
+    mean = (image * mask).sum(dims) / n
+    centred = image - mean.reshape(*mean.shape, *([1] * len(dims)))
+    var = (centred**2 * mask).sum(dims) / n
+    return torch.cat([mean, torch.sqrt(var + ROI_STATS_VAR_EPS)], dim=1)
 
 
 def roi_channels(channels: Sequence[str] | None) -> list[int]:
@@ -331,6 +395,8 @@ def build_model(
     if size < 1:
         raise ValueError(f"config key 'ensemble-size': expected >= 1, found {size}")
 
+    rois = roi_channels(channels) if cfg.get("roi-pooling", True) else []
+
     def one() -> FusionResNet:
         return FusionResNet(
             n_channels=n_channels,
@@ -341,7 +407,8 @@ def build_model(
             use_clinical=use_clinical,
             clinical_embed_dim=int(cfg["clinical-embed-dim"]),
             widen_factor=float(cfg.get("widen-factor", 1.0)),
-            roi_channels=roi_channels(channels) if cfg.get("roi-pooling", True) else (),
+            roi_channels=rois,
+            roi_stats=bool(cfg.get("roi-stats", False)) and bool(rois),  # like roi-pooling: needs the mask channel
         )
 
     with torch.random.fork_rng(devices=[]):  # same weights for the same seed, global RNG untouched

@@ -248,6 +248,14 @@ def _single_plan(scenario: str, sites: dict[str, dict], folds: int, eval_sites: 
 SWA_PREFIX = "swa-sum."
 
 
+def _pooled(n: int, s: np.ndarray, ss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample SD from a count, sums and sums of squares; a constant feature is only centred
+    (SD 1, as common.clinical.standardise does)."""
+    mean = s / n
+    std = np.sqrt(np.maximum(ss / n - mean**2, 0.0) * n / max(n - 1, 1))
+    return mean, np.where(std > 1e-8, std, 1.0)
+
+
 def _unpack_swa(record: ArrayRecord | None) -> tuple[ArrayRecord | None, dict[str, np.ndarray]]:
     if record is None:
         return None, {}
@@ -283,6 +291,8 @@ class Study:
         self.say = on_progress or (lambda m: log.info(m))
         self.rounds_done_this_run = 0
         self.state: dict[str, Any] = {}
+        # "tag/fold" -> pooled (mean, SD) of the ROI statistics (standardisation); re-asked on a resume
+        self.roi_standardisation: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     # -- set-up --
     def start(self) -> None:
@@ -443,7 +453,9 @@ class Study:
         return {k: self.cfg[k] for k in SENT_MODEL_KEYS}
 
     def standardisation(self, fit: Fit) -> tuple[np.ndarray, np.ndarray] | None:
-        """Pooled feature mean / SD of the fit's training sites; a refusing site sits the fit out."""
+        """Pooled feature mean / SD of the fit's training sites; a refusing site sits the fit out. The
+        pooled mean / SD of the model's ROI statistics, when every site sent their sums, are kept in
+        self.roi_standardisation[fit.tag/fit.fold] for the model's initial weights (initial_state)."""
         replies = self.fed.ask(fit.train, "query.clinical_sums", self._base(fit), group=f"{fit.tag}/{fit.fold}/std")
         self._drop_refused(fit, replies, "training", "train")
         self._sites_away(fit, replies, "standardisation")
@@ -454,9 +466,11 @@ class Study:
         n = sum(int(metrics_of(c)["num-examples"]) for c in replies.values())
         s = sum(np.asarray(metrics_of(c)["sum"]) for c in replies.values())
         ss = sum(np.asarray(metrics_of(c)["sumsq"]) for c in replies.values())
-        mean = s / n
-        std = np.sqrt(np.maximum(ss / n - mean**2, 0.0) * n / max(n - 1, 1))
-        return mean, np.where(std > 1e-8, std, 1.0)  # a constant feature is only centred (common.clinical.standardise)
+        if all("roi-sum" in metrics_of(c) for c in replies.values()):
+            roi = _pooled(n, sum(np.asarray(metrics_of(c)["roi-sum"]) for c in replies.values()),
+                          sum(np.asarray(metrics_of(c)["roi-sumsq"]) for c in replies.values()))
+            self.roi_standardisation[f"{fit.tag}/{fit.fold}"] = roi
+        return _pooled(n, s, ss)
 
     def fit_cf(self, fit: Fit, mean, std) -> dict | None:
         base = {**self._base(fit), "clinical-mean": mean, "clinical-std": std}
@@ -513,7 +527,7 @@ class Study:
                        "round": rnd, "stored": store, **{k: m[k] for k in m}}
                 (self.state["history"] if rnd is not None else self.state["evaluations"]).append(rec)
 
-    def initial_state(self, model: str, fit_index: int, cf_beta=None) -> ArrayRecord:
+    def initial_state(self, model: str, fit_index: int, cf_beta=None, fit: Fit | None = None) -> ArrayRecord:
         """Seeded initial weights; the Combined model starts from this fit's CF model when there is one."""
         from common.model import build_model
 
@@ -522,14 +536,33 @@ class Study:
                           channels=self.channels)
         if model == "combined" and cf_beta is not None:
             net.start_from_logistic(cf_beta)
+        roi = self.roi_standardisation.get(f"{fit.tag}/{fit.fold}") if fit is not None else None
+        if net.config["roi_stats"]:
+            if roi is None:
+                raise RuntimeError(f"{fit.tag if fit else 'fit'} fold {fit.fold if fit else '?'}: roi-stats is on but "
+                                   "the training sites sent no ROI statistics (their caches have no mask channel?)")
+            net.set_roi_standardisation(*roi)
         return ArrayRecord(net.state_dict())
+
+    def _keep_roi_standardisation(self, arrays: ArrayRecord, fit: Fit) -> ArrayRecord:
+        """The ROI statistics' standardisation is the coordinator's (pooled sums), not the sites': an
+        aggregate of the sites' copies is put back to it, whatever a site sent."""
+        roi = self.roi_standardisation.get(f"{fit.tag}/{fit.fold}")
+        keys = [k for k in arrays if k.rsplit(".", 1)[-1] in ("roi_stats_mean", "roi_stats_std")]
+        if roi is None or not keys:
+            return arrays
+        state = arrays.to_torch_state_dict()
+        for k in keys:
+            value = roi[0] if k.endswith("roi_stats_mean") else roi[1]
+            state[k] = torch.as_tensor(value, dtype=state[k].dtype)
+        return ArrayRecord(state)
 
     def fit_dl(self, fit_index: int, fit: Fit, model: str, mean, std, start_round: int,
                arrays: ArrayRecord | None) -> ArrayRecord | None:
         rounds = int(self.cfg["num-rounds"])
         cf = self.state["cf"].get(f"{fit.tag}/{fit.fold}")
         arrays, swa_sum = _unpack_swa(arrays)
-        arrays = arrays if arrays is not None else self.initial_state(model, fit_index, cf["beta"] if cf else None)
+        arrays = arrays if arrays is not None else self.initial_state(model, fit_index, cf["beta"] if cf else None, fit)
         swa_from = rounds - int(self.cfg["swa-rounds"]) + 1  # rounds whose global weights are averaged
         train_cfg = {**self._base(fit), **self._model_keys(), "clinical-mean": mean, "clinical-std": std, "model": model,
                      "num-rounds": rounds, "dp-fits": self._dp_fits()}
@@ -558,6 +591,7 @@ class Study:
             self._record_dp(model, {s: metrics_of(replies[s]) for s in accepted})
             validate_message_reply_consistency(contents, weighted_by_key="num-examples", check_arrayrecord=True)
             arrays = aggregate(arrays, contents, str(self.cfg["aggregation"]), float(self.cfg["trim-fraction"]))
+            arrays = self._keep_roi_standardisation(arrays, fit)
             if rnd >= swa_from:
                 swa_sum = _add_swa(swa_sum, arrays)
             agg = aggregate_metricrecords(contents, "num-examples")

@@ -521,7 +521,8 @@ def model_card(res: dict) -> str:
         "of the primary tumour plus sex, tumor_site, CEA, CA19-9 (after Sun et al., BMC Med Imaging 2025).",
         f"- Data: {sites}.",
         f"- Models: CF logistic regression; {cfg['backbone']} ({cfg['norm']} norm, width x{cfg['widen-factor']:g}"
-        f"{', ROI pooling' if cfg['roi-pooling'] else ''}) MRI DL model; Combined model "
+        f"{', ROI pooling' if cfg['roi-pooling'] else ''}{', ROI statistics' if cfg.get('roi-stats') else ''}"
+        f"{', ensemble of ' + str(cfg['ensemble-size']) if int(cfg.get('ensemble-size', 1)) > 1 else ''}) MRI DL model; Combined model "
         + ("= the MRI DL model's logit + the CF model's (the same network with a clinical term, not trained further). "
            if cfg["combined-from"] == "dl+cf" else f"with a {cfg['clinical-embed-dim']}-d clinical embedding, trained "
            "from the CF model. ")

@@ -29,7 +29,7 @@ SITES = ("center-primary", "center-external")
 PREPARE_KEYS = ("input-mode", "fov-mm", "crop-size", "context-slices", "mask-channel")
 # name -> (what it is, config keys). "v0" is the model before issue 17; each later line changes one thing.
 _V0 = {"mask-channel": False, "widen-factor": 1.0, "augment-intensity": 0.1, "roi-pooling": False, "combined-from": "cf",
-       "swa-rounds": 0, "ensemble-size": 1}
+       "swa-rounds": 0, "ensemble-size": 1, "roi-stats": False}
 _ROI = {**_V0, "mask-channel": True, "widen-factor": 0.25, "augment-intensity": 0.0, "roi-pooling": True}
 _SUM = {**_ROI, "combined-from": "dl+cf"}
 _SWA = {**_SUM, "swa-rounds": 4}
@@ -42,8 +42,11 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "roi": ("mask-w0.25-nojitter + ROI pooling", _ROI),
     "sum": ("roi + Combined = DL logit + CF logit", _SUM),
     "swa": ("sum + each fit's model the mean of its last 4 rounds' weights", _SWA),
-    "chosen": ("swa + an ensemble of 3 networks per fit, each trained on its own seed (the defaults)", {}),
+    "e3": ("swa + an ensemble of 3 networks per fit, each trained on its own seed", {**_SWA, "ensemble-size": 3}),
     "swa-e5": ("swa + an ensemble of 5", {**_SWA, "ensemble-size": 5}),
+    "swa-stats": ("swa + the ROI's mean and SD of each channel, standardised, to the head and as a linear term",
+                  {**_SWA, "roi-stats": True}),
+    "chosen": ("e3 + the ROI statistics (the defaults)", {}),
     "sum-jitter": ("sum with intensity jitter 0.1", {**_SUM, "augment-intensity": 0.1}),
     "sum-2.5d": ("sum, 2.5d input (3 slices of each sequence and of the mask)", {**_SUM, "input-mode": "2.5d"}),
     "sum-fov64": ("sum, 64 mm field of view", {**_SUM, "fov-mm": 64.0}),

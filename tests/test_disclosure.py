@@ -210,6 +210,41 @@ def _enrol(cache_dir: Path, n_new: int, seed: int, label: int | None = None) -> 
     atomic_write_json(cache_dir / "manifest.json", manifest)
 
 
+def test_roi_statistics_sums_cannot_be_differenced_down_to_one_patient(tmp_path):
+    """The standardisation reply also carries sums of each patient's ROI mean / SD per channel (the
+    model's roi-stats input). The attacker asks for the whole cohort, then for every training partition
+    the request format allows (2..20 folds, every fold, two seeds), hoping that one differs from the
+    whole by a single patient: whole - partition = that patient's ROI statistics. Every answered
+    partition must leave out at least k patients, so no difference is about fewer than k."""
+    from client.train import roi_statistics
+
+    n = 80
+    make_cache(tmp_path / "site", n, seed=7, site_name="h", shape=(3, 16, 16), prevalence=0.45, mask_channel=True)
+    node = {"cache-dir": str(tmp_path / "site"), "site-name": "h"}
+    whole = metrics(ask_site(client_app, node, "query.clinical_sums",
+                             {"fold": -1, "folds": 5, "seed": 1, "study-id": "aaaaaaaaaaaa/final"}))
+    stats = roi_statistics(load_cache(tmp_path / "site"))
+    np.testing.assert_allclose(whole["roi-sum"], stats.sum(axis=0), rtol=1e-9)  # what it says it is
+    np.testing.assert_allclose(whole["roi-sumsq"], (stats**2).sum(axis=0), rtol=1e-9)
+    answered, refused = [], set()
+    for seed, folds in itertools.product((1, 2), range(2, 21)):
+        for fold in range(folds):
+            reply = ask_site(client_app, node, "query.clinical_sums",
+                             {"fold": fold, "folds": folds, "seed": seed,
+                              "study-id": f"{folds:012x}/{'cv' if seed == 1 else 'cv-r1'}"})
+            if reply.has_error():
+                refused.add(rule_of(reply))
+            else:
+                answered.append(metrics(reply))
+    assert answered and refused, refused  # some partitions are fine, the small-fold ones are not
+    assert refused <= {"min-cell-size", "no-differencing", "max-studies", "query-budget"}, refused
+    k = 10
+    for m in answered:
+        assert n - m["num-examples"] >= k, "a partition leaves out fewer than k patients"
+        left_out = np.asarray(whole["roi-sum"]) - np.asarray(m["roi-sum"])
+        assert left_out.shape == (6,) and np.all(left_out > 0)  # the partition's own sums, not the whole's
+
+
 def test_two_studies_before_and_after_one_enrolment_cannot_be_differenced(tmp_path):
     make_cache(tmp_path / "site", 40, seed=7, site_name="h", shape=SHAPE, prevalence=0.45)
     node = {"cache-dir": str(tmp_path / "site"), "site-name": "h"}

@@ -28,11 +28,15 @@ def _one_thread():
 
 
 def _tiny_net(roi: bool = False, members: int = 1):
-    """roi: a 4th (mask) channel and ROI pooling, the default model since issue 17; members > 1: an
-    EnsembleNet of that many such networks."""
+    """roi: a 4th (mask) channel, ROI pooling and the ROI statistics' terms, the default model since issue
+    17; members > 1: an EnsembleNet of that many such networks."""
     torch.manual_seed(0)
     nets = [FusionResNet(n_channels=4 if roi else 3, n_clinical=7, widen_factor=0.125, clinical_embed_dim=4, dropout=0.0,
-                         roi_channels=(3,) if roi else ()) for _ in range(members)]
+                         roi_channels=(3,) if roi else (), roi_stats=roi) for _ in range(members)]
+    for n in nets:
+        if roi:  # as in a study: standardised, and a trained (non-zero) linear term
+            n.set_roi_standardisation(torch.full((6,), 0.5), torch.full((6,), 0.3))
+            nn.init.normal_(n.roi_stats_linear.weight)
     return nets[0] if members == 1 else EnsembleNet(nets)
 
 

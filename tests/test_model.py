@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from common.config import load_config
-from common.model import EnsembleNet, FusionResNet, build_model, norm_spec
+from common.model import EnsembleNet, FusionResNet, build_model, norm_spec, roi_input_stats
 
 
 @pytest.fixture(autouse=True)
@@ -228,9 +228,11 @@ def test_build_model_pools_inside_the_roi_when_the_input_has_the_mask_and_the_co
     assert build_model(cfg, 4, 2, 7, False, channels=with_mask).roi_channels == (3,)
     assert build_model({**cfg, "roi-pooling": False}, 4, 2, 7, False, channels=with_mask).roi_channels == ()
     assert build_model(cfg, 3, 2, 7, False, channels=["t2", "dwi", "adc"]).roi_channels == ()
-    n_roi = _n_params(build_model(cfg, 4, 2, 7, True, channels=with_mask))
+    n_stats = _n_params(build_model(cfg, 4, 2, 7, True, channels=with_mask))
+    n_roi = _n_params(build_model({**cfg, "roi-stats": False}, 4, 2, 7, True, channels=with_mask))
     n_plain = _n_params(build_model({**cfg, "roi-pooling": False}, 4, 2, 7, True, channels=with_mask))
     assert n_roi - n_plain == (32 + 64) * 64  # the head's first layer reads the 32 + 64 ROI means too
+    assert n_stats - n_roi == 6 * 64 + 6 + 1  # ... and the 6 ROI statistics, which also get a linear term
     net3d = build_model({**cfg, "norm": "group"}, 4, 3, 7, True, channels=with_mask).eval()
     x = torch.rand(2, 4, 8, 32, 32)
     x[:, 3] = (x[:, 3] > 0.5).float()
@@ -239,16 +241,22 @@ def test_build_model_pools_inside_the_roi_when_the_input_has_the_mask_and_the_co
         FusionResNet(n_channels=3, roi_channels=(3,))
 
 
-@pytest.mark.parametrize("members", [1, 2])
-def test_combined_made_of_dl_and_cf_gives_the_sum_of_their_logits(members):
-    """One network, or an ensemble built member by member: the Combined logit is DL's + CF's."""
-    cfg = load_config(cli={"widen-factor": 0.25, "ensemble-size": members})
+@pytest.mark.parametrize("members,roi_stats", [(1, False), (2, False), (2, True)])
+def test_combined_made_of_dl_and_cf_gives_the_sum_of_their_logits(members, roi_stats):
+    """One network, or an ensemble built member by member, with or without the ROI statistics' terms
+    (trained weights and standardisation): the Combined logit is DL's + CF's."""
+    cfg = load_config(cli={"widen-factor": 0.25, "ensemble-size": members, "roi-stats": roi_stats})
     ch = ["t2", "dwi", "adc", "mask"]
     dl = build_model({**cfg, "seed": 5}, 4, 2, 7, use_clinical=False, channels=ch).eval()
+    if roi_stats:  # as after training: the linear term is no longer 0, the standardisation not the default
+        for m in dl.members:
+            torch.nn.init.normal_(m.roi_stats_linear.weight)
+        dl.set_roi_standardisation(torch.rand(6), torch.rand(6) + 0.1)
     combined = build_model(cfg, 4, 2, 7, use_clinical=True, channels=ch).eval()
     beta = torch.randn(8)
     combined.start_from_parts(dl, beta)
     x, z = torch.rand(3, 4, 64, 64), torch.randn(3, 7)
+    x[:, 3] = (x[:, 3] > 0.5).float()
     with torch.no_grad():
         torch.testing.assert_close(combined(x, z), dl(x) + beta[0] + z @ beta[1:], rtol=1e-5, atol=1e-5)
     other = build_model({**cfg, "widen-factor": 0.5}, 4, 2, 7, use_clinical=False, channels=ch)
@@ -301,3 +309,53 @@ def test_every_bench_model_candidate_is_a_valid_study_and_prepare_config():
     assert load_config(cli=settings["swa"])["ensemble-size"] == 1 and load_config()["ensemble-size"] == 3
     with pytest.raises(SystemExit, match="unknown candidate"):
         candidate_settings("chosen,bogus")
+
+
+def test_roi_input_stats_are_each_channels_mean_and_sd_inside_the_mask():
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(2, 3, 12, 12)).astype(np.float32)
+    mask = np.zeros((2, 1, 12, 12), np.float32)
+    mask[0, 0, 2:7, 3:9] = 1
+    mask[1, 0, 5:11, 1:4] = 1
+    got = roi_input_stats(torch.from_numpy(image), torch.from_numpy(mask)).numpy()
+    for n in range(2):
+        inside = image[n][:, mask[n, 0] > 0]  # channels x ROI pixels
+        np.testing.assert_allclose(got[n], np.concatenate([inside.mean(1), inside.std(1)]), rtol=1e-3, atol=1e-5)
+
+
+def test_roi_stats_model_sees_the_absolute_level_inside_the_roi_and_keeps_its_standardisation():
+    """The ROI statistics carry the absolute level the instance-normalised ResNet discards: raising the
+    ADC inside the ROI by one standardisation SD moves the logit by the linear term's weight on it."""
+    cfg = load_config(cli={"widen-factor": 0.25, "ensemble-size": 1, "roi-stats": True, "seed": 2})
+    ch = ["t2", "dwi", "adc", "mask"]
+    net = build_model(cfg, 4, 2, 7, use_clinical=False, channels=ch).eval()
+    assert net.config["roi_stats"] and net.roi_stats_linear is not None
+    torch.testing.assert_close(net.roi_stats_linear.weight, torch.zeros(1, 6))  # starts as the model without it
+    net.set_roi_standardisation([0.3, 0.8, 0.3, 0.1, 0.15, 0.05], [0.1, 0.05, 0.04, 0.03, 0.02, 0.01])
+    state = net.state_dict()
+    assert {"roi_stats_mean", "roi_stats_std"} <= set(state)  # travels with the weights (FedAvg, bundle)
+    again = build_model(cfg, 4, 2, 7, use_clinical=False, channels=ch)
+    again.load_state_dict(state)
+    torch.testing.assert_close(again.roi_stats_std, net.roi_stats_std)
+    with torch.no_grad():
+        net.roi_stats_linear.weight.zero_()
+        net.roi_stats_linear.weight[0, 2] = 1.0  # the ROI's mean ADC, in standardised units
+    x = torch.rand(2, 4, 64, 64) * 0.5
+    x[:, 3] = 0
+    x[:, 3, 20:40, 24:44] = 1
+    brighter = x.clone()
+    brighter[:, 2] += 0.04 * x[:, 3]  # + one SD of the ROI's mean ADC, inside the ROI only
+    with torch.no_grad():
+        net.roi_stats_linear.weight[0, 2] = 0.0
+        blind = net(brighter) - net(x)
+        net.roi_stats_linear.weight[0, 2] = 1.0
+        seen = net(brighter) - net(x)
+    torch.testing.assert_close(seen - blind, torch.full((2,), 1.0), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="expected 6 means"):
+        net.set_roi_standardisation([0.0] * 5, [1.0] * 5)
+    with pytest.raises(ValueError, match="positive"):
+        net.set_roi_standardisation([0.0] * 6, [1.0] * 5 + [0.0])
+    no_mask = build_model(cfg, 3, 2, 7, use_clinical=False, channels=ch[:3])
+    assert not no_mask.config["roi_stats"]  # like roi-pooling: only with the mask channel
+    with pytest.raises(ValueError, match="no ROI statistics"):
+        no_mask.set_roi_standardisation([0.0] * 6, [1.0] * 6)

@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from client.app import app as client_app
 from common.config import load_config
@@ -236,7 +237,11 @@ def test_a_cf_fit_that_does_not_exist_is_reported_and_the_study_goes_on(tmp_path
 def test_the_combined_model_is_the_dl_logit_plus_the_cf_logit_for_every_patient(tmp_path):
     """combined-from dl+cf (the default): every stored Combined prediction, in every CV fold and at the
     external site, is sigmoid(logit DL + logit CF) of the same fit; the DL model pools inside the ROI and,
-    with ensemble-size 2, is two networks whose mean logit that is (the Combined one member-wise too)."""
+    with ensemble-size 2, is two networks whose mean logit that is (the Combined one member-wise too).
+    With roi-stats, each network's ROI statistics are standardised by the pooled mean / SD of the
+    training patients' statistics, computed by the coordinator from the site's sums."""
+    from client.cache import load_cache
+    from client.train import roi_statistics
     from common.model import build_model
 
     root = tmp_path / "sites"
@@ -246,8 +251,8 @@ def test_the_combined_model_is_the_dl_logit_plus_the_cf_logit_for_every_patient(
               "study-dir": str(tmp_path / "primary-study")},
              {"cache-dir": str(root / "external"), "site-name": "center-external", "min-cell-size": 3,
               "study-dir": str(tmp_path / "external-study")}]
-    grid, state, res, cfg = run(nodes, tmp_path / "run", **{"widen-factor": 0.25, "ensemble-size": 2})
-    assert cfg["combined-from"] == "dl+cf" and cfg["roi-pooling"]
+    grid, state, res, cfg = run(nodes, tmp_path / "run", **{"widen-factor": 0.25, "ensemble-size": 2, "roi-stats": True})
+    assert cfg["combined-from"] == "dl+cf" and cfg["roi-pooling"] and cfg["roi-stats"]
     assert not any(m.content["config"]["model"] == "combined" for m in grid.sent if m.metadata.message_type == "train")
     logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
     checked = 0
@@ -262,9 +267,17 @@ def test_the_combined_model_is_the_dl_logit_plus_the_cf_logit_for_every_patient(
     assert checked == 3  # 2 CV folds' held-out patients + the external site
     weights = np.load(tmp_path / "run" / "models" / "final-dl.npz")
     plain = build_model({**cfg, "roi-pooling": False, "ensemble-size": 1}, 4, 2, 7, use_clinical=False).state_dict()
-    assert {k.split(".")[1] for k in weights.files} == {"0", "1"} and len(weights.files) == 2 * len(plain)
-    assert weights["members.1.head.0.weight"].shape[1] == plain["head.0.weight"].shape[1] + (32 + 64)  # ROI means
+    roi_keys = ("roi_stats_mean", "roi_stats_std", "roi_stats_linear.weight", "roi_stats_linear.bias")
+    assert {k.split(".")[1] for k in weights.files} == {"0", "1"} and len(weights.files) == 2 * (len(plain) + len(roi_keys))
+    # + the ROI means of two stages + the 6 ROI statistics
+    assert weights["members.1.head.0.weight"].shape[1] == plain["head.0.weight"].shape[1] + (32 + 64) + 6
     assert not np.array_equal(weights["members.0.head.0.weight"], weights["members.1.head.0.weight"])
+    stats = roi_statistics(load_cache(root / "primary"))  # the final fit trains on all primary patients
+    assert stats.shape == (36, 6)
+    for i in (0, 1):
+        np.testing.assert_allclose(weights[f"members.{i}.roi_stats_mean"], stats.mean(axis=0), rtol=1e-5)
+        np.testing.assert_allclose(weights[f"members.{i}.roi_stats_std"], stats.std(axis=0, ddof=1), rtol=1e-5)
+    assert np.abs(weights["members.0.roi_stats_linear.weight"]).sum() > 0  # trained from its zero start
 
 
 def test_a_combined_model_made_of_dl_and_cf_needs_both_in_the_study(caches, tmp_path):
@@ -301,3 +314,29 @@ def test_weight_averaging_is_the_mean_of_the_last_rounds_and_survives_a_resume(c
     again = np.load(tmp_path / "cut" / "models" / "final-dl.npz")
     for k in model.files:
         np.testing.assert_array_equal(again[k], model[k])
+
+
+def test_the_roi_standardisation_after_aggregation_is_the_coordinators_not_a_sites():
+    """A site that sends back other standardisation buffers (to skew every site's ROI statistics) does
+    not change the global model's: after each aggregation they are the pooled values again."""
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord
+
+    from common.model import build_model
+    from server.protocol import Fit
+
+    cfg = load_config(run_config={**TINY, "widen-factor": 0.25, "ensemble-size": 2, "roi-stats": True})
+    net = build_model(cfg, 4, 2, 7, use_clinical=False, channels=["t2", "dwi", "adc", "mask"])
+    pooled = (np.linspace(0.1, 0.6, 6), np.linspace(0.01, 0.06, 6))
+    net.set_roi_standardisation(*pooled)
+    tampered = {k: v.clone() for k, v in net.state_dict().items()}
+    for k in tampered:
+        if k.endswith("roi_stats_std"):
+            tampered[k] *= 1000.0
+    study = SimpleNamespace(roi_standardisation={"final/-1": pooled})
+    out = Study._keep_roi_standardisation(study, ArrayRecord(tampered), Fit("final", -1, ["a"])).to_torch_state_dict()
+    for k, v in out.items():
+        expected = net.state_dict()[k] if "roi_stats_" in k and "linear" not in k else tampered[k]
+        torch.testing.assert_close(v, expected)
+    assert list(out) == list(tampered)  # same keys, same order (the arrays Flower ships)
