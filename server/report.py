@@ -396,7 +396,8 @@ def privacy_section(res: dict) -> list[str]:
         lines.append(f"| {name} | {pol.get('min-cell-size', 'n/a')} | {pol.get('histogram-bins', 'n/a')} | {shared} | {sent} |")
     lines += ["", "What each reply carries: `query.info` shapes, the policy and (when the whole cohort may be released) "
               "its patient and SLM counts; `query.clinical_sums` sums and sums of squares of the 7 clinical features "
-              "over a fit's training patients; `query.logistic_stats` the CF model's gradient, Hessian and "
+              "and, when the images carry the ROI mask, of the 6 ROI statistics (each patient's ROI mean and SD of "
+              "T2WI, DWI and ADC: the model's roi-stats input) over a fit's training patients; `query.logistic_stats` the CF model's gradient, Hessian and "
               "log-likelihood at coefficients the site checked (slopes bounded, the Hessian's weight spread over >= k "
               "patients); `train` model weights after local training and the mean training loss; `evaluate` the "
               "loss and AUC of one planned evaluation; `query.summary` exact AUC with DeLong CI, Brier score, "
