@@ -63,8 +63,8 @@ from torch import nn
 BACKBONES = {"resnet10": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
 NORMS = ("batch", "instance", "group")
 GROUP_NORM_GROUPS = 32
-ROI_POOL_EPS = 1e-3
-ROI_STATS_VAR_EPS = 1e-6  # keeps the SD's gradient finite for a flat ROI  # in mask-area units of the pooled grid: an empty ROI gives 0 features, not NaN
+ROI_POOL_EPS = 1e-3  # in mask-area units of the pooled grid: an empty ROI gives 0 features, not NaN
+ROI_STATS_VAR_EPS = 1e-6  # keeps the SD's gradient finite for a flat ROI
 
 
 def norm_spec(norm: str, min_channels: int) -> tuple[str, dict[str, Any]]:

@@ -256,6 +256,28 @@ def _pooled(n: int, s: np.ndarray, ss: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return mean, np.where(std > 1e-8, std, 1.0)
 
 
+def _malformed_sums(replies: Replies, n_features: int, n_roi_stats: int) -> dict[str, str]:
+    """{site: what is wrong} for standardisation replies whose sums the coordinator cannot pool: a count
+    that is not a positive whole number, sums not finite or of another length than the clinical
+    vector's or the ROI statistics' (2 per image channel)."""
+    bad = {}
+    for site, content in replies.items():
+        m = metrics_of(content)
+        n = m.get("num-examples")
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            bad[site] = f"num-examples {n!r}"
+            continue
+        for key in ("sum", "sumsq", "roi-sum", "roi-sumsq"):
+            if key not in m:
+                continue
+            v = np.asarray(m[key], dtype=np.float64)
+            want = n_features if key in ("sum", "sumsq") else n_roi_stats
+            if v.ndim != 1 or v.size != want or not np.isfinite(v).all():
+                bad[site] = f"{key}: expected {want} finite values, found shape {v.shape}"
+                break
+    return bad
+
+
 def _unpack_swa(record: ArrayRecord | None) -> tuple[ArrayRecord | None, dict[str, np.ndarray]]:
     if record is None:
         return None, {}
@@ -458,6 +480,12 @@ class Study:
         self.roi_standardisation[fit.tag/fit.fold] for the model's initial weights (initial_state)."""
         replies = self.fed.ask(fit.train, "query.clinical_sums", self._base(fit), group=f"{fit.tag}/{fit.fold}/std")
         self._drop_refused(fit, replies, "training", "train")
+        from common.model import roi_channels
+
+        n_roi_stats = 2 * (self.n_channels - len(roi_channels(self.channels)))
+        for site, why in _malformed_sums(replies, self.n_features, n_roi_stats).items():  # left out like a site that is away
+            del replies[site]
+            replies.failed[site] = f"malformed query.clinical_sums reply: {why}"
         self._sites_away(fit, replies, "standardisation")
         if not replies:
             return None

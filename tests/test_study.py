@@ -340,3 +340,25 @@ def test_the_roi_standardisation_after_aggregation_is_the_coordinators_not_a_sit
         expected = net.state_dict()[k] if "roi_stats_" in k and "linear" not in k else tampered[k]
         torch.testing.assert_close(v, expected)
     assert list(out) == list(tampered)  # same keys, same order (the arrays Flower ships)
+
+
+def test_standardisation_sums_the_coordinator_cannot_pool_are_named_and_left_out():
+    """A site whose sums are not finite or of the wrong length (a bug, or an attempt to skew every
+    site's standardisation) is left out of the fit like an absent site, with the reason."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from server.protocol import Replies, _malformed_sums
+
+    def reply(**m):
+        return RecordDict({"metrics": MetricRecord(m)})
+
+    good = dict(sum=[0.0] * 7, sumsq=[1.0] * 7, **{"roi-sum": [0.5] * 6, "roi-sumsq": [0.3] * 6})
+    replies = Replies({"ok": reply(**{"num-examples": 30, **good}),
+                       "no-roi": reply(**{"num-examples": 30, "sum": [0.0] * 7, "sumsq": [1.0] * 7}),
+                       "nan": reply(**{"num-examples": 30, **good, "roi-sum": [float("nan")] + [0.5] * 5}),
+                       "short": reply(**{"num-examples": 30, **good, "roi-sumsq": [0.3] * 5}),
+                       "clinical": reply(**{"num-examples": 30, **good, "sum": [0.0] * 8}),
+                       "count": reply(**{"num-examples": 0, **good})})
+    bad = _malformed_sums(replies, n_features=7, n_roi_stats=6)
+    assert set(bad) == {"nan", "short", "clinical", "count"}
+    assert "roi-sum" in bad["nan"] and "roi-sumsq" in bad["short"] and "expected 7" in bad["clinical"]
