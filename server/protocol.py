@@ -555,8 +555,9 @@ class Study:
                        "round": rnd, "stored": store, **{k: m[k] for k in m}}
                 (self.state["history"] if rnd is not None else self.state["evaluations"]).append(rec)
 
-    def initial_state(self, model: str, fit_index: int, cf_beta=None, fit: Fit | None = None) -> ArrayRecord:
-        """Seeded initial weights; the Combined model starts from this fit's CF model when there is one."""
+    def initial_state(self, model: str, fit_index: int, fit: Fit, cf_beta=None) -> ArrayRecord:
+        """Seeded initial weights; the Combined model starts from this fit's CF model when there is one;
+        with roi-stats, the fit's pooled ROI standardisation (from `standardisation`) is set."""
         from common.model import build_model
 
         torch.manual_seed(int(np.random.SeedSequence([int(self.cfg["seed"]), fit_index, DL_MODELS.index(model)]).generate_state(1)[0] % 2**31))
@@ -564,11 +565,11 @@ class Study:
                           channels=self.channels)
         if model == "combined" and cf_beta is not None:
             net.start_from_logistic(cf_beta)
-        roi = self.roi_standardisation.get(f"{fit.tag}/{fit.fold}") if fit is not None else None
         if net.config["roi_stats"]:
+            roi = self.roi_standardisation.get(f"{fit.tag}/{fit.fold}")
             if roi is None:
-                raise RuntimeError(f"{fit.tag if fit else 'fit'} fold {fit.fold if fit else '?'}: roi-stats is on but "
-                                   "the training sites sent no ROI statistics (their caches have no mask channel?)")
+                raise StudyError(f"{fit.tag} fold {fit.fold}: the model has ROI statistics (roi-stats) but the "
+                                 "training sites sent no sums of them for its standardisation")
             net.set_roi_standardisation(*roi)
         return ArrayRecord(net.state_dict())
 
@@ -590,7 +591,7 @@ class Study:
         rounds = int(self.cfg["num-rounds"])
         cf = self.state["cf"].get(f"{fit.tag}/{fit.fold}")
         arrays, swa_sum = _unpack_swa(arrays)
-        arrays = arrays if arrays is not None else self.initial_state(model, fit_index, cf["beta"] if cf else None, fit)
+        arrays = arrays if arrays is not None else self.initial_state(model, fit_index, fit, cf["beta"] if cf else None)
         swa_from = rounds - int(self.cfg["swa-rounds"]) + 1  # rounds whose global weights are averaged
         train_cfg = {**self._base(fit), **self._model_keys(), "clinical-mean": mean, "clinical-std": std, "model": model,
                      "num-rounds": rounds, "dp-fits": self._dp_fits()}
