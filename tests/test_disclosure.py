@@ -237,7 +237,7 @@ def test_roi_statistics_sums_cannot_be_differenced_down_to_one_patient(tmp_path)
             else:
                 answered.append(metrics(reply))
     assert answered and refused, refused  # some partitions are fine, the small-fold ones are not
-    assert refused <= {"min-cell-size", "no-differencing", "max-studies", "query-budget"}, refused
+    assert refused <= {"min-cell-size", "no-differencing", "max-partitions", "max-studies", "query-budget"}, refused
     k = 10
     for m in answered:
         assert n - m["num-examples"] >= k, "a partition leaves out fewer than k patients"
