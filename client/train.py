@@ -175,17 +175,16 @@ def roi_statistics(data: SiteData, chunk: int = 64) -> np.ndarray | None:
     """Per patient (float64, N x 2C): the ROI mean and SD of each image channel, exactly as the model
     computes them (common.model.roi_input_stats), for the pooled standardisation of the model's
     roi-stats input; None when the cache's images carry no ROI mask channel."""
-    from common.model import roi_channels, roi_input_stats
+    from common.model import roi_channels, roi_input_stats, roi_mask
 
     rois = roi_channels(data.manifest.get("channels"))
     if not rois or len(data) == 0:
         return None
-    others = [c for c in range(data.images.shape[1]) if c not in rois]
     out = []
     with torch.no_grad():
         for i in range(0, len(data), chunk):
             x = torch.from_numpy(np.ascontiguousarray(data.images[i:i + chunk], dtype=np.float32))
-            out.append(roi_input_stats(x[:, others], x[:, rois].mean(dim=1, keepdim=True)).double().numpy())
+            out.append(roi_input_stats(x, rois, roi_mask(x, rois)).double().numpy())
     return np.concatenate(out)
 
 

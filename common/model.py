@@ -182,10 +182,9 @@ class FusionResNet(nn.Module):
         n_image = int(512 * widen_factor)  # basic blocks: last stage width = 512 * widen_factor
         if roi_channels:  # + the ROI means of the 2nd and 3rd stages (128 and 256 * widen_factor wide)
             n_image += int(128 * widen_factor) + int(256 * widen_factor)
-        self.image_channels = [c for c in range(n_channels) if c not in roi_channels]
         self.roi_stats_linear = None
         if roi_stats:  # + the standardised ROI mean and SD of each image channel, to the head and linearly
-            k = 2 * len(self.image_channels)
+            k = 2 * (n_channels - len(roi_channels))
             n_image += k
             self.register_buffer("roi_stats_mean", torch.zeros(k))
             self.register_buffer("roi_stats_std", torch.ones(k))
@@ -285,11 +284,11 @@ class FusionResNet(nn.Module):
                 f"image: instance norm needs more than one voxel in the last ResNet stage (total stride "
                 f"{self.total_stride}), found spatial shape {tuple(image.shape[2:])}; use larger crops or norm group/batch"
             )
-        features = self._roi_features(image) if self.roi_channels else self.backbone(image)
+        mask = roi_mask(image, self.roi_channels) if self.roi_channels else None
+        features = self._roi_features(image, mask) if self.roi_channels else self.backbone(image)
         wide = []  # linear terms added to the head's logit
         if self.roi_stats_linear is not None:
-            mask = image[:, list(self.roi_channels)].mean(dim=1, keepdim=True)
-            stats = (roi_input_stats(image[:, self.image_channels], mask) - self.roi_stats_mean) / self.roi_stats_std
+            stats = (roi_input_stats(image, self.roi_channels, mask) - self.roi_stats_mean) / self.roi_stats_std
             features = torch.cat([features, stats], dim=1)
             wide.append(self.roi_stats_linear(stats))
         if self.clinical_embed is not None:
@@ -302,14 +301,13 @@ class FusionResNet(nn.Module):
         return sum(wide, self.head(features)).squeeze(1)
 
 
-    def _roi_features(self, image: torch.Tensor) -> torch.Tensor:
+    def _roi_features(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """MONAI ResNet's forward, plus the mean of the layer2 and layer3 feature maps inside the ROI
         (the mask channels' mean, area-averaged onto each map's grid) beside the global average."""
         b = self.backbone
         x = b.act(b.bn1(b.conv1(image)))
         if not b.no_max_pool:
             x = b.maxpool(x)
-        mask = image[:, list(self.roi_channels)].mean(dim=1, keepdim=True)
         pool = F.adaptive_avg_pool3d if self.spatial_dims == 3 else F.adaptive_avg_pool2d
         dims = tuple(range(2, image.dim()))
         pooled = []
@@ -368,10 +366,16 @@ class EnsembleNet(nn.Module):
             m.start_from_parts(d, beta)
 
 
-def roi_input_stats(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """N x 2C: the mean, then the SD, of each of the C image channels inside the ROI (mask N x 1 x ...,
-    0/1 or fractional weights). The network's own features are instance-normalised per image, which
+def roi_mask(image: torch.Tensor, roi_channels: Sequence[int]) -> torch.Tensor:
+    """N x 1 x spatial: the mean of the input's ROI mask channels (the ROI the model pools inside)."""
+    return image[:, list(roi_channels)].mean(dim=1, keepdim=True)
+
+
+def roi_input_stats(image: torch.Tensor, roi_channels: Sequence[int], mask: torch.Tensor) -> torch.Tensor:
+    """N x 2C: the mean, then the SD, inside `mask` (roi_mask) of each of the C input channels that are
+    not ROI mask channels. The network's own features are instance-normalised per image, which
     removes the absolute intensity level; these keep it (ADC in physical units)."""
+    image = image[:, [c for c in range(image.shape[1]) if c not in roi_channels]]
     dims = tuple(range(2, image.dim()))
     n = mask.sum(dims) + ROI_POOL_EPS
     mean = (image * mask).sum(dims) / n

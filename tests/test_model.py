@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from common.config import load_config
-from common.model import EnsembleNet, FusionResNet, build_model, norm_spec, roi_input_stats
+from common.model import EnsembleNet, FusionResNet, build_model, norm_spec, roi_input_stats, roi_mask
 
 
 @pytest.fixture(autouse=True)
@@ -196,7 +196,7 @@ def _stage_maps(net, image):
     hooks = [getattr(net.backbone, n).register_forward_hook(lambda m, i, o, n=n: maps.__setitem__(n, o))
              for n in ("layer2", "layer3")]
     try:
-        pooled = net._roi_features(image)
+        pooled = net._roi_features(image, roi_mask(image, net.roi_channels))
     finally:
         for h in hooks:
             h.remove()
@@ -317,7 +317,8 @@ def test_roi_input_stats_are_each_channels_mean_and_sd_inside_the_mask():
     mask = np.zeros((2, 1, 12, 12), np.float32)
     mask[0, 0, 2:7, 3:9] = 1
     mask[1, 0, 5:11, 1:4] = 1
-    got = roi_input_stats(torch.from_numpy(image), torch.from_numpy(mask)).numpy()
+    x = torch.from_numpy(np.concatenate([image, mask], axis=1))  # the mask as the 4th channel, as prepared
+    got = roi_input_stats(x, (3,), roi_mask(x, (3,))).numpy()
     for n in range(2):
         inside = image[n][:, mask[n, 0] > 0]  # channels x ROI pixels
         np.testing.assert_allclose(got[n], np.concatenate([inside.mean(1), inside.std(1)]), rtol=1e-3, atol=1e-5)
