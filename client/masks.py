@@ -103,15 +103,22 @@ def _onto_t2(mask: sitk.Image, t2: sitk.Image, what: str, tol: float = 0.1) -> t
         if np.abs(idx - np.round(idx)).max() > tol:
             raise VolumeError(f"{what} is not on the T2 voxel grid (its voxel centres fall between the T2's)")
     n_in = int(sitk.GetArrayViewFromImage(mask).astype(bool).sum())
+    _check_not_empty(n_in, what)
+    out = resample_like(mask > 0, t2, nearest=True)
+    return out, _inside_notes(n_in, int(sitk.GetArrayViewFromImage(out).sum()), what)
+
+
+def _check_not_empty(n_in: int, what: str) -> None:
     if n_in == 0:
         raise VolumeError(f"{what} is empty (no voxel in the ROI)")
-    out = resample_like(mask > 0, t2, nearest=True)
-    n_out = int(sitk.GetArrayViewFromImage(out).sum())
-    if n_out == 0:
+
+
+def _inside_notes(n_in: int, n_inside: int, what: str) -> list[str]:
+    """A mask of n_in voxels, n_inside of them within the T2 volume: the note on the rest, or the error."""
+    if n_inside == 0:
         raise VolumeError(f"{what} lies entirely outside the T2 volume")
-    notes = [f"{what}: {100 * (1 - n_out / n_in):.0f} % of the ROI lies outside the T2 volume and was dropped"] \
-        if n_out < n_in else []
-    return out, notes
+    return [f"{what}: {100 * (1 - n_inside / n_in):.0f} % of the ROI lies outside the T2 volume and was dropped"] \
+        if n_inside < n_in else []
 
 
 logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines narrate every module copied
@@ -199,8 +206,9 @@ def _seg_frames(ds, number: int, what: str):
 def _frames_onto_t2(masks: np.ndarray, positions: np.ndarray, iop: np.ndarray, spacing: np.ndarray,
                     t2: sitk.Image, what: str, tol: float = 0.1) -> tuple[sitk.Image, list[str]]:
     """SEG frames placed exactly onto the T2 grid: a frame's pixel steps must be T2 voxel steps and its
-    first pixel a T2 voxel centre (within `tol` voxel), else the reason; the same checks, errors and
-    note as _onto_t2, without building the SEG's own volume first."""
+    first pixel a T2 voxel centre (within `tol` voxel), else the reason; the same checks and (through
+    _check_not_empty / _inside_notes) the same errors and note as _onto_t2, without building the SEG's
+    own volume first."""
     origin = np.array(t2.GetOrigin())
     t2_spacing = np.array(t2.GetSpacing())
     inv = np.linalg.inv(np.array(t2.GetDirection()).reshape(3, 3) * t2_spacing[None, :])
@@ -216,21 +224,17 @@ def _frames_onto_t2(masks: np.ndarray, positions: np.ndarray, iop: np.ndarray, s
     first = (inv @ (positions - origin).T).T  # continuous T2 index of each frame's first pixel
     if np.abs(steps - unit).max() * width > tol or (len(first) and np.abs(first - np.round(first)).max() > tol):
         raise VolumeError(f"{what} is not on the T2 voxel grid (its voxel centres fall between the T2's)")
-    if not masks.any():
-        raise VolumeError(f"{what} is empty (no voxel in the ROI)")
+    _check_not_empty(int(np.count_nonzero(masks)), what)
     k, r, c = np.nonzero(masks)
     idx = np.round(first[k] + r[:, None] * unit[0] + c[:, None] * unit[1]).astype(np.int64)  # (x, y, z) indices
     idx = np.unique(idx, axis=0)  # frames at one position: the union
     size = np.array(t2.GetSize())
     inside = idx[((idx >= 0) & (idx < size)).all(axis=1)]
-    if len(inside) == 0:
-        raise VolumeError(f"{what} lies entirely outside the T2 volume")
+    notes = _inside_notes(len(idx), len(inside), what)
     arr = np.zeros(tuple(size[::-1]), dtype=np.uint8)
     arr[inside[:, 2], inside[:, 1], inside[:, 0]] = 1
     out = sitk.GetImageFromArray(arr)
     out.CopyInformation(t2)
-    notes = [f"{what}: {100 * (1 - len(inside) / len(idx)):.0f} % of the ROI lies outside the T2 volume and was dropped"] \
-        if len(inside) < len(idx) else []
     return out, notes
 
 
