@@ -196,15 +196,20 @@ def test_fold_differencing_of_one_honest_run_yields_no_group_below_k(tmp_path):
 
 
 # ---- 3. differencing across runs -------------------------------------------------------------------
-def _enrol(cache_dir: Path, n_new: int, seed: int, label: int | None = None) -> None:
-    """Add patients to a prepared cache the way a re-run of prepare would (manifest written last)."""
+def _enrol(cache_dir: Path, n_new: int, seed: int, label: int | None = None, shape=SHAPE,
+           mask_channel: bool = False) -> None:
+    """Add patients to a prepared cache the way a re-run of prepare would (manifest written last);
+    mask_channel: the last of `shape`'s channels is an ROI mask (a square in the middle)."""
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     rng = np.random.default_rng(seed)
     for i in range(n_new):
         key = patient_key(f"new-{seed}-{i}", manifest["salt"])
         y = int(rng.random() < 0.5) if label is None else label
-        sha = write_patient(cache_dir, key, rng.normal(0.3, 0.05, SHAPE).astype(np.float32),
-                            encode_row("F", "mid", 3.0 + 30 * y, 20.0), y)
+        image = rng.normal(0.3, 0.05, shape).astype(np.float32)
+        if mask_channel:
+            image[-1] = 0.0
+            image[-1, shape[1] // 4:3 * shape[1] // 4, shape[2] // 4:3 * shape[2] // 4] = 1.0
+        sha = write_patient(cache_dir, key, image, encode_row("F", "mid", 3.0 + 30 * y, 20.0), y)
         manifest["patients"][key] = {"status": "included", "reason": "", "sha256": sha, "label": y}
     manifest["counts"]["included"] = len(manifest["patients"])
     atomic_write_json(cache_dir / "manifest.json", manifest)
@@ -215,7 +220,8 @@ def test_roi_statistics_sums_cannot_be_differenced_down_to_one_patient(tmp_path)
     model's roi-stats input). The attacker asks for the whole cohort, then for every training partition
     the request format allows (2..20 folds, every fold, two seeds), hoping that one differs from the
     whole by a single patient: whole - partition = that patient's ROI statistics. Every answered
-    partition must leave out at least k patients, so no difference is about fewer than k."""
+    partition must leave out at least k patients, so no difference is about fewer than k. Then two
+    runs: the same question before and after one patient enrols."""
     from client.train import roi_statistics
 
     n = 80
@@ -243,6 +249,13 @@ def test_roi_statistics_sums_cannot_be_differenced_down_to_one_patient(tmp_path)
         assert n - m["num-examples"] >= k, "a partition leaves out fewer than k patients"
         left_out = np.asarray(whole["roi-sum"]) - np.asarray(m["roi-sum"])
         assert left_out.shape == (6,) and np.all(left_out > 0)  # the partition's own sums, not the whole's
+    # two runs: one patient enrols, a new study asks for the whole cohort again; the difference of the
+    # two replies would be that patient's ROI statistics, so the second is refused
+    _enrol(tmp_path / "site", 1, seed=11, label=1, shape=(4, 16, 16), mask_channel=True)
+    assert roi_statistics(load_cache(tmp_path / "site")).shape == (n + 1, 6)  # the new patient has them too
+    again = ask_site(client_app, node, "query.clinical_sums",
+                     {"fold": -1, "folds": 5, "seed": 1, "study-id": "bbbbbbbbbbbb/final"})
+    assert rule_of(again) == "no-differencing"
 
 
 def test_two_studies_before_and_after_one_enrolment_cannot_be_differenced(tmp_path):
