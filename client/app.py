@@ -17,6 +17,7 @@ only train replies carry an ArrayRecord "arrays" (the model weights).
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
@@ -61,8 +62,14 @@ def _handle(msg: Message, context: Context, fn: Callable[[study.Site, Any, dict]
         return Message(error=Error(code=SITE_REFUSED, reason=str(exc)), reply_to=msg)
     except study.StudyError as exc:
         log.warning("site %s cannot answer %s: %s", name, mtype, exc)
-        return Message(error=Error(code=SITE_CANNOT, reason=str(exc)), reply_to=msg)
+        return Message(error=Error(code=SITE_CANNOT, reason=without_paths(str(exc))), reply_to=msg)
+    except (OSError, RuntimeError, ValueError) as exc:  # e.g. an unreadable cache or ledger: the details stay here
+        log.exception("site %s could not answer %s", name, mtype)
+        return Message(error=Error(code=SITE_CANNOT, reason=f"the site could not answer {mtype}: "
+                                                            f"{without_paths(str(exc))} (details in the site's log)"),
+                       reply_to=msg)
     metrics, notes, arrays, extra = answer
+    notes = {**notes, **gate.notes}
     content = RecordDict({"metrics": to_metric_record(metrics)})
     if notes:
         content["notes"] = ConfigRecord({k: str(v) for k, v in notes.items()})
@@ -71,6 +78,15 @@ def _handle(msg: Message, context: Context, fn: Callable[[study.Site, Any, dict]
     for record_name, record in extra.items():  # info: the site's name and its policy, read-only
         content[record_name] = record
     return Message(content=content, reply_to=msg)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/(?:[^\s'\"/]+/)*[^\s'\",;)]*")
+
+
+def without_paths(text: str) -> str:
+    """An error text as it may leave the site: every absolute path replaced (where the site keeps its
+    cache, study folder or ledger is the site's business; its own log has them)."""
+    return _ABSOLUTE_PATH.sub("<site path>", text)
 
 
 def _metrics_only(fn):

@@ -16,19 +16,23 @@ The rules (k = the site policy's min-cell-size):
                    score summaries are released as cells (merged histogram bins) each holding 0 or
                    >= k patients of each class; weighted sums (CF gradients / Hessians) must spread
                    their weight over an effective number (Kish) of >= k patients per class.
-  no-differencing  a patient group is answered only if, for each class, it equals an earlier
-                   released group or differs from every earlier one by >= k patients; the whole
-                   cohort (all included patients) is held to the same rule, so a cohort that grew by
-                   fewer than k patients since a released study answers nothing (any family of folds
-                   would sum back to it).
+  cohort-withheld  while the whole cohort cannot be released (a class under k, or an enrolment since a
+                   release too small to answer again) nothing about patients is answered, all with one
+                   text: whether and how a request is refused then depends on no withheld count.
+  no-differencing  the released-group audit over the whole span (client/span_audit.py): a new patient
+                   group is answered only if no linear combination of it and every group released
+                   before (across folds, fold seeds, studies and enrolments; the whole cohort counts as
+                   released whenever anything is) can concern 1..k-1 patients of a class.
   max-partitions / max-studies   lifetime caps on distinct groups and studies (bounds the number of
                    independent subset sums a coordinator can collect).
   query-budget     each (study, fit, model, partition, round) is evaluated / trained once; a repeat
                    with an identical request is answered (same answer, nothing new), a different
                    one refused; CF statistics at most LOGISTIC_QUERIES times per fit.
   dp-budget        with dp-epsilon > 0 in the policy, every DL / Combined training request is DP-SGD
-                   and is charged to the study's epsilon before it trains; one that would pass the
-                   budget is refused (client/dp.py: what the epsilon covers and what it does not).
+                   and is charged to the study's epsilon and to the site's lifetime epsilon (every
+                   study's added up, dp-lifetime-epsilon) before it trains; a study whose budget would
+                   pass the lifetime one, or a request past either, is refused (client/dp.py: what the
+                   epsilon covers and what it does not).
   logit-slope      CF coefficients are evaluated only while every slope, per SD of the site's own
                    feature, stays within max-logit-slope (no crafted near-step functions).
   request / message-type / study-id / model-weights   malformed or unplanned requests.
@@ -198,6 +202,24 @@ def _classes(keys: list[str], labels: np.ndarray) -> dict[str, set[str]]:
     return {"with SLM": {k for k, y in zip(keys, labels) if y == 1}, "without SLM": {k for k, y in zip(keys, labels) if y == 0}}
 
 
+def _stored(group: Mapping[str, set[str]]) -> dict[str, list[str]]:
+    return {c: sorted(m) for c, m in group.items()}
+
+
+def _known(group: Mapping[str, set[str]], released: list[dict]) -> bool:
+    """True when `group` equals a released group, class by class."""
+    return any(set(old) == set(group) and all(set(old[c]) == m for c, m in group.items()) for old in released)
+
+
+def _migrated(state: dict) -> list[dict]:
+    """The audited groups of a ledger written before the span audit: every group it released."""
+    out: list[dict] = []
+    for g in state.get("cohorts", []) + state.get("partitions", []):
+        if not _known({c: set(m) for c, m in g.items()}, out):
+            out.append(g)
+    return out
+
+
 def kish_ess(w: np.ndarray) -> float:
     """Effective number of patients behind a weighted sum: (sum w)^2 / sum w^2."""
     w = np.abs(np.asarray(w, dtype=np.float64))
@@ -216,6 +238,7 @@ class Gate:
 
     def __post_init__(self) -> None:
         self._state: dict | None = None
+        self.notes: dict[str, str] = {}  # what the reply says besides its metrics (span-audit = report)
 
     @property
     def k(self) -> int:
@@ -260,41 +283,62 @@ class Gate:
         used.append(request_digest)
 
     # -- patient groups --
+    def cohort(self) -> None:
+        """Refuse everything about patients while the whole cohort cannot be released.
+
+        One refusal text whatever the reason (a class under k, or an enrolment since a release too
+        small to answer again): which of the two, and for which request, would depend on counts the
+        site withholds. Once the cohort is released its counts are public (query.info), and later
+        refusals may depend on them."""
+        cohort = _classes(self.cohort_keys, self.cohort_labels)
+        small = [f"{len(m)} patient(s) {c}" for c, m in cohort.items() if len(m) < self.k]
+        why = ", ".join(small) or self._audit(cohort)
+        if why:
+            raise Refused("cohort-withheld", "this site's cohort is withheld under its policy (fewer than k "
+                                             "patients of a class, or an enrolment since an earlier release too "
+                                             "small to answer again); it releases no statistic until that changes",
+                          why)
+
     def release(self, keys: list[str], labels: np.ndarray, what: str) -> None:
-        """Allow statistics on this patient group, or refuse (min-cell-size, no-differencing, max-partitions)."""
+        """Allow statistics on this patient group, or refuse (cohort-withheld, min-cell-size,
+        no-differencing, max-partitions)."""
+        self.cohort()
         group = _classes(keys, labels)
         for cls, members in group.items():
             if len(members) < self.k:
                 raise Refused("min-cell-size", f"{what}: fewer than k = {self.k} patients of a class",
                               f"{len(members)} patient(s) {cls}")
-        self._differencing(_classes(self.cohort_keys, self.cohort_labels), self.state["cohorts"], "the site's cohort")
-        known = self._differencing(group, self.state["partitions"], what)
-        if not known:
+        why = self._audit(group)
+        if why:
+            raise Refused("no-differencing", f"{what}: with the patient groups this site released before, some "
+                                             "combination of statistics would concern fewer than k = "
+                                             f"{self.k} patients of a class (client/span_audit.py)", why)
+        if not _known(group, self.state["partitions"]):
             if len(self.state["partitions"]) >= self.policy.max_partitions:
                 raise Refused("max-partitions", f"{what}: this site has released statistics on "
                                                 f"{len(self.state['partitions'])} patient groups, its policy allows "
                                                 f"{self.policy.max_partitions}")
-            self.state["partitions"].append({c: sorted(m) for c, m in group.items()})
+            self.state["partitions"].append(_stored(group))
 
-    def _differencing(self, group: dict[str, set[str]], released: list[dict], what: str) -> bool:
-        """True when `group` equals a released group; Refused when it differs from one by 1..k-1 in a class.
+    def _audit(self, group: dict[str, set[str]]) -> str:
+        """The span audit (client/span_audit.py) of one more group; records it when it passes.
+        Returns the site-only reason to refuse, or "" to answer. Under `span-audit = report` (the
+        simulation's own virtual sites) a failing group is answered, with a note saying a real site
+        would refuse it, and is kept out of the audited groups, so later notes are what a real site
+        (that refused it) would do."""
+        from client import span_audit
 
-        Stopping at the first equal group is enough: every pair in the ledger passed this check when
-        the later one was added, so a group equal to one of them differs from the others by 0 or >= k."""
-        for old in released:
-            same = True
-            for cls, members in group.items():
-                diff = len(members.symmetric_difference(old.get(cls, [])))
-                if 0 < diff < self.k:
-                    raise Refused("no-differencing", f"{what} differs from a patient group released earlier by "
-                                                     f"fewer than k = {self.k} patients of a class (and not 0)",
-                                  f"by {diff} patient(s) {cls}")
-                same = same and diff == 0
-            if same and set(old) == set(group):
-                return True
-        if released is self.state["cohorts"]:
-            released.append({c: sorted(m) for c, m in group.items()})
-        return False
+        groups = self.state.setdefault("groups", _migrated(self.state))
+        if _known(group, groups):
+            return ""
+        why = span_audit.violation(groups, group, self.k)
+        if why and self.policy.span_audit == "report":
+            self.notes["span-audit"] = ("a site enforcing the released-group audit would refuse this request "
+                                        "(rule 'no-differencing')")
+            return ""
+        if not why:
+            groups.append(_stored(group))
+        return why or ""
 
     # -- differential privacy --
     def dp_training(self, study_id: str, model: str, request_digest: str, *, n_train: int,
@@ -322,6 +366,11 @@ class Gate:
             except ValueError as exc:  # Opacus: no noise multiplier reaches the target
                 raise Refused("dp-budget", f"no noise level keeps {dp_fits} trainings x {rounds} rounds x {epochs} "
                                            f"epochs within epsilon {pol.dp_epsilon:g} ({exc})") from None
+            others = self._lifetime_spent(exclude=study_id)
+            if others + pol.dp_epsilon > pol.dp_lifetime_epsilon * (1 + 1e-9):
+                raise Refused("dp-budget", f"a new study's DP budget of epsilon {pol.dp_epsilon:g} would bring this "
+                                           f"site's lifetime epsilon to {others + pol.dp_epsilon:.3f}, over its lifetime "
+                                           f"budget {pol.dp_lifetime_epsilon:g}; nothing was trained")
             book = {"noise-multiplier": sigma, "epsilon": pol.dp_epsilon, "delta": pol.dp_delta,
                     "clip-norm": pol.dp_clip_norm, "accountant": D.ACCOUNTANT,
                     "planned": {"dp-fits": dp_fits, "rounds": rounds, "epochs": epochs, "batch-size": batch,
@@ -340,10 +389,34 @@ class Gate:
             if after > limit * (1 + 1e-9):
                 raise Refused("dp-budget", f"this training request would bring the study's epsilon at this site to "
                                            f"{after:.3f}, over its budget {limit:g}; nothing was trained")
+            lifetime = self._lifetime_spent(exclude=study_id) + after
+            if lifetime > pol.dp_lifetime_epsilon * (1 + 1e-9):
+                raise Refused("dp-budget", f"this training request would bring this site's lifetime epsilon to "
+                                           f"{lifetime:.3f}, over its lifetime budget {pol.dp_lifetime_epsilon:g}; "
+                                           "nothing was trained")
             history.append(entry)
+            book["spent"] = after
         spent = D.epsilon([_dp_step(h) for h in history], book["delta"])
         spent_model = D.epsilon([_dp_step(h) for h in history if h["model"] == model], book["delta"])
-        return plan, D.report(plan, spent, spent_model, book["delta"])
+        figures = D.report(plan, spent, spent_model, book["delta"])
+        figures.update({"dp-lifetime-epsilon": self._lifetime_spent(exclude=study_id) + spent,
+                        "dp-lifetime-budget": float(pol.dp_lifetime_epsilon)})
+        return plan, figures
+
+    def _lifetime_spent(self, exclude: str = "") -> float:
+        """Epsilon this site has spent over all its studies but `exclude`, added up (basic composition:
+        the studies' (epsilon, delta) add; an RDP composition across studies would be lower, so the sum
+        is the conservative figure a privacy officer signs)."""
+        from client import dp as D
+
+        total = 0.0
+        for study, book in self.state.get("dp", {}).items():
+            if study == exclude.split("/")[0]:
+                continue
+            if "spent" not in book:  # a ledger from before the lifetime budget
+                book["spent"] = D.epsilon([_dp_step(h) for h in book["history"]], book["delta"])
+            total += float(book["spent"])
+        return total
 
     def weighted(self, weights: np.ndarray, what: str) -> None:
         """Refuse a weighted sum whose weight sits on fewer than k patients (Kish's effective number).
@@ -384,7 +457,8 @@ _REPLY_KEYS = {
     "query.clinical_sums": {"num-examples", "sum", "sumsq", "roi-sum", "roi-sumsq"},
     "query.logistic_stats": {"num-examples", "grad", "hess", "loglik"},
     "train": {"num-examples", "train-loss", "train-seconds", "dp-epsilon", "dp-epsilon-model", "dp-delta",
-              "dp-noise-multiplier", "dp-clip-norm", "dp-sample-rate", "dp-steps"},
+              "dp-noise-multiplier", "dp-clip-norm", "dp-sample-rate", "dp-steps", "dp-lifetime-epsilon",
+              "dp-lifetime-budget"},
     "evaluate": {"num-examples", "loss", "auc"},
     "query.summary": {"num-examples", "num-positive", "n", "n_pos", "auc", "auc_ci_low", "auc_ci_high", "brier",
                       "calib_intercept", "calib_slope", "hl_stat", "hl_p", "cell-edges", "cell-neg", "cell-pos",

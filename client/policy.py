@@ -6,9 +6,10 @@ passed to `flower-supernode --node-config`); `common.config.load_config` refuses
 coordinator's run config, and no message can change them. The coordinator sees the policy (the
 `query.info` reply reports it) but cannot set it.
 
-The ledger remembers, across studies, every patient group the site has released statistics about,
-the studies it answered and the queries it spent, so that a later request cannot be differenced
-against an earlier one. It lives at the site (default STUDY_DIR/disclosure-ledger.json), is
+The ledger remembers, across studies and enrolments, every patient group the site has released
+statistics about (`groups`: what the span audit of client/span_audit.py works on; `partitions`: what
+max-partitions counts), the studies it answered, the queries it spent and the DP budget each study
+used, so that no later request can be combined with earlier ones down to fewer than k patients. It lives at the site (default STUDY_DIR/disclosure-ledger.json), is
 written atomically under a file lock, and holds salted patient keys only.
 """
 from __future__ import annotations
@@ -39,6 +40,8 @@ class SitePolicy:
     dp_epsilon: float = SCHEMA["dp-epsilon"].default     # 0: no DP (client/dp.py)
     dp_delta: float = SCHEMA["dp-delta"].default
     dp_clip_norm: float = SCHEMA["dp-clip-norm"].default
+    dp_lifetime_epsilon: float = SCHEMA["dp-lifetime-epsilon"].default
+    span_audit: str = SCHEMA["span-audit"].default
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "SitePolicy":
@@ -64,7 +67,7 @@ class Ledger:
 
     def _read(self) -> dict[str, Any]:
         if not self.path.is_file():
-            return {"version": LEDGER_VERSION, "cohorts": [], "partitions": [], "studies": [], "budget": {}}
+            return {"version": LEDGER_VERSION, "groups": [], "partitions": [], "studies": [], "budget": {}}
         try:
             data = json.loads(self.path.read_text("utf-8"))
         except (OSError, json.JSONDecodeError) as exc:

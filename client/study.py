@@ -100,7 +100,7 @@ class Site:
         # resolved path is checked to stay inside the study folder all the same
         path = (self.study_dir / study_id / model / f"fold{int(fold)}-{part}.npz").resolve()
         if model not in MODELS or part not in ("train", "val", "all") or not path.is_relative_to(self.study_dir.resolve()):
-            raise StudyError(f"site {self.name}: refusing a prediction path outside {self.study_dir}")
+            raise StudyError(f"site {self.name}: refusing a prediction path outside its study folder")
         return path
 
     def store_predictions(self, study_id: str, model: str, fold: int, part: str, keys, labels, probs) -> None:
@@ -111,7 +111,8 @@ class Site:
     def load_predictions(self, study_id: str, model: str, fold: int, part: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         path = self._pred_path(study_id, model, fold, part)
         if not path.is_file():
-            raise StudyError(f"site {self.name}: no stored predictions for {model} fold {fold} ({part}) at {path}")
+            # the path stays at the site: a reply never carries where the site keeps its files
+            raise StudyError(f"site {self.name}: no stored predictions for {model} fold {fold} ({part}) in this study")
         with np.load(path, allow_pickle=False) as z:
             return z["keys"], z["labels"], z["probs"]
 
@@ -148,12 +149,16 @@ def cv_partitions(folds: int, repeats: int) -> int:
 
 
 def sized_for_repeats(site: dict, folds: int, repeats: int) -> dict:
-    """A virtual site's node config whose max-partitions fits one study of `repeats` CV repeats
-    (cv_partitions), raised only where it falls short and only for repeats > 1; a copy either way.
-    For the simulation's own sites only: a real site's policy is its own node config."""
+    """A virtual site's node config for one study of `repeats` CV repeats: its max-partitions raised to
+    fit (cv_partitions) only where it falls short, and the released-group audit reporting instead of
+    refusing (a second fold assignment is what a real site refuses; the researcher owns every virtual
+    site, and the report lists what a real one would have refused). Only for repeats > 1; a copy
+    either way. For the simulation's own sites only: a real site's policy is its own node config."""
+    if repeats <= 1:
+        return dict(site)
     need = cv_partitions(folds, repeats)
     have = int(site.get("max-partitions", SCHEMA["max-partitions"].default))
-    return {**site, "max-partitions": need} if repeats > 1 and have < need else dict(site)
+    return {**site, "span-audit": "report", **({"max-partitions": need} if have < need else {})}
 
 
 _LOADED: dict[str, tuple[tuple, SiteData]] = {}
@@ -208,6 +213,7 @@ def site_info(site: Site, gate: Gate) -> tuple[dict[str, Any], dict[str, str]]:
 def _partition(site: Site, gate: Gate, req: Mapping[str, Any], part: str) -> SiteData:
     """The requested patient group, released by the gate (or Refused)."""
     gate.study(req["study-id"])
+    gate.cohort()  # before the folds are made: whether they can be made depends on withheld counts
     fold = req["fold"]
     d = site.partition(fold, part, req["folds"], req["seed"])
     what = {"all": "all patients", "train": f"training patients of fold {fold}" if fold >= 0 else "all patients",

@@ -118,6 +118,12 @@ SCHEMA: dict[str, Key] = {
     "dp-delta": Key(float, 1e-5, "DP delta per study; must stay below 1 / (10 x the site's patients)",
                     bounds=(1e-12, 1e-3)),
     "dp-clip-norm": Key(float, 1.0, "DP-SGD per-patient gradient L2 bound", bounds=(1e-3, 100.0)),
+    "dp-lifetime-epsilon": Key(float, 10.0, "DP budget over the site's whole lifetime (every study's epsilon added up; "
+                                            "applies whenever dp-epsilon > 0)", bounds=(0.01, 1000.0)),
+    "span-audit": Key(str, "enforce", "the released-group audit (client/span_audit.py): enforce = refuse a group that "
+                                      "would let a combination of releases concern fewer than k patients; report = "
+                                      "answer and say so (the simulation's own virtual sites only)",
+                      ("enforce", "report")),
     # --- site preprocessing (`slmfed prepare`, site.toml) ---
     "input-mode": Key(str, "2d", "model input built from the volumes", ("2d", "2.5d", "3d")),
     "fov-mm": Key(float, 48.0, "physical in-plane field of view of the ROI crop (mm)"),
@@ -137,7 +143,8 @@ SCHEMA: dict[str, Key] = {
 
 # The site's privacy policy: read from the site's node config only (see client/policy.py).
 SITE_POLICY_KEYS = ("min-cell-size", "histogram-bins", "share-histograms", "max-logit-slope", "max-partitions",
-                    "max-studies", "dp-epsilon", "dp-delta", "dp-clip-norm", "privacy-ledger")
+                    "max-studies", "dp-epsilon", "dp-delta", "dp-clip-norm", "dp-lifetime-epsilon", "span-audit",
+                    "privacy-ledger")
 # Keys that describe the site itself: a run config (the coordinator's) may never set them.
 SITE_ONLY_KEYS = ("cache-dir", "site-name", "study-dir") + SITE_POLICY_KEYS
 

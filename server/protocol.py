@@ -113,6 +113,7 @@ class Federation:
         self.site_of: dict[int, str] = {}
         self.node_of: dict[str, int] = {}
         self.released: dict[str, dict[str, int]] = {}  # site -> message type -> replies received
+        self.would_refuse: list[dict] = []  # what virtual sites under span-audit = report answered (_would_refuse)
 
     def ask(self, sites: list[str] | list[int], message_type: str, config: dict, arrays: ArrayRecord | None = None,
             group: str = "") -> Replies:
@@ -156,6 +157,8 @@ class Federation:
                     continue
                 answered.add(node)
                 out[key] = rep.content
+                if "notes" in rep.content and "span-audit" in rep.content["notes"]:
+                    self._would_refuse(str(key), message_type, config)
                 counts = self.released.setdefault(str(key), {})
                 counts[message_type] = counts.get(message_type, 0) + 1
             for node in pending:
@@ -169,6 +172,16 @@ class Federation:
             out.failed[key] = f"{why[node]} (asked {self.retries + 1} time(s))"
             log.error("site %s is away for %s: %s", key, message_type, out.failed[key])
         return out
+
+
+    def _would_refuse(self, site: str, message_type: str, config: dict) -> None:
+        """A virtual site under span-audit = report answered what a real site would refuse: kept for
+        the report (which fits a real site would sit out)."""
+        sid = str(config.get("study-id", ""))
+        entry = {"site": site, "fit": sid.split("/", 1)[1] if "/" in sid else "", "fold": int(config.get("fold", -1)),
+                 "step": message_type}
+        if entry not in self.would_refuse:
+            self.would_refuse.append(entry)
 
 
 def metrics_of(content: RecordDict) -> dict[str, Any]:
@@ -325,9 +338,10 @@ class Study:
             self.state = {"study_id": uuid.uuid4().hex[:12], "position": {"fit": 0, "model": 0, "round": 0},
                           "evaluations": [], "cf": {}, "history": [], "bytes": {}, "sat_out": [], "fits": {}}
         for key, empty in (("sat_out", []), ("fits", {}), ("released", {}), ("incomplete", []), ("not_computed", []),
-                           ("faults", []), ("train_counts", {})):
+                           ("faults", []), ("train_counts", {}), ("would_refuse", [])):
             self.state.setdefault(key, empty)
         self.fed.released = self.state["released"]  # what left each site, kept across resumes
+        self.fed.would_refuse = self.state["would_refuse"]
         info = self.fed.ask(self.fed.node_ids, "query.info", {})
         if info.refused:
             raise StudyError(f"sites refused to describe themselves: {info.refused}")
@@ -467,7 +481,8 @@ class Study:
                 continue
             rec = self.state.setdefault("dp", {}).setdefault(site, {"epsilon-per-model": {}})
             rec.update({k[3:]: float(m[k]) for k in ("dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-clip-norm",
-                                                     "dp-sample-rate") if k in m})
+                                                     "dp-sample-rate", "dp-lifetime-epsilon", "dp-lifetime-budget")
+                        if k in m})
             rec["epsilon-per-model"][model] = float(m["dp-epsilon-model"])
             rec["steps"] = rec.get("steps", 0) + int(m["dp-steps"])
 

@@ -139,6 +139,7 @@ def build_results(state: dict, cfg: dict, truth: dict | None = None) -> dict:
         "sat_out": state.get("sat_out", []),
         "faults": state.get("faults", []),
         "released": state.get("released", {}),
+        "would_refuse": state.get("would_refuse", []),
         "dp": dp_spent(state),
     }
 
@@ -227,7 +228,9 @@ def dp_spent(state: dict) -> dict:
     reported it) with the accountant and the mechanism's parameters; empty without DP."""
     return {site: {"accountant": "Opacus RDP", "epsilon": d["epsilon"], "delta": d["delta"],
                    "epsilon_per_model": d["epsilon-per-model"], "noise_multiplier": d["noise-multiplier"],
-                   "clip_norm": d["clip-norm"], "sample_rate_last": d["sample-rate"], "steps": d["steps"]}
+                   "clip_norm": d["clip-norm"], "sample_rate_last": d["sample-rate"], "steps": d["steps"],
+                   # over every study the site answered (None: a site that does not report it)
+                   "lifetime_epsilon": d.get("lifetime-epsilon"), "lifetime_budget": d.get("lifetime-budget")}
             for site, d in sorted(state.get("dp", {}).items())}
 
 
@@ -383,8 +386,10 @@ def privacy_section(res: dict) -> list[str]:
     lines = ["", "## What left each site, and under which rule", "",
              "Each site answered under its own privacy policy (its node config; the coordinator can read it, never "
              "set it). Every statistic covers at least k patients of each class; a patient group is answered only "
-             "if it equals, or differs by at least k patients of each class from, every group the site released "
-             "before (in any study); score summaries are cells of a grid of at most `histogram-bins` bins, merged "
+             "if no linear combination of it and every group the site released before (in any study, before or "
+             "after an enrolment) can concern 1 to k-1 patients of a class (the released-group audit: every "
+             "'atom' of patients that are in exactly the same released groups holds at least k patients of each "
+             "class; so a second fold assignment, such as a repeat of repeated CV, is refused); score summaries are cells of a grid of at most `histogram-bins` bins, merged "
              "until every non-empty cell holds at least k patients of each class. Nothing per patient left a site: "
              "no image, identifier, clinical row or score.", "",
              "| site | k (min-cell-size) | grid | score cells shared | replies (message type x count) |",
@@ -412,6 +417,7 @@ def privacy_section(res: dict) -> list[str]:
                   f"{worst['binned_auc_error_bound']:.3f} ({MODEL_LABEL[worst['model']]}, {worst['cohort']}). The AUCs "
                   "in the tables are exact."]
     lines += dp_section(res)
+    lines += would_refuse_section(res)
     if res.get("sat_out"):
         lines += ["", "## Sat out (refused by a site's policy, or not possible at that site)", "",
                   "| fit | fold | site | step | reason |", "|---|---|---|---|---|"]
@@ -430,24 +436,46 @@ def dp_section(res: dict) -> list[str]:
         return lines + ["No site trained under DP (`dp-epsilon` = 0 in every training site's policy): the weights "
                         "a site sent are exact functions of its patients; their protection is the k-patient group "
                         "rules above, not a formal privacy guarantee."]
-    lines += ["| site | epsilon spent (study) | per model | delta | noise multiplier | clip norm | sampling rate | steps |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| site | epsilon spent (study) | per model | lifetime spent / budget (left) | delta | noise multiplier "
+              "| clip norm | sampling rate | steps |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for site in trains:
         d = dp.get(site)
         if d is None:
-            lines.append(f"| {site} | no DP (infinite) | - | - | - | - | - | - |")
+            lines.append(f"| {site} | no DP (infinite) | - | - | - | - | - | - | - |")
             continue
         per = ", ".join(f"{MODEL_LABEL.get(m, m)} {e:.2f}" for m, e in d["epsilon_per_model"].items())
-        lines.append(f"| {site} | {d['epsilon']:.2f} | {per} | {d['delta']:.0e} | {d['noise_multiplier']:.3f} | "
-                     f"{d['clip_norm']:g} | {d['sample_rate_last']:.3f} | {d['steps']} |")
+        life, budget = d.get("lifetime_epsilon"), d.get("lifetime_budget")
+        lifetime = (f"{life:.2f} / {budget:g} ({max(budget - life, 0.0):.2f} left)" if life is not None and budget
+                    else "not reported")
+        lines.append(f"| {site} | {d['epsilon']:.2f} | {per} | {lifetime} | {d['delta']:.0e} | "
+                     f"{d['noise_multiplier']:.3f} | {d['clip_norm']:g} | {d['sample_rate_last']:.3f} | {d['steps']} |")
     lines += ["", "Accountant: Opacus RDP, composed over every DP-SGD step of the study at that site (all fits, folds, "
               "models and rounds; each training patient counted in every step's sampling). The epsilon covers the DL "
               "and Combined weights the site sent (and anything computed from them; a Combined model made of the DL "
               "model and the CF coefficients (combined-from dl+cf) is covered only in its DL part). It does NOT cover the CF "
               "model (exact sufficient statistics and coefficients: epsilon infinite), the evaluation replies "
-              "(AUC, loss, score cells, calibration: exact, k-safe only) or the enrolment counts; and it is per "
-              "study (a site's lifetime total is at most max-studies x its dp-epsilon)."]
+              "(AUC, loss, score cells, calibration: exact, k-safe only) or the enrolment counts. The lifetime "
+              "figure adds up every study's epsilon at that site (basic composition, a conservative bound); a site "
+              "refuses a study whose budget would take it past its `dp-lifetime-epsilon`, and any request past "
+              "either budget."]
     return lines
+
+
+def would_refuse_section(res: dict) -> list[str]:
+    """Requests a simulation's virtual site answered although a real site would refuse them (span-audit
+    = report: the researcher owns those sites, e.g. for repeated CV)."""
+    entries = res.get("would_refuse", [])
+    if not entries:
+        return []
+    fits: dict[str, set[str]] = {}
+    for e in entries:
+        fits.setdefault(e["site"], set()).add(e["fit"] + (f" fold {e['fold']}" if e["fold"] >= 0 else ""))
+    lines = ["", "### What a real site would have refused", "",
+             "These virtual sites ran with `span-audit = report` (a simulation's own sites): they answered requests "
+             "that a site enforcing the released-group audit refuses, because together with what it released before "
+             "some combination would concern fewer than k patients of a class. A real site would sit these out:", ""]
+    return lines + [f"- {site}: {', '.join(sorted(f))}" for site, f in sorted(fits.items())]
 
 
 FAULT_KIND = {"away": "left out of this round", "left": "left this fit's training", "rejected": "update rejected",

@@ -45,7 +45,8 @@ def backend_config(ray_address: str | None = None, client_cpus: float | None = N
 
 def size_for_repeats(sites: list[dict[str, Any]], study_config: dict[str, Any]) -> list[dict[str, Any]]:
     """The virtual sites, each with a max-partitions that fits one study of `study_config`'s repeated
-    cross-validation (client/study.py cv_partitions); unchanged with cv-repeats 1.
+    cross-validation (client/study.py cv_partitions) and the released-group audit reporting instead
+    of refusing (client/study.py sized_for_repeats); unchanged with cv-repeats 1.
 
     Why: the default policy (24 partitions) holds about two repeats of 5-fold CV. These virtual sites
     are the simulation's own, so it may size their policy; a real site's policy stays its own node
@@ -57,11 +58,16 @@ def size_for_repeats(sites: list[dict[str, Any]], study_config: dict[str, Any]) 
     out = []
     for site in sites:
         sized = sized_for_repeats(site, folds, repeats)
-        if sized != site:
+        name = site.get("site-name") or site.get("cache-dir")
+        if sized.get("max-partitions") != site.get("max-partitions"):
             log.warning("virtual site %s: max-partitions raised from %d to %d for %d repeats of %d-fold CV "
-                        "(a simulation's own site; a real site's policy is its own)", site.get("site-name") or
-                        site.get("cache-dir"), int(site.get("max-partitions", SCHEMA["max-partitions"].default)),
-                        sized["max-partitions"], repeats, folds)
+                        "(a simulation's own site; a real site's policy is its own)", name,
+                        int(site.get("max-partitions", SCHEMA["max-partitions"].default)), sized["max-partitions"],
+                        repeats, folds)
+        if sized.get("span-audit") != site.get("span-audit"):
+            log.warning("virtual site %s: the released-group audit reports instead of refusing for %d repeats of "
+                        "%d-fold CV (a real site refuses a second fold assignment; the report lists what it would "
+                        "have refused)", name, repeats, folds)
         out.append(sized)
     return out
 

@@ -35,9 +35,12 @@ def nodes(tmp_path_factory):
     root = tmp_path_factory.mktemp("cvrep")
     make_cache(root / "primary", 36, seed=1, site_name=PRIMARY)
     make_cache(root / "external", 14, seed=2, site_name="center-external")
-    # tiny cohorts: the sites' own policy lowers k to its floor
-    return [{"cache-dir": str(root / "primary"), "site-name": PRIMARY, "min-cell-size": 3},
-            {"cache-dir": str(root / "external"), "site-name": "center-external", "min-cell-size": 3}]
+    # tiny cohorts: the sites' own policy lowers k to its floor; these play a simulation's virtual sites, whose
+    # released-group audit reports instead of refusing a second fold assignment (a real site refuses it:
+    # test_a_site_enforcing_the_released_group_audit_refuses_the_repeat_and_the_study_finishes)
+    return [{"cache-dir": str(root / "primary"), "site-name": PRIMARY, "min-cell-size": 3, "span-audit": "report"},
+            {"cache-dir": str(root / "external"), "site-name": "center-external", "min-cell-size": 3,
+             "span-audit": "report"}]
 
 
 def run(nodes, run_dir, **overrides):
@@ -150,6 +153,9 @@ def test_two_repeats_use_two_fold_assignments_and_report_both_aucs(nodes, two):
             f"{e['sd']:.3f} | 2 of 2 |")
     assert "## Repeated cross-validation" in report and line in report
     assert "Repeated cross-validation</h2>" in (run_dir / "report.html").read_text()
+    # the virtual sites answered repeat 1; the report says that a real site would have refused it
+    assert {(w["site"], w["fit"]) for w in state["would_refuse"]} == {(PRIMARY, "cv-r1")}
+    assert f"- {PRIMARY}: cv-r1 fold 0" in report.split("### What a real site would have refused")[1]
     assert len(list(run_dir.glob("roc-*.png"))) == 2  # figures: repeat 0's cohorts only
     from simulation.cli import format_table  # what `slmfed simulate` prints
 
@@ -174,8 +180,8 @@ def test_multisite_repeats_every_cv_family_and_pools_each_repeat(tmp_path):
     hosp = []
     for name, n, seed, prev in (("hospital-a", 30, 11, 0.5), ("hospital-b", 20, 12, 0.4), ("hospital-c", 24, 13, 0.4)):
         make_cache(tmp_path / name, n, seed=seed, site_name=name, prevalence=prev)
-        hosp.append({"cache-dir": str(tmp_path / name), "site-name": name, "min-cell-size": 3})
-    sites = hosp + [{**pooled_cache(hosp, tmp_path / "pooled", CENTRAL_SITE), "min-cell-size": 3}]
+        hosp.append({"cache-dir": str(tmp_path / name), "site-name": name, "min-cell-size": 3, "span-audit": "report"})
+    sites = hosp + [{**pooled_cache(hosp, tmp_path / "pooled", CENTRAL_SITE), "min-cell-size": 3, "span-audit": "report"}]
     _, state, res = run(sites, tmp_path / "run", scenario="multisite", models="cf", **{"cv-repeats": 2})
     assert not state["sat_out"]
     names = [h["site-name"] for h in hosp]
@@ -249,6 +255,25 @@ def test_a_site_whose_policy_allows_no_second_repeat_refuses_it_and_the_study_fi
     assert len(ledger["partitions"]) == 3  # nothing beyond its policy was released
 
 
+def test_a_site_enforcing_the_released_group_audit_refuses_the_repeat_and_the_study_finishes(nodes, tmp_path):
+    """A real site's default: a second fold assignment cuts its folds into atoms of a few patients (any of
+    which a combination of the two repeats' replies could isolate), so repeat 1 is refused at its first
+    group, the study goes on, and the report says why."""
+    real = [{k: v for k, v in n.items() if k != "span-audit"} | {"study-dir": str(tmp_path / f"study{i}")}
+            for i, n in enumerate(nodes)]
+    grid, state, res = run(real, tmp_path / "run", models="cf", **{"cv-repeats": 2})
+    e = res["cv_repeats"]["cv"]["cf"][PRIMARY]
+    assert e["aucs"][0] is not None and e["aucs"][1] is None and "rule 'no-differencing'" in e["not_computed"]["1"]
+    asked = [c["fold"] for c in _sent(grid, "query.clinical_sums") if c["study-id"].endswith("/cv-r1")]
+    assert asked == [0]  # nothing more of the repeat was asked
+    assert not state["would_refuse"]
+    ledger = json.loads((tmp_path / "study0" / "disclosure-ledger.json").read_text())
+    from client.span_audit import atom_sizes
+
+    for cls in ("with SLM", "without SLM"):  # what the site released: atoms of >= k patients only
+        assert min(atom_sizes([set(g[cls]) for g in ledger["groups"]]).values()) >= 3
+
+
 def test_resume_in_the_middle_of_repeat_2_gives_the_uninterrupted_results(nodes, two, tmp_path):
     _, _, full = two
     run_dir = tmp_path / "interrupted"
@@ -290,6 +315,8 @@ def test_a_flwr_run_virtual_site_fits_the_runs_repeats(nodes, monkeypatch):
     node = {"partition-id": 0, "num-partitions": 2}
     plain = simulated.node_layer({"sim-data": "/data", "cv-repeats": 2}, node)
     assert "max-partitions" not in plain  # 2 repeats of 5 folds fit the default policy
+    assert plain["span-audit"] == "report"  # a second fold assignment: reported, not refused, at a virtual site
+    assert "span-audit" not in simulated.node_layer({"sim-data": "/data", "cv-repeats": 1}, node)
     three = simulated.node_layer({"sim-data": "/data", "cv-repeats": 3}, node)
     assert three["max-partitions"] == 31
 

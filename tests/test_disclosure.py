@@ -255,7 +255,7 @@ def test_roi_statistics_sums_cannot_be_differenced_down_to_one_patient(tmp_path)
     assert roi_statistics(load_cache(tmp_path / "site")).shape == (n + 1, 6)  # the new patient has them too
     again = ask_site(client_app, node, "query.clinical_sums",
                      {"fold": -1, "folds": 5, "seed": 1, "study-id": "bbbbbbbbbbbb/final"})
-    assert rule_of(again) == "no-differencing"
+    assert rule_of(again) == "cohort-withheld"
 
 
 def test_two_studies_before_and_after_one_enrolment_cannot_be_differenced(tmp_path):
@@ -268,10 +268,10 @@ def test_two_studies_before_and_after_one_enrolment_cannot_be_differenced(tmp_pa
     assert len(load_cache(tmp_path / "site")) == 41
     # the same honest queries in a new study: everything about the grown cohort is refused ...
     after = ask_site(client_app, node, "query.clinical_sums", {**sums, "study-id": "bbbbbbbbbbbb/final"})
-    assert rule_of(after) == "no-differencing"
+    assert rule_of(after) == "cohort-withheld"
     # ... fold partitions too (folds of the new cohort would sum back to it) ...
     fold = ask_site(client_app, node, "query.clinical_sums", {**sums, "fold": 0, "study-id": "bbbbbbbbbbbb/cv"})
-    assert rule_of(fold) == "no-differencing"
+    assert rule_of(fold) == "cohort-withheld"
     # ... and even the counts: the info reply withholds them instead of giving the new label away
     info_after = metrics(ask_site(client_app, node, "query.info", {}))
     assert info_before["num-positive"] >= 10 and info_after["num-positive"] == -1 and info_after["cohort-released"] == 0
