@@ -24,15 +24,19 @@ class LocalGrid(InProcessGrid):
 
 
 def make_cache(cache_dir: Path, n: int, seed: int, site_name: str, prevalence: float = 0.4,
-               shape=(3, 40, 40), labelled: bool = True, salt: str | None = None, mask_channel: bool = False) -> list[str]:
+               shape=(3, 40, 40), labelled: bool = True, salt: str | None = None, mask_channel: bool = False,
+               labels: list[int] | None = None) -> list[str]:
     """A prepared cache with a learnable signal: SLM patients have a bigger, darker-ADC blob and
     higher tumour markers (with mask_channel, the blob's mask as a 4th channel, as `slmfed prepare`
-    writes by default). Returns the raw patient_ids (for leak checks)."""
+    writes by default); `labels`: each patient's outcome instead of random ones (n of them). Returns the
+    raw patient_ids (for leak checks)."""
     rng = np.random.default_rng(seed)
     cache_dir = Path(cache_dir)
     salt = salt or f"salt-{seed}"
     y = (rng.random(n) < prevalence).astype(int)
     y[:2] = [0, 1]  # both classes present
+    if labels is not None:  # exactly these outcomes (the images and markers still follow them)
+        y = np.asarray(labels, dtype=int)
     yy, xx = np.mgrid[: shape[1], : shape[2]]
     r2 = (yy - shape[1] / 2) ** 2 + (xx - shape[2] / 2) ** 2
     patients, ids = {}, []

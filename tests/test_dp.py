@@ -197,6 +197,40 @@ def test_a_request_past_the_budget_is_refused_and_trains_nothing(tmp_path, monke
     assert calls == [1] and _ledger(node) == before
 
 
+def test_a_lifetime_budget_refuses_the_study_that_would_pass_it_before_training(tmp_path, monkeypatch):
+    """Default lifetime budget (10) with dp-epsilon 3: three studies each spend their 3 on the same
+    patients; the fourth study's first training request (which would take the total past 10) is refused
+    before anything trains, a retry is refused the same way and costs nothing, and the replies say what
+    the lifetime holds."""
+    import client.train
+
+    node = _site(tmp_path, **{"dp-epsilon": 3.0})
+    last = {}
+    for study in ("aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc"):
+        for rnd in (1, 2):
+            # fold 0's training part is the smallest, the one the noise is calibrated on: the plan's 3 spent
+            last = _ok(ask_site(client_app, node, "train", _request(study=f"{study}/cv", fold=0, rnd=rnd),
+                                arrays=_weights()))
+        assert 3.0 - D.EPSILON_TOLERANCE <= last["dp-epsilon"] <= 3.0
+    books = _ledger(node)["dp"]
+    spent = sum(D.epsilon([(h["noise-multiplier"], h["sample-rate"], h["steps"]) for h in b["history"]], b["delta"])
+                for b in books.values())
+    assert last["dp-lifetime-epsilon"] == pytest.approx(spent, rel=1e-9) and 9.0 - 3 * D.EPSILON_TOLERANCE <= spent <= 9.0
+    assert last["dp-lifetime-budget"] == 10.0
+    before = _ledger(node)
+    calls = []
+    monkeypatch.setattr(client.train, "train", lambda *a, **k: calls.append(1))
+    for _ in range(2):  # the request, then its retry
+        reply = ask_site(client_app, node, "train", _request(study="dddddddddddd/final"), arrays=_weights())
+        assert reply.has_error() and "rule 'dp-budget'" in reply.error.reason and "lifetime" in reply.error.reason
+        assert not reply.has_content()
+    assert calls == [] and _ledger(node) == before  # nothing trained, nothing charged
+    # the site's privacy officer raises the lifetime budget: the same request is answered
+    monkeypatch.undo()
+    assert _ok(ask_site(client_app, {**node, "dp-lifetime-epsilon": 12.5}, "train", _request(study="dddddddddddd/final"),
+                        arrays=_weights()))["dp-lifetime-budget"] == 12.5
+
+
 def test_noise_comes_from_the_site_secret_not_from_the_request(tmp_path):
     """Two sites with the same patients and the same request: different noise (each site's own secret),
     and an identical retry at one site gives the identical weights (nothing new to average out)."""
@@ -280,6 +314,9 @@ def test_a_study_under_dp_reports_the_epsilon_each_site_spent(tmp_path):
     assert set(res["dp"]) == {"center-primary"}  # the evaluate-only site trained nothing
     report = (tmp_path / "run" / "report.md").read_text()
     assert "### Differential privacy" in report and "| center-primary | " + f"{spent['epsilon']:.2f}" in report
+    # the lifetime: this study is the site's first, so its lifetime spend is this study's
+    assert spent["lifetime_epsilon"] == pytest.approx(spent["epsilon"]) and spent["lifetime_budget"] == 10.0
+    assert f"| {spent['lifetime_epsilon']:.2f} / 10 ({10 - spent['lifetime_epsilon']:.2f} left) |" in report
     assert "does NOT cover the CF model" in report
 
 
