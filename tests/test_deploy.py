@@ -72,7 +72,8 @@ def test_privacy_policy_and_dp_choice_belong_to_each_site(generated):
         privacy = tomllib.loads((generated / f"sites/{site}/bundle.toml").read_text())["privacy"]
         assert privacy == {"min-cell-size": 10, "histogram-bins": 100, "share-histograms": True,
                            "max-logit-slope": 10.0, "max-partitions": 24, "max-studies": 50,
-                           "dp-epsilon": 0.0, "dp-delta": 1e-5, "dp-clip-norm": 1.0}  # DP stated explicitly: off
+                           "dp-epsilon": 0.0, "dp-delta": 1e-5, "dp-clip-norm": 1.0,  # DP stated explicitly: off
+                           "dp-lifetime-epsilon": 10.0, "span-audit": "enforce"}
         assert set(privacy) == set(SITE_POLICY_KEYS) - {"privacy-ledger"}  # ledger: STUDY_DIR default
 
 
@@ -169,7 +170,8 @@ def test_generated_commands_carry_the_required_flags(generated):
     assert B.parse_node_config(node.flag("--node-config")) == {
         "cache-dir": "/srv/slmfed/cache", "site-name": "a", "study-dir": "/srv/slmfed/study",
         "min-cell-size": "10", "histogram-bins": "100", "share-histograms": "true", "max-logit-slope": "10.0",
-        "max-partitions": "24", "max-studies": "50", "dp-epsilon": "0.0", "dp-delta": "1e-05", "dp-clip-norm": "1.0"}
+        "max-partitions": "24", "max-studies": "50", "dp-epsilon": "0.0", "dp-delta": "1e-05", "dp-clip-norm": "1.0",
+        "dp-lifetime-epsilon": "10.0", "span-audit": "enforce"}
     cfg = tomllib.loads((generated / "coordinator/flwr-config.toml").read_text())
     # the researcher's flwr talks to the SuperLink on the coordinator's loopback, not the front door
     assert cfg["superlink"]["slmfed"] == {"address": "127.0.0.1:9093",
@@ -307,6 +309,10 @@ def _v_dp_choice_missing(d):
 
 def _v_dp_budget_bad(d):
     _toml_edit(d / "sites/a/bundle.toml", lambda t: t["privacy"].update({"dp-epsilon": -1.0}))
+
+
+def _v_span_audit_report(d):
+    _toml_edit(d / "sites/a/bundle.toml", lambda t: t["privacy"].update({"span-audit": "report"}))
 
 
 def _v_coord_privacy(d):
@@ -532,6 +538,7 @@ BAD_VARIANTS = {
     "DP table at a site": (_v_dp_table_site, "sites/a/bundle.toml", "[dp] table: no code reads it"),
     "site DP choice not stated": (_v_dp_choice_missing, "sites/b/bundle.toml", "[privacy] dp-epsilon is missing"),
     "DP budget out of bounds": (_v_dp_budget_bad, "sites/a/bundle.toml", "[privacy] dp-epsilon = -1.0"),
+    "audit only reported": (_v_span_audit_report, "sites/a/bundle.toml", "span-audit = report answers requests"),
     "coordinator sets privacy": (_v_coord_privacy, "coordinator/bundle.toml", "the coordinator cannot set it"),
     "histogram too fine": (_v_bins, "sites/a/bundle.toml", "histogram-bins = 1000"),
     "k below 3": (_v_k_low, "sites/b/bundle.toml", "[privacy] min-cell-size = 2"),
