@@ -237,14 +237,19 @@ def calibration_slope(y, p) -> float:
 
 def calibration_intercept(y, p) -> float:
     """a in logit P(y=1) = a + offset(logit(p)): calibration-in-the-large, ideal 0
-    (> 0: risks underestimated on average). Raises DegenerateStatistic when no finite fit exists
-    (hard 0/1 scores that contradict an outcome put the offset at +-18 logits)."""
+    (> 0: risks underestimated on average).
+
+    With both classes present this fit always has a finite maximum: the log-likelihood is strictly
+    concave in a and tends to -inf as a -> +-inf. That holds for hard 0/1 scores too, which are
+    clipped to offsets of +-18.4 logits (for y = p = [0, 0, 1], a = -ln(2) / 2). Raises
+    DegenerateStatistic only if the Newton solver fails numerically anyway. Contrast
+    calibration_slope, which has no finite fit when the scores separate the classes perfectly."""
     y, p = _check(y, p, probs=True)
     lp = _logit(p)
     empty = np.zeros((y.size, 0))
     try:
         return float(newton_fit(lambda b: suff_stats(empty, y, b, offset=lp), 1).beta[0])
-    except LogisticFitError as exc:  # e.g. hard 0/1 scores that contradict some outcomes
+    except LogisticFitError as exc:  # numerical failure only: the maximum exists (see above)
         raise DegenerateStatistic(f"calibration intercept: no finite fit ({exc})") from None
 
 
@@ -601,8 +606,8 @@ def summarize(y, p, threshold: float | None = None) -> dict:
     development threshold when these are test data. NaN appears only where a value is undefined:
     AUC, its CI, the Youden threshold and calibration when only one class is present (or fewer than
     2 per class for the CI), a rate with a zero denominator, HL p with fewer than 3 risk groups, and
-    the calibration slope when the scores separate the classes perfectly (its MLE is infinite), and
-    the calibration intercept when it has no finite fit (hard 0/1 scores).
+    the calibration slope when the scores separate the classes perfectly (its MLE is infinite). The
+    calibration intercept is finite whenever both classes are present (NaN only if the solver fails).
     """
     y, p = _check(y, p, need_both=False, probs=True)
     nan = float("nan")

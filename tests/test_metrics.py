@@ -419,12 +419,27 @@ def test_degenerate_statistics_are_reported_not_fatal():
     # a constant score against a perfect one: AUC 0.5 vs 1, yet zero variance of the difference
     with pytest.raises(M.DegenerateStatistic, match="zero variance"):
         M.delong_test([0, 0, 1, 1], [0.1] * 4, [0.1, 0.1, 0.3, 0.3])
-    # hard 0/1 scores equal to the outcomes: the calibration intercept's fit does not converge
+    # hard 0/1 scores equal to the outcomes are clipped to offsets of +-L = +-18.4 logits, so the
+    # intercept-only fit has a finite maximum: 1 - s(a + L) - 2 s(a - L) = 0 gives e^(-2a) = 2 up to
+    # terms of order e^-L, i.e. a = -ln(2) / 2 (statsmodels' GLM with the same offsets agrees)
     y3, hard = np.array([0, 0, 1]), np.array([0.0, 0.0, 1.0])
-    with pytest.raises(M.DegenerateStatistic):
-        M.calibration_intercept(y3, hard)
+    half_ln2 = -math.log(2) / 2
+    assert M.calibration_intercept(y3, hard) == pytest.approx(half_ln2, abs=1e-6)
+    lp3 = M._logit(hard)
+    ref = sm.GLM(y3, np.ones((3, 1)), family=sm.families.Binomial(), offset=lp3).fit(tol=1e-12).params[0]
+    assert ref == pytest.approx(half_ln2, abs=1e-6)
+    # what has no finite fit is the slope: these scores separate the classes perfectly, so the
+    # log-likelihood keeps increasing with b (checked here) and the solver must report it
+    ll = [float(np.sum(y3 * (b * lp3) - np.logaddexp(0, b * lp3))) for b in (1.0, 2.0, 4.0)]
+    assert ll[0] < ll[1] < ll[2] < 0
+    with pytest.raises(LogisticFitError):
+        M.calibration_slope(y3, hard)
+    # reversed (perfectly wrong) hard scores separate too: the slope runs to -infinity
+    with pytest.raises(LogisticFitError):
+        M.calibration_slope(y3, 1.0 - hard)
     s = M.summarize(y3, hard)
-    assert np.isnan(s["calib_intercept"]) and s["auc"] == 1.0
+    assert np.isnan(s["calib_slope"]) and s["auc"] == 1.0
+    assert s["calib_intercept"] == pytest.approx(half_ln2, abs=1e-6)
 
 
 def test_k_safe_cells_keep_the_best_k_safe_youden_cut_so_the_threshold_is_exact():
