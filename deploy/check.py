@@ -779,9 +779,6 @@ class Checker:
     def check_policy(self, bundle: B.Bundle) -> None:
         """Coordinator bundle: no privacy policy and no DP settings of its own (both are the sites')."""
         path = bundle.root / B.BUNDLE_FILE
-        if privacy.get("span-audit") == "report":
-            self.add(path, "[privacy] span-audit = report answers requests the released-group audit refuses (a "
-                           "simulation's own virtual sites only): a real site enforces it, set span-audit = \"enforce\"")
         if "dp" in bundle.data:
             self.add(path, DP_TABLE_NOT_READ)
         if "privacy" in bundle.data:
