@@ -24,7 +24,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from client import study
+from client.cache import read_manifest
 from client.disclosure import Refused, validate_request
+from client.limits import check_request
+from client.policy import SitePolicy
 from client.simulated import node_layer
 from common.clinical import N_FEATURES
 from common.config import SENT_MODEL_KEYS, app_config
@@ -53,6 +56,9 @@ def _handle(msg: Message, context: Context, fn: Callable[[study.Site, Any, dict]
             raise Refused("request", f"{mtype} takes no record(s) {sorted(records - allowed)}")
         cfg = dict(msg.content["config"]) if "config" in msg.content else {}
         req = validate_request(mtype, cfg, N_FEATURES)
+        if mtype in ("train", "evaluate") and node_cfg.get("cache-dir"):  # caps first: no patient data read yet
+            check_request(mtype, req, SitePolicy.from_config(node_cfg), read_manifest(node_cfg["cache-dir"]),
+                          N_FEATURES)
         site = study.Site.open(node_cfg)
         site.cfg.update({k: req[k] for k in SENT_MODEL_KEYS if k in req})
         gate = site.gate()

@@ -35,6 +35,9 @@ The rules (k = the site policy's min-cell-size):
                    epsilon covers and what it does not).
   logit-slope      CF coefficients are evaluated only while every slope, per SD of the site's own
                    feature, stays within max-logit-slope (no crafted near-step functions).
+  model-caps / rounds-per-fit / batch-size-floor / compute-budget / reply-size   what the site agrees
+                   to build and train (client/limits.py, checked before the cache is opened);
+  fits-per-study / evaluations   distinct fits one study trains, evaluations per study and lifetime.
   request / message-type / study-id / model-weights   malformed or unplanned requests.
 """
 from __future__ import annotations
@@ -272,15 +275,39 @@ class Gate:
                                              f"{self.policy.max_studies}")
             studies.append(study)
 
-    def spend(self, key: str, request_digest: str, limit: int = 1) -> None:
-        """Charge one query of `key`; an identical repeat (same digest) is free, a new one counts."""
+    def spend(self, key: str, request_digest: str, limit: int = 1) -> bool:
+        """Charge one query of `key`; an identical repeat (same digest) is free, a new one counts.
+        True when it was new."""
         used = self.state["budget"].setdefault(key, [])
         if request_digest in used:
-            return
+            return False
         if len(used) >= limit:
             raise Refused("query-budget", f"{key} was already answered {len(used)} time(s); the study plan needs "
                                           f"{limit}")
         used.append(request_digest)
+        return True
+
+    def count(self, kind: str, study_id: str, item: str) -> None:
+        """Charge a distinct `item` (a fit, an evaluation) of this study to the site's caps
+        (max-fits-per-study; max-evaluations-per-study and max-evaluations over the site's lifetime)."""
+        study = study_id.split("/")[0]
+        counts = self.state.setdefault("counts", {}).setdefault(kind, {})
+        seen = counts.setdefault(study, [])
+        if item in seen:
+            return
+        pol = self.policy
+        if kind == "fits" and len(seen) >= pol.max_fits_per_study:
+            raise Refused("fits-per-study", f"this study has trained {len(seen)} fits at this site, its policy allows "
+                                            f"{pol.max_fits_per_study}")
+        if kind == "evaluations":
+            if len(seen) >= pol.max_evaluations_per_study:
+                raise Refused("evaluations", f"this study has had {len(seen)} evaluations at this site, its policy "
+                                             f"allows {pol.max_evaluations_per_study}")
+            total = sum(len(v) for v in counts.values())
+            if total >= pol.max_evaluations:
+                raise Refused("evaluations", f"this site has answered {total} evaluations, its policy allows "
+                                             f"{pol.max_evaluations} over its lifetime")
+        seen.append(item)
 
     # -- patient groups --
     def cohort(self) -> None:

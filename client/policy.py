@@ -41,6 +41,16 @@ class SitePolicy:
     dp_delta: float = SCHEMA["dp-delta"].default
     dp_clip_norm: float = SCHEMA["dp-clip-norm"].default
     dp_lifetime_epsilon: float = SCHEMA["dp-lifetime-epsilon"].default
+    allowed_backbones: str = SCHEMA["allowed-backbones"].default
+    max_widen_factor: float = SCHEMA["max-widen-factor"].default
+    max_ensemble_size: int = SCHEMA["max-ensemble-size"].default
+    max_epoch_patients: int = SCHEMA["max-epoch-patients"].default
+    max_reply_mb: float = SCHEMA["max-reply-mb"].default
+    max_rounds: int = SCHEMA["max-rounds"].default
+    min_batch_size: int = SCHEMA["min-batch-size"].default
+    max_fits_per_study: int = SCHEMA["max-fits-per-study"].default
+    max_evaluations_per_study: int = SCHEMA["max-evaluations-per-study"].default
+    max_evaluations: int = SCHEMA["max-evaluations"].default
     span_audit: str = SCHEMA["span-audit"].default
 
     @classmethod

@@ -292,6 +292,7 @@ def train_dl(site: Site, gate: Gate, req: Mapping[str, Any], state) -> tuple[Any
     settings = {k: req[k] for k in req if k not in ("clinical-mean", "clinical-std")}
     request = digest(settings, req["clinical-mean"], req["clinical-std"], _weights_digest(state))
     gate.spend(f"{req['study-id']}|train|{model_name}|fold{fold}|round{rnd}", request)
+    gate.count("fits", req["study-id"], f"{req['study-id']}|{model_name}|fold{fold}")
     dp = gate.dp_training(req["study-id"], model_name, request, n_train=len(d),
                           n_min=lambda: _smallest_training_part(site, req, len(d)),
                           batch=req["batch-size"], epochs=req["local-epochs"], rounds=req["num-rounds"],
@@ -348,7 +349,9 @@ def evaluate_model(site: Site, gate: Gate, req: Mapping[str, Any], payload: Mapp
         content = digest({k: req[k] for k in req if k not in ("clinical-mean", "clinical-std")}, mean, std,
                          _weights_digest(payload["state"]))
     when = "stored" if req["store"] else f"round{req['round']}"
-    gate.spend(f"{req['study-id']}|evaluate|{model_name}|fold{fold}|{part}|{when}", content)
+    key = f"{req['study-id']}|evaluate|{model_name}|fold{fold}|{part}|{when}"
+    gate.spend(key, content)
+    gate.count("evaluations", req["study-id"], key)
     probs = predict(site, model_name, d, payload, mean, std)
     if req["store"]:
         site.store_predictions(req["study-id"], model_name, fold, part, d.keys, d.labels, probs)

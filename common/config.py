@@ -120,6 +120,23 @@ SCHEMA: dict[str, Key] = {
     "dp-clip-norm": Key(float, 1.0, "DP-SGD per-patient gradient L2 bound", bounds=(1e-3, 100.0)),
     "dp-lifetime-epsilon": Key(float, 10.0, "DP budget over the site's whole lifetime (every study's epsilon added up; "
                                             "applies whenever dp-epsilon > 0)", bounds=(0.01, 1000.0)),
+    # what the coordinator may ask this site to compute (client/limits.py); defaults fit the paper protocol
+    "allowed-backbones": Key(str, "resnet10,resnet18", "comma list of the ResNet depths the site trains / evaluates"),
+    "max-widen-factor": Key(float, 1.0, "largest ResNet width the site builds", bounds=(0.01, 8.0)),
+    "max-ensemble-size": Key(int, 5, "largest ensemble-size the site builds", bounds=(1, 8)),
+    "max-epoch-patients": Key(int, 5000, "compute budget of one train request: local-epochs x ensemble-size x the "
+                                         "site's patients", bounds=(1, 10_000_000)),
+    "max-reply-mb": Key(float, 200.0, "largest model (weights, MB) the site trains and sends back",
+                        bounds=(0.01, 100_000.0)),
+    "max-rounds": Key(int, 50, "most federated rounds of one fit the site trains or evaluates", bounds=(1, 1000)),
+    "min-batch-size": Key(int, 0, "smallest local batch the site trains with (0: min-cell-size, so an honest update "
+                                  "never comes from fewer than k patients)", bounds=(0, 1024)),
+    "max-fits-per-study": Key(int, 64, "most distinct fits (fit tag x fold) one study may train at the site",
+                              bounds=(1, 10_000)),
+    "max-evaluations-per-study": Key(int, 2000, "most distinct evaluations one study may ask of the site",
+                                     bounds=(1, 1_000_000)),
+    "max-evaluations": Key(int, 50_000, "most distinct evaluations the site answers over its lifetime",
+                           bounds=(1, 100_000_000)),
     "span-audit": Key(str, "enforce", "the released-group audit (client/span_audit.py): enforce = refuse a group that "
                                       "would let a combination of releases concern fewer than k patients; report = "
                                       "answer and say so (the simulation's own virtual sites only)",
@@ -143,7 +160,9 @@ SCHEMA: dict[str, Key] = {
 
 # The site's privacy policy: read from the site's node config only (see client/policy.py).
 SITE_POLICY_KEYS = ("min-cell-size", "histogram-bins", "share-histograms", "max-logit-slope", "max-partitions",
-                    "max-studies", "dp-epsilon", "dp-delta", "dp-clip-norm", "dp-lifetime-epsilon", "span-audit",
+                    "max-studies", "dp-epsilon", "dp-delta", "dp-clip-norm", "dp-lifetime-epsilon", "allowed-backbones",
+                    "max-widen-factor", "max-ensemble-size", "max-epoch-patients", "max-reply-mb", "max-rounds",
+                    "min-batch-size", "max-fits-per-study", "max-evaluations-per-study", "max-evaluations", "span-audit",
                     "privacy-ledger")
 # Keys that describe the site itself: a run config (the coordinator's) may never set them.
 SITE_ONLY_KEYS = ("cache-dir", "site-name", "study-dir") + SITE_POLICY_KEYS

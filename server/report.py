@@ -399,6 +399,20 @@ def privacy_section(res: dict) -> list[str]:
         sent = ", ".join(f"{t} x {n}" for t, n in sorted(res.get("released", {}).get(name, {}).items())) or "none"
         shared = "yes" if pol.get("share-histograms", 1) else "no"
         lines.append(f"| {name} | {pol.get('min-cell-size', 'n/a')} | {pol.get('histogram-bins', 'n/a')} | {shared} | {sent} |")
+    lines += ["", "What each site agreed to compute for the coordinator (its own caps, `client/limits.py`; a request "
+              "over one is refused before the site opens its data):", "",
+              "| site | backbones | max width | max ensemble | max epochs x ensemble x patients | max reply (MB) | "
+              "max rounds | batch floor | fits per study | evaluations per study / lifetime |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in sorted(res["sites"].items()):
+        pol = s.get("policy", {})
+        if "max-rounds" not in pol:  # a site that does not report its caps
+            lines.append(f"| {name} | not reported | | | | | | | | |")
+            continue
+        floor = pol.get("min-batch-size") or pol.get("min-cell-size")
+        lines.append(f"| {name} | {pol['allowed-backbones']} | {pol['max-widen-factor']:g} | {pol['max-ensemble-size']} | "
+                     f"{pol['max-epoch-patients']} | {pol['max-reply-mb']:g} | {pol['max-rounds']} | {floor} | "
+                     f"{pol['max-fits-per-study']} | {pol['max-evaluations-per-study']} / {pol['max-evaluations']} |")
     lines += ["", "What each reply carries: `query.info` shapes, the policy and (when the whole cohort may be released) "
               "its patient and SLM counts; `query.clinical_sums` sums and sums of squares of the 7 clinical features "
               "and, when the images carry the ROI mask, of the 6 ROI statistics (each patient's ROI mean and SD of "

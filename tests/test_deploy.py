@@ -73,7 +73,12 @@ def test_privacy_policy_and_dp_choice_belong_to_each_site(generated):
         assert privacy == {"min-cell-size": 10, "histogram-bins": 100, "share-histograms": True,
                            "max-logit-slope": 10.0, "max-partitions": 24, "max-studies": 50,
                            "dp-epsilon": 0.0, "dp-delta": 1e-5, "dp-clip-norm": 1.0,  # DP stated explicitly: off
-                           "dp-lifetime-epsilon": 10.0, "span-audit": "enforce"}
+                           "dp-lifetime-epsilon": 10.0, "span-audit": "enforce",
+                           # compute caps: what a coordinator may make this site train, run and send
+                           "allowed-backbones": "resnet10,resnet18", "max-widen-factor": 1.0,
+                           "max-ensemble-size": 5, "max-epoch-patients": 5000, "max-reply-mb": 200,
+                           "max-rounds": 50, "min-batch-size": 0, "max-fits-per-study": 64,
+                           "max-evaluations-per-study": 2000, "max-evaluations": 50000}
         assert set(privacy) == set(SITE_POLICY_KEYS) - {"privacy-ledger"}  # ledger: STUDY_DIR default
 
 
@@ -171,7 +176,10 @@ def test_generated_commands_carry_the_required_flags(generated):
         "cache-dir": "/srv/slmfed/cache", "site-name": "a", "study-dir": "/srv/slmfed/study",
         "min-cell-size": "10", "histogram-bins": "100", "share-histograms": "true", "max-logit-slope": "10.0",
         "max-partitions": "24", "max-studies": "50", "dp-epsilon": "0.0", "dp-delta": "1e-05", "dp-clip-norm": "1.0",
-        "dp-lifetime-epsilon": "10.0", "span-audit": "enforce"}
+        "dp-lifetime-epsilon": "10.0", "span-audit": "enforce", "allowed-backbones": "resnet10,resnet18",
+        "max-widen-factor": "1.0", "max-ensemble-size": "5", "max-epoch-patients": "5000", "max-reply-mb": "200.0",
+        "max-rounds": "50", "min-batch-size": "0", "max-fits-per-study": "64",
+        "max-evaluations-per-study": "2000", "max-evaluations": "50000"}
     cfg = tomllib.loads((generated / "coordinator/flwr-config.toml").read_text())
     # the researcher's flwr talks to the SuperLink on the coordinator's loopback, not the front door
     assert cfg["superlink"]["slmfed"] == {"address": "127.0.0.1:9093",

@@ -443,7 +443,7 @@ def test_refusals_do_not_tell_the_new_patients_label(tmp_path):
 def _train_request(study=f"{STUDY}/final", fold=-1, rnd=1):
     from common.config import SENT_MODEL_KEYS
 
-    cfg = load_config(run_config={"augment": False, "local-epochs": 1, "batch-size": 8, "clinical-embed-dim": 4})
+    cfg = load_config(run_config={"augment": False, "local-epochs": 1, "batch-size": 10, "clinical-embed-dim": 4})
     return {"fold": fold, "folds": 5, "seed": 1, "study-id": study, "model": "dl", "round": rnd, "num-rounds": 2,
             **STD, **{k: cfg[k] for k in SENT_MODEL_KEYS}}
 

@@ -77,6 +77,14 @@ def test_run_folder_files_and_report_numbers_equal_results(paper_run, tmp_path):
         assert (auc, lo, hi) == tuple(round(r[k], 3) for k in ("auc", "auc_ci_low", "auc_ci_high"))
         star = "*" if r["operating_point_interpolated"] else ""  # read off a cell that holds the threshold
         assert cells[5] == f"{r['sensitivity']:.3f}{star}" and cells[6] == f"{r['specificity']:.3f}{star}"
+    # the privacy section lists each site's compute caps as that site reported them in its policy
+    for name, site in on_disk["sites"].items():
+        pol = site["policy"]
+        line = next(l for l in report.splitlines() if l.startswith(f"| {name} | {pol['allowed-backbones']} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[4:] == [str(pol["max-epoch-patients"]), f"{pol['max-reply-mb']:g}", str(pol["max-rounds"]),
+                             str(pol["min-batch-size"] or pol["min-cell-size"]), str(pol["max-fits-per-study"]),
+                             f"{pol['max-evaluations-per-study']} / {pol['max-evaluations']}"]
 
 
 def test_no_reply_carries_patient_level_data(paper_run, caches):
