@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot check of the CUDA path on a lent GPU machine (the `device` tool; CI never runs this).
-# The machine has PyTorch but none of our other packages: the wheels travel in .whl/ (README, "On a
+# The machine has PyTorch but none of our other packages: the wheels travel in .whl/ (simulation/README.md, "On a
 # GPU"), the paper cohort's prepared caches in data/synthetic-paper/caches. Figures land in $OUT.
 # Make .whl/ here first (versions as in .ci/constraints.txt; the GPU image has Python 3.12 and torch):
 #   for p in monai opacus opt_einsum flwr cryptography cffi pycparser pycryptodome iterators \

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 GRAD_SAMPLE_MODES = ("ghost", "hooks")
-DEFAULT_MODE = "ghost"  # measured faster on 2 CPU cores and on a GPU (README, "Differential privacy")
+DEFAULT_MODE = "ghost"  # measured faster on 2 CPU cores and on a GPU (simulation/README.md, "Differential privacy")
 ACCOUNTANT = "rdp"  # Opacus's Renyi-DP accountant (Mironov 2017; Mironov, Talwar, Zhang 2019)
 EPSILON_TOLERANCE = 0.01  # calibration: the noise keeps the planned epsilon within this below the target
 

@@ -274,7 +274,7 @@ def train(
     if isinstance(model, EnsembleNet):
         # each member on its own batch order, augmentation and dropout: the diversity an ensemble
         # needs (members that shared the batches and differed only in their initial weights gained
-        # nothing, README "The MRI model")
+        # nothing, simulation/README.md "The MRI model")
         # the FedProx anchor checked and converted once for the whole ensemble (count, names, shapes)
         anchor = _reference_params(model, global_params, device) if mu > 0 and global_params is not None else None
         runs = [train(m, data, cfg, clinical_mean, clinical_std, epochs=epochs, seed=member_seed(seed, i),

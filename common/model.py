@@ -20,9 +20,9 @@ and puts them in the weights as buffers); they go to the head and, as a linear t
 logit. Why: the ResNet is instance-normalised, which removes each image's absolute intensity level,
 and the network trained on ~140 patients learned the tumour's size and little else (its out-of-fold
 logit correlated 0.94 with the log ROI volume), while the ROI's mean ADC, in physical units, carries
-signal that the size does not (measured: README "The MRI model"). Width: MONAI's widen_factor (config widen-factor, default 0.25: stages
+signal that the size does not (measured: simulation/README.md "The MRI model"). Width: MONAI's widen_factor (config widen-factor, default 0.25: stages
 16-128 wide): on the synthetic paper cohort narrower was not worse and is several times cheaper
-to train. What each of these choices gained is measured with `slmfed bench model` (README, "The MRI
+to train. What each of these choices gained is measured with `slmfed bench model` (simulation/README.md, "The MRI
 model").
 
 Design choices (the paper's abstract does not give them):
@@ -325,7 +325,7 @@ class EnsembleNet(nn.Module):
 
     Why: with ~140 training patients a single network's predictions depend on its seed; averaging 3
     independently trained members took the MRI DL model's primary CV AUC from 0.799 to 0.809 and the
-    Combined model's from 0.855 to 0.863 (`slmfed bench model`, README "The MRI model"; members that
+    Combined model's from 0.855 to 0.863 (`slmfed bench model`, simulation/README.md "The MRI model"; members that
     shared the batches and differed only in their initial weights gained nothing). One module, one state_dict: FedAvg, the
     server's weight averaging (swa-rounds, per member since the keys are per member), checkpoints and
     the model bundle need nothing new. Member 0 has exactly the weights, and gets exactly the

@@ -3,7 +3,7 @@ private local Ray), and the two other ways to run the same study: `flwr run .` (
 simulation federation) and `slmfed simulate --ray-address` (a Ray cluster this test starts, not the
 runner), which must give the same results rows. The plain run is done once, shared by all three.
 The Ray-cluster test takes about a minute more than the CI budget allows: it runs when
-SLMFED_LONG_TESTS=1 (it passed here; README "On a Ray cluster").
+SLMFED_LONG_TESTS=1 (it passed here; simulation/README.md "On a Ray cluster").
 
 Every process started here is stopped by PID: the local SuperLink that `flwr run` leaves behind, and the
 two `ray start --block` processes (head + a second node standing in for another machine) with their
