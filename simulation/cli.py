@@ -132,8 +132,9 @@ def run(args) -> int:
 
         sized = size_for_repeats(nodes, base)  # repeated CV: the virtual sites' max-partitions fits the study
         for before, after in zip(nodes, sized):
-            if before != after:
-                print(f"  {after['site-name']}: max-partitions {after['max-partitions']} (virtual site, sized for "
+            changed = ", ".join(f"{k} {after[k]}" for k in ("max-partitions", "span-audit") if after.get(k) != before.get(k))
+            if changed:
+                print(f"  {after['site-name']}: {changed} (virtual site, sized for "
                       f"{base['cv-repeats']} repeats of {base['folds']}-fold CV)")
         nodes = sized
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
