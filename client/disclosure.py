@@ -275,17 +275,15 @@ class Gate:
                                              f"{self.policy.max_studies}")
             studies.append(study)
 
-    def spend(self, key: str, request_digest: str, limit: int = 1) -> bool:
-        """Charge one query of `key`; an identical repeat (same digest) is free, a new one counts.
-        True when it was new."""
+    def spend(self, key: str, request_digest: str, limit: int = 1) -> None:
+        """Charge one query of `key`; an identical repeat (same digest) is free, a new one counts."""
         used = self.state["budget"].setdefault(key, [])
         if request_digest in used:
-            return False
+            return
         if len(used) >= limit:
             raise Refused("query-budget", f"{key} was already answered {len(used)} time(s); the study plan needs "
                                           f"{limit}")
         used.append(request_digest)
-        return True
 
     def count(self, kind: str, study_id: str, item: str) -> None:
         """Charge a distinct `item` (a fit, an evaluation) of this study to the site's caps

@@ -130,13 +130,8 @@ def run(args) -> int:
             nodes.append({**pooled_cache(nodes, data_dir / "caches" / CENTRAL_SITE, CENTRAL_SITE), **policy})
         from simulation.runner import size_for_repeats
 
-        sized = size_for_repeats(nodes, base)  # repeated CV: the virtual sites' max-partitions fits the study
-        for before, after in zip(nodes, sized):
-            changed = ", ".join(f"{k} {after[k]}" for k in ("max-partitions", "span-audit") if after.get(k) != before.get(k))
-            if changed:
-                print(f"  {after['site-name']}: {changed} (virtual site, sized for "
-                      f"{base['cv-repeats']} repeats of {base['folds']}-fold CV)")
-        nodes = sized
+        # repeated CV: the virtual sites sized for the study (size_for_repeats logs what it changes per site)
+        nodes = size_for_repeats(nodes, base)
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{scenario}-{stamp}")
         truth = data_dir / "truth.json"
