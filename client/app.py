@@ -9,7 +9,11 @@ Message types (the server side is server/protocol.py):
     evaluate             -> predict a partition, store per-patient scores locally, reply loss / AUC
     query.summary        -> the site's result rows from its stored predictions
 Every request is validated and every reply released by client/disclosure.py under the site's own
-policy (client/policy.py, from the node config). A refusal is an error reply (code SITE_REFUSED)
+policy (client/policy.py, from the node config). A train, evaluate or query.logistic_stats request is
+answered only when its model is one the site derives itself from the request's evidence (signed
+contributions of the sites in its own peer roster, client/verify.py); the site signs what it
+contributes (clinical sums, CF statistics, training updates) in a ConfigRecord "signed", which the
+coordinator relays to the sites that compute on the models made of it. A refusal is an error reply (code SITE_REFUSED)
 whose reason names the rule; it is logged here, at the site. Replies carry a MetricRecord "metrics"
 and, where there is something to say, a ConfigRecord "notes" (fixed texts: why a value is n/a);
 only train replies carry an ArrayRecord "arrays" (the model weights).
@@ -29,14 +33,18 @@ from client.disclosure import Refused, validate_request
 from client.limits import check_request
 from client.policy import SitePolicy
 from client.simulated import node_layer
+from client.verify import VERIFIED_TYPES, statement, verify_request
+from common import derive
 from common.clinical import N_FEATURES
 from common.config import SENT_MODEL_KEYS, app_config
 from common.model_input import describe as describe_model_input
 from common.records import SITE_CANNOT, SITE_REFUSED, record_to_state, to_metric_record
+from common.signing import Roster, SigningError, load_private_key, sign
 
 app = ClientApp()
 log = logging.getLogger(__name__)
 _ARRAYS_IN = ("train", "evaluate")  # the only requests that may carry weights
+_SIGNED = ("query.clinical_sums", "query.logistic_stats", "train")  # the replies that are contributions
 
 
 def _handle(msg: Message, context: Context, fn: Callable[[study.Site, Any, dict], Any]) -> Message:
@@ -52,13 +60,16 @@ def _handle(msg: Message, context: Context, fn: Callable[[study.Site, Any, dict]
         # the request is checked before any patient data is read
         records = set(msg.content.keys())
         allowed = {"config", "arrays"} if mtype in _ARRAYS_IN else {"config"}
+        if mtype in VERIFIED_TYPES:  # the model's derivation: its recipe, statements and relayed updates
+            allowed |= {derive.EVIDENCE} | {r for r in records if r.startswith(derive.CONTRIB)}
         if not records <= allowed:
             raise Refused("request", f"{mtype} takes no record(s) {sorted(records - allowed)}")
         cfg = dict(msg.content["config"]) if "config" in msg.content else {}
         req = validate_request(mtype, cfg, N_FEATURES)
+        policy = SitePolicy.from_config(node_cfg)
         if mtype in ("train", "evaluate") and node_cfg.get("cache-dir"):  # caps first: no patient data read yet
-            check_request(mtype, req, SitePolicy.from_config(node_cfg), read_manifest(node_cfg["cache-dir"]),
-                          N_FEATURES)
+            check_request(mtype, req, policy, read_manifest(node_cfg["cache-dir"]), N_FEATURES)
+        key, start = _verified(mtype, req, msg, node_cfg, policy)  # the model, before any patient data is read
         site = study.Site.open(node_cfg)
         site.cfg.update({k: req[k] for k in SENT_MODEL_KEYS if k in req})
         gate = site.gate()
@@ -77,6 +88,11 @@ def _handle(msg: Message, context: Context, fn: Callable[[study.Site, Any, dict]
     metrics, notes, arrays, extra = answer
     notes = {**notes, **gate.notes}
     content = RecordDict({"metrics": to_metric_record(metrics)})
+    if key is not None and mtype in _SIGNED:  # what this site contributes, signed: peers verify models made of it
+        said = statement(mtype, name, req, dict(content["metrics"]), arrays, start)
+        if said is not None:
+            text, signature = sign(key, said)
+            content["signed"] = ConfigRecord({"statement": text, "signature": signature})
     if notes:
         content["notes"] = ConfigRecord({k: str(v) for k, v in notes.items()})
     if arrays is not None:
@@ -84,6 +100,30 @@ def _handle(msg: Message, context: Context, fn: Callable[[study.Site, Any, dict]
     for record_name, record in extra.items():  # info: the site's name and its policy, read-only
         content[record_name] = record
     return Message(content=content, reply_to=msg)
+
+
+def _verified(mtype: str, req: dict, msg: Message, node_cfg: dict, policy: SitePolicy):
+    """(signing key or None, hash of the verified DL weights or None). With model-verification =
+    enforce the site answers a contribution or a model request only with its key and roster, and a
+    model request only when client/verify.py derives its model; with off (tests of the other rules)
+    it computes on what it is sent and signs nothing, so its replies attest nothing to peers."""
+    if policy.model_verification != "enforce" or mtype not in VERIFIED_TYPES + _SIGNED:
+        return None, None
+    missing = [k for k in ("signing-key", "peer-roster") if not node_cfg.get(k)]
+    if missing:
+        raise Refused("unverified-model", f"this site has no {' or '.join(missing)} in its node config, so it can "
+                                          "neither verify models nor sign what it contributes (slmfed deploy init "
+                                          "writes both into the site bundle)")
+    try:
+        key, roster = load_private_key(node_cfg["signing-key"]), Roster.load(node_cfg["peer-roster"])
+    except SigningError as exc:
+        raise study.StudyError(str(exc)) from None
+    shape = {}
+    if mtype in VERIFIED_TYPES:
+        manifest = read_manifest(node_cfg["cache-dir"])
+        shape = {"n-channels": int(manifest["image_shape"][0]), "spatial-dims": int(manifest.get("spatial_dims", 2)),
+                 "n-features": N_FEATURES, "channels": manifest.get("channels")}
+    return key, verify_request(mtype, req, msg.content, roster, shape)
 
 
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/(?:[^\s'\"/]+/)*[^\s'\",;)]*")

@@ -52,6 +52,7 @@ class SitePolicy:
     max_evaluations_per_study: int = SCHEMA["max-evaluations-per-study"].default
     max_evaluations: int = SCHEMA["max-evaluations"].default
     span_audit: str = SCHEMA["span-audit"].default
+    model_verification: str = SCHEMA["model-verification"].default
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "SitePolicy":

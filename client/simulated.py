@@ -61,6 +61,7 @@ def node_layer(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) ->
     sites_json = coerce_value("sim-sites", run_config.get("sim-sites", ""), "run_config")
     if sites_json:
         site = _from_list(sites_json, pid, n)
+        names = [signer_name(s) for s in json.loads(sites_json)]
     else:
         data = coerce_value("sim-data", run_config.get("sim-data", ""), "run_config")
         scenario = coerce_value("scenario", run_config.get("scenario", "paper"), "run_config")
@@ -75,6 +76,9 @@ def node_layer(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) ->
         # repeated CV: these virtual sites' max-partitions fits the study (as `slmfed simulate` sizes its own)
         site = sized_for_repeats(site, coerce_value("folds", run_config.get("folds", SCHEMA["folds"].default), "run_config"),
                                  coerce_value("cv-repeats", run_config.get("cv-repeats", 1), "run_config"))
+        folders = Path(data if data else embedded_cohort(scenario, n)).resolve()
+        names = sorted(p.name for p in folders.iterdir() if (p / "clinical.csv").is_file()) if folders.is_dir() else []
+    site = with_simulation_keys(site, names)
     try:
         load_config(node_config=site)  # the same checks as any site's node config (types, bounds, k >= 3)
     except ConfigError as exc:
@@ -106,6 +110,20 @@ def _from_list(sites_json: str, pid: int, n: int) -> dict[str, Any]:
         raise StudyError(f"run config sim-sites[{pid}]: expected cache-dir and optionally "
                          f"{', '.join(k for k in SITE_ONLY_KEYS if k != 'cache-dir')}; found {sorted(site)}")
     return site
+
+
+def signer_name(site: Mapping[str, Any]) -> str:
+    """The name a site signs its contributions under (client/app.py): its site-name, else its cache."""
+    return str(site.get("site-name") or site.get("cache-dir", ""))
+
+
+def with_simulation_keys(site: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """A virtual site's signing key and peer roster (common/signing.py simulation keys: the
+    simulation's sites trust each other, as the hospitals of a deployment trust their roster)."""
+    if site.get("signing-key") or site.get("peer-roster"):
+        return site
+    names = sorted(set(names) | {signer_name(site)})
+    return {**site, "signing-key": f"simulation:{signer_name(site)}", "peer-roster": "simulation:" + ",".join(names)}
 
 
 def embedded_cohort(scenario: str, n: int) -> Path:

@@ -103,6 +103,10 @@ SCHEMA: dict[str, Key] = {
     "cache-dir": Key(str, "", "the site's prepared cache (output of `slmfed prepare`)"),
     "site-name": Key(str, "", "the site's name as the study refers to it"),
     "study-dir": Key(str, "", "site-local folder for per-patient predictions (default: CACHE/../study)"),
+    "signing-key": Key(str, "", "the site's Ed25519 key that signs its contributions (common/signing.py; a site "
+                                "bundle's study-signing.key)"),
+    "peer-roster": Key(str, "", "the sites whose signed contributions this site accepts: a TOML file of site-name = "
+                                "public key (a site bundle's peer-roster.toml; common/signing.py)"),
     # --- site privacy policy (ClientApp, node_config only: the run config can never set these) ---
     "min-cell-size": Key(int, 10, "k: every released statistic covers at least k patients of each class", bounds=(3, 10_000)),
     "histogram-bins": Key(int, 100, "finest grid of score summaries; cells are merged until each holds >= k",
@@ -141,6 +145,10 @@ SCHEMA: dict[str, Key] = {
                                       "would let a combination of releases concern fewer than k patients; report = "
                                       "answer and say so (the simulation's own virtual sites only)",
                       ("enforce", "report")),
+    "model-verification": Key(str, "enforce", "client/verify.py: enforce = compute only on models the site derives "
+                                              "itself from the study settings and signed contributions of its peer "
+                                              "roster; off = any model (tests of the other rules only; deploy check "
+                                              "refuses it)", ("enforce", "off")),
     # --- site preprocessing (`slmfed prepare`, site.toml) ---
     "input-mode": Key(str, "2d", "model input built from the volumes", ("2d", "2.5d", "3d")),
     "fov-mm": Key(float, 48.0, "physical in-plane field of view of the ROI crop (mm)"),
@@ -163,9 +171,9 @@ SITE_POLICY_KEYS = ("min-cell-size", "histogram-bins", "share-histograms", "max-
                     "max-studies", "dp-epsilon", "dp-delta", "dp-clip-norm", "dp-lifetime-epsilon", "allowed-backbones",
                     "max-widen-factor", "max-ensemble-size", "max-epoch-patients", "max-reply-mb", "max-rounds",
                     "min-batch-size", "max-fits-per-study", "max-evaluations-per-study", "max-evaluations", "span-audit",
-                    "privacy-ledger")
+                    "model-verification", "privacy-ledger")
 # Keys that describe the site itself: a run config (the coordinator's) may never set them.
-SITE_ONLY_KEYS = ("cache-dir", "site-name", "study-dir") + SITE_POLICY_KEYS
+SITE_ONLY_KEYS = ("cache-dir", "site-name", "study-dir", "signing-key", "peer-roster") + SITE_POLICY_KEYS
 
 # Training settings the server decides for every site and sends with each train / evaluate message
 # (a site keeps its own device, paths and privacy settings).

@@ -129,6 +129,14 @@ def _solve_information(H: np.ndarray, n_iter: int) -> np.ndarray:
     return np.linalg.inv(info)
 
 
+def newton_step(s: Mapping, beta, l2: float = 0.0) -> np.ndarray:
+    """The full Newton step at `beta` from the pooled statistics `s` there: newton_fit's candidates are
+    beta + t x this step, t = 1, 1/2, 1/4 ... (client/verify.py recomputes them from signed statistics)."""
+    beta = np.asarray(beta, dtype=np.float64)
+    g, H, _ = _penalised(s, beta, l2)
+    return _solve_information(H, 0) @ g
+
+
 def newton_fit(
     stats_fn: StatsFn, n_params: int, max_iter: int = 50, tol: float = 1e-10, l2: float = 0.0
 ) -> NewtonResult:

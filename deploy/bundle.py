@@ -17,6 +17,7 @@ from typing import Any
 import tomli_w
 
 from common.config import SCHEMA, SITE_POLICY_KEYS, ConfigError, load_config
+from common import signing
 
 BUNDLE_FILE = "bundle.toml"
 DEFAULT_INSTALL_DIR = "/etc/slmfed"
@@ -67,6 +68,11 @@ SUPEREXEC_SECRET = "superexec.secret"   # shared by the SuperNode and the site's
 APPROVED_APPS = "approved-apps.toml"    # the site's allow-list of app (FAB) hashes
 LAUNCHER_UNIT = "slmfed-launcher.service"
 APP_USER = "slmfed-app"                 # the ClientApp's user: not the SuperNode's, cannot read its key
+# Model verification (common/signing.py): the site's Ed25519 key that signs its contributions, 0600 and
+# owned by APP_USER (the ClientApp signs; the SuperNode never reads it), and the peer roster (the sites
+# whose signed contributions this site accepts; the same file in every site bundle; public).
+SIGNING_KEY = signing.SIGNING_KEY_FILE  # "study-signing.key"
+PEER_ROSTER = signing.PEER_ROSTER_FILE  # "peer-roster.toml"
 # Coordinator bundle files
 SERVER_CERT = "certs/server.crt"
 SERVER_KEY = "certs/server.key"
@@ -200,13 +206,17 @@ def supernode_argv(
     privacy: dict[str, Any] | None = None,
     extra_node_config: dict[str, Any] | None = None,
     superexec_secret: str,
+    signing_key: str,
+    peer_roster: str,
     runtime_host: str = "127.0.0.1",
     program: str = "flower-supernode",
 ) -> list[str]:
     """flower-supernode with the CA, its authentication key, the site's cache and bounded retries.
 
-    The node config carries the site's cache, name, study folder (default: `default_study_dir`)
-    and privacy policy (`privacy`, the site bundle's [privacy] table; only SITE_POLICY_KEYS).
+    The node config carries the site's cache, name, study folder (default: `default_study_dir`),
+    its signing key and peer roster (model verification: the ClientApp signs its contributions with
+    `signing_key` and accepts only contributions signed by the sites of `peer_roster`) and privacy
+    policy (`privacy`, the site bundle's [privacy] table; only SITE_POLICY_KEYS).
     """
     unknown = sorted(set(privacy or {}) - set(SITE_POLICY_KEYS))
     if unknown:
@@ -214,6 +224,7 @@ def supernode_argv(
                           f"(known: {', '.join(SITE_POLICY_KEYS)})")
     node_cfg = {"cache-dir": cache_dir, "site-name": site_name,
                 "study-dir": study_dir or default_study_dir(cache_dir),
+                "signing-key": signing_key, "peer-roster": peer_roster,
                 **(privacy or {}), **(extra_node_config or {})}
     return [
         program,
@@ -297,7 +308,8 @@ def site_argv(bundle: Bundle, *, cache_dir: str | None = None, installed: bool =
     """The SuperNode command of a site bundle; paths as installed, or into the bundle folder.
 
     Used by `deploy init` (systemd unit, compose file) and `slmfed site join`, so the same
-    privacy policy ([privacy]) and study folder reach the ClientApp however the site starts it.
+    privacy policy ([privacy]), study folder, signing key and peer roster reach the ClientApp
+    however the site starts it.
     """
     if bundle.kind != "site":
         raise BundleError(f"{bundle.root}: expected a site bundle, found a {bundle.kind} bundle")
@@ -317,6 +329,8 @@ def site_argv(bundle: Bundle, *, cache_dir: str | None = None, installed: bool =
             study_dir=site_study_dir(bundle, cache_dir),
             privacy=site_privacy(bundle),
             superexec_secret=where(SUPEREXEC_SECRET),
+            signing_key=where(SIGNING_KEY),
+            peer_roster=where(PEER_ROSTER),
             runtime_host=runtime_host,
             program=program,
         )

@@ -11,6 +11,12 @@ the ClientApp validates its node config), and every SuperNode command must pass 
 policy in --node-config, DP choice included (dp-epsilon, stated explicitly; client/dp.py applies
 it); the coordinator bundle holds no [privacy] (it cannot set it), and no bundle holds a [dp] table
 (no code reads one: it could only claim a protection nothing applies).
+
+Model verification: each site bundle holds the site's signing key (study-signing.key, 0600) and its
+peer roster (peer-roster.toml), which lists the site itself with that key's public key (and, when the
+whole deployment is checked, every other site with its key); every SuperNode command passes exactly
+these two files in --node-config (never a `simulation:` key, which anyone can derive), the ClientApp's
+sandbox can read them, and no site bundle switches model verification off.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from typing import Any, Iterator
 import yaml
 from cryptography import x509
 
+from common import signing
 from common.config import SCHEMA, SITE_POLICY_KEYS
 from deploy import bundle as B
 from deploy import pki
@@ -436,6 +443,7 @@ class Checker:
                                      + (" (SLM-Fed never sends per-patient rows)" if key == "share-patient-rows" else
                                         " (a misspelt privacy setting leaves the default in force)"))
         self.check_node_policy(cmd, node)
+        self.check_node_signing(cmd, node)
         cache = node.get("cache-dir")
         if not cache:
             self.add(cmd.source, "--node-config: cache-dir is missing; the ClientApp needs the prepared cache")
@@ -445,6 +453,50 @@ class Checker:
             self.add(cmd.source, f"--node-config cache-dir={cache}: {problem}")
         self.check_study_dir(cmd, node, cache, sandbox=self.app_sandbox(cmd))
         self.check_cache_read_only(cmd, cache)
+
+    def check_node_signing(self, cmd: Command, node: dict[str, str]) -> None:
+        """signing-key / peer-roster in the node config: the bundle's own files, never simulation keys,
+        readable in the ClientApp's sandbox."""
+        bundle = B.find_bundle(cmd.source, stop=self.root)
+        sandbox = self.app_sandbox(cmd)
+        if node.get("model-verification") == "off":
+            self.add(cmd.source, "--node-config model-verification=off: the ClientApp would compute on any model the "
+                                 "coordinator sends; a real site must verify every model it computes on")
+        for key, name, what in (("signing-key", B.SIGNING_KEY, "the ClientApp could not sign this site's "
+                                 "contributions, and its peers would refuse them"),
+                                ("peer-roster", B.PEER_ROSTER, "the ClientApp would have no sites whose "
+                                 "contributions it accepts (model verification)")):
+            value = node.get(key)
+            if not value:
+                self.add(cmd.source, f"--node-config {key} is missing: {what}; pass the bundle's {name}")
+                continue
+            if value.startswith(signing.SIMULATION):
+                self.add(cmd.source, f"--node-config {key}={value}: a simulation key (derived from the site names, "
+                                     "so anyone can sign as any site) in a real deployment; pass the bundle's "
+                                     f"{name} (slmfed deploy init writes it)")
+                continue
+            path = self.resolve(cmd, value)
+            if bundle is not None and bundle.kind == "site" and path.resolve() != (bundle.root / name).resolve():
+                self.add(cmd.source, f"--node-config {key}={value} is not the bundle's {name} "
+                                     f"({bundle.install_dir}/{name}); deploy check reviews only that file")
+            elif not path.is_file():
+                self.add(cmd.source, f"--node-config {key}={value}: {path} is missing; {what}")
+            hidden = self._hidden_from(sandbox, PurePosixPath(value))
+            if hidden:
+                self.add(sandbox.source, f"{hidden}: the ClientApp cannot read {value} (--node-config {key}); {what}")
+
+    @staticmethod
+    def _hidden_from(sandbox: Command, target: PurePosixPath) -> str | None:
+        """Why the ClientApp's sandbox cannot read `target` (a path as installed), or None."""
+        if sandbox.settings is not None:
+            for h in sandbox.paths("InaccessiblePaths"):
+                if target == PurePosixPath(h) or PurePosixPath(h) in target.parents:
+                    return f"InaccessiblePaths hides {h}"
+        if sandbox.service is not None:
+            targets = [PurePosixPath(d) for _s, d, _ro in map(_volume, sandbox.service.get("volumes") or []) if d]
+            if not any(target == t or t in target.parents for t in targets):
+                return "the launcher container mounts no volume with it"
+        return None
 
     def check_study_dir(self, cmd: Command, node: dict[str, str], cache: str, sandbox: Command | None = None) -> None:
         """The ClientApp must be able to write its study folder (predictions, disclosure ledger); it runs in
@@ -671,9 +723,13 @@ class Checker:
         if is_ca:
             self.add(path, f"the CA's private key (it matches {ca_file.name}) is in the {bundle.kind} bundle: whoever "
                            "holds it can issue a SuperLink certificate every site trusts; keep it offline, delete this copy")
-        elif bundle.kind == "site" and path.name != B.SITE_KEY:
-            self.add(path, f"a private key other than the site's own ({B.SITE_KEY}) does not belong in a site bundle; "
-                           "delete it")
+        elif bundle.kind == "site" and path.name not in (B.SITE_KEY, B.SIGNING_KEY):
+            self.add(path, f"a private key other than the site's own ({B.SITE_KEY}, {B.SIGNING_KEY}) does not belong "
+                           "in a site bundle; delete it")
+        elif bundle.kind == "coordinator" and _is_signing_key(path):
+            self.add(path, "a site's signing key (Ed25519) in the coordinator bundle: whoever holds it can sign "
+                           "contributions as that site, which its peers accept; it belongs only in that site's "
+                           "bundle; delete this copy")
 
     def check_registration(self, bundle: B.Bundle) -> None:
         """register-sites.sh and site-keys/: exactly the sites the bundle names."""
@@ -775,6 +831,83 @@ class Checker:
                 self.add(cmd.source, f"--superlink {cmd.flag('--superlink')} is not the bundle's "
                                      f"[superlink] address {address}")
 
+    def check_site_roster(self, bundle: B.Bundle) -> None:
+        """The site's signing key and peer roster: present, readable, the roster lists this site with this
+        key (and every other site checked alongside with its key)."""
+        site = str(bundle.data.get("node", {}).get("site-name", ""))
+        key_file, roster_file = bundle.root / B.SIGNING_KEY, bundle.root / B.PEER_ROSTER
+        key = roster = None
+        if not key_file.is_file():
+            self.add(bundle.root, f"{B.SIGNING_KEY} (the site's signing key) is missing: the ClientApp could not "
+                                  "sign this site's contributions, and its peers would refuse them; regenerate "
+                                  "with slmfed deploy init")
+        else:
+            try:
+                key = signing.load_private_key(str(key_file))
+            except signing.SigningError as exc:
+                self.add(key_file, str(exc).split(": ", 1)[-1])
+            self.check_signing_key_owner(bundle, key_file)
+        if not roster_file.is_file():
+            self.add(bundle.root, f"{B.PEER_ROSTER} (the peer roster) is missing: the site would have no sites "
+                                  "whose signed contributions it accepts (model verification); copy the "
+                                  "deployment's roster (slmfed deploy init writes it into every site bundle)")
+        else:
+            try:
+                tomllib.loads(roster_file.read_text(encoding="utf-8"))
+            except tomllib.TOMLDecodeError:
+                return  # reported as "not valid TOML" with the other TOML files
+            except (OSError, UnicodeDecodeError):
+                pass  # Roster.load names it
+            try:
+                roster = signing.Roster.load(str(roster_file))
+            except signing.SigningError as exc:
+                self.add(roster_file, str(exc).split(": ", 1)[-1])
+        if roster is None:
+            return
+        if site and site not in roster.keys:
+            self.add(roster_file, f"does not list this site ({site!r}): the site would refuse its own contributions "
+                                  "and its peers (who have the same roster) would refuse them too"
+                                  + (f"; add \"{site}\" = \"{signing.public_b64(key)}\"" if key else ""))
+        elif site and key is not None and signing.public_b64(roster.keys[site]) != signing.public_b64(key):
+            self.add(roster_file, f"lists this site ({site!r}) with another public key than {B.SIGNING_KEY}'s "
+                                  f"({signing.public_b64(key)}): its peers would refuse what it signs; the roster and "
+                                  "the key come from different deployments")
+        for other in self.sites:
+            name = str(other.data.get("node", {}).get("site-name", ""))
+            if other.root == bundle.root or not name or name == site:
+                continue
+            try:
+                theirs = signing.public_b64(signing.load_private_key(str(other.root / B.SIGNING_KEY)))
+            except signing.SigningError:
+                continue  # reported on that bundle
+            if name not in roster.keys:
+                self.add(roster_file, f"does not list site {name!r} of this deployment: this site would refuse "
+                                      f"{name}'s contributions; every site bundle holds the same roster")
+            elif signing.public_b64(roster.keys[name]) != theirs:
+                self.add(roster_file, f"lists site {name!r} with another public key than {name}'s {B.SIGNING_KEY}: "
+                                      f"this site would refuse {name}'s contributions and accept whoever holds "
+                                      "the listed key's private half")
+
+    def check_signing_key_owner(self, bundle: B.Bundle, key_file: Path) -> None:
+        """An installed systemd bundle (checked where it is installed, on a host with the app user): the
+        ClientApp runs as B.APP_USER and reads the 0600 key, so that user must own it."""
+        import pwd
+
+        try:
+            if bundle.root.resolve() != Path(bundle.install_dir).resolve():
+                return  # a bundle before installation (or a compose folder, where the owner is uid 10001)
+            app = pwd.getpwnam(B.APP_USER)
+        except (KeyError, OSError):
+            return  # no app user on this host: not a systemd installation
+        owner = key_file.stat().st_uid
+        if owner != app.pw_uid:
+            try:
+                who = pwd.getpwuid(owner).pw_name
+            except KeyError:
+                who = str(owner)
+            self.add(key_file, f"owned by {who}, not {B.APP_USER}: the ClientApp (user {B.APP_USER}) cannot read "
+                               f"its 0600 signing key; run `chown {B.APP_USER}: {key_file}`")
+
     # --- policy
     def check_policy(self, bundle: B.Bundle) -> None:
         """Coordinator bundle: no privacy policy and no DP settings of its own (both are the sites')."""
@@ -802,6 +935,10 @@ class Checker:
         if privacy.get("span-audit") == "report":
             self.add(path, "[privacy] span-audit = report answers requests the released-group audit refuses (a "
                            "simulation's own virtual sites only): a real site enforces it, set span-audit = \"enforce\"")
+        if privacy.get("model-verification") == "off":
+            self.add(path, "[privacy] model-verification = off computes on any model the coordinator sends (tests "
+                           "of the other rules only): a real site must verify every model it computes on, set "
+                           "model-verification = \"enforce\"")
         if "dp" in bundle.data:
             self.add(path, DP_TABLE_NOT_READ)
 
@@ -859,6 +996,7 @@ class Checker:
         for b in self.sites:
             self.check_site_policy(b)
             self.check_site_alone(b)
+            self.check_site_roster(b)
             addr = b.data.get("superlink", {}).get("address")
             if addr:
                 self.check_host(b.root / B.BUNDLE_FILE, str(addr), "[superlink] address")
@@ -887,6 +1025,16 @@ def _nginx_locations(body: str) -> list[tuple[str, str]]:
             i += 1
         out.append((m.group(1), body[m.end():i - 1]))
     return out
+
+
+def _is_signing_key(path: Path) -> bool:
+    """An Ed25519 private key (what common.signing writes), whatever the file is called."""
+    try:
+        signing.load_private_key(str(path))
+    except signing.SigningError:
+        return False
+    return True
+
 
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):

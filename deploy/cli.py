@@ -46,7 +46,7 @@ def cmd_check(args) -> int:
         print(f"{len(findings)} finding(s)", file=sys.stderr)
         return 1
     print(f"{args.dir}: OK (TLS, SuperNode authentication, front door, no runtime installs, app approval, "
-          "least privilege, private keys 0600, caches, privacy and DP policy)")
+          "least privilege, private keys 0600, caches, privacy and DP policy, signing keys and peer rosters)")
     return 0
 
 

@@ -4,10 +4,15 @@ Output (nothing is overwritten unless force=True, and nothing is written when a 
     OUT/ca/ca.crt, ca.key             the CA; keep ca.key offline (needed only to re-issue)
     OUT/coordinator/                  bundle.toml, certs/, site-keys/<site>.pub, systemd unit,
                                       compose.yaml, the nginx front door (nginx-slmfed*.conf),
-                                      flwr-config.toml, register-sites.sh
+                                      flwr-config.toml, register-sites.sh, peer-roster.toml
+                                      (the sites' signing public keys, for the researcher's
+                                      information only: the coordinator never verifies with it)
     OUT/sites/<site>/                 bundle.toml, ca.crt, supernode.key/.pub, superexec.secret,
-                                      approved-apps.toml (empty: the site approves its app),
-                                      systemd units (SuperNode + launcher), compose.yaml
+                                      study-signing.key (the key that signs this site's
+                                      contributions; not the SuperNode's key), peer-roster.toml
+                                      (every site's public signing key: the same file in every
+                                      site bundle), approved-apps.toml (empty: the site approves
+                                      its app), systemd units (SuperNode + launcher), compose.yaml
                                       (copy this folder to the site, nothing else)
     OUT/Dockerfile                    the image the compose files run
 """
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import tomli_w
 
+from common import signing
 from deploy import bundle as B
 from deploy import pki
 from deploy.render import compose_command, render, systemd_exec
@@ -121,6 +127,11 @@ def _files(plan: DeployPlan) -> dict[Path, tuple[bytes, bool]]:
     files[coord / B.SERVER_KEY] = (pki.key_pem(server.key), True)
     registry = f"{plan.state_dir}/{B.SITE_REGISTRY}"
     app_state_dir = f"{plan.state_dir}-app"
+    # Model verification: one signing key per site (not the SuperNode's key: the ClientApp signs with
+    # it) and one peer roster of every site's public key, the same file in every site bundle.
+    signing_keys = {site: signing.new_key() for site in plan.sites}
+    roster = signing.roster_text({site: signing.public_b64(k) for site, k in signing_keys.items()}).encode()
+    files[coord / B.PEER_ROSTER] = (roster, False)  # the researcher's information; the coordinator never verifies
 
     for site in plan.sites:
         key = pki.make_site_key()
@@ -130,6 +141,8 @@ def _files(plan: DeployPlan) -> dict[Path, tuple[bytes, bool]]:
         files[sdir / B.SITE_PUB] = (pki.ssh_public(key, f"slmfed-site-{site}"), False)
         files[sdir / B.SUPEREXEC_SECRET] = (secrets.token_hex(32).encode(), True)
         files[sdir / B.APPROVED_APPS] = (B.approved_apps_text({}).encode(), False)
+        files[sdir / B.SIGNING_KEY] = (signing.private_pem(signing_keys[site]), True)
+        files[sdir / B.PEER_ROSTER] = (roster, False)
         files[coord / B.SITE_KEYS_DIR / f"{site}.pub"] = (pki.ssh_public(key, f"slmfed-site-{site}"), False)
         study_dir = B.default_study_dir(plan.cache_dir)  # writable in the launcher's sandbox, passed as study-dir
         site_toml = {
@@ -155,7 +168,8 @@ def _files(plan: DeployPlan) -> dict[Path, tuple[bytes, bool]]:
         argv = B.site_argv(b)
         common = dict(site_name=site, install_dir=inst, cache_dir=plan.cache_dir, state_dir=plan.state_dir,
                       study_dir=study_dir, image=plan.image, venv=plan.venv, app_state_dir=app_state_dir,
-                      approved=B.APPROVED_APPS, secret=B.SUPEREXEC_SECRET, key=B.SITE_KEY, app_user=B.APP_USER)
+                      approved=B.APPROVED_APPS, secret=B.SUPEREXEC_SECRET, key=B.SITE_KEY, app_user=B.APP_USER,
+                      signing_key=B.SIGNING_KEY, roster=B.PEER_ROSTER)
         files[sdir / "flower-supernode.service"] = (render(
             "flower-supernode.service", exec_start=systemd_exec(argv, f"{plan.venv}/bin/flower-supernode"), **common
         ).encode(), False)

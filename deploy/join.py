@@ -1,7 +1,8 @@
 """`slmfed site join --bundle DIR --cache CACHE`: one command that starts a site's SuperNode.
 
 Why: a site's IT person should not assemble Flower flags by hand. This checks the bundle is
-complete (CA certificate, a private key only the service user can read, bundle.toml), that CACHE
+complete (CA certificate, a private key only the service user can read, bundle.toml, the site's
+signing key and a peer roster that lists this site with that key's public key), that CACHE
 is a prepared cache and not raw DICOM, that the SuperLink's certificate verifies against the
 bundle's CA (when the SuperLink is reachable), and that the bundle's [privacy] table (the site's
 privacy policy) is valid, and then replaces itself with `flower-supernode` started with exactly the
@@ -20,6 +21,7 @@ import stat
 import sys
 from pathlib import Path
 
+from common import signing
 from deploy import bundle as B
 from deploy import pki
 from deploy.check import raw_dicom_problem
@@ -77,6 +79,41 @@ def check_bundle(bundle: B.Bundle) -> None:
         B.read_approved_apps(bundle.root / B.APPROVED_APPS)
     except B.BundleError as exc:
         raise JoinError(str(exc)) from None
+    check_signing(bundle)
+
+
+def check_signing(bundle: B.Bundle) -> None:
+    """Model verification: the site's signing key (private) and a peer roster that lists this site
+    with that key's public key; otherwise the ClientApp could not sign, or its peers' rosters (the
+    same file) would refuse what it signs."""
+    site = str(bundle.data.get("node", {}).get("site-name", ""))
+    key_file = bundle.root / B.SIGNING_KEY
+    if not key_file.is_file():
+        raise JoinError(f"{key_file}: the site's signing key is missing from the bundle (it signs this site's "
+                        "contributions; written by `slmfed deploy init`)")
+    mode = stat.S_IMODE(key_file.stat().st_mode)
+    if mode & 0o077:
+        raise JoinError(f"{key_file}: signing key is readable by others (mode {mode:04o}); run `chmod 600 {key_file}`")
+    roster_file = bundle.root / B.PEER_ROSTER
+    if not roster_file.is_file():
+        raise JoinError(f"{roster_file}: the peer roster (the sites whose signed contributions this site accepts) is "
+                        "missing from the bundle; it is written by `slmfed deploy init`, the same file in every site "
+                        "bundle")
+    try:
+        key = signing.load_private_key(str(key_file))
+    except signing.SigningError as exc:  # "signing-key PATH: why"
+        raise JoinError(f"{key_file}: {str(exc).split(': ', 1)[-1]}") from None
+    try:
+        roster = signing.Roster.load(str(roster_file))
+    except signing.SigningError as exc:  # "peer-roster PATH: why"
+        raise JoinError(f"{roster_file}: {str(exc).split(': ', 1)[-1]}") from None
+    listed = roster.keys.get(site)
+    if listed is None:
+        raise JoinError(f"{roster_file}: does not list this site ({site!r}); its peers would refuse what it signs. "
+                        f"Add the line \"{site}\" = \"{signing.public_b64(key)}\" (the public key of {key_file.name})")
+    if signing.public_b64(listed) != signing.public_b64(key):
+        raise JoinError(f"{roster_file}: lists site {site!r} with another public key than {key_file.name}'s "
+                        f"({signing.public_b64(key)}); the roster and the key come from different deployments")
 
 
 def check_cache(cache: Path) -> None:

@@ -131,6 +131,41 @@ class Checkpoint:
         with np.load(io.BytesIO(self._loaded["weights"]), allow_pickle=False) as z:
             return numpy_to_record({k: z[k] for k in z.files})
 
+    def save_evidence(self, window: list[list[dict | None]]) -> None:
+        """The signed updates of the rounds the current DL model is made of (protocol.py fit_dl), so a
+        resumed study can still prove its model to the sites: entries' texts and signatures as JSON,
+        their weights as arrays, in one atomic file."""
+        meta, arrays = [], {}
+        for g, group in enumerate(window):
+            meta.append([])
+            for i, entry in enumerate(group):
+                if entry is None:  # an unsigned update: kept as missing, the sites refuse what is made of it
+                    meta[-1].append(None)
+                    continue
+                meta[-1].append({"statement": entry["statement"], "signature": entry["signature"]})
+                arrays.update({f"{g}/{i}/{k}": v for k, v in arrays_to_numpy(entry["arrays"]).items()})
+        arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        atomic_write_bytes(self.dir / "evidence.npz", _npz_bytes(arrays))
+
+    def load_evidence(self) -> list[list[dict | None]]:
+        path = self.dir / "evidence.npz"
+        if not path.is_file():
+            log.warning("the checkpoint in %s holds no evidence of its model: the sites will refuse to train on it", self.dir)
+            return []
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["__meta__"].tobytes().decode())
+            window = []
+            for g, group in enumerate(meta):
+                window.append([])
+                for i, entry in enumerate(group):
+                    if entry is None:
+                        window[-1].append(None)
+                        continue
+                    prefix = f"{g}/{i}/"
+                    entry["arrays"] = numpy_to_record({k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)})
+                    window[-1].append(entry)
+        return window
+
     def save_model(self, name: str, arrays: ArrayRecord) -> Path:
         path = self.models_dir / f"{name}.npz"
         atomic_write_bytes(path, _npz_bytes(arrays_to_numpy(arrays)))

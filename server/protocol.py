@@ -47,9 +47,10 @@ from flwr.serverapp.strategy.strategy_utils import (
     validate_message_reply_consistency,
 )
 
+from common import derive
 from common import metrics as M
 from common.config import SENT_MODEL_KEYS, model_list
-from common.logistic import LogisticFitError, newton_fit
+from common.logistic import LogisticFitError, newton_fit, newton_step
 from common.model_input import ModelInputError
 from common.model_input import validate as validate_model_input
 from common.records import SITE_CANNOT, SITE_REFUSED, arrays_to_numpy, numpy_to_record, score_cells, to_config_record
@@ -110,18 +111,22 @@ class Federation:
             time.sleep(1.0)
         self.timeout_s = timeout_s
         self.bytes_sent = 0
+        self.evidence_bytes: dict[str, int] = {}  # message type -> bytes of relayed evidence sent
+        self.last_evidence_bytes = 0  # of the last message sent with evidence
         self.site_of: dict[int, str] = {}
         self.node_of: dict[str, int] = {}
         self.released: dict[str, dict[str, int]] = {}  # site -> message type -> replies received
         self.would_refuse: list[dict] = []  # what virtual sites under span-audit = report answered (_would_refuse)
 
     def ask(self, sites: list[str] | list[int], message_type: str, config: dict, arrays: ArrayRecord | None = None,
-            group: str = "") -> Replies:
+            group: str = "", evidence: dict | None = None) -> Replies:
         """Send one message to each site. A refusal goes to `.refused`; another error reply or no
         reply within the timeout is asked again (`retries` times, waiting backoff_s, 2 x, 4 x ...),
         then goes to `.failed`. The same request is sent each time (a site answers an identical
-        repeat the same, see client/disclosure.py query-budget)."""
+        repeat the same, see client/disclosure.py query-budget). `evidence`: the derivation of the
+        request's model (a recipe holding signed entries, see `with_evidence`), which the sites verify."""
         out = Replies()
+        extra = with_evidence(evidence) if evidence is not None else {}
         pending = [s if isinstance(s, int) else self.node_of[s] for s in sites]
         why: dict[int, str] = {}
         for attempt in range(self.retries + 1):
@@ -139,6 +144,12 @@ class Federation:
                 if arrays is not None:
                     content["arrays"] = arrays
                     self.bytes_sent += arrays.count_bytes()
+                for name, record in extra.items():
+                    content[name] = record
+                if extra:
+                    size = self.last_evidence_bytes = sum(r.count_bytes() for r in extra.values())
+                    self.bytes_sent += size
+                    self.evidence_bytes[message_type] = self.evidence_bytes.get(message_type, 0) + size
                 messages.append(Message(content=content, dst_node_id=node, message_type=message_type, group_id=group))
             answered = set()
             for rep in self.grid.send_and_receive(messages, timeout=self.timeout_s):
@@ -186,6 +197,34 @@ class Federation:
 
 def metrics_of(content: RecordDict) -> dict[str, Any]:
     return dict(content["metrics"])
+
+
+def signed_of(content: RecordDict, with_arrays: bool = False) -> dict | None:
+    """A reply's signed statement (client/verify.py) as an evidence entry; None when unsigned (a site
+    that does not verify models signs nothing, and enforcing sites then refuse what is made of it)."""
+    if "signed" not in content.config_records:
+        return None
+    rec = content["signed"]
+    entry = {"statement": str(rec["statement"]), "signature": derive.signature_text(rec["signature"])}
+    if with_arrays:
+        entry["arrays"] = content["arrays"]
+    return entry
+
+
+def with_evidence(recipe: Any) -> dict[str, Any]:
+    """The request records of a recipe whose leaves are evidence entries: each entry becomes its index
+    in the evidence (common/derive.py Evidence). An unsigned entry (None) stays None: the sites refuse."""
+    ev = derive.Evidence()
+
+    def indexed(obj):
+        if isinstance(obj, dict) and "statement" in obj:
+            return ev.ref(obj)
+        if isinstance(obj, dict):
+            return {k: indexed(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [indexed(v) for v in obj]
+        return obj
+    return ev.records(indexed(recipe))
 
 
 # ---- the plan -----------------------------------------------------------------------------------
@@ -261,14 +300,6 @@ def _single_plan(scenario: str, sites: dict[str, dict], folds: int, eval_sites: 
 SWA_PREFIX = "swa-sum."
 
 
-def _pooled(n: int, s: np.ndarray, ss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and sample SD from a count, sums and sums of squares; a constant feature is only centred
-    (SD 1, as common.clinical.standardise does)."""
-    mean = s / n
-    std = np.sqrt(np.maximum(ss / n - mean**2, 0.0) * n / max(n - 1, 1))
-    return mean, np.where(std > 1e-8, std, 1.0)
-
-
 def _malformed_sums(replies: Replies, n_features: int, n_roi_stats: int) -> dict[str, str]:
     """{site: what is wrong} for standardisation replies whose sums the coordinator cannot pool: a count
     that is not a positive whole number, sums not finite or of another length than the clinical
@@ -300,11 +331,6 @@ def _unpack_swa(record: ArrayRecord | None) -> tuple[ArrayRecord | None, dict[st
     return (record if not sums else numpy_to_record(plain)), sums
 
 
-def _add_swa(sums: dict[str, np.ndarray], arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    now = arrays_to_numpy(arrays)
-    return {k: sums.get(k, 0.0) + v.astype(np.float64) for k, v in now.items()}
-
-
 def _pack_swa(arrays: ArrayRecord, sums: dict[str, np.ndarray]) -> ArrayRecord:
     if not sums:
         return arrays
@@ -328,6 +354,8 @@ class Study:
         self.state: dict[str, Any] = {}
         # "tag/fold" -> pooled (mean, SD) of the ROI statistics (standardisation); re-asked on a resume
         self.roi_standardisation: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        # "tag/fold" -> the training sites' signed standardisation sums, relayed with every request of the fit
+        self.std_evidence: dict[str, list] = {}
 
     # -- set-up --
     def start(self) -> None:
@@ -492,7 +520,9 @@ class Study:
     def standardisation(self, fit: Fit) -> tuple[np.ndarray, np.ndarray] | None:
         """Pooled feature mean / SD of the fit's training sites; a refusing site sits the fit out. The
         pooled mean / SD of the model's ROI statistics, when every site sent their sums, are kept in
-        self.roi_standardisation[fit.tag/fit.fold] for the model's initial weights (initial_state)."""
+        self.roi_standardisation[fit.tag/fit.fold] for the model's initial weights (initial_state).
+        The sites' signed sums are kept too: every later request of the fit relays them, so each site
+        recomputes the standardisation it is sent (client/verify.py)."""
         replies = self.fed.ask(fit.train, "query.clinical_sums", self._base(fit), group=f"{fit.tag}/{fit.fold}/std")
         self._drop_refused(fit, replies, "training", "train")
         from common.model import roi_channels
@@ -506,31 +536,37 @@ class Study:
             return None
         # each site's training patients in this fit: its training replies must count the same
         self.state["train_counts"][f"{fit.tag}/{fit.fold}"] = {s: int(metrics_of(c)["num-examples"]) for s, c in replies.items()}
-        n = sum(int(metrics_of(c)["num-examples"]) for c in replies.values())
-        s = sum(np.asarray(metrics_of(c)["sum"]) for c in replies.values())
-        ss = sum(np.asarray(metrics_of(c)["sumsq"]) for c in replies.values())
-        if all("roi-sum" in metrics_of(c) for c in replies.values()):
-            roi = _pooled(n, sum(np.asarray(metrics_of(c)["roi-sum"]) for c in replies.values()),
-                          sum(np.asarray(metrics_of(c)["roi-sumsq"]) for c in replies.values()))
+        mean, std, roi = derive.pool_sums([metrics_of(c) for c in replies.values()])
+        if roi is not None:
             self.roi_standardisation[f"{fit.tag}/{fit.fold}"] = roi
-        return _pooled(n, s, ss)
+        self.std_evidence[f"{fit.tag}/{fit.fold}"] = [signed_of(c) for c in replies.values()]
+        return mean, std
+
+    def _std(self, fit: Fit) -> list:
+        return self.std_evidence.get(f"{fit.tag}/{fit.fold}", [None])
 
     def fit_cf(self, fit: Fit, mean, std) -> dict | None:
         base = {**self._base(fit), "clinical-mean": mean, "clinical-std": std}
         p = self.n_features + 1
+        l2 = float(self.cfg["cf-l2"])
+        points: list[dict] = []  # where the sites answered: coefficients, their signed statistics, the pooled ones
 
         def stats(beta: np.ndarray) -> dict:
+            proof = beta_proof(np.asarray(beta, float), points, l2)
             replies = self.fed.ask(fit.train, "query.logistic_stats", {**base, "beta": np.asarray(beta, float)},
-                                   group=f"{fit.tag}/{fit.fold}/cf")
+                                   group=f"{fit.tag}/{fit.fold}/cf", evidence={"std": self._std(fit), "beta": proof})
             if replies.refused or replies.failed:
                 raise _SiteLeft(replies)
             ms = [metrics_of(c) for c in replies.values()]
-            return {"grad": sum(np.asarray(m["grad"]) for m in ms), "hess": sum(np.asarray(m["hess"]).reshape(p, p) for m in ms),
-                    "loglik": sum(float(m["loglik"]) for m in ms), "n": sum(int(m["num-examples"]) for m in ms)}
+            pooled = derive.pool_stats(ms, p)
+            points.append({"beta": np.asarray(beta, float), "pooled": pooled,
+                           "entries": [signed_of(c) for c in replies.values()]})
+            return pooled
 
         while fit.train:
+            points.clear()
             try:
-                res = newton_fit(stats, p, l2=float(self.cfg["cf-l2"]))
+                res = newton_fit(stats, p, l2=l2)
                 break
             except _SiteLeft as left:  # refit without the site that refused (e.g. a crafted-looking step) or is away
                 self._drop_refused(fit, left.replies, "CF model fit", "train")
@@ -540,22 +576,28 @@ class Study:
         else:
             return None
         return {"beta": np.asarray(res.beta).tolist(), "cov": np.asarray(res.cov).tolist(),
-                "n_iter": int(res.n_iter), "converged": bool(res.converged), "loglik": float(res.loglik)}
+                "n_iter": int(res.n_iter), "converged": bool(res.converged), "loglik": float(res.loglik),
+                "proof": beta_proof(np.asarray(res.beta), points, l2)}
 
     def evaluate(self, fit: Fit, model: str, mean, std, arrays: ArrayRecord | None, beta=None, *, store: bool,
-                 rnd: int | None = None) -> None:
+                 rnd: int | None = None, recipe: dict | None = None) -> None:
+        """`recipe`: the derivation of a DL model's weights (its leaves evidence entries); a CF model's
+        coefficients are proven by the fit's stored CF proof."""
         base = {**self._base(fit), "clinical-mean": mean, "clinical-std": std, "model": model, "store": store,
                 "round": int(rnd or 0), "num-rounds": int(self.cfg["num-rounds"])}
+        evidence: dict[str, Any] = {"std": self._std(fit)}
         if beta is not None:
             base["beta"] = np.asarray(beta, float)
+            evidence["beta"] = (self.state["cf"].get(f"{fit.tag}/{fit.fold}") or {}).get("proof")
         else:
             base.update(self._model_keys())
+            evidence["model"] = recipe
         for part, role in (("val", "val"), ("all", "test")):
             sites = getattr(fit, role)
             if not sites:
                 continue
             replies = self.fed.ask(sites, "evaluate", {**base, "part": part}, arrays=arrays,
-                                   group=f"{fit.tag}/{fit.fold}/{model}/eval")
+                                   group=f"{fit.tag}/{fit.fold}/{model}/eval", evidence=evidence)
             # not asked again in this fit; its summary for this fit tag would miss this fold
             for site in self._drop_refused(fit, replies, f"evaluation ({part}, from {model})", role):
                 self.state["incomplete"].append([fit.tag, site])
@@ -570,50 +612,57 @@ class Study:
                        "round": rnd, "stored": store, **{k: m[k] for k in m}}
                 (self.state["history"] if rnd is not None else self.state["evaluations"]).append(rec)
 
-    def initial_state(self, model: str, fit_index: int, fit: Fit, cf_beta=None) -> ArrayRecord:
-        """Seeded initial weights; the Combined model starts from this fit's CF model when there is one;
-        with roi-stats, the fit's pooled ROI standardisation (from `standardisation`) is set."""
-        from common.model import build_model
+    @property
+    def shape(self) -> dict:
+        """The model input the sites prepared, as common/derive.py builds models for it."""
+        return {"n-channels": self.n_channels, "spatial-dims": self.spatial_dims, "n-features": self.n_features,
+                "channels": self.channels}
 
+    def initial_state(self, model: str, fit_index: int, fit: Fit, cf_beta=None) -> ArrayRecord:
+        """Seeded initial weights (common/derive.py, which the sites recompute); the Combined model
+        starts from this fit's CF model when there is one; with roi-stats, the fit's pooled ROI
+        standardisation (from `standardisation`) is set."""
+        # the global RNG as before model verification (the models build from the study seed themselves)
         torch.manual_seed(int(np.random.SeedSequence([int(self.cfg["seed"]), fit_index, DL_MODELS.index(model)]).generate_state(1)[0] % 2**31))
-        net = build_model(self.cfg, self.n_channels, self.spatial_dims, self.n_features, use_clinical=(model == "combined"),
-                          channels=self.channels)
-        if model == "combined" and cf_beta is not None:
-            net.start_from_logistic(cf_beta)
-        if net.config["roi_stats"]:
-            roi = self.roi_standardisation.get(f"{fit.tag}/{fit.fold}")
-            if roi is None:
-                raise StudyError(f"{fit.tag} fold {fit.fold}: the model has ROI statistics (roi-stats) but the "
-                                 "training sites sent no sums of them for its standardisation")
-            net.set_roi_standardisation(*roi)
-        return ArrayRecord(net.state_dict())
+        try:
+            return derive.initial_state(self._model_keys(), int(self.cfg["seed"]), model, self.shape, cf_beta,
+                                        self.roi_standardisation.get(f"{fit.tag}/{fit.fold}"))
+        except ValueError as exc:
+            raise StudyError(f"{fit.tag} fold {fit.fold}: {exc}") from None
+
+    def _init_recipe(self, model: str, fit: Fit) -> dict:
+        cf = self.state["cf"].get(f"{fit.tag}/{fit.fold}")
+        return {"kind": "init", "seed": int(self.cfg["seed"]), "model": model,
+                "beta": cf.get("proof") if (cf and model == "combined") else None}
+
+    def _rounds_recipe(self, window: list[list]) -> dict:
+        return {"kind": "rounds", "rounds": window, "rule": str(self.cfg["aggregation"]),
+                "trim": float(self.cfg["trim-fraction"]), "swa": len(window) if len(window) > 1 else 0}
 
     def _keep_roi_standardisation(self, arrays: ArrayRecord, fit: Fit) -> ArrayRecord:
         """The ROI statistics' standardisation is the coordinator's (pooled sums), not the sites': an
         aggregate of the sites' copies is put back to it, whatever a site sent."""
-        roi = self.roi_standardisation.get(f"{fit.tag}/{fit.fold}")
-        keys = [k for k in arrays if k.rsplit(".", 1)[-1] in ("roi_stats_mean", "roi_stats_std")]
-        if roi is None or not keys:
-            return arrays
-        state = arrays.to_torch_state_dict()
-        for k in keys:
-            value = roi[0] if k.endswith("roi_stats_mean") else roi[1]
-            state[k] = torch.as_tensor(value, dtype=state[k].dtype)
-        return ArrayRecord(state)
+        return derive.keep_roi_standardisation(arrays, self.roi_standardisation.get(f"{fit.tag}/{fit.fold}"))
 
     def fit_dl(self, fit_index: int, fit: Fit, model: str, mean, std, start_round: int,
                arrays: ArrayRecord | None) -> ArrayRecord | None:
         rounds = int(self.cfg["num-rounds"])
         cf = self.state["cf"].get(f"{fit.tag}/{fit.fold}")
         arrays, swa_sum = _unpack_swa(arrays)
-        arrays = arrays if arrays is not None else self.initial_state(model, fit_index, fit, cf["beta"] if cf else None)
         swa_from = rounds - int(self.cfg["swa-rounds"]) + 1  # rounds whose global weights are averaged
+        # the signed updates of the rounds the model is made of (the last round's, and those averaged):
+        # the sites recompute the model from them
+        window = self.ckpt.load_evidence() if start_round else []
+        recipe = self._init_recipe(model, fit) if not start_round else self._rounds_recipe(window[-1:])
+        arrays = arrays if arrays is not None else self.initial_state(model, fit_index, fit, cf["beta"] if cf else None)
         train_cfg = {**self._base(fit), **self._model_keys(), "clinical-mean": mean, "clinical-std": std, "model": model,
                      "num-rounds": rounds, "dp-fits": self._dp_fits()}
         for rnd in range(start_round + 1, rounds + 1):
             t0 = time.perf_counter()
             replies = self.fed.ask(fit.train, "train", {**train_cfg, "round": rnd}, arrays=arrays,
-                                   group=f"{fit.tag}/{fit.fold}/{model}/{rnd}")
+                                   group=f"{fit.tag}/{fit.fold}/{model}/{rnd}",
+                                   evidence={"std": self._std(fit), "model": recipe})
+            evidence_size = self.fed.last_evidence_bytes
             self._drop_refused(fit, replies, f"training ({model}, from round {rnd})", "train")
             if not replies and not replies.failed:
                 return None
@@ -630,65 +679,63 @@ class Study:
                            f"update rejected: {reason}" if halt else reason, model=model, rnd=rnd)
             if halt:
                 self._stop(f"{fit.tag} fold {fit.fold} {model} round {rnd}: {len(accepted)} training update(s) "
-                           f"accepted, min-train-sites = {need}", arrays)
+                           f"accepted, min-train-sites = {need}", _pack_swa(arrays, swa_sum))
             contents = [replies[s] for s in accepted]
             self._record_dp(model, {s: metrics_of(replies[s]) for s in accepted})
             validate_message_reply_consistency(contents, weighted_by_key="num-examples", check_arrayrecord=True)
             arrays = aggregate(arrays, contents, str(self.cfg["aggregation"]), float(self.cfg["trim-fraction"]))
             arrays = self._keep_roi_standardisation(arrays, fit)
+            group = [signed_of(c, with_arrays=True) for c in contents]
+            window = (window if rnd > max(swa_from, 1) else []) + [group] if rnd >= swa_from else [group]
+            recipe = self._rounds_recipe(window[-1:])
             if rnd >= swa_from:
-                swa_sum = _add_swa(swa_sum, arrays)
+                swa_sum = derive.swa_add(swa_sum, arrays)
             agg = aggregate_metricrecords(contents, "num-examples")
             timing = self.state.setdefault("timing", {"train-rounds-s": 0.0, "train-rounds": 0, "local-training-s": 0.0})
             timing["train-rounds-s"] += time.perf_counter() - t0  # send, local training, reply, FedAvg
             timing["train-rounds"] += 1
             timing["local-training-s"] += sum(float(c["metrics"]["train-seconds"]) for c in contents)
             sizes = [c["arrays"].count_bytes() for c in contents]
-            self.state["bytes"] = {"per-client-per-round": int(np.median(sizes)), "weights": int(arrays.count_bytes())}
+            # evidence: the signed updates (and sums) the site verifies its model with, beside the weights
+            self.state["bytes"] = {"per-client-per-round": int(np.median(sizes)), "weights": int(arrays.count_bytes()),
+                                   "evidence-per-train-request": int(evidence_size)}
             self.state["history"].append({"tag": fit.tag, "fold": fit.fold, "model": model, "round": rnd,
                                           "part": "train", "train-loss": float(agg["train-loss"]) if agg else float("nan"),
                                           "sites": list(accepted)})
             if fit.val:
-                self.evaluate(fit, model, mean, std, arrays, store=False, rnd=rnd)
+                self.evaluate(fit, model, mean, std, arrays, store=False, rnd=rnd, recipe=recipe)
             self.state["position"] = {"fit": fit_index, "model": self.models.index(model), "round": rnd}
             self.state["fits"][str(fit_index)] = asdict(fit)
+            self.ckpt.save_evidence(window)
             self.ckpt.save(self.state, _pack_swa(arrays, swa_sum))
             self.rounds_done_this_run += 1
             self.say(f"{fit.tag} fold {fit.fold} {model}: round {rnd}/{rounds} done")
             stop = int(self.cfg["stop-after-rounds"])
             if stop and self.rounds_done_this_run >= stop:
                 raise StudyInterrupted(f"stopped after {stop} rounds as configured (stop-after-rounds)")
-        return self.swa_result(_pack_swa(arrays, swa_sum))
+        return self.swa_result(_pack_swa(arrays, swa_sum), window)
 
-    def swa_result(self, packed: ArrayRecord) -> ArrayRecord:
-        """The fit's model (all its rounds done): with swa-rounds N, the mean of the global weights of
-        its last N rounds (stochastic weight averaging, done by the server on weights it already holds:
-        nothing more leaves a site); else the last round's."""
+    def swa_result(self, packed: ArrayRecord, window: list[list]) -> tuple[ArrayRecord, dict]:
+        """(the fit's model, its recipe), all its rounds done: with swa-rounds N, the mean of the global
+        weights of its last N rounds (stochastic weight averaging, done by the server on weights it
+        already holds: nothing more leaves a site); else the last round's."""
         arrays, swa_sum = _unpack_swa(packed)
         if not swa_sum:
-            return arrays
+            return arrays, self._rounds_recipe(window[-1:])
         n = min(int(self.cfg["swa-rounds"]), int(self.cfg["num-rounds"]))  # every round from swa_from on
-        ref = arrays_to_numpy(arrays)
-        return numpy_to_record({k: (swa_sum[k] / n).astype(ref[k].dtype) for k in ref})
+        return derive.swa_mean(arrays, swa_sum, n), self._rounds_recipe(window[-n:])
 
-    def combine(self, fit: Fit, dl_arrays: ArrayRecord | None) -> ArrayRecord | None:
-        """combined-from = "dl+cf": the Combined model of this fit made of its trained DL model and its
-        CF model (common/model.py FusionResNet.start_from_parts), with no further training."""
-        from common.model import build_model
-
+    def combine(self, fit: Fit, dl: tuple[ArrayRecord, dict] | None) -> tuple[ArrayRecord, dict] | None:
+        """combined-from = "dl+cf": (the Combined model of this fit made of its trained DL model and its
+        CF model (common/derive.py combine), with no further training; its recipe)."""
         cf = self.state["cf"].get(f"{fit.tag}/{fit.fold}")
-        if dl_arrays is None or cf is None:
-            missing = " and ".join(m for m, a in (("DL", dl_arrays), ("CF", cf)) if a is None)
+        if dl is None or cf is None:
+            missing = " and ".join(m for m, a in (("DL", dl), ("CF", cf)) if a is None)
             self._not_computed(fit, ["combined"], "Combined model", f"combined-from dl+cf: this fit has no {missing} model")
             return None
-        def net(use_clinical: bool):
-            return build_model(self.cfg, self.n_channels, self.spatial_dims, self.n_features, use_clinical=use_clinical,
-                               channels=self.channels)
-        dl = net(False)
-        dl.load_state_dict(dl_arrays.to_torch_state_dict())
-        combined = net(True)
-        combined.start_from_parts(dl, cf["beta"])
-        return ArrayRecord(combined.state_dict())
+        seed = int(self.cfg["seed"])
+        return (derive.combine(self._model_keys(), seed, self.shape, dl[0], cf["beta"]),
+                {"kind": "combine", "seed": seed, "dl": dl[1], "beta": cf.get("proof")})
 
     # -- the whole run --
     def run(self) -> dict:
@@ -715,7 +762,7 @@ class Study:
                 self.state["position"] = {"fit": i + 1, "model": 0, "round": 0}
                 continue
             mean, std = std_
-            dl_arrays = None  # this fit's trained DL model, for a Combined model made of it (combine)
+            dl_made = None  # this fit's trained DL model and its recipe, for a Combined model made of it (combine)
             if fit.fold < 0:  # the final models' standardisation, for `slmfed predict` (models/<fit>.json)
                 self.state.setdefault("standardisation", {})[fit.tag] = {"mean": mean.tolist(), "std": std.tolist()}
             for j, model in enumerate(self.models):
@@ -733,22 +780,22 @@ class Study:
                         self.evaluate(fit, "cf", mean, std, None, beta=cf["beta"], store=True)
                 else:
                     if model == "combined" and self.cfg["combined-from"] == "dl+cf":
-                        arrays = self.combine(fit, dl_arrays)  # records why when it cannot
+                        made = self.combine(fit, dl_made)  # records why when it cannot
                     else:
                         start = pos["round"] if resume_here else 0
-                        arrays = self.ckpt.load_arrays() if resume_here else None
+                        made = self.ckpt.load_arrays() if resume_here else None
                         if start < int(self.cfg["num-rounds"]):
-                            arrays = self.fit_dl(i, fit, model, mean, std, start, arrays)
-                        elif arrays is not None:  # resumed after the last round: the checkpoint's model
-                            arrays = self.swa_result(arrays)
-                        if arrays is None:
+                            made = self.fit_dl(i, fit, model, mean, std, start, made)
+                        elif made is not None:  # resumed after the last round: the checkpoint's model
+                            made = self.swa_result(made, self.ckpt.load_evidence())
+                        if made is None:
                             self._not_computed(fit, [model], f"{model} model", "no training site left")
-                    if arrays is not None:
-                        self.evaluate(fit, model, mean, std, arrays, store=True)
+                    if made is not None:
+                        self.evaluate(fit, model, mean, std, made[0], store=True, recipe=made[1])
                         if fit.fold < 0:
-                            self.ckpt.save_model(f"{fit.tag}-{model}", arrays)
+                            self.ckpt.save_model(f"{fit.tag}-{model}", made[0])
                     if model == "dl":
-                        dl_arrays = arrays
+                        dl_made = made
                 self.state["fits"][str(i)] = asdict(fit)
                 self.state["position"] = {"fit": i, "model": j + 1, "round": 0}
             self.state["position"] = {"fit": i + 1, "model": 0, "round": 0}
@@ -785,6 +832,23 @@ class Study:
         self.state["summaries"] = summaries
         self.state["thresholds"] = development_thresholds(summaries, self.models)
         return self.state
+
+
+def beta_proof(beta: np.ndarray, points: list[dict], l2: float) -> dict:
+    """How CF coefficients were reached, for the sites to recompute (client/verify.py): zero, or a
+    Newton candidate (step halved j times) from a point where the sites answered with signed statistics.
+    Found by recomputing newton_fit's candidates from the points it visited, latest first."""
+    if not np.any(beta):
+        return {"zero": True}
+    for point in reversed(points):
+        try:
+            step = newton_step(point["pooled"], point["beta"], l2)
+        except (LogisticFitError, np.linalg.LinAlgError):
+            continue
+        for j in range(derive.MAX_HALVINGS + 1):
+            if np.array_equal(point["beta"] + 2.0**-j * step, beta):
+                return {"ref": point["beta"].tolist(), "t": 2.0**-j, "l2": l2, "stats": point["entries"]}
+    return {"unproven": True}  # not reached by newton_fit from the points: the sites refuse it
 
 
 class _SiteLeft(Exception):

@@ -345,6 +345,11 @@ def render_report(res: dict) -> str:
     if comm:
         lines += ["", f"Bytes per client per round (weights): {comm.get('per-client-per-round')} "
                       f"(fp32 weights: {comm.get('weights')})."]
+        if comm.get("evidence-per-train-request"):
+            lines += ["", f"Model verification: each train request also relays {comm['evidence-per-train-request']} bytes "
+                          "of signed contributions (the previous round's updates of the fit's training sites, their "
+                          "standardisation sums), from which every site recomputes the model it is sent; so the "
+                          "training sites of a fit see each other's updates (deploy/README.md, Residual risks)."]
     lines += privacy_section(res)
     lines += faults_section(res)
     return "\n".join(lines) + "\n"
@@ -422,6 +427,18 @@ def privacy_section(res: dict) -> list[str]:
               "loss and AUC of one planned evaluation; `query.summary` exact AUC with DeLong CI, Brier score, "
               "calibration intercept / slope, Hosmer-Lemeshow, paired DeLong tests and the k-safe score cells "
               "(edges, per-class counts, mean prediction per cell)."]
+    verifying = [n for n, s in sorted(res["sites"].items()) if s.get("policy", {}).get("model-verification") == "enforce"]
+    others = [n for n in sorted(res["sites"]) if n not in verifying]
+    lines += ["", "Model verification (`client/verify.py`): "
+              + (f"{', '.join(verifying)} computed only on models they derived themselves from the study settings and "
+                 "contributions signed by the sites in their own peer roster (the standardisation from the signed sums, "
+                 "CF coefficients as Newton steps from signed statistics, DL / Combined weights rebuilt from the study "
+                 "seed or recomputed from the signed updates of their round by the study's rule); any other model is "
+                 "refused as `unverified-model`. The contributions travel signed: the clinical sums, CF statistics and "
+                 "training updates of a site are relayed to the other sites of its fit, which need them to recompute "
+                 "the aggregate." if verifying else "no site verified the models it computed on.")
+              + (f" {', '.join(others)}: model-verification off (computes on any model; `deploy check` refuses this "
+                 "in a deployment)." if others else "")]
     bounds = [r for r in res["rows"] if r.get("binned_auc_error_bound") is not None]
     if bounds:
         worst = max(bounds, key=lambda r: r["binned_auc_error_bound"])

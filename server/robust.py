@@ -16,7 +16,7 @@ A reply is rejected when
 The norm rule only bounds from above: an attacker with a huge update cannot get an honest site
 rejected, it only makes the honest sites' reference larger. Weights scaled by 1e6 fail both bounds.
 
-Aggregation (`aggregation`): fedavg, the example-weighted mean (Flower's
+Aggregation (`aggregation`, common/derive.py, where the sites recompute it): fedavg, the example-weighted mean (Flower's
 `aggregate_arrayrecords`, as Flower's FedAvg strategy); fedmedian and trimmed-mean, Flower's own
 `aggregate_median` / `aggregate_trimmed_avg` (flwr.server.strategy.aggregate; unweighted,
 per coordinate). Trimmed mean cuts int(trim-fraction x n) sites at each end: with 3 sites it needs
@@ -28,11 +28,10 @@ import math
 from typing import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
-from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.app import ArrayRecord, RecordDict
 
-AGGREGATIONS = ("fedavg", "fedmedian", "trimmed-mean")
+# the aggregation rules live with the rest of the model derivations, which sites recompute
+from common.derive import AGGREGATIONS, aggregate  # noqa: F401  (re-exported)
 
 
 def _floats(arrays: Mapping[str, np.ndarray]) -> list[str]:
@@ -111,27 +110,3 @@ def check_updates(global_arrays: ArrayRecord, replies: Mapping[str, RecordDict],
         elif n > max_ratio * scale:
             rejected[site] = f"update norm {n:.3g} exceeds {max_ratio:g} x the global model's norm ({scale:.3g})"
     return [s for s in replies if s not in rejected], rejected
-
-
-def aggregate(global_arrays: ArrayRecord, contents: list[RecordDict], method: str, trim_fraction: float) -> ArrayRecord:
-    """Combine accepted training replies into the next global model (see the module docstring)."""
-    if method == "fedavg":
-        out = aggregate_arrayrecords(contents, "num-examples")
-        ints = {k: v.numpy().dtype for k, v in contents[0]["arrays"].items() if v.numpy().dtype.kind in "iub"}
-        if not ints:  # the default models hold floats only: exactly Flower's result
-            return out
-        # integer buffers (BatchNorm's batch counter) stay integers, or the next round's replies would
-        # differ in dtype from the global model
-        return ArrayRecord({k: Array(np.ascontiguousarray(np.rint(v.numpy()).astype(ints[k])) if k in ints else v.numpy())
-                            for k, v in out.items()})
-    if method not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {method!r}: expected one of {', '.join(AGGREGATIONS)}")
-    keys = list(global_arrays.keys())
-    results = [([c["arrays"][k].numpy() for k in keys], int(c["metrics"]["num-examples"])) for c in contents]
-    layers = aggregate_median(results) if method == "fedmedian" else aggregate_trimmed_avg(results, trim_fraction)
-    out = {}
-    for k, layer in zip(keys, layers, strict=True):
-        dtype = global_arrays[k].numpy().dtype
-        layer = np.asarray(layer)
-        out[k] = Array(np.ascontiguousarray(np.rint(layer).astype(dtype) if dtype.kind in "iub" else layer.astype(dtype)))
-    return ArrayRecord(out)

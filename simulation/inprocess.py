@@ -13,6 +13,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from client.simulated import signer_name, with_simulation_keys
+
 
 class InProcessGrid(Grid):
     """Nodes 1000, 1001, ... with the given node configs; one shared run config. With `study_config`
@@ -27,7 +29,10 @@ class InProcessGrid(Grid):
 
             node_configs = size_for_repeats(node_configs, study_config)
         self.client_app = client_app
-        self.nodes = {1000 + i: cfg for i, cfg in enumerate(node_configs)}
+        # sites without keys of their own get the simulation's (they trust each other, client/simulated.py)
+        names = [signer_name(c) for c in node_configs]
+        self.nodes = {1000 + i: (with_simulation_keys(dict(cfg), names) if cfg.get("cache-dir") else cfg)
+                      for i, cfg in enumerate(node_configs)}
         self.run_config = run_config or {}
         # every message, for tests that inspect what left a site; a benchmark running whole studies turns
         # this off (a study at width 1 with repeats sends gigabytes of weights)

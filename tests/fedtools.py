@@ -67,8 +67,13 @@ def make_cache(cache_dir: Path, n: int, seed: int, site_name: str, prevalence: f
     return ids
 
 
-def ask_site(client_app, node_config: dict, message_type: str, config: dict | None = None, arrays=None) -> Message:
-    """One message straight to a ClientApp, as a (possibly hostile) coordinator would send it."""
+def ask_site(client_app, node_config: dict, message_type: str, config: dict | None = None, arrays=None,
+             records: dict | None = None) -> Message:
+    """One message straight to a ClientApp, as a (possibly hostile) coordinator would send it; `records`:
+    more records of the message (a model's evidence). The site's model-verification is off unless its node
+    config says otherwise: these tests probe the gate's other rules with hand-made models, and
+    tests/test_verify.py probes model verification itself (with keys, rosters and evidence)."""
+    node_config = {"model-verification": "off", **node_config}
     from flwr.app import ConfigRecord
 
     from common.records import to_config_record
@@ -77,6 +82,8 @@ def ask_site(client_app, node_config: dict, message_type: str, config: dict | No
         {"config": ConfigRecord({})})
     if arrays is not None:
         content["arrays"] = arrays
+    for name, record in (records or {}).items():
+        content[name] = record
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     msg = Message(content=content, dst_node_id=1000, message_type=message_type)
     msg.metadata.__dict__["_message_id"] = f"m{next(_ASK_IDS)}"

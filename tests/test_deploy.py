@@ -53,12 +53,12 @@ def _problems(findings: list[Finding]) -> str:
 
 def test_init_writes_private_keys_0600_and_bundles(generated):
     for key in ["ca/ca.key", "coordinator/certs/server.key", "sites/a/supernode.key", "sites/b/supernode.key",
-                "sites/a/superexec.secret"]:
+                "sites/a/superexec.secret", "sites/a/study-signing.key", "sites/b/study-signing.key"]:
         assert _mode(generated / key) == 0o600, key
     site = generated / "sites" / "a"
     assert {p.name for p in site.iterdir()} == {
         "bundle.toml", "ca.crt", "supernode.key", "supernode.pub", "flower-supernode.service", "compose.yaml",
-        "superexec.secret", "approved-apps.toml", "slmfed-launcher.service"}
+        "superexec.secret", "approved-apps.toml", "slmfed-launcher.service", "study-signing.key", "peer-roster.toml"}
     assert B.read_approved_apps(site / "approved-apps.toml") == {}  # nothing runs until the site approves an app
     # the site bundle carries no coordinator secret and no other site's key
     assert not any("server" in p.name or p.name == "ca.key" for p in site.rglob("*"))
@@ -73,7 +73,7 @@ def test_privacy_policy_and_dp_choice_belong_to_each_site(generated):
         assert privacy == {"min-cell-size": 10, "histogram-bins": 100, "share-histograms": True,
                            "max-logit-slope": 10.0, "max-partitions": 24, "max-studies": 50,
                            "dp-epsilon": 0.0, "dp-delta": 1e-5, "dp-clip-norm": 1.0,  # DP stated explicitly: off
-                           "dp-lifetime-epsilon": 10.0, "span-audit": "enforce",
+                           "dp-lifetime-epsilon": 10.0, "span-audit": "enforce", "model-verification": "enforce",
                            # compute caps: what a coordinator may make this site train, run and send
                            "allowed-backbones": "resnet10,resnet18", "max-widen-factor": 1.0,
                            "max-ensemble-size": 5, "max-epoch-patients": 5000, "max-reply-mb": 200,
@@ -174,9 +174,11 @@ def test_generated_commands_carry_the_required_flags(generated):
     assert node.flag("--max-retries") == "500" and float(node.flag("--max-wait-time")) == 86400
     assert B.parse_node_config(node.flag("--node-config")) == {
         "cache-dir": "/srv/slmfed/cache", "site-name": "a", "study-dir": "/srv/slmfed/study",
+        "signing-key": "/etc/slmfed/study-signing.key", "peer-roster": "/etc/slmfed/peer-roster.toml",
         "min-cell-size": "10", "histogram-bins": "100", "share-histograms": "true", "max-logit-slope": "10.0",
         "max-partitions": "24", "max-studies": "50", "dp-epsilon": "0.0", "dp-delta": "1e-05", "dp-clip-norm": "1.0",
-        "dp-lifetime-epsilon": "10.0", "span-audit": "enforce", "allowed-backbones": "resnet10,resnet18",
+        "dp-lifetime-epsilon": "10.0", "span-audit": "enforce", "model-verification": "enforce",
+        "allowed-backbones": "resnet10,resnet18",
         "max-widen-factor": "1.0", "max-ensemble-size": "5", "max-epoch-patients": "5000", "max-reply-mb": "200.0",
         "max-rounds": "50", "min-batch-size": "0", "max-fits-per-study": "64",
         "max-evaluations-per-study": "2000", "max-evaluations": "50000"}
@@ -711,7 +713,9 @@ def test_join_command_is_the_systemd_command(dep, cache):
     expected = [str(b.local(t)) if t.startswith(b.install_dir) else t for t in cmd.argv[1:]]
     # another cache than the bundle's: the study folder sits beside it (writable there), nothing else changes
     expected = [t.replace('cache-dir="/srv/slmfed/cache"', f'cache-dir="{cache.resolve()}"')
-                 .replace('study-dir="/srv/slmfed/study"', f'study-dir="{cache.resolve()}-study"') for t in expected]
+                 .replace('study-dir="/srv/slmfed/study"', f'study-dir="{cache.resolve()}-study"')
+                 .replace(f'="{b.install_dir}/', f'="{site}/')  # signing-key, peer-roster: the bundle's files
+                 for t in expected]
     assert Path(argv[0]).name == "flower-supernode"
     assert [t.replace(str(site.resolve()), str(site)) for t in argv[1:]] == expected
 

@@ -210,6 +210,8 @@ def test_min_train_sites_stops_cleanly_and_resume_finishes_once_the_site_is_back
     assert saved["position"] == {"fit": 0, "model": 0, "round": 1}
     assert any(f["kind"] == "stopped" and f["site"] == "site-c" for f in saved["faults"])
     state, res = _study(nodes, tmp_path / "run", None, **{"min-train-sites": 3, "resume": True})
+    # every site verified the resumed model (its weight averaging kept the rounds before the stop)
+    assert not [s for s in state["sat_out"] if "unverified-model" in s["reason"]], state["sat_out"]
     assert _rows(res) == _rows(clean[1])  # the site answered again: the same results as without the fault
     assert "study stopped here" in (tmp_path / "run" / "report.md").read_text()
 

@@ -138,7 +138,10 @@ def test_a_fresh_simulated_node_generates_and_prepares_the_embedded_cohort_once(
     root = tmp_path / "home" / "slmfed-data" / "synthetic-paper"
     assert made == [("paper", None)]  # generated once, the two-centre paper cohort
     assert primary == {"partition-id": 1, "num-partitions": 2, "cache-dir": str(root / "caches" / "center-primary"),
-                       "site-name": "center-primary", "min-cell-size": 3}
+                       "site-name": "center-primary", "min-cell-size": 3,
+                       # the virtual sites' keys: each signs as itself and trusts the cohort's sites
+                       "signing-key": "simulation:center-primary",
+                       "peer-roster": "simulation:center-external,center-primary"}
     assert external["site-name"] == "center-external" and external["min-cell-size"] == 3
     assert (root / "caches" / "center-external" / "manifest.json").is_file()
     with pytest.raises(Exception, match="holds 2 site folders but the simulation has 3 nodes"):
