@@ -59,6 +59,22 @@ def model_bytes(cfg: Mapping[str, Any], manifest: Mapping[str, Any], n_features:
     return per_member * int(cfg.get("ensemble-size", 1))
 
 
+def backbone_bytes_lower_bound(cfg: Mapping[str, Any], manifest: Mapping[str, Any]) -> int:
+    """A lower bound on a train reply's bytes without torch: the second 3x3 convolution of every basic
+    block (planes x planes x 3^dims float32 weights), which every backbone of common/model.py has,
+    times the ensemble. A request over the cap on this bound alone is refused in milliseconds (a cold
+    ClientApp process has not imported torch yet); else model_bytes counts exactly."""
+    from common.config import BACKBONE_DEPTHS, BACKBONE_WIDTHS
+
+    depths = BACKBONE_DEPTHS.get(str(cfg.get("backbone")))
+    if depths is None:
+        return 0
+    kernel = 3 ** int(manifest.get("spatial_dims", 2))
+    planes = [int(w * float(cfg.get("widen-factor", 1.0))) for w in BACKBONE_WIDTHS]
+    per_member = sum(n * p * p * kernel * 4 for n, p in zip(depths, planes))
+    return per_member * int(cfg.get("ensemble-size", 1))
+
+
 def check_request(message_type: str, req: Mapping[str, Any], policy, manifest: Mapping[str, Any],
                   n_features: int) -> None:
     """Refuse a train / evaluate request over the site's caps (Refused, rule named)."""
@@ -77,7 +93,10 @@ def check_request(message_type: str, req: Mapping[str, Any], policy, manifest: M
         raise Refused("compute-budget", f"local-epochs {req['local-epochs']} x ensemble-size {req['ensemble-size']} "
                                         f"x this site's patients (rounded up to {COUNT_STEP}) is over its max-epoch-patients "
                                         f"{policy.max_epoch_patients}")
-    size = model_bytes(req, manifest, n_features, use_clinical=req["model"] == "combined")
+    bound = backbone_bytes_lower_bound(req, manifest)
+    size = bound if bound > float(policy.max_reply_mb) * MB else model_bytes(
+        req, manifest, n_features, use_clinical=req["model"] == "combined")
     if size > float(policy.max_reply_mb) * MB:
-        raise Refused("reply-size", f"the model's weights ({size / MB:.1f} MB) are over this site's max-reply-mb "
+        raise Refused("reply-size", f"the model's weights ({'at least ' if size == bound else ''}{size / MB:.1f} MB) "
+                                    f"are over this site's max-reply-mb "
                                     f"{policy.max_reply_mb:g}")

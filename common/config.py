@@ -166,6 +166,11 @@ SCHEMA: dict[str, Key] = {
 }
 
 
+# Basic-block depths of MONAI's resnet10 / resnet18 / resnet34 (common/model.py builds them; here so a
+# site can bound a model's size without importing torch, client/limits.py)
+BACKBONE_DEPTHS = {"resnet10": (1, 1, 1, 1), "resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+BACKBONE_WIDTHS = (64, 128, 256, 512)  # MONAI get_inplanes(), times widen-factor
+
 # The site's privacy policy: read from the site's node config only (see client/policy.py).
 SITE_POLICY_KEYS = ("min-cell-size", "histogram-bins", "share-histograms", "max-logit-slope", "max-partitions",
                     "max-studies", "dp-epsilon", "dp-delta", "dp-clip-norm", "dp-lifetime-epsilon", "allowed-backbones",

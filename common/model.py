@@ -59,8 +59,10 @@ from monai.networks.layers import get_norm_layer
 from monai.networks.nets.resnet import ResNet, ResNetBlock, get_inplanes
 from torch import nn
 
+from common.config import BACKBONE_DEPTHS
+
 # basic-block depths of MONAI's resnet10 / resnet18 / resnet34 factories
-BACKBONES = {"resnet10": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
+BACKBONES = {name: list(depths) for name, depths in BACKBONE_DEPTHS.items()}
 NORMS = ("batch", "instance", "group")
 GROUP_NORM_GROUPS = 32
 ROI_POOL_EPS = 1e-3  # in mask-area units of the pooled grid: an empty ROI gives 0 features, not NaN

@@ -90,3 +90,36 @@ def test_fits_per_study_and_evaluations_are_counted(site):
     assert metrics(ask_site(client_app, node, "evaluate", ev("bbbbbbbbbbbb/final", 1), arrays=_weights()))
     lifetime = ask_site(client_app, node, "evaluate", ev("bbbbbbbbbbbb/final", 2), arrays=_weights())
     assert rule_of(lifetime) == "evaluations" and "lifetime" in lifetime.error.reason
+
+
+@pytest.mark.parametrize("backbone", ["resnet10", "resnet18", "resnet34"])
+@pytest.mark.parametrize("dims,widen,ensemble", [(2, 0.125, 1), (2, 1.0, 3), (3, 0.5, 2)])
+def test_the_torch_free_size_bound_never_exceeds_the_exact_size(backbone, dims, widen, ensemble):
+    from client.limits import backbone_bytes_lower_bound, model_bytes
+
+    manifest = {"image_shape": [4, 40, 40] if dims == 2 else [4, 16, 40, 40], "spatial_dims": dims,
+                "channels": ["t2", "dwi", "adc", "mask"]}
+    cfg = {**_train(backbone=backbone, **{"widen-factor": widen, "ensemble-size": ensemble})}
+    exact = model_bytes(cfg, manifest, 7, use_clinical=True)
+    bound = backbone_bytes_lower_bound(cfg, manifest)
+    assert 0.5 * exact < bound <= exact  # a lower bound, and most of the weights
+
+
+def test_the_issues_oversized_model_is_refused_without_importing_torch(tmp_path):
+    """resnet34 x width 2 x 8 networks: refused on the torch-free bound, so a cold ClientApp process
+    answers it without loading torch (the refusal's cost stays in milliseconds)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from client.limits import check_request\nfrom client.disclosure import Refused\n"
+            "from client.policy import SitePolicy\n"
+            "req = dict(backbone='resnet34', **{'widen-factor': 2.0, 'ensemble-size': 2, 'local-epochs': 1, "
+            "'batch-size': 16, 'num-rounds': 8, 'model': 'dl'})\n"
+            "pol = SitePolicy(allowed_backbones='resnet34', max_widen_factor=4.0, max_ensemble_size=8)\n"
+            "man = {'image_shape': [4, 64, 64], 'spatial_dims': 2, 'counts': {'included': 28}}\n"
+            "try:\n    check_request('train', req, pol, man, 7)\nexcept Refused as exc:\n    print(exc.rule)\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1])).stdout.split()
+    assert out == ["reply-size", "False"]
