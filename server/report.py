@@ -305,6 +305,15 @@ def render_report(res: dict) -> str:
         star = "*" if r.get("operating_point_interpolated") else ""
         lines.append(f"| {MODEL_LABEL[r['model']]} | {r['cohort']} | {r['n']} | {auc_cell(r)} | {_fmt(r['threshold'], 2)} | "
                      f"{_fmt(r['sensitivity'])}{star} | {_fmt(r['specificity'])}{star} | {_fmt(r['brier'])} |")
+    lines += ["", "## Calibration", "", "Exact, at each site on its own scores: the calibration intercept (0 when the "
+              "mean risk is right) and slope (1 when the spread of the risks is right; below 1 the model is too sure) "
+              "of a logistic recalibration, and the Hosmer-Lemeshow test over risk groups (a small p: the predicted "
+              "risks do not match the observed rates).", "",
+              "| model | cohort | calibration intercept | calibration slope | Hosmer-Lemeshow chi2 | p |",
+              "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {MODEL_LABEL[r['model']]} | {r['cohort']} | {_fmt(r.get('calib_intercept'))} | "
+                     f"{_fmt(r.get('calib_slope'))} | {_fmt(r.get('hl_stat'), 2)} | {_fmt(r.get('hl_p'), 4)} |")
     if res["delong"]:
         lines += ["", "## Paired DeLong tests", "", "| cohort | comparison | z | p |", "|---|---|---|---|"]
         for d in res["delong"]:

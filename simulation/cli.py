@@ -170,8 +170,12 @@ def format_table(res: dict) -> str:
     for r in res["rows"]:
         oracle = res.get("oracle", {}).get(r["site"], {}).get(key[r["model"]])
         fmt = lambda x: "  n/a" if x is None else f"{x:.3f}"  # noqa: E731
-        lines.append(f"{MODEL_LABEL[r['model']]:<18} {r['cohort']:<36} {auc_cell(r):<22} {fmt(r['sensitivity']):>6} "
-                     f"{fmt(r['specificity']):>6} {fmt(oracle):>7}")
+        star = "*" if r.get("operating_point_interpolated") else ""
+        lines.append(f"{MODEL_LABEL[r['model']]:<18} {r['cohort']:<36} {auc_cell(r):<22} {fmt(r['sensitivity']) + star:>6} "
+                     f"{fmt(r['specificity']) + star:>6} {fmt(oracle):>7}")
+    if any(r.get("operating_point_interpolated") for r in res["rows"]):
+        lines.append("* read off the k-safe score cell that holds the threshold, split in proportion to its width "
+                     "(report.md, Results)")
     reps = [(model, e) for fam in res.get("cv_repeats", {}).values() for model, sites in fam.items() for e in sites.values()]
     if reps and len(reps[0][1]["aucs"]) > 1:  # cv-repeats > 1: mean (SD) over the fold assignments
         lines += ["", f"repeated cross-validation ({len(reps[0][1]['aucs'])} fold assignments): mean AUC (SD)"]

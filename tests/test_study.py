@@ -77,6 +77,11 @@ def test_run_folder_files_and_report_numbers_equal_results(paper_run, tmp_path):
         assert (auc, lo, hi) == tuple(round(r[k], 3) for k in ("auc", "auc_ci_low", "auc_ci_high"))
         star = "*" if r["operating_point_interpolated"] else ""  # read off a cell that holds the threshold
         assert cells[5] == f"{r['sensitivity']:.3f}{star}" and cells[6] == f"{r['specificity']:.3f}{star}"
+        # the calibration table: results.json's exact calibration statistics (n/a where a fit does not exist)
+        calib = [l for l in report.splitlines() if l.startswith(f"| {label} | {r['cohort']} |")][1]
+        fmt = lambda v, nd: "n/a" if v is None else f"{v:.{nd}f}"  # noqa: E731
+        assert [c.strip() for c in calib.strip("|").split("|")][2:] == [
+            fmt(r["calib_intercept"], 3), fmt(r["calib_slope"], 3), fmt(r["hl_stat"], 2), fmt(r["hl_p"], 4)]
     # the privacy section lists each site's compute caps as that site reported them in its policy
     for name, site in on_disk["sites"].items():
         pol = site["policy"]
@@ -370,3 +375,14 @@ def test_standardisation_sums_the_coordinator_cannot_pool_are_named_and_left_out
     bad = _malformed_sums(replies, n_features=7, n_roi_stats=6)
     assert set(bad) == {"nan", "short", "clinical", "count"}
     assert "roi-sum" in bad["nan"] and "roi-sumsq" in bad["short"] and "expected 7" in bad["clinical"]
+
+
+def test_the_terminal_table_marks_interpolated_operating_points_as_the_report_does():
+    from simulation.cli import format_table
+
+    row = {"model": "dl", "cohort": "x: external validation", "site": "x", "auc": 0.9, "auc_ci_low": 0.8,
+           "auc_ci_high": 1.0, "sensitivity": 0.67, "specificity": 0.33}
+    exact = format_table({"rows": [{**row, "operating_point_interpolated": False}]})
+    split = format_table({"rows": [{**row, "operating_point_interpolated": True}]})
+    assert "0.670 " in exact and "*" not in exact
+    assert "0.670*" in split and "0.330*" in split and "split in proportion to its width" in split
