@@ -95,7 +95,9 @@ def run(args) -> int:
             raise CommandError(f"{run_dir} is not a simulation run folder ({saved.name} is missing)")
         meta = json.loads(saved.read_text())
         run_config, nodes = {**meta["run_config"], "resume": True}, meta["sites"]
+        quick = bool(meta.get("quick"))
     else:
+        quick = bool(args.quick)
         try:
             base = load_config(toml_path=args.config, cli={**(PRESET_ROUNDS["quick"] if args.quick else {}), **cli,
                                                            "scenario": args.scenario})
@@ -133,7 +135,8 @@ def run(args) -> int:
         # repeated CV: the virtual sites sized for the study (size_for_repeats logs what it changes per site)
         nodes = size_for_repeats(nodes, base)
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(args.out or f"runs/{scenario}-{stamp}")
+        # a smoke run is named as one, so nobody quotes its AUCs as the study's
+        run_dir = Path(args.out or f"runs/{'quick-' if args.quick else ''}{scenario}-{stamp}")
         truth = data_dir / "truth.json"
         run_config = {k: v for k, v in base.items() if k in _study_keys()}
         run_config.update({"run-dir": str(run_dir.resolve()), "truth-file": str(truth.resolve()) if truth.is_file() else ""})
@@ -142,7 +145,7 @@ def run(args) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         from common.atomic import atomic_write_json
 
-        atomic_write_json(run_dir / "simulation.json", {"run_config": run_config, "sites": nodes})
+        atomic_write_json(run_dir / "simulation.json", {"run_config": run_config, "sites": nodes, "quick": bool(args.quick)})
     print(f"running the {run_config['scenario']} study with {len(nodes)} virtual sites -> {run_dir}")
     t0 = time.perf_counter()
     run_study(nodes, run_config, ray_address=args.ray_address, client_cpus=args.client_cpus,
@@ -152,6 +155,10 @@ def run(args) -> int:
         raise CommandError(f"the study stopped before writing {results}; resume with `slmfed simulate --resume {run_dir}`")
     res = json.loads(results.read_text())
     print(format_table(res))
+    if quick:
+        print(f"\nquick smoke run (small cohort, {run_config['folds']} folds, {run_config['num-rounds']} rounds): "
+              "these AUCs check that the pipeline runs end to end; they are not the study's result. "
+              "`slmfed simulate` without --quick runs the paper protocol.")
     print(f"\nfinished in {time.perf_counter() - t0:.0f} s; report: {run_dir / 'report.md'}")
     return 0
 
