@@ -39,6 +39,15 @@ def _curve(name: str, key: str, values) -> np.ndarray:
     return arr
 
 
+# One colour per model in the ROC, decision-curve and calibration figures, keyed by the
+# model's label as the report writes it; any other series takes the next colour of the default cycle.
+MODEL_COLOURS = {"CF model": "tab:blue", "MRI DL model": "tab:orange", "Combined DL model": "tab:green"}
+
+
+def colour_of(label: str) -> str | None:
+    return next((c for name, c in MODEL_COLOURS.items() if str(label).startswith(name)), None)
+
+
 def roc_label(label: str, auc: float, lo: float | None = None, hi: float | None = None) -> str:
     """Legend text like "Combined: AUC 0.89 (0.83-0.94)"."""
     text = f"{label}: AUC {auc:.2f}"
@@ -60,7 +69,7 @@ def plot_roc(curves: Mapping[str, Mapping], path, title: str = "ROC curves") -> 
         fpr, tpr = _curve(label, "fpr", c["fpr"]), _curve(label, "tpr", c["tpr"])
         if fpr.shape != tpr.shape:
             raise ValueError(f"plot_roc: curve '{label}': fpr has {fpr.size} points, tpr {tpr.size}")
-        ax.plot(fpr, tpr, linewidth=2, label=roc_label(label, float(c["auc"]), c.get("lo"), c.get("hi")))
+        ax.plot(fpr, tpr, linewidth=2, color=colour_of(label), label=roc_label(label, float(c["auc"]), c.get("lo"), c.get("hi")))
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - Specificity (false positive rate)",
            ylabel="Sensitivity (true positive rate)", title=title)
     ax.set_aspect("equal")
@@ -99,7 +108,7 @@ def plot_dca(
             raise ValueError(f"plot_dca: '{label}' has {curves[label].size} values for {t.size} thresholds")
     fig, ax = _new_axes((6.0, 4.5))
     for label, nb in curves.items():
-        ax.plot(t, nb, linewidth=2, label=label)
+        ax.plot(t, nb, linewidth=2, color=colour_of(label), label=label)
     ax.plot(t, all_nb, color="grey", linewidth=1.2, label="Treat all")
     ax.plot(t, np.zeros_like(t), color="black", linestyle="--", linewidth=1.2, label="Treat none")
     ax.set(xlim=(float(t.min()), float(t.max())), ylim=dca_ylim(list(curves.values()) + [all_nb]),
@@ -121,7 +130,7 @@ def plot_calibration(curves: Mapping[str, tuple], path, title: str = "Calibratio
         if x.shape != y.shape:
             raise ValueError(f"plot_calibration: curve '{label}': {x.size} predictions, {y.size} rates")
         ok = np.isfinite(x) & np.isfinite(y)  # empty bins are NaN by design: not drawn
-        ax.plot(x[ok], y[ok], marker="o", linewidth=1.5, label=label)
+        ax.plot(x[ok], y[ok], marker="o", linewidth=1.5, color=colour_of(label), label=label)
     ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="Predicted probability", ylabel="Observed proportion", title=title)
     ax.set_aspect("equal")
     ax.legend(loc="upper left", fontsize=8)

@@ -574,7 +574,11 @@ def _figures(run_dir: Path, res: dict) -> None:
                        run_dir / f"dca-{slug}.png", title=f"Decision curves: {cohort}")
         plots.plot_calibration({MODEL_LABEL[m]: (cc[m]["calib_mean_pred"], cc[m]["calib_obs_rate"]) for m in with_cells},
                                run_dir / f"calibration-{slug}.png", title=f"Calibration: {cohort}")
-    series = {f"{k} val AUC": v["val-auc"] for k, v in res["learning_curves"].items() if v.get("val-auc")}
+    def readable(key: str) -> str:  # "dl (cv)" -> "MRI DL model, cross-validation"
+        model, _, tag = key.partition(" (")
+        tag = tag.rstrip(")")
+        return f"{MODEL_LABEL.get(model, model)}, {'cross-validation' if tag == 'cv' else tag}"
+    series = {readable(k): v["val-auc"] for k, v in res["learning_curves"].items() if v.get("val-auc")}
     if series:
         plots.plot_learning_curves(series, run_dir / "learning-curves.png", title="Validation AUC per round (mean over folds)",
                                    ylabel="AUC")

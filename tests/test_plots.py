@@ -75,3 +75,24 @@ def test_bad_plot_input_names_the_curve(tmp_path):
     with pytest.raises(ValueError, match="series 'A'"):
         plots.plot_learning_curves({"A": [1, 2, 3]}, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_model_keeps_its_colour_across_figures_whatever_the_order_or_the_other_models(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn = []
+    real = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: drawn.append((k.get("label", ""), k.get("color"))) or real(self, *a, **k))
+    roc = {"fpr": [0, 0.5, 1], "tpr": [0, 0.8, 1], "auc": 0.7}
+    plots.plot_roc({"MRI DL model": roc, "Combined DL model": roc}, tmp_path / "a.png")
+    plots.plot_roc({"CF model": roc, "Combined DL model": roc}, tmp_path / "b.png")
+    t = [0.1, 0.2, 0.3]
+    plots.plot_dca(t, {"Combined DL model": [0.1, 0.05, 0.0], "CF model": [0.1, 0.0, -0.1]}, [0.1, 0.0, -0.2], tmp_path / "c.png")
+    plots.plot_calibration({"MRI DL model": ([0.2, 0.8], [0.1, 0.9])}, tmp_path / "d.png")
+    colours: dict[str, set] = {}
+    for label, colour in drawn:
+        for model in plots.MODEL_COLOURS:
+            if label.startswith(model):
+                colours.setdefault(model, set()).add(colour)
+    assert colours == {m: {c} for m, c in plots.MODEL_COLOURS.items()}
+    assert len(set(plots.MODEL_COLOURS.values())) == 3
