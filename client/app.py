@@ -67,9 +67,12 @@ def _handle(msg: Message, context: Context, fn: Callable[[study.Site, Any, dict]
         cfg = dict(msg.content["config"]) if "config" in msg.content else {}
         req = validate_request(mtype, cfg, N_FEATURES)
         policy = SitePolicy.from_config(node_cfg)
-        if mtype in ("train", "evaluate") and node_cfg.get("cache-dir"):  # caps first: no patient data read yet
-            check_request(mtype, req, policy, read_manifest(node_cfg["cache-dir"]), N_FEATURES)
-        key, start = _verified(mtype, req, msg, node_cfg, policy)  # the model, before any patient data is read
+        # the manifest (shape, channels, patient count; no patient data) for the caps and the model's derivation
+        needs_manifest = mtype in ("train", "evaluate") or (mtype in VERIFIED_TYPES and policy.model_verification == "enforce")
+        manifest = read_manifest(node_cfg["cache-dir"]) if needs_manifest and node_cfg.get("cache-dir") else None
+        if mtype in ("train", "evaluate") and manifest is not None:  # caps first: no patient data read yet
+            check_request(mtype, req, policy, manifest, N_FEATURES)
+        key, start = _verified(mtype, req, msg, node_cfg, policy, manifest)  # the model, before any patient data is read
         site = study.Site.open(node_cfg)
         site.cfg.update({k: req[k] for k in SENT_MODEL_KEYS if k in req})
         gate = site.gate()
@@ -102,7 +105,7 @@ def _handle(msg: Message, context: Context, fn: Callable[[study.Site, Any, dict]
     return Message(content=content, reply_to=msg)
 
 
-def _verified(mtype: str, req: dict, msg: Message, node_cfg: dict, policy: SitePolicy):
+def _verified(mtype: str, req: dict, msg: Message, node_cfg: dict, policy: SitePolicy, manifest: dict | None):
     """(signing key or None, hash of the verified DL weights or None). With model-verification =
     enforce the site answers a contribution or a model request only with its key and roster, and a
     model request only when client/verify.py derives its model; with off (tests of the other rules)
@@ -120,7 +123,8 @@ def _verified(mtype: str, req: dict, msg: Message, node_cfg: dict, policy: SiteP
         raise study.StudyError(str(exc)) from None
     shape = {}
     if mtype in VERIFIED_TYPES:
-        manifest = read_manifest(node_cfg["cache-dir"])
+        if manifest is None:
+            raise study.StudyError("node config has no 'cache-dir': point the site at its prepared cache")
         shape = {"n-channels": int(manifest["image_shape"][0]), "spatial-dims": int(manifest.get("spatial_dims", 2)),
                  "n-features": N_FEATURES, "channels": manifest.get("channels")}
     return key, verify_request(mtype, req, msg.content, roster, shape)

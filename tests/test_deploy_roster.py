@@ -18,6 +18,7 @@ from deploy import bundle as B
 from deploy.check import Checker, check_deployment, collect_commands
 from deploy.init import DeployPlan, init_deployment
 from deploy.join import JoinError, check_bundle, join_command
+from tests.test_deploy import _edit
 
 SITES = ["a", "b", "c"]
 
@@ -47,12 +48,6 @@ def cache(tmp_path) -> Path:
 
 def _mode(p: Path) -> int:
     return stat.S_IMODE(p.stat().st_mode)
-
-
-def _edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new))
 
 
 def _node_config(path: Path, index: int = 0) -> dict[str, str]:

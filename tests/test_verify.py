@@ -133,7 +133,10 @@ def test_crafted_evaluate_weights_are_refused_before_any_patient_is_read(sites, 
     honest, recipe = coord.init(model, **{"ensemble-size": ensemble})
     probe = _crafted(honest, target)
     # with the honest recipe (it derives the honest weights), and with no evidence at all
-    assert refused_unread(coord.evaluate("site-a", probe, recipe, model, **{"ensemble-size": ensemble}), opened)
+    reply = coord.evaluate("site-a", probe, recipe, model, **{"ensemble-size": ensemble})
+    assert refused_unread(reply, opened)
+    # the refusal names both hashes (what was sent, what the site derives), nothing about patients
+    assert derive.record_hash(probe)[:12] in reply.error.reason and derive.record_hash(honest)[:12] in reply.error.reason
     req = {**base(), **coord.std, **model_keys(**{"ensemble-size": ensemble}), "model": model, "round": 0,
            "num-rounds": 3, "part": "all", "store": True}
     assert refused_unread(ask_site(client_app, sites["site-a"], "evaluate", req, arrays=probe), opened)
@@ -275,3 +278,21 @@ def test_an_honest_study_gives_the_same_rows_with_and_without_verification(tmp_p
             assert fed.evidence_bytes["train"] > 0 and fed.evidence_bytes["evaluate"] > 0
     assert rows["enforce"] == rows["off"]
     assert {r["model"] for r in rows["enforce"]} == {"cf", "dl", "combined"}
+
+
+def test_a_signed_statement_carries_only_what_its_reply_releases_plus_bindings(sites):
+    """The signature adds no patient value to a reply: a statement holds the reply's own released
+    numbers, the request's study / fold / seed, and hashes of what the coordinator sent or received."""
+    coord = Coordinator(sites)
+    sums = ask_site(client_app, sites["site-a"], "query.clinical_sums", base())
+    stats = coord.stats("site-a", np.zeros(8), {"zero": True})
+    bindings = {"site", "kind", "study-id", "fold", "seed"}
+    for reply, extra in ((sums, set()), (stats, {"beta", "std"})):
+        st = json.loads(signed(reply)["statement"])
+        released = dict(reply.content["metrics"])
+        assert set(st) == bindings | extra | set(released)
+        assert all(st[k] == (list(v) if isinstance(v, list) else v) for k, v in released.items())
+        assert (st["site"], st["study-id"], st["fold"], st["seed"]) == ("site-a", f"{STUDY}/final", -1, 1)
+    st = json.loads(signed(stats)["statement"])
+    assert st["beta"] == derive.values_hash(np.zeros(8))
+    assert st["std"] == derive.values_hash(coord.std["clinical-mean"], coord.std["clinical-std"])
