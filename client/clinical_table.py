@@ -9,6 +9,7 @@ flagged as plausibility warnings.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import math
 import re
@@ -41,6 +42,38 @@ PLAUSIBLE_MAX = {"cea": 1000.0, "ca199": 20000.0}
 
 class ClinicalTableError(ValueError):
     """clinical.csv as a whole cannot be used."""
+
+
+def _canonical_unit(given: str, units: dict[str, float], key: str) -> str:
+    """Unit names are matched without regard to case ('ng/ml' is ng/mL); anything else is refused."""
+    for name in units:
+        if given.strip().lower() == name.lower():
+            return name
+    raise ClinicalTableError(f"{key}: expected one of {', '.join(units)}, found {given!r}")
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _suggest(missing: str, found: list[str]) -> str:
+    """The found column a user most likely meant by `missing` ('tumour_site', 'CA19-9'), or ''."""
+    by_norm = {_normalised(c): c for c in found}
+    if _normalised(missing) in by_norm:
+        return by_norm[_normalised(missing)]
+    close = difflib.get_close_matches(_normalised(missing), list(by_norm), n=1, cutoff=0.7)
+    return by_norm[close[0]] if close else ""
+
+
+def _missing_file_message(path: Path) -> str:
+    message = f"{path} does not exist (every site needs a clinical.csv)"
+    if path.parent.is_dir():
+        sheets = sorted(p.name for p in path.parent.iterdir()
+                        if p.suffix.lower() in (".xlsx", ".xls", ".ods") and p.stem.lower() == path.stem.lower())
+        if sheets:
+            message += (f"; {path.parent / sheets[0]} is a spreadsheet: save it as CSV UTF-8 "
+                        f"(File > Save as > 'CSV UTF-8') named {path.name}")
+    return message
 
 
 @dataclass
@@ -113,11 +146,9 @@ def read_clinical_table(path: str | Path, cea_unit: str = "ng/mL", ca199_unit: s
     """Read and validate clinical.csv; raises ClinicalTableError when the file itself is unusable."""
     path = Path(path)
     if not path.is_file():
-        raise ClinicalTableError(f"{path} does not exist (every site needs a clinical.csv)")
-    if cea_unit not in CEA_UNITS:
-        raise ClinicalTableError(f"cea-unit: expected one of {', '.join(CEA_UNITS)}, found {cea_unit!r}")
-    if ca199_unit not in CA199_UNITS:
-        raise ClinicalTableError(f"ca199-unit: expected one of {', '.join(CA199_UNITS)}, found {ca199_unit!r}")
+        raise ClinicalTableError(_missing_file_message(path))
+    cea_unit = _canonical_unit(cea_unit, CEA_UNITS, "cea-unit")
+    ca199_unit = _canonical_unit(ca199_unit, CA199_UNITS, "ca199-unit")
     text = _decode(path)
     if not text.strip():
         raise ClinicalTableError(f"{path} is empty")
@@ -133,8 +164,10 @@ def read_clinical_table(path: str | Path, cea_unit: str = "ng/mL", ca199_unit: s
     df.columns = [str(c).strip().lower() for c in df.columns]
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
+        hints = [f"{c!r} for {m}" for m in missing if (c := _suggest(m, list(df.columns)))]
         raise ClinicalTableError(
             f"{path} lacks required column(s) {', '.join(missing)} (found: {', '.join(df.columns)})"
+            + (f"; did you mean {', '.join(hints)}? Rename the column(s) in the header" if hints else "")
         )
     has_label = "slm" in df.columns
     lines: dict[str, list[int]] = {}

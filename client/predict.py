@@ -280,6 +280,8 @@ class PatientResult:
     warnings: list[str] = field(default_factory=list)
     attention_in_roi: dict[str, float] = field(default_factory=dict)
     report: str = ""
+    member_probs: dict[str, list[float]] = field(default_factory=dict)  # P(SLM) per ensemble member
+    allow_out_of_range: bool = False
 
 
 def model_config(bundle: ModelBundle, cfg: dict) -> dict:
@@ -311,10 +313,51 @@ def predict_probabilities(bundle: ModelBundle, data: cache_mod.SiteData, cfg: di
     return out
 
 
-def risk_group(p: float, threshold: float | None) -> str:
+NOT_ASSIGNED = "not assigned: inputs outside the development range"
+
+
+def risk_group(p: float, threshold: float | None, out_of_range: bool = False, allow_out_of_range: bool = False) -> str:
+    """The risk group at the development threshold. A patient whose inputs lie outside what the model
+    was developed on gets none unless the user asks for it (`--allow-out-of-range`): a CEA entered in
+    the wrong unit would otherwise come out as a confident 'high risk'."""
     if threshold is None:
         return "no development threshold"
+    if out_of_range and not allow_out_of_range:
+        return NOT_ASSIGNED
     return "high risk" if p >= threshold else "low risk"
+
+
+def member_probabilities(bundle: ModelBundle, data: cache_mod.SiteData, cfg: dict) -> dict[str, np.ndarray]:
+    """{dl/combined: N x members P(SLM) of each network of the model's ensemble}: how much the study's
+    independently trained networks disagree on a patient (the report's interval). Empty for a model of
+    one network."""
+    from torch import nn
+
+    from client import study
+    from client.train import predict_proba
+    from common.model import EnsembleNet
+
+    site = study.Site(model_config(bundle, cfg), data, Path(tempfile.gettempdir()))
+    mean = np.asarray(bundle.meta["standardisation"]["mean"], dtype=np.float64)
+    std = np.asarray(bundle.meta["standardisation"]["std"], dtype=np.float64)
+
+    class Member(nn.Module):
+        def __init__(self, net, i):
+            super().__init__()
+            self.net, self.i = net, i
+
+        def forward(self, image, clinical=None):
+            return self.net.members[self.i](image, clinical)
+
+    out = {}
+    for m in ("dl", "combined"):
+        if m not in bundle.states:
+            continue
+        net = study._model(site, m, bundle.states[m])
+        if isinstance(net, EnsembleNet):
+            out[m] = np.stack([predict_proba(Member(net, i), data, mean, std, site.cfg)
+                               for i in range(len(net.members))], axis=1)
+    return out
 
 
 def read_id_map(cache_dir: Path) -> dict[str, str]:
@@ -323,7 +366,8 @@ def read_id_map(cache_dir: Path) -> dict[str, str]:
 
 
 def run_predict(model: "str | Path | ModelBundle", input_dir: str | Path, out_dir: str | Path, patients: list[str] | None = None,
-                cfg: dict | None = None, attention: bool = True, progress: bool = False) -> list[PatientResult]:
+                cfg: dict | None = None, attention: bool = True, progress: bool = False,
+                allow_out_of_range: bool = False) -> list[PatientResult]:
     """The whole `slmfed predict`; returns one result per patient (predicted or not, with the reason)."""
     from client.clinical_table import read_clinical_table
     from client.prepare import PrepareError, prepare_site
@@ -356,6 +400,7 @@ def run_predict(model: "str | Path | ModelBundle", input_dir: str | Path, out_di
     if report.included:
         data = cache_mod.load_cache(cache_dir)
         probs = predict_probabilities(bundle, data, cfg)
+        members = member_probabilities(bundle, data, cfg)
         t = bundle.meta["thresholds"].get("combined")
         rois = _rois(cache_dir, data.keys)
         cams = attention_maps(bundle, data, cfg) if attention else {}
@@ -365,9 +410,10 @@ def run_predict(model: "str | Path | ModelBundle", input_dir: str | Path, out_di
             pid = ids.get(key, key)
             row = table.rows[pid]
             res = PatientResult(pid, "predicted", probs={m: float(p[i]) for m, p in probs.items()},
-                                warnings=range_warnings(bundle, row))
+                                warnings=range_warnings(bundle, row), allow_out_of_range=allow_out_of_range,
+                                member_probs={m: [float(v) for v in p[i]] for m, p in members.items()})
             if "combined" in probs:
-                res.risk_group = risk_group(res.probs["combined"], t)
+                res.risk_group = risk_group(res.probs["combined"], t, bool(res.warnings), allow_out_of_range)
             for m, maps in cams.items():
                 if rois[i] is not None:
                     res.attention_in_roi[m] = attention_mass_in_roi(maps[i], rois[i], _pixel_mm(bundle))

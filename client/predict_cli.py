@@ -22,6 +22,9 @@ def register(sub) -> None:
     p.add_argument("--config", metavar="SITE_TOML", help="site.toml (default: SITE_DIR/site.toml when present)")
     p.add_argument("--workers", type=int, help="parallel worker processes for the preparation")
     p.add_argument("--no-attention", action="store_true", help="skip the Grad-CAM attention maps")
+    p.add_argument("--allow-out-of-range", action="store_true",
+                   help="assign a risk group even to patients whose clinical inputs lie outside the development "
+                        "range (default: none, and the report says why)")
     p.set_defaults(func=run)
 
 
@@ -38,7 +41,8 @@ def run(args) -> int:
         bundle = load_bundle(args.model)
         print(bundle.identity())
         results = run_predict(bundle, site, args.out, patients=args.patient, cfg=cfg,
-                              attention=not args.no_attention, progress=sys.stderr.isatty())
+                              attention=not args.no_attention, progress=sys.stderr.isatty(),
+                              allow_out_of_range=args.allow_out_of_range)
     except PredictError as exc:
         raise CommandError(str(exc)) from None
     t = bundle.meta["thresholds"].get("combined")

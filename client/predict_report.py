@@ -3,9 +3,11 @@ client/templates/patient_report.html.j2; images inline as base64 PNG; no script,
 nothing fetched), for a radiologist to read offline at the site.
 
 Shown: the model's identity, the clinical inputs (out-of-range ones marked), the three models'
-probabilities with the development threshold and the development sensitivity / specificity at it,
-the Combined model's risk group, the input channels of the ROI crop with the ROI outline, and the
-Grad-CAM attention of each DL model over the T2WI crop with the share of attention on the (dilated) ROI.
+probabilities (for an ensemble, the range of its networks' probabilities) with the development
+threshold and the development and external-validation sensitivity / specificity at it, the Combined
+model's risk group (none for out-of-range inputs unless asked for), the input channels of the ROI crop
+with the ROI outline, and the Grad-CAM attention of each DL model over the T2WI crop (with its colour
+scale) and the share of attention on the (dilated) ROI.
 """
 from __future__ import annotations
 
@@ -66,17 +68,20 @@ def channel_figure(image: np.ndarray, roi: np.ndarray | None, channels: list[str
 
 def attention_figure(image: np.ndarray, roi: np.ndarray | None, cam: np.ndarray, title: str) -> str:
     """Grad-CAM (scaled to its maximum) over the T2WI crop, ROI outlined."""
-    fig = Figure(figsize=(3.4, 3.4))
+    fig = Figure(figsize=(4.2, 3.4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(_plane(image[0]), cmap="gray", vmin=0, vmax=1)
     c = _plane(cam)
     top = float(c.max())
-    ax.imshow(c / top if top > 0 else c, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    shown = ax.imshow(c / top if top > 0 else c, cmap="jet", alpha=0.45, vmin=0, vmax=1)
     if roi is not None and _plane(roi).any():
         ax.contour(_plane(roi), levels=[0.5], colors="white", linewidths=1.2)
     ax.set_title(title)
     ax.axis("off")
+    bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, ticks=[0, 0.5, 1])
+    bar.set_label("attention (share of this map's maximum)", fontsize=8)
+    bar.ax.tick_params(labelsize=8)
     fig.tight_layout()
     return png_data_uri(fig)
 
@@ -91,17 +96,21 @@ def report_filename(patient_id: str) -> str:
 
 def write_patient_report(out_dir: Path, bundle, res, row, entry: dict, image: np.ndarray, roi: np.ndarray | None,
                          cams: dict[str, np.ndarray], channels: list[str]) -> Path:
+    from client.predict import risk_group
+
     meta = bundle.meta
-    dev = meta.get("development", {})
+    dev, ext = meta.get("development", {}), meta.get("external", {})
     models = []
     for m in bundle.models:
         d = dev.get(m, {})
+        members = res.member_probs.get(m, [])
         models.append({"label": MODEL_LABEL[m], "p": res.probs.get(m), "threshold": meta["thresholds"].get(m),
+                       "members": (min(members), max(members), len(members)) if members else None,
                        "sensitivity": d.get("sensitivity"), "specificity": d.get("specificity"),
                        "dev_n": d.get("n"), "dev_cohorts": ", ".join(d.get("cohorts", [])),
-                       "interpolated": d.get("interpolated", False),
-                       "group": ("high risk" if res.probs[m] >= meta["thresholds"][m] else "low risk")
-                       if m in meta["thresholds"] else "no threshold"})
+                       "interpolated": d.get("interpolated", False), "external": ext.get(m, []),
+                       "group": risk_group(res.probs[m], meta["thresholds"].get(m), bool(res.warnings),
+                                           res.allow_out_of_range)})
     attention = [{"label": MODEL_LABEL[m], "figure": attention_figure(image, roi, cams[m], MODEL_LABEL[m]),
                   "in_roi": res.attention_in_roi.get(m),
                   "target": "SLM" if res.probs[m] >= 0.5 else "no SLM"} for m in ("dl", "combined") if m in cams]

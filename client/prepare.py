@@ -20,6 +20,7 @@ import logging
 import multiprocessing as mp
 import os
 import secrets
+import shutil
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 PIPELINE_VERSION = "slmfed-prepare-1"
 PREVIEWS = 4
+MAX_LISTED = 50  # excluded patients listed by id in the summary
 SCAN_CHUNK_MIN = 32  # files per scan task, at least
 
 
@@ -80,6 +82,11 @@ class PrepareReport:
     reused: int = 0
     warnings: list[str] = field(default_factory=list)
     previews: list[str] = field(default_factory=list)
+    # Site-only: (patient_id, reason) of each excluded patient and hints about ids or mask files that
+    # match nothing. Printed on the site's own console by summary(); never written into the cache.
+    excluded_ids: list[tuple[str, str]] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)
+    id_map: str = ""
     elapsed_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (scan, plan, build, write)
 
@@ -88,6 +95,14 @@ class PrepareReport:
         lines.append(f"  patients found: {self.patients}; included: {self.included}; excluded: {self.excluded}")
         for reason, n in sorted(self.reasons.items(), key=lambda kv: -kv[1]):
             lines.append(f"    excluded ({reason}): {n}")
+        if self.excluded_ids:
+            lines.append("  excluded patients (by your patient_id; shown on this console only):")
+            for pid, reason in self.excluded_ids[:MAX_LISTED]:
+                lines.append(f"    {pid}: {reason}")
+            if len(self.excluded_ids) > MAX_LISTED:
+                lines.append(f"    ... and {len(self.excluded_ids) - MAX_LISTED} more (all in the id map + qc.csv)")
+        for h in self.hints:
+            lines.append(f"  hint: {h}")
         skipped = sum(self.skipped_files.values())
         lines.append(f"  DICOM images: {self.dicom_files}; DICOM SEG/RTSTRUCT objects: {self.mask_objects}; files skipped: {skipped}"
                      + (" (" + ", ".join(f"{r}: {n}" for r, n in self.skipped_files.items()) + ")" if skipped else ""))
@@ -105,8 +120,38 @@ class PrepareReport:
             lines.append(f"  warning: {w}")
         if self.previews:
             lines.append(f"  previews: {', '.join(self.previews)}")
-        lines.append(f"  per-patient QC: {Path(self.cache_dir) / cache_mod.QC_CSV}")
+        lines.append(f"  per-patient QC: {Path(self.cache_dir) / cache_mod.QC_CSV} (patients by salted key)")
+        if self.id_map:
+            lines.append(f"  id map (salted key -> your patient_id): {self.id_map}; it stays beside the cache, "
+                         "never inside it: the cache holds keys only, so it can be inspected without ids")
         return "\n".join(lines)
+
+
+def _id_hints(dicom_ids: set[str], table_ids: set[str], masks_dir: Path) -> list[str]:
+    """Ids that differ only in leading zeros, and mask files named after no patient: the usual
+    reasons a patient that is there is reported as missing."""
+    from client.volumes import MASK_SUFFIXES
+
+    hints = []
+    only_dicom, only_table = dicom_ids - table_ids, table_ids - dicom_ids
+    by_stripped: dict[str, list[str]] = {}
+    for pid in only_table:
+        by_stripped.setdefault(pid.lstrip("0"), []).append(pid)
+    for pid in sorted(only_dicom):
+        for other in sorted(by_stripped.get(pid.lstrip("0"), [])):
+            hints.append(f"DICOM PatientID {pid!r} and clinical.csv patient_id {other!r} differ only in leading "
+                         "zeros: write the id exactly as the DICOM PatientID (keep the column as text in the "
+                         "spreadsheet) so they match")
+    if masks_dir.is_dir():
+        stray = []
+        for p in sorted(masks_dir.iterdir()):
+            suffix = next((x for x in MASK_SUFFIXES if p.name.endswith(x)), None)
+            if suffix and p.is_file() and p.name[: -len(suffix)] not in dicom_ids | table_ids:
+                stray.append(p.name)
+        if stray:
+            hints.append(f"mask file(s) in {masks_dir} named after no patient (expected <patient_id>.nii.gz etc.): "
+                         + ", ".join(stray[:MAX_LISTED]) + (f" ... and {len(stray) - MAX_LISTED} more" if len(stray) > MAX_LISTED else ""))
+    return hints
 
 
 def local_dir(cache_dir: str | Path) -> Path:
@@ -450,11 +495,20 @@ def prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None =
     a second concurrent run on the same cache raises PrepareError saying who holds it."""
     from client.cache_lock import CacheLocked, cache_lock
 
+    cache_dir, first = Path(cache_dir), not Path(cache_dir).exists()
+    local_first = not local_dir(cache_dir).exists()
     try:
         with cache_lock(cache_dir):
             return _prepare_site(site_dir, cache_dir, cfg, progress)
     except CacheLocked as exc:
         raise PrepareError(str(exc)) from None
+    except BaseException:
+        # A first run that stops before writing a manifest leaves no empty cache behind.
+        if first and not (cache_dir / cache_mod.MANIFEST).exists():
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            if local_first:
+                shutil.rmtree(local_dir(cache_dir), ignore_errors=True)
+        raise
 
 
 def _prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None = None, progress: bool = True) -> PrepareReport:
@@ -630,6 +684,11 @@ def _prepare_site(site_dir: str | Path, cache_dir: str | Path, cfg: dict | None 
     cache_mod.atomic_write_text(local / "skipped-files.csv", sk.getvalue())
     if errors:
         cache_mod.atomic_write_text(local / "errors.log", "\n".join(errors))
+    pid_of = dict(id_rows)
+    report.excluded_ids = [(pid_of[k], entries[k]["reason"]) for k in sorted(entries, key=lambda k: pid_of[k])
+                           if entries[k]["status"] != "included"]
+    report.hints = _id_hints(set(by_patient), set(table.rows), masks_dir)
+    report.id_map = str(cache_mod.id_map_path(cache_dir))
     redone = {j["key"] for j in jobs}
     if included:
         report.previews = _write_previews(cache_dir, included[:PREVIEWS], manifest["channels"], redone)

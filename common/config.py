@@ -248,6 +248,9 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise ConfigError(
             f"config key '{key}' from {source}: expected a value in [{spec.bounds[0]}, {spec.bounds[1]}], found {out!r}"
         )
+    if spec.choices is not None and out not in spec.choices and isinstance(out, str):
+        # Names are matched without regard to case ('ng/ml' is ng/mL); the canonical spelling is kept.
+        out = next((c for c in spec.choices if isinstance(c, str) and c.lower() == out.lower()), out)
     if spec.choices is not None and out not in spec.choices:
         raise ConfigError(
             f"config key '{key}' from {source}: expected one of {', '.join(map(str, spec.choices))}, "

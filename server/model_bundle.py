@@ -5,7 +5,8 @@ coordinator already holds, i.e. from what the sites released under their policie
   - the CF coefficients and the fit's clinical standardisation (pooled feature sums, >= k per class);
   - the DL / Combined weights (file name + sha256);
   - per model the development Youden threshold and the development sensitivity / specificity at it,
-    both from the pooled k-safe out-of-fold score cells (the same cells the report uses);
+    both from the pooled k-safe out-of-fold score cells (the same cells the report uses), and the
+    sensitivity / specificity at that threshold on each external cohort's cells;
   - the training sites' common model-input description (common/model_input.py), sent as settings;
   - development ranges of the clinical inputs: the pooled mean +- Z_RANGE SD of each standardised
     feature (the standardisation itself; nothing per patient), and, for a 0/1 feature whose
@@ -46,6 +47,25 @@ def model_id(bundle: dict[str, Any]) -> str:
     standardisation, thresholds, preprocessing): two files with the same id predict the same."""
     core = {k: bundle.get(k) for k in ("models", "standardisation", "thresholds", "preprocessing", "settings")}
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def external_operating_points(res: dict, thresholds: dict[str, float]) -> dict[str, list[dict]]:
+    """Per model and external cohort: sensitivity / specificity at the development threshold on that
+    cohort's k-safe score cells (the external validation rows of the report), so a user sees how the
+    threshold fared outside the development cohort, not only inside it."""
+    out: dict[str, list[dict]] = {}
+    for model, t in thresholds.items():
+        for r in res["rows"]:
+            c = res["curves"].get(r["cohort"], {}).get(model, {})
+            if r["model"] != model or r["kind"] != "final" or "cell_edges" not in c:
+                continue
+            neg, pos = np.asarray(c["cell_neg"], float), np.asarray(c["cell_pos"], float)
+            op = M.operating_point_from_cells(np.asarray(c["cell_edges"]), neg, pos, t)
+            out.setdefault(model, []).append(
+                {"cohort": r["cohort"], "sensitivity": float(op["sensitivity"]), "specificity": float(op["specificity"]),
+                 "interpolated": bool(op["interpolated"]), "n": int(round(neg.sum() + pos.sum())),
+                 "auc": [r["auc"], r["auc_ci_low"], r["auc_ci_high"]]})
+    return out
 
 
 def development_operating_points(res: dict, thresholds: dict[str, float]) -> dict[str, dict]:
@@ -125,6 +145,7 @@ def build_bundle(tag: str, fit: dict, state: dict, res: dict, cfg: dict, run_dir
         "models": models,
         "thresholds": thresholds,
         "development": development_operating_points(res, thresholds),
+        "external": external_operating_points(res, thresholds),
         "preprocessing": preprocessing,
         "preprocessing_conflicts": conflicts,
     }

@@ -16,7 +16,7 @@ import pytest
 
 from client.app import app as client_app
 from client.cache import id_map_path
-from client.predict import PredictError, load_bundle, run_predict
+from client.predict import NOT_ASSIGNED, PredictError, load_bundle, run_predict
 from client.prepare import prepare_site
 from common.cli import main as slmfed
 from common.config import load_config
@@ -101,6 +101,10 @@ def test_predict_on_the_external_centre_gives_the_studys_external_evaluation(stu
     row = next(r for r in res["rows"] if r["model"] == "combined" and r["tag"] == "cv")
     dev = bundle.meta["development"]["combined"]
     assert (dev["sensitivity"], dev["specificity"]) == (row["sensitivity"], row["specificity"])
+    ext_row = next(r for r in res["rows"] if r["model"] == "combined" and r["kind"] == "final")
+    (ext,) = bundle.meta["external"]["combined"]  # the external validation row, at the development threshold
+    assert (ext["cohort"], ext["sensitivity"], ext["specificity"]) == (
+        ext_row["cohort"], ext_row["sensitivity"], ext_row["specificity"])
     assert (study["run"] / "report.html").is_file()
 
 
@@ -137,6 +141,18 @@ def test_a_patient_folder_without_label_and_an_out_of_range_marker(study, tmp_pa
     html = Path(r.report).read_text()
     assert 'id="warnings"' in html and "out of range" in html and "CEA 5000" in html
     assert "CEA 5000" in _worklist(tmp_path / "out")[pid]["warnings"]
+    assert r.risk_group == NOT_ASSIGNED and "No risk group is assigned" in html
+    assert _worklist(tmp_path / "out")[pid]["risk_group"] == NOT_ASSIGNED
+    forced = run_predict(study["model"], folder, tmp_path / "forced", allow_out_of_range=True)[0]
+    t = load_bundle(study["model"]).meta["thresholds"]["combined"]
+    assert forced.risk_group == ("high risk" if forced.probs["combined"] >= t else "low risk")
+    assert "--allow-out-of-range</code> was given" in Path(forced.report).read_text()
+    # the ensemble range: the model's prediction is the mean logit of exactly these networks
+    for m in ("dl", "combined"):
+        members = np.asarray(r.member_probs[m])
+        assert len(members) == 3 and members.min() <= r.probs[m] <= members.max()
+        logit = np.log(members / (1 - members)).mean()
+        assert 1 / (1 + np.exp(-logit)) == pytest.approx(r.probs[m], rel=1e-5)
     # the same image through the MRI DL model: the study's number (up to float32 rounding, as a batch
     # of one patient instead of the centre's 12), whatever the CEA
     assert r.probs["dl"] == pytest.approx(_stored(study, "dl")[pid], rel=1e-5, abs=1e-7)
