@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import struct
 from collections import Counter
 from dataclasses import dataclass, fields
@@ -89,6 +90,11 @@ class FileRecord:
     frame: int = -1  # index of this frame in a multi-frame file; -1 for a single-frame file
     sop_class: str = ""
     ref_series: tuple[str, ...] = ()  # SEG / RTSTRUCT: the series UIDs the mask object references
+    mosaic: int = 0  # Siemens mosaic: number of tiles (slices) in the file; 0 for any other image
+    tile: int = -1  # index of this slice in its mosaic file; -1 for any other image
+    directionality: str = ""  # ISOTROPIC (trace), DIRECTIONAL, NONE (b0) or "" (not said)
+    direction: str = ""  # gradient direction of a DIRECTIONAL image ("x,y,z" rounded, or "#n"); "" if not said
+    refused: str = ""  # why this image cannot be used at all (e.g. a mosaic that could not be unpacked)
 
     def to_json(self) -> list:
         """Compact form for the scan index (field order of the dataclass)."""
@@ -114,6 +120,8 @@ def input_form(rec: FileRecord) -> str:
     """How a record's data came: classic, enhanced, legacy-enhanced (multi-frame MR), seg or rtstruct."""
     if rec.sop_class in MASK_SOP_CLASSES:
         return MASK_SOP_CLASSES[rec.sop_class]
+    if rec.tile >= 0 or rec.mosaic:
+        return "mosaic"
     if rec.frame >= 0:
         return "legacy-enhanced" if rec.sop_class == LEGACY_ENHANCED_MR_STORAGE else "enhanced"
     return "classic"
@@ -177,46 +185,237 @@ def _float_or_none(v) -> float | None:
         return None
 
 
-def _private_b(elem, vendor: str) -> float | None:
-    """Decode a vendor private b-value element (possibly read as raw UN bytes)."""
-    value = elem.value
+# Private blocks as the vendors' scanners write them: the element sits in the block reserved by its
+# private creator, (gggg,0010) in practice. Without a creator element (some anonymisers drop them) the
+# usual block is read; a creator that names another vendor's block means "not this tag".
+_CREATORS = {0x0019: ("SIEMENS MR HEADER", "GEMS_ACQU_01"), 0x0043: ("GEMS_PARM_01",),
+             0x2001: ("PHILIPS IMAGING DD 001",), 0x2005: ("PHILIPS MR IMAGING DD 001",)}
+
+
+def _private(ds, group: int, creator: str, elem: int):
+    """The private element `elem` (low byte) of `creator`'s block in `group`, or None."""
+    first = _str(ds, (group << 16) | 0x0010).strip().upper()
+    if first == creator:
+        return ds.get_item((group << 16) | 0x1000 | elem)
+    if not first:
+        if any(ds.get_item((group << 16) | blk) is not None for blk in range(0x11, 0x20)):
+            pass  # creators elsewhere only: search them below
+        else:
+            return ds.get_item((group << 16) | 0x1000 | elem)  # no creator at all: the usual block
+    for blk in range(0x11, 0x100):
+        tag = (group << 16) | blk
+        if tag in ds and _str(ds, tag).strip().upper() == creator:
+            return ds.get_item((group << 16) | (blk << 8) | elem)
+    return None
+
+
+def _elem_value(ds, elem):
+    """A (possibly raw) element's value, converted where pydicom knows the VR."""
+    if elem is None:
+        return None
+    try:
+        return ds[elem.tag].value
+    except Exception:  # an undecodable private element: use its raw bytes
+        return elem.value
+
+
+def _private_b(value, vendor: str) -> float | None:
+    """Decode a vendor private b-value (possibly raw UN bytes): Siemens (0019,100C) IS; GE (0043,1039)
+    IS x4 whose first value is b, with 10^9 added by current software ("1000000800\\8\\0\\0");
+    Philips (2001,1003) FL (4 bytes little-endian when read as UN)."""
     if isinstance(value, bytes):
         if vendor == "philips" and len(value) == 4:
+            return float(struct.unpack("<f", value)[0])
+        if vendor == "philips" and len(value) == 8:
+            return float(struct.unpack("<d", value)[0])
+        value = value.decode("ascii", "ignore").strip("\x00 ").split("\\")
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = value[0] if len(value) else None
+    if isinstance(value, str):
+        value = value.strip("\x00 ")
+    b = _float_or_none(value)
+    if b is None:
+        return None
+    if vendor == "ge" and b >= 1e5:  # GE adds 10^9 (some versions other powers of ten) to flag the slot
+        b = b % 1e5
+    return b
+
+
+_SEQ_B = re.compile(r"^\*?(?:ep|re|ez)_b(\d+)(t?)(?:#(\d+))?", re.IGNORECASE)
+
+
+def _seq_name_b(seq: str) -> tuple[float | None, str, str]:
+    """Siemens SequenceName: "*ep_b800t" (trace), "ep_b1500#2" (direction 2), "ep_b0" (b0); RESOLVE
+    "*re_b800t". Returns (b, directionality, direction)."""
+    m = _SEQ_B.match(seq.strip())
+    if not m:
+        return None, "", ""
+    b = float(m.group(1))
+    if m.group(2):
+        return b, "ISOTROPIC", ""
+    if m.group(3):
+        return b, ("DIRECTIONAL" if b > 0 else "NONE"), f"#{m.group(3)}"
+    return b, ("NONE" if b == 0 else ""), ""
+
+
+def _nicom():
+    """nibabel.nicom (csareader, dicomwrappers), imported once, without its "not well tested" banner."""
+    import types
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from nibabel.nicom import csareader, dicomwrappers
+    return types.SimpleNamespace(csareader=csareader, dicomwrappers=dicomwrappers)
+
+
+def siemens_csa(ds) -> dict | None:
+    """The Siemens CSA image header (0029,xx10) parsed by nibabel's csareader; None when absent or
+    unreadable (then the DICOM and the (0019,xx) private tags are all there is)."""
+    if 0x00290010 not in ds and not any(0x00290011 <= t <= 0x002900FF for t in ds.keys()):
+        return None
+    try:
+        return _nicom().csareader.get_csa_header(ds, "image")
+    except Exception:  # malformed CSA: treated as absent
+        return None
+
+
+def _csa(csa: dict | None, name: str) -> list:
+    if not csa:
+        return []
+    try:
+        return list(csa["tags"][name]["items"])
+    except (KeyError, TypeError):
+        return []
+
+
+def _direction_key(vec) -> str:
+    try:
+        v = np.asarray([float(x) for x in vec], float)
+    except (TypeError, ValueError):
+        return ""
+    n = float(np.linalg.norm(v)) if v.size == 3 else 0.0
+    if n < 1e-6:
+        return ""
+    v = v / n
+    return ",".join(f"{x:+.2f}" for x in v)
+
+
+def _bvalue(ds, csa: dict | None = None) -> float | None:
+    return _diffusion(ds, csa)[0]
+
+
+def _diffusion(ds, csa: dict | None = None) -> tuple[float | None, str, str]:
+    """(b-value, directionality, direction key) of one image, from the first source that says:
+    DiffusionBValue (0018,9087) (top level or MRDiffusionSequence), the Siemens CSA header (B_value,
+    DiffusionGradientDirection, DiffusionDirectionality), Siemens (0019,xx0C/0D/0E), GE (0043,xx39)
+    with (0019,xxBB-BD), Philips (2001,xx03/04) with (2005,xxB0-B2), then the Siemens SequenceName."""
+    b = None
+    directionality = ""
+    direction = ""
+    little = ds.original_encoding[1] is not False
+    sources = [ds]
+    if 0x00189117 in ds:  # MRDiffusionSequence at the top level of a classic file
+        item = first_item(ds, 0x00189117)
+        if item is not None:
+            sources.append(item)
+    for src in sources:
+        if b is None and TAG_BVALUE in src:
+            v = _raw(src, TAG_BVALUE)
+            if isinstance(v, bytes) and len(v) == 8:
+                b = float(struct.unpack("<d" if little else ">d", v)[0])
+            else:
+                b = _float_or_none(v)
+        if not directionality:
+            directionality = _str(src, 0x00189075).upper()
+        if not direction:
+            g = first_item(src, 0x00189076)  # DiffusionGradientDirectionSequence
+            vec = None
+            if g is not None and 0x00189089 in g:
+                vec = _fd3(g, little)
+            elif 0x00189089 in src:
+                vec = _fd3(src, little)
+            if vec is not None:
+                direction = _direction_key(vec)
+    itype = {x.upper() for x in _strs(ds, 0x00080008)}
+    if not directionality and ("TRACEW" in itype or "TRACE" in itype or "ISOTROPIC" in itype):
+        directionality = "ISOTROPIC"
+    if csa:
+        vals = _csa(csa, "B_value")
+        if b is None and vals:
+            b = _float_or_none(vals[0])
+        if not directionality:
+            d = _csa(csa, "DiffusionDirectionality")
+            directionality = str(d[0]).upper() if d else ""
+        if not direction:
+            g = _csa(csa, "DiffusionGradientDirection")
+            direction = _direction_key(g) if len(g) == 3 else ""
+    vendors = (
+        ("siemens", (0x0019, "SIEMENS MR HEADER", 0x0C), (0x0019, "SIEMENS MR HEADER", 0x0E), None),
+        ("ge", (0x0043, "GEMS_PARM_01", 0x39), (0x0019, "GEMS_ACQU_01", (0xBB, 0xBC, 0xBD)), None),
+        ("philips", (0x2001, "PHILIPS IMAGING DD 001", 0x03), (0x2005, "PHILIPS MR IMAGING DD 001", (0xB0, 0xB1, 0xB2)),
+         (0x2001, "PHILIPS IMAGING DD 001", 0x04)),
+    )
+    for vendor, btag, gtag, dtag in vendors:
+        try:
+            vb = _private_b(_elem_value(ds, _private(ds, *btag)), vendor)
+            if vb is not None and not 0 <= vb < 1e5:
+                vb = None
+            if vb is None:
+                continue  # this vendor's diffusion block is absent (or says nothing usable)
+            if b is None:
+                b = vb
+            if not direction:
+                grp, creator, el = gtag
+                if isinstance(el, tuple):
+                    vec = [_private_float(_elem_value(ds, _private(ds, grp, creator, e)), vendor) for e in el]
+                    vec = None if any(x is None for x in vec) else vec
+                else:
+                    vec = _elem_value(ds, _private(ds, grp, creator, el))
+                    if isinstance(vec, bytes):
+                        vec = struct.unpack("<3d", vec) if len(vec) == 24 else None
+                if vec is not None:
+                    direction = _direction_key(vec)
+            if not directionality and dtag is not None:  # Philips: I isotropic, O oblique, R/A/F/... axes
+                v = _elem_value(ds, _private(ds, *dtag))
+                v = (v.decode("ascii", "ignore") if isinstance(v, bytes) else str(v or "")).strip("\x00 ").upper()
+                if v == "I":
+                    directionality = "ISOTROPIC"
+                elif v and vb:
+                    directionality = "DIRECTIONAL"
+                    direction = direction or f"#{v}"
+        except Exception:  # a malformed private element only means "not said here"
+            continue
+        break
+    sb, sdir, sdirection = _seq_name_b(_str(ds, 0x00180024))
+    if b is None:
+        b = sb
+    directionality = directionality or sdir
+    direction = direction or sdirection
+    if directionality == "ISOTROPIC":
+        direction = ""
+    return b, directionality, direction
+
+
+def _fd3(item, little: bool):
+    v = _raw(item, 0x00189089)
+    if isinstance(v, bytes):
+        return struct.unpack("<3d" if little else ">3d", v) if len(v) == 24 else None
+    try:
+        vec = [float(x) for x in v]
+    except (TypeError, ValueError):
+        return None
+    return vec if len(vec) == 3 else None
+
+
+def _private_float(value, vendor: str) -> float | None:
+    if isinstance(value, bytes):
+        if len(value) == 4 and vendor == "philips":
             return float(struct.unpack("<f", value)[0])
         value = value.decode("ascii", "ignore").strip("\x00 ").split("\\")
     if isinstance(value, (list, tuple, MultiValue)):
         value = value[0] if len(value) else None
-    b = _float_or_none(value)
-    if b is None:
-        return None
-    if vendor == "ge" and b >= 1e9:  # GE adds 10^9 to flag the b-value slot
-        b -= 1e9
-    return b
-
-
-def _bvalue(ds) -> float | None:
-    if TAG_BVALUE in ds:
-        v = _raw(ds, TAG_BVALUE)
-        if isinstance(v, bytes) and len(v) == 8:
-            little = ds.original_encoding[1] is not False
-            return float(struct.unpack("<d" if little else ">d", v)[0])
-        b = _float_or_none(v)
-        if b is not None:
-            return b
-    for tag, vendor in ((TAG_SIEMENS_B, "siemens"), (TAG_GE_B, "ge"), (TAG_PHILIPS_B, "philips")):
-        if tag in ds:
-            try:
-                b = _private_b(ds[tag], vendor)
-            except Exception:  # a malformed private element only means "no b-value here"
-                b = None
-            if b is not None and 0 <= b < 1e5:
-                return b
-    seq = _str(ds, 0x00180024)  # Siemens SequenceName: "*ep_b800t"
-    if seq.startswith("*ep_b"):
-        digits = "".join(ch for ch in seq[5:].split("t")[0] if ch.isdigit())
-        if digits:
-            return float(digits)
-    return None
+    return _float_or_none(value.strip("\x00 ") if isinstance(value, str) else value)
 
 
 def read_header(path: str | os.PathLike) -> FileRecord:
@@ -246,10 +445,14 @@ def read_headers(path: str | os.PathLike) -> list[FileRecord]:
             raise NotAnImage("DICOMDIR (media index; the study layout is read from the image headers instead)")
         if sop_class in MASK_SOP_CLASSES:
             return [_mask_record(ds, path, st, sop_class)]
-        rec = _record(ds, path, st, pixel_offset)
+        csa = siemens_csa(ds)
+        rec = _record(ds, path, st, pixel_offset, csa)
         rec.sop_class = sop_class
         if PER_FRAME_FG in ds or rec.frames > 1:  # PerFrameFunctionalGroupsSequence: enhanced / legacy converted
             return _frame_records(ds, rec)
+        n_mosaic = _mosaic_count(rec, csa)
+        if n_mosaic:
+            return _mosaic_records(ds, rec, csa, n_mosaic)
         return [rec]
     except (ValueError, TypeError, struct.error, AttributeError, IndexError) as exc:
         raise NotAnImage(f"malformed DICOM header value ({type(exc).__name__}: {exc})"[:160]) from None
@@ -396,7 +599,7 @@ def _mask_record(ds, path: str, st, sop_class: str) -> FileRecord:
     )
 
 
-def _record(ds, path: str, st, pixel_offset: int) -> FileRecord:
+def _record(ds, path: str, st, pixel_offset: int, csa: dict | None = None) -> FileRecord:
     series_uid = _str(ds, 0x0020000E)
     rows, cols = _int(ds, 0x00280010), _int(ds, 0x00280011)
     if not series_uid or not rows or not cols:
@@ -422,6 +625,7 @@ def _record(ds, path: str, st, pixel_offset: int) -> FileRecord:
         pixel_dtype = f"<{'i' if signed else 'u'}{bits // 8}"
     ipp, iop, ps = _floats(ds, 0x00200032), _floats(ds, 0x00200037), _floats(ds, 0x00280030)
     slope, intercept = _floats(ds, 0x00281053), _floats(ds, 0x00281052)
+    b, directionality, direction = _diffusion(ds, csa)
     return FileRecord(
         path=path,
         size=st.st_size,
@@ -443,7 +647,9 @@ def _record(ds, path: str, st, pixel_offset: int) -> FileRecord:
         rows=rows,
         cols=cols,
         frames=frames,
-        bvalue=_bvalue(ds),
+        bvalue=b,
+        directionality=directionality,
+        direction=direction,
         study_date=_str(ds, 0x00080020),
         slope=slope[0] if slope else 1.0,
         intercept=intercept[0] if intercept else 0.0,
@@ -453,6 +659,99 @@ def _record(ds, path: str, st, pixel_offset: int) -> FileRecord:
         bits_stored=stored,
         pixel_header=header_len,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Siemens mosaic (ImageType MOSAIC): one file holds a whole volume as tiles of one large image.
+# nibabel's nicom (MosaicWrapper, csareader) reads the CSA header, the corrected position of the first
+# voxel (the DICOM ImagePositionPatient of a mosaic is that of the whole tiled image, not of a slice)
+# and the slice normal with its CSA sign, and unpacks the pixels; what is ours is only the mapping of
+# its result onto one record per slice, so the rest of prepare sees slices as from any classic export.
+# ----------------------------------------------------------------------------------------------
+
+def _mosaic_count(rec: FileRecord, csa: dict | None) -> int:
+    """Number of tiles when the image is a Siemens mosaic, else 0: ImageType MOSAIC, or a CSA
+    NumberOfImagesInMosaic > 1 with an in-plane size that is a multiple of the acquisition matrix."""
+    n = _csa(csa, "NumberOfImagesInMosaic")
+    try:
+        n = int(n[0]) if n else 0
+    except (TypeError, ValueError):
+        n = 0
+    if "MOSAIC" in rec.image_type:
+        return max(n, 1) if n else -1  # -1: says MOSAIC but gives no tile count
+    if n > 1:
+        side = int(np.ceil(np.sqrt(n)))
+        if rec.rows % side == 0 and rec.cols % side == 0 and rec.rows > side and rec.cols > side:
+            return n
+    return 0
+
+
+def _acq_matrix(ds) -> tuple[int, int] | None:
+    """(rows, columns) of one acquired slice from AcquisitionMatrix (0018,1310), or None."""
+    v = _raw(ds, 0x00181310)
+    if isinstance(v, bytes) and len(v) == 8:
+        little = ds.original_encoding[1] is not False
+        v = struct.unpack("<4H" if little else ">4H", v)
+    try:
+        f_rows, f_cols, p_rows, p_cols = (int(x) for x in v)
+    except (TypeError, ValueError):
+        return None
+    rows, cols = (f_rows or p_rows), (f_cols or p_cols)
+    return (rows, cols) if rows and cols else None
+
+
+def _mosaic_records(ds, base: FileRecord, csa: dict | None, n: int) -> list[FileRecord]:
+    """One record per slice of a Siemens mosaic, positioned by nibabel's MosaicWrapper; a mosaic that
+    cannot be unpacked gives one record with `refused` set (never a tiled image used as one slice)."""
+    what = f"Siemens mosaic ({base.rows} x {base.cols} pixels"
+    if n < 0:
+        return [_refused(base, f"{what}, ImageType MOSAIC) has no NumberOfImagesInMosaic in its CSA header: "
+                               "it could not be unpacked into slices")]
+    side = int(np.ceil(np.sqrt(n)))
+    if base.rows % side or base.cols % side:
+        return [_refused(base, f"{what}, {n} tiles per CSA) could not be unpacked: {base.rows} x {base.cols} is not "
+                               f"a {side} x {side} grid of equal tiles")]
+    tr, tc = base.rows // side, base.cols // side
+    acq = _acq_matrix(ds)
+    if acq is not None and sorted(acq) != sorted((tr, tc)):
+        return [_refused(base, f"{what}, {n} tiles per CSA) could not be unpacked: tiles of {tr} x {tc} do not match "
+                               f"the acquisition matrix {acq[0]} x {acq[1]}")]
+    try:
+        w = _nicom().dicomwrappers.MosaicWrapper(ds, csa or {}, n_mosaic=n)
+        first = np.asarray(w.image_position, float)
+        normal = np.asarray(w.slice_normal, float)
+        step = float(w.voxel_sizes[2])
+    except Exception as exc:  # nibabel could not place the tiles: refuse with its reason
+        return [_refused(base, f"{what}, {n} tiles) could not be unpacked: geometry unreadable "
+                               f"({type(exc).__name__}: {str(exc)[:80]})")]
+    if base.ipp is None or base.iop is None or not np.isfinite(first).all() or not np.isfinite(normal).all():
+        return [_refused(base, f"{what}, {n} tiles) could not be unpacked: no ImagePositionPatient / "
+                               "ImageOrientationPatient to place its slices")]
+    out = []
+    for k in range(n):
+        rec = copy.copy(base)
+        rec.rows, rec.cols, rec.mosaic, rec.tile = tr, tc, n, k
+        rec.ipp = tuple(float(x) for x in first + k * step * normal)
+        rec.pixel_offset = -1  # tiles are read through nibabel (client/volumes.read_mosaic_tiles)
+        out.append(rec)
+    return out
+
+
+def _refused(base: FileRecord, reason: str) -> FileRecord:
+    rec = copy.copy(base)
+    rec.mosaic = max(rec.mosaic, 1)
+    rec.refused = reason
+    rec.pixel_offset = -1
+    return rec
+
+
+def read_mosaic_tiles(path: str, n: int) -> np.ndarray:
+    """The slices of one mosaic file, (n, rows, cols) float32 with the rescale applied, unpacked by
+    nibabel's MosaicWrapper (tile k is slice k of the record list _mosaic_records made)."""
+    ds = pydicom.dcmread(path)
+    w = _nicom().dicomwrappers.MosaicWrapper(ds, siemens_csa(ds) or {}, n_mosaic=n)
+    data = np.asarray(w.get_data(), dtype=np.float32)  # (rows, cols, n): nibabel's axis 0 is the row index
+    return np.ascontiguousarray(np.moveaxis(data, 2, 0))
 
 
 _PIXEL_TAG = b"\xe0\x7f\x10\x00"

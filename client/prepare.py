@@ -247,7 +247,7 @@ def build_patient_image(series: list[Series], mask_path: Path | None, rules: Ser
     roi = sitk.GetArrayFromImage(mask)
     dwi_label = f"{sel.dwi.label} b={sel.dwi_b:g}"
     try:
-        dwi_native, n = vol.read_volume(sel.dwi_files, dwi_label)
+        dwi_native, n = vol.read_diffusion(sel.dwi_files, dwi_label, sel.dwi_b)
         notes += n
     except vol.VolumeError as exc:
         raise Excluded("DWI", str(exc)) from None
@@ -256,8 +256,9 @@ def build_patient_image(series: list[Series], mask_path: Path | None, rules: Ser
         tx, note = vol.rigid_refine(t2, dwi_native, mask)
         notes.append(note)
     dwi = sitk.GetArrayFromImage(vol.resample_like(dwi_native, t2, transform=tx))
-    if not (dwi[roi > 0] != 0).mean() >= 0.5:
-        raise Excluded("DWI", f"{dwi_label} does not cover the ROI (no overlap in scanner coordinates)")
+    problem = vol.coverage_problem(dwi_native, dwi, t2, roi, dwi_label)
+    if problem:
+        raise Excluded("DWI", problem)
     try:
         if sel.adc is not None:
             adc_native, n = vol.read_volume(sel.adc_files, sel.adc.label)
@@ -266,7 +267,8 @@ def build_patient_image(series: list[Series], mask_path: Path | None, rules: Ser
             adc, scale = vol.adc_to_mm2_s(adc_raw, roi, rules.adc_scale)
             adc_source = f"scanner {sel.adc.description} (x{scale:g} -> mm^2/s)"
         else:
-            low, n = vol.read_volume(sel.low_files, f"{sel.dwi.label} b={sel.low_b:g}")
+            low, n = vol.read_diffusion(sel.low_files, f"{sel.dwi.label} b={sel.low_b:g}", sel.low_b)
+            notes += n
             if low.GetSize() != dwi_native.GetSize():
                 raise vol.VolumeError(f"b={sel.low_b:g} and b={sel.dwi_b:g} images are not on the same slices")
             adc_map = vol.compute_adc(low, dwi_native, sel.low_b, sel.dwi_b)

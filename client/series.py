@@ -3,8 +3,9 @@
 Matching works on a normalised text made of SeriesDescription + ProtocolName + SequenceName
 (lower case, every non-alphanumeric character turned into a space, so `t2_tse_tra` reads
 "t2 tse tra"), on ImageType, and on the b-values read from the headers. Order of the rules:
-not MR or ImageType LOCALIZER or an `ignore` pattern -> ignored; then `adc`; then `dwi` (or any
-series carrying a b-value > 0); then `t2`. A site can add patterns (or replace the defaults) in
+not MR or ImageType LOCALIZER or an `ignore` pattern -> ignored; then `adc`; then `dwi` (or ImageType
+DIFFUSION, or any b-value > 50); then `t2`; then `dwi` for a series of low b only (b <= 50, e.g. the b = 5
+of a Prisma export). A site can add patterns (or replace the defaults) in
 site.toml:
 
     [series-rules]
@@ -17,7 +18,9 @@ site.toml:
 When several series fit, the documented choice (and the note saying so) is:
     T2:  grid matches the mask, not fat-suppressed, most axial, finest in-plane spacing,
          most slices, highest series number;
-    DWI: same study as the T2, highest b-value, most slices, highest series number;
+    DWI: same study as the T2, highest b-value, the scanner's trace (TRACEW / ISOTROPIC) before
+         per-direction images, most images, highest series number (per-direction images become the
+         trace, their geometric mean, in client/volumes.py read_diffusion);
     ADC: the scanner's ADC of that study on the DWI's slice grid, highest series number;
          else computed from the lowest and highest b on one slice grid.
 """
@@ -42,6 +45,7 @@ DEFAULT_PATTERNS: dict[str, list[str]] = {
     "t2": [r"\bt2\w*", r"\bt2 ?w", r"\bfrfse\b"],
 }
 FATSAT = re.compile(r"\bfs\b|fat ?sat|\bspair\b|\bstir\b|\bspir\b|\bfatsat\b|\bfs\w+")
+LOW_B = 50.0  # s/mm^2: an image at b <= LOW_B counts as the b0 of an ADC fit, never as the DWI channel
 RULE_KEYS = ("t2", "dwi", "adc", "ignore", "mode", "min-dwi-b", "adc-unit")
 ADC_UNITS = {"auto": None, "mm2/s": 1.0, "1e-3 mm2/s": 1e-3, "1e-6 mm2/s": 1e-6}
 
@@ -170,10 +174,12 @@ class SeriesRules:
             return None
         if any(t.startswith("ADC") for t in itype) or self._match("adc", s):
             return "adc"
-        if self._match("dwi", s) or any(b > 0 for b in s.bvalues()):
+        if self._match("dwi", s) or "DIFFUSION" in itype or any(b > LOW_B for b in s.bvalues()):
             return "dwi"
         if self._match("t2", s):
             return "t2"
+        if any(b > 0 for b in s.bvalues()):  # low b only (b <= 50, e.g. b = 5): after the T2 rules
+            return "dwi"
         return None
 
 
@@ -197,6 +203,12 @@ class Selection:
             "dwi": f"{self.dwi.description} (b={self.dwi_b:g})",
             "adc": self.adc.description if self.adc else f"computed from b={self.low_b:g} and b={self.dwi_b:g}",
         }
+
+
+def is_trace(files: list[FileRecord]) -> bool:
+    """The scanner's trace-weighted (isotropic) image: DiffusionDirectionality ISOTROPIC, ImageType
+    TRACEW, a Philips "I" direction or a Siemens "...t" sequence name (client/dicom_scan.py)."""
+    return any(f.directionality == "ISOTROPIC" for f in files)
 
 
 def _grid(files: list[FileRecord]) -> tuple:
@@ -253,11 +265,15 @@ def select_sequences(
     if not options:
         top = max(b for s in with_b for b in s.bvalues())
         raise SelectionError(f"highest DWI b-value is {top:g} s/mm^2; the DWI channel needs b >= {rules.min_dwi_b:g}")
-    options.sort(key=lambda o: (o[0], len(o[1].by_b()[o[0]]), o[1].first.series_number), reverse=True)
+    options.sort(key=lambda o: (o[0], is_trace(o[1].by_b()[o[0]]), len(o[1].by_b()[o[0]]), o[1].first.series_number),
+                 reverse=True)
     dwi_b, dwi = options[0]
     dwi_files = dwi.by_b()[dwi_b]
     if len(options) > 1:
-        notes.append(f"dwi: {len(options)} b>={rules.min_dwi_b:g} candidates, picked b={dwi_b:g} of {dwi.label} (highest b)")
+        why = "highest b"
+        if is_trace(dwi_files) and any(b == dwi_b and not is_trace(s.by_b()[b]) for b, s in options[1:]):
+            why = "highest b; the scanner's trace (TRACEW / ISOTROPIC) before per-direction images"
+        notes.append(f"dwi: {len(options)} b>={rules.min_dwi_b:g} candidates, picked b={dwi_b:g} of {dwi.label} ({why})")
     if no_b:
         notes.append(f"dwi: ignored {len(no_b)} DWI series without b-values")
     sel = Selection(t2=t2, dwi=dwi, dwi_b=dwi_b, dwi_files=dwi_files, notes=notes)

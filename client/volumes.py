@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from client.dicom_scan import FileRecord, read_raw_pixels
+from client.dicom_scan import FileRecord, read_mosaic_tiles, read_raw_pixels
 
 MASK_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 ADC_MAX_MM2_S = 5e-3  # free water at body temperature is ~3e-3; beyond 5e-3 is noise
@@ -35,6 +35,9 @@ def slice_normal(iop) -> np.ndarray:
 def check_stack(files: list[FileRecord], what: str) -> tuple[list[FileRecord], float, list[str]]:
     """Order slices along the normal and check the stack; returns (sorted files, slice spacing, notes)."""
     notes: list[str] = []
+    refused = [f for f in files if f.refused]
+    if refused:
+        raise VolumeError(f"{what}: {refused[0].refused}")
     bad = [f for f in files if f.truncated]
     if bad:
         multi = any(f.frame >= 0 for f in bad)
@@ -47,7 +50,7 @@ def check_stack(files: list[FileRecord], what: str) -> tuple[list[FileRecord], f
         raise VolumeError(f"{what}: slices lack ImagePositionPatient / ImageOrientationPatient / PixelSpacing")
     seen: dict[tuple[str, int], FileRecord] = {}
     for f in files:
-        k = (f.sop_uid or f.path, f.frame)
+        k = (f.sop_uid or f.path, f.frame, f.tile)
         if f.sop_uid and k in seen:
             continue
         seen[k] = f
@@ -93,6 +96,8 @@ def read_volume(files: list[FileRecord], what: str) -> tuple[sitk.Image, list[st
     slices = [read_raw_pixels(f) for f in files] if all(f.pixel_offset >= 0 for f in files) else [None]
     if all(s is not None for s in slices):
         img = sitk.GetImageFromArray(np.stack(slices))
+    elif any(f.tile >= 0 for f in files):
+        img = sitk.GetImageFromArray(read_tiles(files, what))
     elif any(f.frame >= 0 for f in files):
         img = sitk.GetImageFromArray(read_frames_pydicom(files, what))
     else:
@@ -127,6 +132,136 @@ def read_frames_pydicom(files: list[FileRecord], what: str) -> np.ndarray:
             raise VolumeError(f"{what}: frame {f.frame + 1} missing from the pixel data ({frames.shape[0]} frames)")
         out.append(frames[max(f.frame, 0)].astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept))
     return np.stack(out)
+
+
+def read_tiles(files: list[FileRecord], what: str) -> np.ndarray:
+    """Slices of Siemens mosaic files (client/dicom_scan.py made one record per tile): each file is
+    unpacked once by nibabel's MosaicWrapper, then its tiles are taken in the records' order."""
+    tiles: dict[str, np.ndarray] = {}
+    out = []
+    for f in files:
+        if f.tile < 0:
+            raise VolumeError(f"{what}: mixes mosaic and non-mosaic images")
+        if f.path not in tiles:
+            try:
+                tiles[f.path] = read_mosaic_tiles(f.path, f.mosaic)
+            except Exception as exc:  # nibabel / pydicom raise many types; the patient gets the reason
+                raise VolumeError(f"{what}: Siemens mosaic could not be unpacked "
+                                  f"({type(exc).__name__}: {str(exc)[:100]})") from None
+        t = tiles[f.path]
+        if t.shape[1:] != (f.rows, f.cols) or f.tile >= t.shape[0]:
+            raise VolumeError(f"{what}: Siemens mosaic could not be unpacked (tiles {t.shape[1:]} x {t.shape[0]}, "
+                              f"expected {f.rows} x {f.cols} x {f.mosaic})")
+        out.append(t[f.tile])
+    return np.stack(out)
+
+
+def _position_key(f: FileRecord) -> float:
+    return round(float(np.dot(slice_normal(f.iop), f.ipp)), 2) if f.iop and f.ipp else 0.0
+
+
+def split_diffusion(files: list[FileRecord]) -> tuple[list[list[list[FileRecord]]], list[str]]:
+    """The images of one b-value as stacks: [direction][repeat] -> one slice list each.
+
+    Where the scanner's trace (ISOTROPIC / TRACEW) images are among them, only those are kept.
+    Images are grouped by gradient direction (from the DICOM diffusion module, the Siemens CSA
+    header, the vendors' private tags or the Siemens sequence name "#n"); several images of one
+    direction at one position are repeated acquisitions (averages), taken in instance order."""
+    notes: list[str] = []
+    iso = [f for f in files if f.directionality == "ISOTROPIC"]
+    if iso and len(iso) < len(files):
+        notes.append(f"{len(files) - len(iso)} per-direction images dropped: the scanner's trace image is used")
+        files = iso
+    by_dir: dict[str, list[FileRecord]] = {}
+    for f in files:
+        by_dir.setdefault("" if f.directionality == "ISOTROPIC" else f.direction, []).append(f)
+    out = []
+    for _key, fs in sorted(by_dir.items()):
+        by_pos: dict[float, list[FileRecord]] = {}
+        for f in fs:
+            by_pos.setdefault(_position_key(f), []).append(f)
+        counts = {len(v) for v in by_pos.values()}
+        uids = {(f.sop_uid or f.path, f.frame, f.tile) for f in fs}
+        if len(counts) != 1 or len(uids) < len(fs):  # uneven: check_stack names the problem
+            out.append([fs])
+            continue
+        m = counts.pop()
+        for v in by_pos.values():
+            v.sort(key=lambda f: (f.instance_number, f.path, f.frame, f.tile))
+        out.append([[v[r] for v in by_pos.values()] for r in range(m)])
+    return out, notes
+
+
+def read_diffusion(files: list[FileRecord], what: str, b: float) -> tuple[sitk.Image, list[str]]:
+    """One diffusion-weighted volume at one b-value: the scanner's trace when exported, else the trace
+    computed as the geometric mean over gradient directions (each direction the mean of its repeats);
+    a single stack is read as it is. Refused when every pixel is zero."""
+    groups, notes = split_diffusion(files)
+    notes = [f"{what}: {n}" for n in notes]
+    if len(groups) == 1 and len(groups[0]) == 1:
+        img, n = read_volume(groups[0][0], what)
+        notes += n
+        if b > 50 and all(f.directionality == "DIRECTIONAL" for f in files):
+            notes.append(f"{what}: one gradient direction only (no trace / isotropic image in the export): used as it is")
+    else:
+        ref = None
+        dirs = []
+        for reps in groups:
+            acc = None
+            for stack in reps:
+                img, n = read_volume(stack, what)
+                notes += n
+                if ref is None:
+                    ref = img
+                elif img.GetSize() != ref.GetSize() or not np.allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-3):
+                    raise VolumeError(f"{what}: the gradient directions / repeats are not on the same slices")
+                a = sitk.GetArrayFromImage(img).astype(np.float64)
+                acc = a if acc is None else acc + a
+            dirs.append(acc / len(reps))
+        if len(dirs) > 1:
+            stack = np.stack(dirs)
+            with np.errstate(divide="ignore"):
+                trace = np.exp(np.log(np.maximum(stack, 1e-300)).mean(axis=0))
+            trace[(stack <= 0).any(axis=0)] = 0.0
+            notes.append(f"{what}: trace computed as the geometric mean of {len(dirs)} gradient directions")
+        else:
+            trace = dirs[0]
+            if b > 50 and groups[0] and groups[0][0][0].directionality == "DIRECTIONAL":
+                notes.append(f"{what}: one gradient direction only (no trace / isotropic image in the export): used as it is")
+        reps = max(len(r) for r in groups)
+        if reps > 1:
+            notes.append(f"{what}: mean of {reps} repeated acquisitions")
+        img = sitk.GetImageFromArray(trace.astype(np.float32))
+        img.CopyInformation(ref)
+    if not sitk.GetArrayViewFromImage(img).any():
+        raise VolumeError(f"{what}: every pixel is zero (no image content: a blanked or anonymised export?)")
+    return img, notes
+
+
+def _extent(img: sitk.Image, idx: np.ndarray | None = None) -> np.ndarray:
+    """(3, 2) min/max scanner (LPS) coordinates of the given voxel indices (x, y, z), or of the whole grid."""
+    if idx is None:
+        size = img.GetSize()
+        idx = np.array(list(itertools.product(*[(0, s - 1) for s in size])))
+    pts = np.array([img.TransformContinuousIndexToPhysicalPoint([float(v) for v in i]) for i in idx])
+    return np.stack([pts.min(axis=0), pts.max(axis=0)], axis=1)
+
+
+def coverage_problem(native: sitk.Image, on_t2: np.ndarray, ref: sitk.Image, roi: np.ndarray, label: str) -> str | None:
+    """None when the resampled image covers at least half the ROI; else the reason, with both extents."""
+    covered = float((on_t2[roi > 0] != 0).mean()) if roi.any() else 0.0
+    if covered >= 0.5:
+        return None
+    zz, yy, xx = np.nonzero(roi)
+    corners = np.array(list(itertools.product((xx.min(), xx.max()), (yy.min(), yy.max()), (zz.min(), zz.max()))))
+    a, r = _extent(native), _extent(ref, corners)
+    fmt = lambda e: ", ".join(f"{ax} {lo:.1f} to {hi:.1f}" for ax, (lo, hi) in zip("xyz", e))  # noqa: E731
+    inside = bool(((a[:, 0] <= r[:, 1] + 1e-3) & (a[:, 1] >= r[:, 0] - 1e-3)).all())
+    if covered == 0 and not inside:
+        return (f"{label} does not cover the ROI (no overlap in scanner coordinates: the image spans {fmt(a)} mm, "
+                f"the ROI {fmt(r)} mm, LPS)")
+    return (f"{label} does not cover the ROI ({100 * covered:.0f} % of the ROI voxels have signal; the image spans "
+            f"{fmt(a)} mm, the ROI {fmt(r)} mm, LPS)")
 
 
 def read_series_sitk(paths: list[str], what: str) -> sitk.Image:

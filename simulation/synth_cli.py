@@ -21,9 +21,11 @@ def register(sub) -> None:
                    help="split a larger population into N non-identically distributed hospitals site-01..site-NN")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="processes rendering patients (default 1; the output is the same for any N)")
-    p.add_argument("--export", choices=("classic", "enhanced"), default="classic",
+    p.add_argument("--export", choices=("classic", "enhanced", "mosaic", "directional"), default="classic",
                    help="classic: one MR Image Storage file per slice; enhanced: one Enhanced MR multi-frame file "
-                        "per series (geometry and b-values in the functional groups)")
+                        "per series (geometry and b-values in the functional groups); mosaic: Siemens sites' DWI "
+                        "and ADC as mosaics with a CSA header; directional: classic DWI with three gradient "
+                        "directions and no trace, b-values in the vendors' private tags")
     p.add_argument("--masks", choices=("nifti", "seg", "rtstruct"), default="nifti",
                    help="tumour ROI as masks/<patient_id>.nii.gz, as a DICOM SEG in the exam folder, or as an "
                         "RTSTRUCT (contours in patient mm) in masks/")

@@ -10,6 +10,7 @@ file names are random from the patient's generator, so readers must sort by geom
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def _to_uint16(vol: np.ndarray, what: str) -> np.ndarray:
     return v.astype(np.uint16)
 
 
-EXPORTS = ("classic", "enhanced")
+EXPORTS = ("classic", "enhanced", "mosaic", "directional")
 
 
 class ExamWriter:
@@ -53,6 +54,14 @@ class ExamWriter:
     export "classic": one MR Image Storage file per slice; "enhanced": one Enhanced MR Image Storage
     file per series (the same pixels, UIDs and geometry). The random draws (folder and file names) are
     the same in both, so the two exports of a seed hold the same images.
+    Two further exports imitate what real scanners write, so the cohort exercises those paths at scale
+    (options only: the default "classic" output is unchanged byte for byte):
+    "mosaic": on SIEMENS profiles, the DWI (one mosaic file per b-value, trace-weighted: ImageType
+    ...TRACEW...MOSAIC, SequenceName "*ep_b800t") and the ADC as Siemens mosaics with a CSA image header
+    (client reads them with nibabel); other vendors stay classic. "directional": classic DWI with three
+    gradient directions per b > 0 and no trace image, b-values and directions only in the vendor's
+    private form (Siemens CSA + (0019,xx0C/0E) + "ep_b800#1"; GE (0043,xx39) "1000000800\\8\\0\\0" +
+    (0019,xxBB-BD); Philips (2001,xx03) FL + (2001,xx04) "O" + (2005,xxB0-B2)), no DiffusionBValue.
     """
 
     def __init__(self, root: Path, scanner: Scanner, info: PatientInfo, seed: int, rng: np.random.Generator,
@@ -92,6 +101,14 @@ class ExamWriter:
             items = [(bi, k) for k in order for bi in range(len(volumes))]
         series_dir = self.exam_dir if s.file_style == "flat-dcm" else self.exam_dir / f"Se{number}"
         series_dir.mkdir(parents=True, exist_ok=True)
+        if self.export == "mosaic" and kind in ("dwi", "adc") and s.manufacturer.upper() == "SIEMENS":
+            self._mosaic(series_dir, series_uid, number, kind, description, image_type, grid, place, volumes,
+                         slope, tr_te)
+            return
+        if self.export == "directional" and kind == "dwi":
+            self._directional(series_dir, series_uid, number, description, image_type, grid, place, volumes,
+                              order, tr_te)
+            return
         if self.export == "enhanced":
             self._enhanced(series_dir, series_uid, number, kind, description, image_type, grid, place, volumes,
                            items, slope, tr_te)
@@ -197,6 +214,87 @@ class ExamWriter:
         self.files.append(path)
         self.series_files.setdefault(kind, []).append(path)
 
+    def _save(self, ds: Dataset, series_dir: Path, kind: str) -> None:
+        name = f"{self.rng.integers(16**10):010X}"
+        path = series_dir / (f"{name}.dcm" if self.scanner.file_style == "flat-dcm" else name)
+        ds.save_as(path, enforce_file_format=True)
+        self.files.append(path)
+        self.series_files.setdefault(kind, []).append(path)
+
+    def _mosaic(self, series_dir, series_uid, number, kind, description, image_type, grid: Grid, place: Placement,
+                volumes, slope, tr_te) -> None:
+        """One Siemens mosaic file per volume (per b-value for the DWI): the slices tiled row by row on a
+        ceil(sqrt(n)) square, ImagePositionPatient that of the whole tiled image (as Siemens writes it,
+        which nibabel corrects), NumberOfImagesInMosaic in the CSA header and (0019,xx0A)."""
+        info = self.info
+        n = grid.slices
+        side = int(np.ceil(np.sqrt(n)))
+        tr, tc = grid.rows, grid.columns
+        ds = self._base(series_uid, number, description, list(image_type) + ["ND", "MOSAIC"], grid, tr_te)
+        ds.Rows, ds.Columns = side * tr, side * tc
+        ds.AcquisitionMatrix = [tc, 0, 0, tr]
+        ds.RescaleSlope = _ds(slope)
+        ds.RescaleIntercept = "0"
+        # Siemens stores the position of the tiled image's corner: first tile's position minus half the
+        # extra extent (see nibabel's MosaicWrapper.image_position, which undoes exactly this)
+        first = np.array([place.origin[0], place.origin[1], place.origin[2]], float)
+        shift = (np.array([0.0, 1.0, 0.0]) * grid.pixel_mm * (side * tr - tr) / 2
+                 + np.array([1.0, 0.0, 0.0]) * grid.pixel_mm * (side * tc - tc) / 2)
+        corner = first - shift
+        ds.ImagePositionPatient = [_ds(float(x)) for x in corner]
+        ds.add_new(0x00190010, "LO", "SIEMENS MR HEADER")
+        ds.add_new(0x0019100A, "US", n)
+        ds.add_new(0x00290010, "LO", "SIEMENS CSA HEADER")
+        for inst, (b, vol) in enumerate(volumes, start=1):
+            tiles = np.zeros((side * tr, side * tc), np.uint16)
+            for k in range(n):
+                r, c = divmod(k, side)
+                tiles[r * tr:(r + 1) * tr, c * tc:(c + 1) * tc] = vol[k]
+            csa = {"NumberOfImagesInMosaic": ("US", [n]), "SliceNormalVector": ("FD", [0.0, 0.0, 1.0]),
+                   "AcquisitionMatrixText": ("SH", [f"{tr}*{tc}"])}
+            if b is not None:
+                csa["B_value"] = ("IS", [int(b)])
+                ds.SequenceName = f"*ep_b{int(b)}t" if b > 0 else "*ep_b0"
+                ds.ImageType = list(image_type[:2]) + ["DIFFUSION", "TRACEW" if b > 0 else "NONE", "ND", "MOSAIC"]
+                if 0x0019100C in ds:
+                    del ds[0x0019100C]
+                ds.add_new(0x0019100C, "IS", int(b))
+            ds.add_new(0x00291010, "OB", csa_header(csa))
+            ds.SOPInstanceUID = uid(self.seed, info.patient_id, kind, "mosaic", inst)
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.InstanceNumber = inst
+            ds.SliceLocation = _ds(float(first[2]))
+            ds.PixelData = tiles.tobytes()
+            self._save(ds, series_dir, kind)
+
+    def _directional(self, series_dir, series_uid, number, description, image_type, grid: Grid, place: Placement,
+                     volumes, order, tr_te) -> None:
+        """Classic DWI with three gradient directions (x, y, z) per b > 0 and no trace image, b-value and
+        direction only in the vendor's private tags (as older Siemens / GE / Philips classic exports)."""
+        s, info = self.scanner, self.info
+        ds = self._base(series_uid, number, description, image_type, grid, tr_te)
+        ds.RescaleSlope = "1"
+        ds.RescaleIntercept = "0"
+        vendor = s.manufacturer.upper()
+        inst = 0
+        for b, vol in volumes:
+            for d in ((0, 1, 2) if b else (None,)):
+                axis = [0.0, 0.0, 0.0]
+                if d is not None:
+                    axis[d] = 1.0
+                for k in order:
+                    inst += 1
+                    z = place.origin[2] + k * grid.spacing_mm
+                    ds.SOPInstanceUID = uid(self.seed, info.patient_id, "dwi-dir", inst)
+                    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+                    ds.InstanceNumber = inst
+                    ds.ImagePositionPatient = [_ds(place.origin[0]), _ds(place.origin[1]), _ds(z)]
+                    ds.SliceLocation = _ds(z)
+                    _vendor_diffusion(ds, vendor, float(b), axis if d is not None else None, d)
+                    pixels = vol[k] if d is None else np.clip(np.rint(vol[k] * (0.85, 1.0, 1.15)[d]), 0, 65535)
+                    ds.PixelData = np.ascontiguousarray(pixels.astype(np.uint16)).tobytes()
+                    self._save(ds, series_dir, "dwi")
+
     def _base(self, series_uid, number, description, image_type, grid: Grid, tr_te) -> Dataset:
         s, info = self.scanner, self.info
         meta = FileMetaDataset()
@@ -270,3 +368,51 @@ def _ds(v: float) -> str:
     if len(text) > 16:
         raise ValueError(f"decimal string too long for DICOM DS: {text}")
     return text
+
+
+def _vendor_diffusion(ds: Dataset, vendor: str, b: float, axis, d) -> None:
+    """b-value and gradient direction in the vendor's private form only (no DiffusionBValue)."""
+    if vendor == "SIEMENS":
+        ds.add_new(0x00190010, "LO", "SIEMENS MR HEADER")
+        ds.add_new(0x0019100C, "IS", int(b))
+        ds.SequenceName = f"ep_b{int(b)}#{d + 1}" if d is not None else "ep_b0"
+        csa = {"B_value": ("IS", [int(b)])}
+        if axis is not None:
+            ds.add_new(0x0019100E, "FD", axis)
+            csa["DiffusionGradientDirection"] = ("FD", axis)
+            csa["DiffusionDirectionality"] = ("CS", ["DIRECTIONAL"])
+        elif 0x0019100E in ds:
+            del ds[0x0019100E]
+        ds.add_new(0x00290010, "LO", "SIEMENS CSA HEADER")
+        ds.add_new(0x00291010, "OB", csa_header(csa))
+    elif vendor.startswith("GE"):
+        ds.add_new(0x00430010, "LO", "GEMS_PARM_01")
+        ds.add_new(0x00431039, "IS", [1_000_000_000 + int(b), 8, 0, 0])
+        ds.add_new(0x00190010, "LO", "GEMS_ACQU_01")
+        for el, v in zip((0x001910BB, 0x001910BC, 0x001910BD), axis or (0.0, 0.0, 0.0)):
+            ds.add_new(el, "DS", _ds(v))
+    else:  # Philips
+        ds.add_new(0x20010010, "LO", "Philips Imaging DD 001")
+        ds.add_new(0x20011003, "FL", float(b))
+        ds.add_new(0x20011004, "CS", "O" if axis is not None else "")
+        ds.add_new(0x20050010, "LO", "Philips MR Imaging DD 001")
+        for el, v in zip((0x200510B0, 0x200510B1, 0x200510B2), axis or (0.0, 0.0, 0.0)):
+            ds.add_new(el, "FL", float(v))
+
+
+def csa_header(tags: dict[str, tuple[str, list]]) -> bytes:
+    """A Siemens CSA2 ("SV10") header holding `tags` (name -> (VR, values)).
+
+    Our own code because no library writes CSA: nibabel's csareader (which the client uses) only reads
+    it. The layout is the one csareader parses: "SV10", 4 unused bytes, tag count, 77; per tag a
+    64-byte name, VM, 4-byte VR, SyngoDT, item count, 77; per item four int32 (the second the length)
+    and the value as a null-terminated string padded to 4 bytes."""
+    out = [b"SV10", b"\x04\x03\x02\x01", struct.pack("<2I", len(tags), 77)]
+    for name, (vr, values) in tags.items():
+        out.append(struct.pack("<64si4s3i", name.encode("ascii"), len(values), vr.encode("ascii"), 0, len(values), 77))
+        for v in values:
+            text = (f"{v:.8f}" if isinstance(v, float) else str(v)).encode("ascii") + b"\x00"
+            out.append(struct.pack("<4i", len(text), len(text), 77, len(text)))
+            out.append(text + b"\x00" * (-len(text) % 4))
+    data = b"".join(out)
+    return data + b"\x00" * (len(data) % 2)
