@@ -62,6 +62,7 @@ def default_study_dir(cache_dir: str) -> str:
 
 # Site bundle files
 CA_CERT = "ca.crt"
+SUPERLINK_CERT = "superlink.crt"        # the SuperLink's certificate (public): the names the CA vouches for
 SITE_KEY = "supernode.key"
 SITE_PUB = "supernode.pub"
 SUPEREXEC_SECRET = "superexec.secret"   # shared by the SuperNode and the site's launcher, 0600
@@ -81,6 +82,19 @@ SITE_KEYS_DIR = "site-keys"
 FRONT_DOOR = "nginx-slmfed.conf"        # the public front door (systemd host): exposes /v1/fleet/ only
 FRONT_DOOR_COMPOSE = "nginx-slmfed-compose.conf"  # the same for the compose file's nginx container
 SITE_REGISTRY = "site-registry.toml"    # which registered node (public key, node id) is which site
+FRONT_DOOR_ACCESS_LOG = "/var/log/nginx/slmfed-access.log"  # systemd host; compose: the image's stdout log
+
+# The front door's limits (deploy/templates/nginx-front-door.conf). Flower 1.42 sends one object per
+# Fleet call (PushObject: one array chunk, or one message / record object); arrays are cut into chunks
+# of FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE bytes (default 5 MiB, flwr/common/constant.py), whatever the
+# model's size, so the largest legitimate body is one chunk plus protobuf framing. The margin covers
+# the message and non-array record objects (metrics, signed statements, score cells: kilobytes).
+FLEET_CHUNK_BYTES = 5 * 1024 * 1024
+FLEET_BODY_MARGIN_BYTES = 1024 * 1024
+FLEET_MAX_BODY_BYTES = FLEET_CHUNK_BYTES + FLEET_BODY_MARGIN_BYTES
+FRONT_DOOR_CONN_PER_IP = 32     # concurrent connections per client address
+FRONT_DOOR_REQ_RATE = 100       # requests per second per client address, sustained ...
+FRONT_DOOR_REQ_BURST = 3000     # ... after a burst of this many (one message's objects arrive at once)
 
 
 class BundleError(ValueError):

@@ -44,6 +44,10 @@ LAUNCHER = "slmfed site launcher"  # the site's app launcher (deploy/launcher.py
 REVIEWED = (*FLOWER_PROGRAMS, LAUNCHER)
 MAX_SCAN_BYTES = 1 << 20
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+STUDY_K = int(SCHEMA["min-cell-size"].default)  # the study default k (10); lower is a warning
+# request headers a log format must not write: Flower's signed SuperNode headers (replayable for about
+# 5 minutes), any other request header, request bodies
+LOGGED_SECRETS = re.compile(r"\$(http_(?!referer\b|user_agent\b)\w+|request_body\w*|http_flwr\w*)")
 
 # deploy/README.md, "Differential privacy": DP is each site's [privacy] dp-epsilon, applied by
 # client/dp.py; a [dp] table anywhere is read by no code, so it could only claim what is not applied.
@@ -56,9 +60,12 @@ DP_TABLE_NOT_READ = ("[dp] table: no code reads it, so it would claim a protecti
 class Finding:
     path: str
     problem: str
+    # a warning is printed but does not fail the check (e.g. a k below the study default that the
+    # ClientApp still accepts): the privacy officer reads what it allows and decides
+    warning: bool = False
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.problem}"
+        return f"{self.path}: {'warning: ' if self.warning else ''}{self.problem}"
 
 
 @dataclass
@@ -243,9 +250,11 @@ def _active_lines(text: str) -> Iterator[tuple[int, str]]:
 # ---------------------------------------------------------------- the checker
 
 class Checker:
-    def __init__(self, root: Path, now: dt.datetime | None = None):
+    def __init__(self, root: Path, now: dt.datetime | None = None, nginx_dir: Path | None = None):
         self.root = Path(root)
         self.now = now or dt.datetime.now(dt.timezone.utc)
+        # the host's nginx configuration, looked at when an installed coordinator bundle is checked
+        self.nginx_dir = Path(nginx_dir) if nginx_dir is not None else Path("/etc/nginx")
         self.findings: set[Finding] = set()
         self.coordinators: list[B.Bundle] = []
         self.sites: list[B.Bundle] = []
@@ -254,6 +263,9 @@ class Checker:
 
     def add(self, path: Path | str, problem: str) -> None:
         self.findings.add(Finding(str(path), problem))
+
+    def warn(self, path: Path | str, problem: str) -> None:
+        self.findings.add(Finding(str(path), problem, warning=True))
 
     def resolve(self, cmd: Command, value: str) -> Path:
         """A path from a config line, mapped into the bundle folder the config came from."""
@@ -359,6 +371,20 @@ class Checker:
                                          "and Runtime API; sites reach the Fleet API through the front door (nginx)")
         if cmd.flag("--enable-supernode-auth") is None:
             self.add(cmd.source, "flower-superlink: SuperNode authentication is off; add --enable-supernode-auth")
+        if cmd.flag("--isolation") == "process":
+            secret = cmd.flag("--superexec-auth-secret-file")
+            if not secret:
+                self.add(cmd.source, "flower-superlink: --isolation process without --superexec-auth-secret-file: "
+                                     "any local process could take the ServerApp's tasks from the SuperLink's "
+                                     "Runtime API (run ids, the study's messages); pass a 0600 secret file shared "
+                                     "with its flower-superexec, or drop --isolation process")
+            else:
+                path = self.resolve(cmd, secret)
+                if not path.is_file() or path.stat().st_size == 0:
+                    self.add(cmd.source, f"--superexec-auth-secret-file: {path} is missing or empty")
+                elif stat.S_IMODE(path.stat().st_mode) & 0o077:
+                    self.add(path, f"SuperExec secret is readable by others (mode "
+                                   f"{stat.S_IMODE(path.stat().st_mode):04o}); expected 0600 (chmod 600 it)")
         self.check_runtime_deps(cmd, default_on=True)
         if cmd.flag("--insecure") is not None:
             return  # already reported as --insecure
@@ -396,6 +422,7 @@ class Checker:
                                      "the SuperNode would trust any system CA instead of the deployment CA")
             else:
                 self.check_ca_file(cmd.source, self.resolve(cmd, root), "--root-certificates")
+                self.check_pinned_root(cmd, self.resolve(cmd, root))
             if cmd.flag("--superlink"):
                 self.check_host(cmd.source, cmd.flag("--superlink"), "--superlink")
         self.check_isolation(cmd)
@@ -407,6 +434,24 @@ class Checker:
         else:
             self.check_site_key(cmd, self.resolve(cmd, key_ref))
         self.check_node_config(cmd)
+
+    def check_pinned_root(self, cmd: Command, root: Path) -> None:
+        """A site's SuperNode trusts exactly its bundle's ca.crt (one CA certificate), never a system store
+        or another file."""
+        bundle = B.find_bundle(cmd.source, stop=self.root)
+        if bundle is None or bundle.kind != "site":
+            return
+        own = bundle.root / B.CA_CERT
+        if root.resolve() != own.resolve():
+            self.add(cmd.source, f"--root-certificates {cmd.flag('--root-certificates')} is not the bundle's {B.CA_CERT} "
+                                 f"({bundle.install_dir}/{B.CA_CERT}): the SuperNode would trust whatever CAs that "
+                                 "file holds (a system store trusts hundreds) instead of the deployment CA alone")
+            return
+        text = _text(own) or ""
+        n = text.count("-----BEGIN CERTIFICATE-----")
+        if n > 1:
+            self.add(own, f"holds {n} certificates: the SuperNode trusts every one of them; keep only the deployment "
+                          "CA (its SHA-256 is [superlink] ca-sha256 in bundle.toml)")
 
     def check_site_key(self, cmd: Command, key_file: Path) -> None:
         if not key_file.is_file():
@@ -629,6 +674,15 @@ class Checker:
         if cmd.last("ProtectSystem") != "strict":
             self.add(src, f"ProtectSystem={cmd.last('ProtectSystem') or 'unset'}: set ProtectSystem=strict "
                           "(the file system read-only except ReadWritePaths)")
+        umask = cmd.last("UMask")
+        try:
+            masked = int(umask, 8) if umask else 0o022  # systemd's default
+        except ValueError:
+            masked = 0
+        if masked & 0o077 != 0o077:
+            self.add(src, f"UMask={umask or 'unset (systemd default 0022)'}: files {cmd.program} writes (the "
+                          "SuperLink's state, a site's per-patient predictions and disclosure ledger) would be "
+                          "readable by other users; set UMask=0077")
         for value in cmd.settings.get("EnvironmentFile", []):
             self.add(src, f"EnvironmentFile={value}: the environment (and any $VARIABLE in ExecStart) would come "
                           "from a file deploy check does not review; put the settings in the unit")
@@ -800,6 +854,94 @@ class Checker:
             self.add(path, "no location /v1/fleet/: the sites could not reach the Fleet API")
         if re.search(r"\bproxy_pass\b", re.sub(r"location\s+[^{]+\{(?:[^{}]|\{[^{}]*\})*\}", "", body)):
             self.add(path, "proxy_pass outside a location block forwards everything; only /v1/fleet/ may be public")
+        self.check_nginx_limits(path, body)
+
+    def check_nginx_limits(self, path: Path, body: str) -> None:
+        """Flooding without a key: unsigned calls refused before the body is read, bodies capped at what
+        Flower sends, bodies buffered, connections per client limited, no header logged."""
+        sizes = re.findall(r"\bclient_max_body_size\s+([^;]+);", body)
+        if not sizes:
+            self.add(path, f"client_max_body_size is not set: nginx's default (1 MiB) refuses Flower's array chunks; "
+                           f"set it to {B.FLEET_MAX_BODY_BYTES}")
+        for value in sizes:
+            n = _nginx_size(value.strip())
+            if n is None or n == 0 or n > B.FLEET_MAX_BODY_BYTES:
+                self.add(path, f"client_max_body_size {value.strip()}: an unauthenticated caller could stream that much "
+                               f"to the SuperLink, which parses a body before it checks the node's signature; Flower "
+                               f"sends at most one {B.FLEET_CHUNK_BYTES}-byte array chunk per call: set "
+                               f"{B.FLEET_MAX_BODY_BYTES}")
+        if re.search(r"\bproxy_request_buffering\s+off\s*;", body):
+            self.add(path, "proxy_request_buffering off streams a slow upload straight to the SuperLink, holding its "
+                           "connection; remove it (buffer bodies here)")
+        gate = re.search(r"\bif\s*\(\s*\$slmfed_unsigned\s*\)\s*\{\s*return\s+40[13]\s*;\s*\}", body)
+        if not gate or "$http_flwr_public_key" not in body or "$http_flwr_signature" not in body \
+                or "$http_flwr_timestamp" not in body:
+            self.add(path, "calls without the SuperNode authentication headers (flwr-public-key of a site key, "
+                           "flwr-signature, flwr-timestamp) are not refused here: anyone can make the SuperLink "
+                           "parse bodies; keep the generated map $slmfed_unsigned and `if ($slmfed_unsigned) "
+                           "{ return 403; }`")
+        if not re.search(r"\blimit_conn\s+\w+\s+\d+\s*;", body):
+            self.add(path, "limit_conn is missing: one client can hold any number of connections open")
+        for fmt in re.findall(r"\blog_format\s+([^;]+);", body):
+            bad = sorted(set(m.group(0) for m in LOGGED_SECRETS.finditer(fmt)))
+            if bad:
+                self.add(path, f"log_format logs {', '.join(bad)}: request headers (Flower's signed SuperNode headers "
+                               "are valid for any Fleet call for about 5 minutes) or bodies must not be written to "
+                               "a log; remove them")
+
+    def check_front_door_keys(self, bundle: B.Bundle) -> None:
+        """The front door's map of site keys is exactly the deployment's site-keys/<site>.pub."""
+        names = bundle.data.get("sites", {}).get("names", [])
+        want = {}
+        for n in names:
+            try:
+                want[pki.flower_public_key_b64(pki.load_ssh_public(bundle.root / B.SITE_KEYS_DIR / f"{n}.pub"))] = n
+            except (pki.PKIError, OSError):
+                continue
+        for name in (B.FRONT_DOOR, B.FRONT_DOOR_COMPOSE):
+            text = _text(bundle.root / name)
+            if text is None:
+                continue
+            m = re.search(r"map\s+\$http_flwr_public_key\s+\$slmfed_site_key\s*\{([^}]*)\}", text)
+            if m is None:
+                continue  # reported by check_nginx_limits
+            listed = {k: v for k, v in re.findall(r'^\s*"([^"]+)"\s+(\S+);', m.group(1), re.M)}
+            for key, value in listed.items():
+                if value == "1" and key not in want:
+                    self.add(bundle.root / name, f"map $slmfed_site_key lets through a public key that is no "
+                                                 f"{B.SITE_KEYS_DIR}/<site>.pub of [sites] names ({key[:24]}...); "
+                                                 "remove the line")
+            for key, site in want.items():
+                if listed.get(key) != "1":
+                    self.add(bundle.root / name, f"map $slmfed_site_key does not list site {site!r}: the front door "
+                                                 f"refuses its SuperNode; add the line \"{key}\" 1;")
+
+    def check_installed_nginx(self, bundle: B.Bundle) -> None:
+        """On the coordinator itself (the bundle checked where it is installed): no other enabled nginx site,
+        e.g. Debian's default (listen 80, plain HTTP), serves beside the front door."""
+        try:
+            if bundle.root.resolve() != Path(bundle.install_dir).resolve():
+                return
+        except OSError:
+            return
+        enabled = self.nginx_dir / "sites-enabled"
+        if not enabled.is_dir():
+            return
+        for site in sorted(enabled.iterdir()):
+            text = _text(site) if site.exists() else None
+            body = "\n".join(l.split("#", 1)[0] for l in (text or "").splitlines())
+            plain = [v for v in re.findall(r"\blisten\s+([^;]+);", body) if "ssl" not in v.split()]
+            if site.name == "default" or plain:
+                self.add(site, f"an enabled nginx site beside the front door ({', '.join('listen ' + v for v in plain) or 'the distribution default'}): "
+                               "it serves plain HTTP on this host; remove it (sudo rm "
+                               f"{site}; sudo systemctl reload nginx)")
+        for conf in [self.nginx_dir / "nginx.conf", *sorted((self.nginx_dir / "conf.d").glob("*.conf"))]:
+            text = _text(conf) if conf.is_file() else None
+            for fmt in re.findall(r"\blog_format\s+([^;]+);", text or ""):
+                bad = sorted(set(m.group(0) for m in LOGGED_SECRETS.finditer(fmt)))
+                if bad:
+                    self.add(conf, f"log_format logs {', '.join(bad)}: request headers or bodies must not be logged "
+                                   "on the front door's host")
 
     def check_site_alone(self, bundle: B.Bundle) -> None:
         """What a site can check with its bundle alone: the CA is a CA, its key pair matches, the allow-list."""
@@ -819,10 +961,16 @@ class Checker:
                                                    "public key it got; the SuperLink will refuse this SuperNode")
         except pki.PKIError as exc:
             self.add(bundle.root, str(exc))
-        try:
-            B.read_approved_apps(bundle.root / B.APPROVED_APPS)
-        except B.BundleError as exc:
-            self.add(bundle.root / B.APPROVED_APPS, str(exc).split(": ", 1)[-1])
+        allow = bundle.root / B.APPROVED_APPS
+        if allow.is_dir():
+            self.add(allow, "is a folder, not the allow-list (docker compose creates one when the file is missing "
+                            "at `up`): remove it, then run `slmfed site approve`")
+        elif allow.exists():  # none yet: nothing is approved (a new bundle ships none, so a re-copy keeps it)
+            try:
+                B.read_approved_apps(allow)
+            except B.BundleError as exc:
+                self.add(allow, str(exc).split(": ", 1)[-1])
+        self.check_site_pins(bundle)
         address = str(bundle.data.get("superlink", {}).get("address", ""))
         for cmd in self.commands:
             if cmd.program == "flower-supernode" and B.find_bundle(cmd.source, stop=self.root) is not None \
@@ -830,6 +978,46 @@ class Checker:
                     and cmd.flag("--superlink") not in (None, address):
                 self.add(cmd.source, f"--superlink {cmd.flag('--superlink')} is not the bundle's "
                                      f"[superlink] address {address}")
+
+    def load_site_superlink_cert(self, bundle: B.Bundle) -> None:
+        """A site bundle's superlink.crt (the SuperLink's certificate, signed by the deployment CA): the names
+        it carries are the addresses this site may dial, checked like the coordinator's own certificate."""
+        path = bundle.root / B.SUPERLINK_CERT
+        if not path.is_file():
+            self.add(bundle.root, f"{B.SUPERLINK_CERT} (the SuperLink's certificate) is missing: without it this "
+                                  "bundle alone cannot show that its [superlink] address is one the deployment CA "
+                                  "vouches for; copy coordinator/certs/server.crt here (slmfed deploy init writes it)")
+            return
+        cert = self.load_cert(bundle.root / B.BUNDLE_FILE, path, B.SUPERLINK_CERT)
+        if cert is None:
+            return
+        try:
+            ca = pki.load_cert(bundle.root / B.CA_CERT)
+        except pki.PKIError:
+            ca = None  # reported with ca.crt
+        if ca is not None and not pki.issued_by(cert, ca):
+            self.add(path, f"is not signed by the bundle's {B.CA_CERT}: the certificate, the CA or both come from "
+                           "another deployment")
+            return
+        if all(c.fingerprint(pki.hashes_sha256()) != cert.fingerprint(pki.hashes_sha256())
+               for _, c in self.server_certs):
+            self.server_certs.append((path, cert))
+
+    def check_site_pins(self, bundle: B.Bundle) -> None:
+        """The deployment CA pinned by fingerprint in bundle.toml ([superlink] ca-sha256) is ca.crt."""
+        pin = str(bundle.data.get("superlink", {}).get("ca-sha256", "")).upper()
+        path = bundle.root / B.BUNDLE_FILE
+        try:
+            ca = pki.load_cert(bundle.root / B.CA_CERT)
+        except pki.PKIError:
+            return  # reported with ca.crt
+        actual = pki.fingerprint(ca)
+        if not pin:
+            self.add(path, f"[superlink] ca-sha256 is missing: the deployment CA is not pinned; add "
+                           f"ca-sha256 = \"{actual}\" after comparing it with the coordinator's (by phone)")
+        elif pin != actual:
+            self.add(bundle.root / B.CA_CERT, f"SHA-256 {actual} is not the deployment CA pinned in bundle.toml "
+                                              f"([superlink] ca-sha256 = {pin}): the SuperNode would trust another CA")
 
     def check_site_roster(self, bundle: B.Bundle) -> None:
         """The site's signing key and peer roster: present, readable, the roster lists this site with this
@@ -927,8 +1115,15 @@ class Checker:
             self.add(path, "[privacy] table is missing: the site's privacy policy must be stated explicitly "
                            f"({', '.join(B.DEFAULT_SITE_PRIVACY)})")
             return
-        for problem in B.privacy_problems(privacy):
+        problems = B.privacy_problems(privacy)
+        for problem in problems:
             self.add(path, problem)
+        k = privacy.get("min-cell-size", STUDY_K)
+        if not problems and isinstance(k, int) and k < STUDY_K:
+            self.warn(path, f"[privacy] min-cell-size = {k} is below the study default {STUDY_K}: every statistic, "
+                            f"score cell and training update this site releases may then concern as few as {k} "
+                            f"patients of a class (and the batch floor, min-batch-size 0 = k, drops to {k}); "
+                            "keep it only if your privacy officer accepted that")
         if "dp-epsilon" not in privacy:
             self.add(path, "[privacy] dp-epsilon is missing: state the site's DP choice explicitly (0.0 = no DP-SGD; "
                            "> 0 = the study's epsilon budget for the weights this site trains)")
@@ -976,6 +1171,8 @@ class Checker:
                 else:
                     self.check_unreviewed(cmd)
         self.commands = commands
+        for b in self.sites:
+            self.load_site_superlink_cert(b)
         # SuperLinks first: their certificates are what site configs are checked against.
         for cmd in sorted(commands, key=lambda c: c.program != "flower-superlink"):
             if cmd.program == "flower-superlink":
@@ -991,6 +1188,8 @@ class Checker:
             self.check_policy(b)
             self.check_registration(b)
             self.check_front_door(b)
+            self.check_front_door_keys(b)
+            self.check_installed_nginx(b)
             for host in b.data.get("superlink", {}).get("hosts", []):
                 self.check_host(b.root / B.BUNDLE_FILE, f"{host}:0", "[superlink] hosts")
         for b in self.sites:
@@ -1013,6 +1212,14 @@ def _volume(vol) -> tuple[str, str, bool]:
     if len(parts) == 1:
         return "", parts[0], False
     return parts[0], parts[1], len(parts) > 2 and "ro" in parts[2].split(",")
+
+
+def _nginx_size(value: str) -> int | None:
+    """Bytes of an nginx size ("6m", "512k", "6291456"); None when it is not one."""
+    m = re.fullmatch(r"(\d+)([kKmMgG]?)", value)
+    if m is None:
+        return None
+    return int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
 
 
 def _nginx_locations(body: str) -> list[tuple[str, str]]:
@@ -1071,6 +1278,27 @@ def raw_dicom_problem(cache: Path, scan_limit: int = 200) -> str | None:
     return "is not a prepared cache (no manifest.json); run `slmfed prepare` first"
 
 
-def check_deployment(root: str | Path, now: dt.datetime | None = None) -> list[Finding]:
-    """All findings for a deployment folder (init output, one bundle, or one file)."""
-    return Checker(Path(root), now=now).run()
+def check_deployment(root: str | Path, now: dt.datetime | None = None,
+                     nginx_dir: str | Path | None = None) -> list[Finding]:
+    """All findings for a deployment folder (init output, one bundle, or one file); warnings included
+    (Finding.warning), which do not fail the check."""
+    return Checker(Path(root), now=now, nginx_dir=nginx_dir).run()
+
+
+def pinned_ca_notes(root: str | Path) -> list[str]:
+    """One line per site bundle under `root`: the deployment CA's SHA-256, to compare by phone with the
+    coordinator's (what no file in a bundle can prove by itself)."""
+    root = Path(root)
+    files = [root / B.BUNDLE_FILE] if root.is_dir() and (root / B.BUNDLE_FILE).is_file() else \
+        (sorted(root.rglob(B.BUNDLE_FILE)) if root.is_dir() else [])
+    out = []
+    for f in files:
+        try:
+            b = B.read_bundle(f.parent)
+            if b.kind == "site":
+                fp = pki.fingerprint(pki.load_cert(b.root / B.CA_CERT))
+                out.append(f"{b.root / B.CA_CERT}: note: this site trusts only the CA with SHA-256 {fp}; "
+                           "compare it with the coordinator's fingerprint over another channel (phone)")
+        except (B.BundleError, pki.PKIError):
+            continue
+    return out

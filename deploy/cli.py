@@ -18,35 +18,84 @@ def cmd_init(args) -> int:
     from deploy import pki
     from deploy.init import DeployPlan, init_deployment
 
+    from deploy import bundle as B
+
+    privacy = dict(B.DEFAULT_SITE_PRIVACY)
+    if args.min_cell_size is not None:
+        privacy["min-cell-size"] = args.min_cell_size
     plan = DeployPlan(
         out=Path(args.out), superlink_hosts=_split(args.superlink_host), sites=_split(args.sites),
-        port=args.port, install_dir=args.install_dir, cache_dir=args.cache_dir, venv=args.venv,
-        bind_host=args.bind_host, image=args.image,
+        port=args.port, internal_port=args.internal_port, supernode_port=args.supernode_port,
+        install_dir=args.install_dir, cache_dir=args.cache_dir, venv=args.venv,
+        bind_host=args.bind_host, image=args.image, privacy=privacy,
     )
     try:
         files = init_deployment(plan, force=args.force)
     except (ValueError, pki.PKIError) as exc:
         raise CommandError(str(exc)) from None
     print(f"wrote {len(files)} files under {plan.out}")
-    print(f"  coordinator bundle: {plan.out / 'coordinator'}  (SuperLink at {plan.address})")
-    for s in plan.sites:
-        print(f"  site bundle:        {plan.out / 'sites' / s}  -> copy to the site, then `slmfed site join`")
+    print(f"  coordinator bundle: {plan.out / 'coordinator'}  (front door at {plan.address}, "
+          f"SuperLink on {plan.internal_host}:{plan.internal_port})")
+    for i, s in enumerate(plan.sites):
+        print(f"  site bundle:        {plan.out / 'sites' / s}  (Runtime API port {plan.supernode_port + i}, "
+              f"k = {plan.privacy['min-cell-size']})  -> copy to the site")
+    from deploy import pki
+
+    print(f"  deployment CA:      SHA-256 {pki.fingerprint(pki.load_cert(plan.out / 'ca' / 'ca.crt'))}"
+          "  (tell each site by phone; `deploy check` of a site bundle prints it)")
     print(f"  CA private key:     {plan.out / 'ca' / 'ca.key'}  (keep offline)")
     print(f"next: slmfed deploy check {plan.out}")
     return 0
 
 
 def cmd_check(args) -> int:
-    from deploy.check import check_deployment
+    from deploy.check import check_deployment, pinned_ca_notes
 
     findings = check_deployment(args.dir)
+    problems = [f for f in findings if not f.warning]
     for f in findings:
         print(f)
-    if findings:
-        print(f"{len(findings)} finding(s)", file=sys.stderr)
+    for note in pinned_ca_notes(args.dir):
+        print(note)
+    if problems:
+        print(f"{len(problems)} finding(s)" + (f", {len(findings) - len(problems)} warning(s)"
+                                               if len(findings) > len(problems) else ""), file=sys.stderr)
         return 1
     print(f"{args.dir}: OK (TLS, SuperNode authentication, front door, no runtime installs, app approval, "
-          "least privilege, private keys 0600, caches, privacy and DP policy, signing keys and peer rosters)")
+          "least privilege, private keys 0600, caches, privacy and DP policy, signing keys and peer rosters)"
+          + (f"; {len(findings)} warning(s) above" if findings else ""))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from deploy.study import run_study
+
+    outcome = run_study(args.app, args.connection, args.run_config or [])
+    print(f"slmfed deploy run: {outcome.message}", file=sys.stderr if outcome.code else sys.stdout)
+    return outcome.code
+
+
+def cmd_status(args) -> int:
+    from deploy.status import status
+
+    lines, code = status(args.bundle, connection=args.connection, registry=args.registry, run_dir=args.run_dir)
+    for line in lines:
+        print(line)
+    return code
+
+
+def cmd_sync(args) -> int:
+    from deploy import bundle as B
+    from deploy.sync import sync_site
+
+    try:
+        changed = sync_site(args.bundle)
+    except B.BundleError as exc:
+        raise CommandError(str(exc)) from None
+    for path in changed:
+        print(f"rewrote the SuperNode command in {path} from {Path(args.bundle) / B.BUNDLE_FILE}")
+    if not changed:
+        print(f"{args.bundle}: the SuperNode commands already match bundle.toml")
     return 0
 
 
@@ -144,10 +193,24 @@ def register(sub) -> None:
     pi = dsub.add_parser("init", help="generate the CA, SuperLink certificate, site keys and all configs")
     pi.add_argument("--out", required=True, help="output folder (coordinator/, sites/<name>/, ca/)")
     pi.add_argument("--superlink-host", action="append", required=True,
-                    help="host name or IP sites use to reach the SuperLink (repeat or comma list; first is used in configs)")
+                    help="public host name or IP of the coordinator's front door (nginx), what sites dial; the "
+                         "SuperLink certificate carries it (repeat or comma list; the first is used in configs)")
     pi.add_argument("--sites", action="append", required=True, help="site names, comma list (e.g. a,b,c)")
-    pi.add_argument("--port", type=int, default=B.DEFAULT_SUPERLINK_PORT, help="SuperLink port (default %(default)s)")
-    pi.add_argument("--bind-host", default="0.0.0.0", help="address the SuperLink listens on (default %(default)s)")
+    pi.add_argument("--port", type=int, default=B.DEFAULT_SUPERLINK_PORT,
+                    help="the front door's public port, what sites dial (default %(default)s)")
+    pi.add_argument("--bind-host", default="0.0.0.0",
+                    help="address the front door (nginx) listens on (default %(default)s); the SuperLink itself "
+                         "always listens on 127.0.0.1")
+    pi.add_argument("--internal-port", type=int, default=B.DEFAULT_INTERNAL_PORT,
+                    help="the SuperLink's own port on the coordinator's loopback: the front door forwards to it, "
+                         "the researcher's flwr dials it (default %(default)s)")
+    pi.add_argument("--supernode-port", type=int, default=B.DEFAULT_SUPERNODE_PORT,
+                    help="the first site's SuperNode Runtime API port on its loopback; site i gets this + i, so "
+                         "sites sharing a host never collide (default %(default)s)")
+    pi.add_argument("--min-cell-size", type=int,
+                    help="k for every site's [privacy] (default 10; 3 is the floor): written once into each site's "
+                         "bundle.toml and its SuperNode commands; a site changes it later with `slmfed site "
+                         "sync-policy` after editing its bundle.toml")
     pi.add_argument("--install-dir", default=B.DEFAULT_INSTALL_DIR, help="where bundles are copied on each machine")
     pi.add_argument("--cache-dir", default=B.DEFAULT_CACHE_DIR, help="prepared cache path on site machines")
     pi.add_argument("--venv", default=B.DEFAULT_VENV, help="virtualenv holding slmfed + flwr on each machine")
@@ -158,6 +221,22 @@ def register(sub) -> None:
     pc = dsub.add_parser("check", help="lint deployment configs (one line per finding, exit 1 if any)")
     pc.add_argument("dir", help="the `deploy init` folder, one bundle, or one config file")
     pc.set_defaults(func=cmd_check)
+
+    pu = dsub.add_parser("run", help="the researcher's study command: `flwr run APP CONNECTION --stream` with "
+                                     "the run config, then a non-zero exit when the run failed or left no result")
+    pu.add_argument("app", nargs="?", default=".", help="the app folder (default: the current folder)")
+    pu.add_argument("connection", nargs="?", default="slmfed", help="SuperLink connection (default %(default)s)")
+    pu.add_argument("--run-config", "-c", action="append", help="as for flwr run (key=value pairs; repeatable)")
+    pu.set_defaults(func=cmd_run)
+
+    pt = dsub.add_parser("status", help="which processes are up, which sites are online, approved and recorded, "
+                                        "and how the last run ended")
+    pt.add_argument("bundle", nargs="?", default=B.DEFAULT_INSTALL_DIR,
+                    help="the installed coordinator or site bundle (default %(default)s)")
+    pt.add_argument("--connection", default="slmfed", help="coordinator: SuperLink connection (default %(default)s)")
+    pt.add_argument("--registry", help="coordinator: the site registry (default: bundle.toml [sites] registry)")
+    pt.add_argument("--run-dir", help="coordinator: a run folder whose results.json to summarise")
+    pt.set_defaults(func=cmd_status)
 
     pr = dsub.add_parser("register-commands", help="print the `flwr supernode register` command for each site key")
     pr.add_argument("bundle", help="the coordinator bundle folder")
@@ -190,6 +269,11 @@ def register(sub) -> None:
     pa.add_argument("--note", help="why / which release (kept beside the hash)")
     pa.add_argument("--revoke", action="store_true", help="remove the app from the allow-list instead")
     pa.set_defaults(func=cmd_approve)
+
+    py = ssub.add_parser("sync-policy", help="after editing bundle.toml ([privacy], [node]): rewrite the SuperNode "
+                                            "command of the bundle's systemd unit and compose file to match it")
+    py.add_argument("--bundle", required=True, help="this site's bundle folder")
+    py.set_defaults(func=cmd_sync)
 
     pl = ssub.add_parser("launcher", help="run the ClientApp for approved apps only (beside a SuperNode "
                                           "started with --isolation process)")

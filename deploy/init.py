@@ -11,9 +11,12 @@ Output (nothing is overwritten unless force=True, and nothing is written when a 
                                       study-signing.key (the key that signs this site's
                                       contributions; not the SuperNode's key), peer-roster.toml
                                       (every site's public signing key: the same file in every
-                                      site bundle), approved-apps.toml (empty: the site approves
-                                      its app), systemd units (SuperNode + launcher), compose.yaml
-                                      (copy this folder to the site, nothing else)
+                                      site bundle), superlink.crt (the SuperLink's certificate:
+                                      the names the CA vouches for), systemd units (SuperNode +
+                                      launcher), compose.yaml (copy this folder to the site, nothing
+                                      else). No approved-apps.toml: the site writes its own allow-list
+                                      (`slmfed site approve`), so copying a new bundle over an
+                                      installed one keeps the site's approvals.
     OUT/Dockerfile                    the image the compose files run
 """
 from __future__ import annotations
@@ -58,6 +61,8 @@ class DeployPlan:
     venv: str = B.DEFAULT_VENV
     bind_host: str = "0.0.0.0"
     image: str = DEFAULT_IMAGE
+    # the first site's Runtime API port; site i gets supernode_port + i, so that sites that share a
+    # host (a test machine, a hospital with two cohorts) never collide
     supernode_port: int = B.DEFAULT_SUPERNODE_PORT
     max_retries: int = B.DEFAULT_MAX_RETRIES
     max_wait_time: float = B.DEFAULT_MAX_WAIT_TIME
@@ -86,6 +91,13 @@ class DeployPlan:
             raise ValueError(f"internal host {self.internal_host}: the SuperLink must listen on loopback only")
         if self.internal_port == self.port and self.internal_host == self.bind_host:
             raise ValueError("--internal-port: the SuperLink and the front door need different addresses")
+        last = self.supernode_port + len(self.sites) - 1
+        if not 1 <= self.supernode_port or last > 65535:
+            raise ValueError(f"--supernode-port: expected 1-{65536 - len(self.sites)} for {len(self.sites)} site(s), "
+                             f"found {self.supernode_port}")
+        if self.supernode_port <= self.internal_port <= last and ipaddress.ip_address(self.internal_host).is_loopback:
+            raise ValueError(f"--supernode-port: the sites' Runtime API ports {self.supernode_port}-{last} include "
+                             f"the SuperLink's internal port {self.internal_port}")
         problems = B.privacy_problems(self.privacy, "site privacy policy:")
         if problems:
             raise ValueError("; ".join(problems))
@@ -108,6 +120,11 @@ def _host_port(host: str, port: int) -> str:
     except ValueError:
         pass
     return f"{host}:{port}"
+
+
+def front_door_key_lines(site_pubs: dict) -> str:
+    """The front door's map of the sites' `flwr-public-key` header values (one line per site)."""
+    return "\n".join(f'    "{pki.flower_public_key_b64(pub)}" 1;  # {site}' for site, pub in sorted(site_pubs.items()))
 
 
 def _files(plan: DeployPlan) -> dict[Path, tuple[bytes, bool]]:
@@ -133,14 +150,19 @@ def _files(plan: DeployPlan) -> dict[Path, tuple[bytes, bool]]:
     roster = signing.roster_text({site: signing.public_b64(k) for site, k in signing_keys.items()}).encode()
     files[coord / B.PEER_ROSTER] = (roster, False)  # the researcher's information; the coordinator never verifies
 
-    for site in plan.sites:
+    site_pubs: dict[str, object] = {}
+    for index, site in enumerate(plan.sites):
         key = pki.make_site_key()
+        site_pubs[site] = key.public_key()
+        site_port = plan.supernode_port + index  # never two sites on one Runtime API port
         sdir = out / "sites" / site
         files[sdir / B.CA_CERT] = (pki.cert_pem(ca.cert), False)
         files[sdir / B.SITE_KEY] = (pki.ssh_private(key), True)
         files[sdir / B.SITE_PUB] = (pki.ssh_public(key, f"slmfed-site-{site}"), False)
         files[sdir / B.SUPEREXEC_SECRET] = (secrets.token_hex(32).encode(), True)
-        files[sdir / B.APPROVED_APPS] = (B.approved_apps_text({}).encode(), False)
+        # no approved-apps.toml: the site's allow-list is the site's, written by `slmfed site approve`;
+        # a bundle without one (re-)copied over an installed folder leaves the site's approvals alone
+        files[sdir / B.SUPERLINK_CERT] = (pki.cert_pem(server.cert), False)
         files[sdir / B.SIGNING_KEY] = (signing.private_pem(signing_keys[site]), True)
         files[sdir / B.PEER_ROSTER] = (roster, False)
         files[coord / B.SITE_KEYS_DIR / f"{site}.pub"] = (pki.ssh_public(key, f"slmfed-site-{site}"), False)
@@ -148,11 +170,13 @@ def _files(plan: DeployPlan) -> dict[Path, tuple[bytes, bool]]:
         site_toml = {
             "kind": "site",
             "install-dir": inst,
-            "superlink": {"address": plan.address},
+            # the deployment CA pinned by fingerprint: `deploy check` of this bundle alone compares ca.crt
+            # (and superlink.crt, which must carry the address) with it
+            "superlink": {"address": plan.address, "ca-sha256": pki.fingerprint(ca.cert)},
             "node": {
                 "site-name": site,
                 "cache-dir": plan.cache_dir,
-                "port": plan.supernode_port,
+                "port": site_port,
                 "max-retries": plan.max_retries,
                 "max-wait-time": plan.max_wait_time,
                 "isolation": B.SUPERNODE_ISOLATION,
@@ -173,14 +197,14 @@ def _files(plan: DeployPlan) -> dict[Path, tuple[bytes, bool]]:
         files[sdir / "flower-supernode.service"] = (render(
             "flower-supernode.service", exec_start=systemd_exec(argv, f"{plan.venv}/bin/flower-supernode"), **common
         ).encode(), False)
-        launcher = B.launcher_argv(supernode=f"127.0.0.1:{plan.supernode_port}", secret="%d/superexec-secret",
+        launcher = B.launcher_argv(supernode=f"127.0.0.1:{site_port}", secret="%d/superexec-secret",
                                    approved=f"{inst}/{B.APPROVED_APPS}")
         files[sdir / B.LAUNCHER_UNIT] = (render(
             B.LAUNCHER_UNIT, exec_start=systemd_exec(launcher, f"{plan.venv}/bin/slmfed"), **common
         ).encode(), False)
         # compose: the launcher container reaches the SuperNode's Runtime API over the internal network
         compose_argv = B.site_argv(b, runtime_host="0.0.0.0")
-        compose_launcher = B.launcher_argv(supernode=f"supernode:{plan.supernode_port}",
+        compose_launcher = B.launcher_argv(supernode=f"supernode:{site_port}",
                                            secret=f"{inst}/{B.SUPEREXEC_SECRET}", approved=f"{inst}/{B.APPROVED_APPS}")
         files[sdir / "compose.yaml"] = (render(
             "compose-site.yaml", command=compose_command(compose_argv),
@@ -214,13 +238,18 @@ def _files(plan: DeployPlan) -> dict[Path, tuple[bytes, bool]]:
         "compose-coordinator.yaml", command=compose_command(B.superlink_argv(host="0.0.0.0", **link_kw)), **common
     ).encode(), False)
     door = dict(cert=f"{inst}/{B.SERVER_CERT}", key=f"{inst}/{B.SERVER_KEY}", ca=f"{inst}/{B.COORD_CA}",
-                internal_name=B.INTERNAL_NAME)
+                internal_name=B.INTERNAL_NAME, site_key_lines=front_door_key_lines(site_pubs),
+                max_body_bytes=B.FLEET_MAX_BODY_BYTES, chunk_bytes=B.FLEET_CHUNK_BYTES,
+                margin_bytes=B.FLEET_BODY_MARGIN_BYTES, conn_per_ip=B.FRONT_DOOR_CONN_PER_IP,
+                req_rate=B.FRONT_DOOR_REQ_RATE, req_burst=B.FRONT_DOOR_REQ_BURST)
     files[coord / B.FRONT_DOOR] = (render(
         "nginx-front-door.conf", where="systemd: copy to /etc/nginx/conf.d/slmfed.conf (nginx reads the key as root).",
-        listen=_host_port(plan.bind_host, plan.port), upstream=internal, **door).encode(), False)
+        listen=_host_port(plan.bind_host, plan.port), upstream=internal, access_log=B.FRONT_DOOR_ACCESS_LOG,
+        **door).encode(), False)
     files[coord / B.FRONT_DOOR_COMPOSE] = (render(
         "nginx-front-door.conf", where="compose: mounted into the front-door container by compose.yaml.",
-        listen=str(plan.port), upstream=f"{B.INTERNAL_NAME}:{plan.internal_port}", **door).encode(), False)
+        listen=str(plan.port), upstream=f"{B.INTERNAL_NAME}:{plan.internal_port}",
+        access_log="/var/log/nginx/access.log", **door).encode(), False)
     files[coord / "flwr-config.toml"] = (render(
         "flwr-config.toml", federation=FEDERATION, address=internal, ca_cert=f"{inst}/{B.COORD_CA}"
     ).encode(), False)

@@ -75,10 +75,12 @@ def check_bundle(bundle: B.Bundle) -> None:
     mode = stat.S_IMODE(secret.stat().st_mode)
     if mode & 0o077:
         raise JoinError(f"{secret}: readable by others (mode {mode:04o}); run `chmod 600 {secret}`")
-    try:
-        B.read_approved_apps(bundle.root / B.APPROVED_APPS)
-    except B.BundleError as exc:
-        raise JoinError(str(exc)) from None
+    allow = bundle.root / B.APPROVED_APPS
+    if allow.exists():  # none yet: the launcher approves nothing until `slmfed site approve` writes it
+        try:
+            B.read_approved_apps(allow)
+        except B.BundleError as exc:
+            raise JoinError(str(exc)) from None
     check_signing(bundle)
 
 

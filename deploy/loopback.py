@@ -168,13 +168,15 @@ class LoopbackFederation:
         for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (run / d).mkdir(parents=True, exist_ok=True)
         site = run / B.FRONT_DOOR
-        site.write_text(self.local_copy(self.coord.root / B.FRONT_DOOR))
+        # the front door's own access log (what it logs: no request header) goes to this run's logs
+        site.write_text(self.local_copy(self.coord.root / B.FRONT_DOOR).replace(
+            B.FRONT_DOOR_ACCESS_LOG, str(self.logs / "front-door-access.log")))
         temp = " ".join(f"{d}_temp_path {run / d.split('_')[-1]};" for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         main = run / "nginx.conf"
         main.write_text(
             f"daemon off;\nmaster_process off;\nworker_processes 1;\npid {run / 'nginx.pid'};\n"
             f"error_log {self.logs / 'front-door.log'} info;\nevents {{ worker_connections 256; }}\n"
-            f"http {{\n    access_log {self.logs / 'front-door-access.log'};\n    {temp}\n"
+            f"http {{\n    {temp}\n"
             f"    include {site};\n}}\n")
         proc = self._spawn("front-door", [nginx, "-p", str(run), "-c", str(main), "-e", str(self.logs / "front-door.log")],
                            self.work)
@@ -211,9 +213,11 @@ class LoopbackFederation:
         home.mkdir(exist_ok=True)
         return self._spawn(f"site-{site}", argv, home)
 
-    def supernode(self, name: str, argv_tail: list[str]) -> subprocess.Popen:
-        """A hand-configured flower-supernode (for the refusal tests)."""
-        argv = [str(Path(sys.executable).with_name("flower-supernode")), "--superlink", self.address,
+    def supernode(self, name: str, argv_tail: list[str], *, internal: bool = False) -> subprocess.Popen:
+        """A hand-configured flower-supernode (for the refusal tests); `internal`: dialling the SuperLink
+        itself, past the front door (which lets through only the deployment's site keys)."""
+        argv = [str(Path(sys.executable).with_name("flower-supernode")), "--superlink",
+                self.internal_address if internal else self.address,
                 "--port", str(free_port()), *argv_tail]
         home = self.work / f"flwr-{name}"
         home.mkdir(exist_ok=True)
@@ -235,7 +239,11 @@ class LoopbackFederation:
             run_config = {"site-registry": str(self.registry), **run_config}
         cfg = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
         t0 = time.perf_counter()
-        res = self.flwr("run", str(app_dir), FEDERATION, "--run-config", cfg, "--stream", timeout=timeout)
+        # the runbook's researcher command: `flwr run ... --stream`, then non-zero unless the run completed
+        # with result rows (deploy/study.py)
+        res = subprocess.run([sys.executable, "-m", "common.cli", "deploy", "run", str(app_dir), FEDERATION,
+                              "--run-config", cfg], capture_output=True, text=True, env=self._env(self.flwr_home),
+                             timeout=timeout, cwd=self.work)
         return res, time.perf_counter() - t0
 
     def stop(self) -> None:

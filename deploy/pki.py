@@ -209,3 +209,28 @@ def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     except (InvalidSignature, ValueError, TypeError):  # wrong issuer name or wrong signature
         return False
     return True
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the certificate's DER bytes, hex with colons (what `openssl x509 -fingerprint -sha256` prints)."""
+    from cryptography.hazmat.primitives import hashes
+
+    return ":".join(f"{b:02X}" for b in cert.fingerprint(hashes.SHA256()))
+
+
+def flower_public_key_b64(key) -> str:
+    """The `flwr-public-key` header a SuperNode with this key sends on every Fleet call (Flower 1.42:
+    base64 of the PEM SubjectPublicKeyInfo, flwr.supernode.node_auth_http_interceptor)."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+
+    pub = key.public_key() if hasattr(key, "public_key") else key
+    pem = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(pem).decode("ascii")
+
+
+def hashes_sha256():
+    from cryptography.hazmat.primitives import hashes
+
+    return hashes.SHA256()

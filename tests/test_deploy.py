@@ -58,8 +58,9 @@ def test_init_writes_private_keys_0600_and_bundles(generated):
     site = generated / "sites" / "a"
     assert {p.name for p in site.iterdir()} == {
         "bundle.toml", "ca.crt", "supernode.key", "supernode.pub", "flower-supernode.service", "compose.yaml",
-        "superexec.secret", "approved-apps.toml", "slmfed-launcher.service", "study-signing.key", "peer-roster.toml"}
-    assert B.read_approved_apps(site / "approved-apps.toml") == {}  # nothing runs until the site approves an app
+        "superexec.secret", "superlink.crt", "slmfed-launcher.service", "study-signing.key", "peer-roster.toml"}
+    # no allow-list in the bundle: nothing runs until the site approves an app, and copying a new bundle
+    # over an installed one never resets the site's approvals
     # the site bundle carries no coordinator secret and no other site's key
     assert not any("server" in p.name or p.name == "ca.key" for p in site.rglob("*"))
     assert sorted(p.name for p in (generated / "coordinator" / "site-keys").iterdir()) == ["a.pub", "b.pub"]

@@ -109,11 +109,19 @@ def test_attacker_with_the_ca_cannot_use_the_control_api(fed, tmp_path):
 def test_unregistered_key_is_refused(fed, tmp_path):
     key = tmp_path / "stranger.key"
     pki.write_file(key, pki.ssh_private(pki.make_site_key()), private=True)
-    proc = fed.supernode("stranger", ["--root-certificates", str(fed.site_bundle(SITES[0]) / "ca.crt"),
-                                      "--auth-supernode-private-key", str(key), "--max-retries", "1",
-                                      "--max-wait-time", "10"])
-    assert _wait(proc) != 0
-    assert "Failed to activate SuperNode" in fed.log("stranger")
+    tail = ["--root-certificates", str(fed.site_bundle(SITES[0]) / "ca.crt"), "--auth-supernode-private-key", str(key),
+            "--max-retries", "1", "--max-wait-time", "10"]
+    before = fed.log("front-door-access").count('/v1/fleet/')
+    # through the front door: its key is no site key of the deployment, so nginx refuses every call (403)
+    # before reading a body or opening a connection to the SuperLink
+    assert _wait(fed.supernode("stranger", tail)) != 0
+    door = fed.log("front-door-access").splitlines()
+    fleet = [line for line in door if "/v1/fleet/" in line][before:]
+    assert fleet and all('" 403 ' in line for line in fleet), fleet
+    assert "No SuperNode found with the given public key" not in fed.log("superlink")
+    # past the front door (on the coordinator itself): the SuperLink's node authentication refuses it
+    assert _wait(fed.supernode("stranger-inside", tail, internal=True)) != 0
+    assert "Failed to activate SuperNode" in fed.log("stranger-inside")
     assert "No SuperNode found with the given public key" in fed.log("superlink")
 
 
@@ -170,9 +178,10 @@ def test_paper_study_runs_across_two_sites(fed, tmp_path):
     pki.write_file(extra, pki.ssh_private(k), private=True)
     (tmp_path / "extra.pub").write_bytes(pki.ssh_public(k))
     extra_node = fed.register_unrecorded(tmp_path / "extra.pub", "extra")
+    # (it dials the SuperLink itself: the front door lets through only the deployment's site keys)
     fed.supernode("extra", ["--root-certificates", str(fed.site_bundle(SITES[0]) / "ca.crt"),
                             "--auth-supernode-private-key", str(extra), "--node-config",
-                            f'site-name="center-primary" cache-dir="{caches["center-primary"]}"'])
+                            f'site-name="center-primary" cache-dir="{caches["center-primary"]}"'], internal=True)
     fed.wait_connected(3)
 
     # 1. the same app with one line changed: refused at each site before any of its code runs
@@ -185,6 +194,7 @@ def test_paper_study_runs_across_two_sites(fed, tmp_path):
     # the ServerApp's log (kept by the SuperLink for the run, streamed to the researcher's `flwr run`):
     # each site's refusal arrived there as its error reply
     coordinator_log = res.stdout + res.stderr
+    assert res.returncode != 0, coordinator_log[-3000:]  # `slmfed deploy run`: a study without results fails
     assert coordinator_log.count(f"error reply (code 4003): {NOT_APPROVED}") >= len(SITES), coordinator_log[-3000:]
     assert not (tmp_path / "refused-run" / "results.json").exists()
     for s in SITES:
@@ -198,6 +208,7 @@ def test_paper_study_runs_across_two_sites(fed, tmp_path):
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
     assert (run_dir / "results.json").is_file(), f"no results.json after {seconds:.0f}s:\n{out[-3000:]}"
+    assert " completed: " in out and " result row(s) in " in out, out[-1000:]  # counted by `slmfed deploy run`
     results = json.loads((run_dir / "results.json").read_text())
     text = json.dumps(results)
     assert {(r["model"], r["cohort"]) for r in results["rows"]} == {

@@ -1,0 +1,104 @@
+"""The generated nginx front door under unauthenticated load (nginx only: a stand-in upstream counts the
+connections nginx opens to the SuperLink's address; no Flower process). nginx is started by PID with the
+generated config and stopped by PID (deploy.loopback)."""
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+import pytest
+
+from deploy import bundle as B
+from deploy import pki
+from deploy.loopback import INTERNAL_HOST, LoopbackFederation, nginx_binary
+
+
+class CountingUpstream:
+    """Listens where the SuperLink would; counts connections and bytes that reach it, answers nothing."""
+
+    def __init__(self, host: str, port: int):
+        self.sock = socket.create_server((host, port))
+        self.sock.settimeout(0.2)
+        self.accepted = 0
+        self.bytes = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            conn.settimeout(0.5)
+            try:
+                while chunk := conn.recv(65536):
+                    self.bytes += len(chunk)
+            except OSError:
+                pass
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def _request(address: str, ca: Path, headers: dict[str, str], body: bytes = b"", length: int | None = None) -> int:
+    """POST /v1/fleet/push-object with these headers; sends `body` (Content-Length `length`, default its
+    size) and returns the status nginx answers."""
+    host, port = address.rsplit(":", 1)
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection((host, int(port)), timeout=20) as raw, \
+            ctx.wrap_socket(raw, server_hostname=host) as s:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        s.sendall((f"POST /v1/fleet/push-object HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/protobuf\r\n"
+                   f"{head}Content-Length: {len(body) if length is None else length}\r\nConnection: close\r\n\r\n"
+                   ).encode() + body)
+        reply = s.recv(200).decode("latin-1")
+    return int(reply.split()[1])
+
+
+def _signed_headers(pub) -> dict[str, str]:
+    # what a SuperNode sends (flwr.supernode.node_auth_http_interceptor); the signature is not checked here
+    return {"flwr-public-key": pki.flower_public_key_b64(pub),
+            "flwr-timestamp": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "flwr-signature": "MGUCMQD" + "A" * 120 + "=="}
+
+
+def test_front_door_refuses_unsigned_and_oversize_bodies_before_the_superlink(tmp_path):
+    if nginx_binary() is None:
+        pytest.skip("nginx is not installed (apt-get install -y nginx)")
+    fed = LoopbackFederation(tmp_path, ["a", "b"])
+    upstream = CountingUpstream(INTERNAL_HOST, fed.internal_port)
+    try:
+        fed.start_front_door()
+        ca = fed.site_bundle("a") / B.CA_CERT
+        site_pub = pki.load_ssh_public(fed.site_bundle("a") / B.SITE_PUB)
+        # no authentication headers: refused, and a 200 MB announced body is never read nor forwarded
+        assert _request(fed.address, ca, {}, b"x" * 1024) == 403
+        assert _request(fed.address, ca, {}, length=200 * 1024 * 1024) == 403
+        # headers of a key that is no site key of the deployment
+        stranger = _signed_headers(pki.make_site_key().public_key())
+        assert _request(fed.address, ca, stranger, b"x" * 1024) == 403
+        # a site's key but no signature / a malformed timestamp
+        assert _request(fed.address, ca, {**_signed_headers(site_pub), "flwr-signature": ""}, b"x") == 403
+        assert _request(fed.address, ca, {**_signed_headers(site_pub), "flwr-timestamp": "soon"}, b"x") == 403
+        # a site's headers, but a body over the cap (one array chunk + margin)
+        assert _request(fed.address, ca, _signed_headers(site_pub), length=B.FLEET_MAX_BODY_BYTES + 1) == 413
+        assert upstream.accepted == 0 and upstream.bytes == 0, "a refused call reached the SuperLink's address"
+        # control: a site's headers and a chunk-sized body are forwarded (the stand-in answers nothing: 502)
+        assert _request(fed.address, ca, _signed_headers(site_pub), b"x" * B.FLEET_CHUNK_BYTES) == 502
+        assert upstream.accepted >= 1 and upstream.bytes > 0
+    finally:
+        fed.stop()
+        upstream.close()
+    assert all(p.poll() is not None for p in fed.procs.values())
+    log = fed.log("front-door-access")
+    assert "/v1/fleet/push-object" in log and " 403 " in log and " 413 " in log
+    assert "MGUCMQD" not in log and pki.flower_public_key_b64(site_pub)[:40] not in log  # no header is logged
