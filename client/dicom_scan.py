@@ -394,6 +394,8 @@ def _diffusion(ds, csa: dict | None = None) -> tuple[float | None, str, str]:
     direction = direction or sdirection
     if directionality == "ISOTROPIC":
         direction = ""
+    elif direction and not directionality and b:
+        directionality = "DIRECTIONAL"  # a gradient direction at b > 0 (GE says no more)
     return b, directionality, direction
 
 
@@ -448,9 +450,10 @@ def read_headers(path: str | os.PathLike) -> list[FileRecord]:
         csa = siemens_csa(ds)
         rec = _record(ds, path, st, pixel_offset, csa)
         rec.sop_class = sop_class
+        n_mosaic = _mosaic_count(rec, csa)
+        rec.mosaic = 0  # set per tile by _mosaic_records
         if PER_FRAME_FG in ds or rec.frames > 1:  # PerFrameFunctionalGroupsSequence: enhanced / legacy converted
             return _frame_records(ds, rec)
-        n_mosaic = _mosaic_count(rec, csa)
         if n_mosaic:
             return _mosaic_records(ds, rec, csa, n_mosaic)
         return [rec]
@@ -512,6 +515,10 @@ def group_facts(group, little: bool) -> dict:
         d = _str(item, 0x00189075).upper()  # DiffusionDirectionality
         if d:
             out["directionality"] = d
+        g = first_item(item, 0x00189076)  # DiffusionGradientDirectionSequence
+        vec = _fd3(g, little) if g is not None and 0x00189089 in g else None
+        if vec is not None and _direction_key(vec):
+            out["direction"] = _direction_key(vec)
     item = first_item(group, _FG_RESCALE)
     if item is not None:
         for key, tag in (("slope", 0x00281053), ("intercept", 0x00281052)):
@@ -535,7 +542,7 @@ def _frame_records(ds, base: FileRecord) -> list[FileRecord]:
     unassigned_shared = first_item(shared, _UNASSIGNED_SHARED)
     legacy_b = _bvalue_in(unassigned_shared, ds) if unassigned_shared is not None else None
     defaults = {"ipp": None, "iop": None, "pixel_spacing": None, "bvalue": None, "slope": None,
-                "intercept": None, "directionality": ""}
+                "intercept": None, "directionality": "", "direction": ""}
     out = []
     directional: set[int] = set()
     for i, fg in enumerate(per):
@@ -550,6 +557,8 @@ def _frame_records(ds, base: FileRecord) -> list[FileRecord]:
         rec = copy.copy(base)
         rec.frame, rec.ipp, rec.iop, rec.pixel_spacing = i, facts["ipp"], facts["iop"], facts["pixel_spacing"]
         rec.bvalue = b if b is not None else base.bvalue
+        rec.directionality = facts["directionality"] or base.directionality
+        rec.direction = facts["direction"] if rec.directionality != "ISOTROPIC" else ""
         rec.slope = facts["slope"] if facts["slope"] is not None else base.slope
         rec.intercept = facts["intercept"] if facts["intercept"] is not None else base.intercept
         out.append(rec)
@@ -648,6 +657,7 @@ def _record(ds, path: str, st, pixel_offset: int, csa: dict | None = None) -> Fi
         cols=cols,
         frames=frames,
         bvalue=b,
+        mosaic=_siemens_mosaic_count(ds),
         directionality=directionality,
         direction=direction,
         study_date=_str(ds, 0x00080020),
@@ -672,7 +682,7 @@ def _record(ds, path: str, st, pixel_offset: int, csa: dict | None = None) -> Fi
 def _mosaic_count(rec: FileRecord, csa: dict | None) -> int:
     """Number of tiles when the image is a Siemens mosaic, else 0: ImageType MOSAIC, or a CSA
     NumberOfImagesInMosaic > 1 with an in-plane size that is a multiple of the acquisition matrix."""
-    n = _csa(csa, "NumberOfImagesInMosaic")
+    n = _csa(csa, "NumberOfImagesInMosaic") or ([rec.mosaic] if rec.mosaic else [])
     try:
         n = int(n[0]) if n else 0
     except (TypeError, ValueError):
@@ -684,6 +694,21 @@ def _mosaic_count(rec: FileRecord, csa: dict | None) -> int:
         if rec.rows % side == 0 and rec.cols % side == 0 and rec.rows > side and rec.cols > side:
             return n
     return 0
+
+
+def _siemens_mosaic_count(ds) -> int:
+    """NumberOfImagesInMosaic from Siemens (0019,xx0A) (US), used when the CSA header lacks it."""
+    if 0x0019100A not in ds and _str(ds, 0x00190010).strip().upper() != "SIEMENS MR HEADER":
+        return 0
+    try:
+        v = _elem_value(ds, _private(ds, 0x0019, "SIEMENS MR HEADER", 0x0A))
+        if isinstance(v, bytes):
+            little = ds.original_encoding[1] is not False
+            return int.from_bytes(v[:2], "little" if little else "big") if len(v) >= 2 else 0
+        v = v[0] if isinstance(v, (list, tuple, MultiValue)) else v
+        return int(v) if v is not None else 0
+    except Exception:  # malformed: not said
+        return 0
 
 
 def _acq_matrix(ds) -> tuple[int, int] | None:
