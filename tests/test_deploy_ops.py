@@ -203,8 +203,7 @@ def _v_door_streams(d):
 
 
 def _v_door_no_gate(d):
-    _edit(d / "coordinator/nginx-slmfed-compose.conf", "return 403;\n    }\n\n    location /v1/fleet/",
-          "set $x 1;\n    }\n\n    location /v1/fleet/")
+    _edit(d / "coordinator/nginx-slmfed-compose.conf", "            return 401;\n", "            set $x 1;\n")
 
 
 def _v_door_no_conn_limit(d):
