@@ -523,7 +523,9 @@ def fetch_patient(item: WorkItem, transport, site_dir: Path, rules: SeriesRules,
     res.study_date = _iso(study.date)
     series = transport.find_series(study.study_uid)
     for s in series:
-        s.instances = transport.find_instances(study.study_uid, s.series_uid)
+        s.instances = transport.find_instances(study.study_uid, s.series_uid, s.modality)
+        if s.count is not None and s.count != len(s.instances):  # asked once more before it counts as a mismatch
+            s.instances = transport.find_instances(study.study_uid, s.series_uid, s.modality)
     keep, left = choose_series(series, rules, all_series)
     res.series, res.series_left_out = len(keep), len(left)
     for s in keep:

@@ -7,7 +7,11 @@ a refused password must not be tried five times against the hospital's account l
 """
 from __future__ import annotations
 
+import logging
+
 from client.fetch import InstanceInfo, PacsConfig, PacsError, SeriesInfo, StudyInfo
+
+logging.getLogger("retrying").setLevel(logging.CRITICAL)  # retries are off; its warning is a traceback
 
 STUDY_FIELDS = ["StudyInstanceUID", "StudyDate", "ModalitiesInStudy"]
 SERIES_FIELDS = ["SeriesInstanceUID", "Modality", "SeriesDescription", "SeriesNumber", "NumberOfSeriesRelatedInstances"]
@@ -98,7 +102,7 @@ class DicomWebTransport:
                                   _int(_first(s, "00200011", 0)), _int(count[0]) if count else None))
         return out
 
-    def find_instances(self, study_uid: str, series_uid: str) -> list[InstanceInfo]:
+    def find_instances(self, study_uid: str, series_uid: str, modality: str = "MR") -> list[InstanceInfo]:
         found = self._call("the instance query", self.client.search_for_instances, study_instance_uid=study_uid,
                            series_instance_uid=series_uid, fields=INSTANCE_FIELDS, get_remaining=True)
         out = []

@@ -185,7 +185,7 @@ class DimseTransport:
                                   _int(getattr(r, "SeriesNumber", 0)), _int(n) if n not in (None, "") else None))
         return out
 
-    def find_instances(self, study_uid: str, series_uid: str) -> list[InstanceInfo]:
+    def find_instances(self, study_uid: str, series_uid: str, modality: str = "MR") -> list[InstanceInfo]:
         from pydicom.dataset import Dataset
 
         q = Dataset()
@@ -194,11 +194,12 @@ class DimseTransport:
         q.SeriesInstanceUID = series_uid
         q.SOPInstanceUID = ""
         q.SOPClassUID = ""
-        q.ImageType = ""
-        q.ProtocolName = ""
-        q.SequenceName = ""
-        q.DiffusionBValue = None
         q.InstanceNumber = ""
+        if modality.upper() == "MR":  # what the sequence rules read; a mask object needs only its UID
+            q.ImageType = ""
+            q.ProtocolName = ""
+            q.SequenceName = ""
+            q.DiffusionBValue = None
         out = []
         for r in self._find("the instance query", q):
             b = getattr(r, "DiffusionBValue", None)

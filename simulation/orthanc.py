@@ -105,7 +105,7 @@ class Orthanc:
             "DicomAlwaysAllowMove": False,
             "StorageCompression": False,
             "HttpCompressionEnabled": False,
-            "StableAge": 1,
+            "StableAge": 3600,  # no "stable" processing while a test runs
             "ConcurrentJobs": 1,
             "Plugins": [dicomweb_plugin()],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False, "StudiesMetadata": "Full",
@@ -115,7 +115,7 @@ class Orthanc:
         cfg.write_text(json.dumps(config, indent=1))
         log = open(self.root / "orthanc.log", "wb")
         self.proc = subprocess.Popen([orthanc_binary(), str(cfg)], stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=self.root, start_new_session=True)
+                                     cwd=self.root, start_new_session=True, env={**os.environ, "TCP_NODELAY": "1"})
         log.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
