@@ -25,6 +25,7 @@ A DICOMDIR is skipped and counted: the layout it describes is read from the imag
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 import struct
@@ -258,6 +259,7 @@ def _seq_name_b(seq: str) -> tuple[float | None, str, str]:
     return b, ("NONE" if b == 0 else ""), ""
 
 
+@functools.lru_cache(maxsize=1)
 def _nicom():
     """nibabel.nicom (csareader, dicomwrappers), imported once, without its "not well tested" banner."""
     import types
@@ -756,8 +758,7 @@ def _mosaic_records(ds, base: FileRecord, csa: dict | None, n: int) -> list[File
     for k in range(n):
         rec = copy.copy(base)
         rec.rows, rec.cols, rec.mosaic, rec.tile = tr, tc, n, k
-        rec.ipp = tuple(float(x) for x in first + k * step * normal)
-        rec.pixel_offset = -1  # tiles are read through nibabel (client/volumes.read_mosaic_tiles)
+        rec.ipp = tuple(float(x) for x in first + k * step * normal)  # pixel_offset: the tiled image's
         out.append(rec)
     return out
 
@@ -770,13 +771,21 @@ def _refused(base: FileRecord, reason: str) -> FileRecord:
     return rec
 
 
-def read_mosaic_tiles(path: str, n: int) -> np.ndarray:
-    """The slices of one mosaic file, (n, rows, cols) float32 with the rescale applied, unpacked by
-    nibabel's MosaicWrapper (tile k is slice k of the record list _mosaic_records made)."""
-    ds = pydicom.dcmread(path)
-    w = _nicom().dicomwrappers.MosaicWrapper(ds, siemens_csa(ds) or {}, n_mosaic=n)
-    data = np.asarray(w.get_data(), dtype=np.float32)  # (rows, cols, n): nibabel's axis 0 is the row index
-    return np.ascontiguousarray(np.moveaxis(data, 2, 0))
+def read_mosaic_tiles(rec: FileRecord) -> np.ndarray:
+    """The slices of the mosaic file `rec` (one of its tile records) belongs to: (n, rows, cols) float32,
+    rescale applied; tile k is slice k of the records _mosaic_records made. nibabel's MosaicWrapper does
+    the unpacking; the tiled image comes from the raw path of the header scan (a plain little-endian
+    file: no second parse of the header), else from pydicom (compressed, big-endian, ...)."""
+    side = int(np.ceil(np.sqrt(rec.mosaic)))
+    rows, cols = side * rec.rows, side * rec.cols
+    pix = _raw_array(rec, rows, cols, 0) if rec.pixel_offset >= 0 and rec.pixel_dtype else None
+    slope, intercept = np.float32(rec.slope), np.float32(rec.intercept)
+    if pix is None:
+        pix = pydicom.dcmread(rec.path).pixel_array
+    w = _nicom().dicomwrappers.MosaicWrapper({"Rows": rows, "Columns": cols, "pixel_array": pix}, {},
+                                              n_mosaic=rec.mosaic)
+    data = w.get_unscaled_data()  # (rows, cols, n): nibabel's axis 0 is the row index
+    return np.moveaxis(data, 2, 0).astype(np.float32) * slope + intercept
 
 
 _PIXEL_TAG = b"\xe0\x7f\x10\x00"
@@ -786,11 +795,19 @@ def read_raw_pixels(rec: FileRecord) -> "np.ndarray | None":
     """Pixels of a plain (uncompressed, little-endian, MONOCHROME2) image, or of one frame of such a
     multi-frame file, straight from disk at the offset found by the header scan, rescale applied;
     None when the file is not as the scan saw it (then the caller uses SimpleITK / pydicom)."""
-    if rec.pixel_offset < 0 or not rec.pixel_dtype:
+    if rec.pixel_offset < 0 or not rec.pixel_dtype or rec.tile >= 0:
         return None
+    arr = _raw_array(rec, rec.rows, rec.cols, max(rec.frame, 0))
+    if arr is None:
+        return None
+    return arr.astype(np.float32) * np.float32(rec.slope) + np.float32(rec.intercept)
+
+
+def _raw_array(rec: FileRecord, rows: int, cols: int, frame: int) -> "np.ndarray | None":
+    """One rows x cols image (frame `frame`) straight from disk at the scan's pixel offset (stored
+    values, bits beyond BitsStored masked); None when the file is not as the scan saw it."""
     dtype = np.dtype(rec.pixel_dtype)
-    n = rec.rows * rec.cols
-    frame = max(rec.frame, 0)
+    n = rows * cols
     with open(rec.path, "rb") as fh:
         fh.seek(rec.pixel_offset)
         head = fh.read(12)
@@ -804,10 +821,10 @@ def read_raw_pixels(rec: FileRecord) -> "np.ndarray | None":
         buf = fh.read(n * dtype.itemsize)
     if len(buf) < n * dtype.itemsize:
         return None
-    arr = np.frombuffer(buf, dtype=dtype).reshape(rec.rows, rec.cols)
+    arr = np.frombuffer(buf, dtype=dtype).reshape(rows, cols)
     if dtype.kind == "u" and rec.bits_stored < dtype.itemsize * 8:
         arr = arr & np.array((1 << rec.bits_stored) - 1, dtype=dtype)
-    return arr.astype(np.float32) * np.float32(rec.slope) + np.float32(rec.intercept)
+    return arr
 
 
 def list_files(dicom_dir: str | Path) -> list[tuple[str, int, int]]:

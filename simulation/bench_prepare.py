@@ -9,6 +9,10 @@ Figures (medians over --runs, warm OS file cache for both):
                multi-frame, and enhanced + DICOM SEG masks: prepare time per patient and per image
                (slice or frame) of each, next to each other, the forms alternating within each run and
                the ratio to classic taken within a run (target: enhanced no slower per image)
+    mosaic     (--mosaic, default data only) the Siemens site of the cohort exported with its DWI and ADC
+               as Siemens mosaics + CSA (`slmfed synth --export mosaic`) next to the classic export:
+               prepare time per image (slice; a mosaic tile counts as one) and the DWI + ADC read alone
+               per image, alternating within each run, ratio to classic within a run (target <= 1.1)
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=3, help="repetitions (median reported)")
     parser.add_argument("--workers", type=int, default=2, help="prepare worker processes")
     parser.add_argument("--no-forms", action="store_true", help="skip the classic / enhanced / SEG comparison")
+    parser.add_argument("--mosaic", action="store_true",
+                        help="also compare Siemens mosaic DWI / ADC with the classic export, per image")
 
 
 def _sites(data: Path) -> list[Path]:
@@ -100,6 +106,67 @@ def _forms(tmp: Path, classic: Path, cfg: dict, runs: int) -> None:
               f"CPU {statistics.median(cpu[name]):.2f} s; ms per patient: {ph})")
 
 
+def _dwi_reads(site: Path) -> tuple[float, int]:
+    """Seconds to read every patient's DWI (trace) and ADC volumes, and the images read (slices / tiles)."""
+    from client.dicom_scan import list_files, scan_files
+    from client.series import SeriesRules, group_series, select_sequences
+    from client.volumes import read_diffusion, read_volume
+
+    records = [r for _, recs, _ in scan_files([p for p, _, _ in list_files(site / "dicom")]) if recs for r in recs]
+    rules, images, t = SeriesRules(), 0, 0.0
+    for series in group_series(records).values():
+        sel = select_sequences(series, rules)
+        t0 = time.perf_counter()
+        read_diffusion(sel.dwi_files, "dwi", sel.dwi_b)
+        if sel.adc_files:
+            read_volume(sel.adc_files, "adc")
+        t += time.perf_counter() - t0
+        images += len(sel.dwi_files) + len(sel.adc_files or [])
+    return t, images
+
+
+def _mosaic(tmp: Path, classic: Path, cfg: dict, runs: int) -> None:
+    """The Siemens site as classic slices and as mosaic DWI / ADC: prepare per image and DWI + ADC read per
+    image, the two exports alternating within each run (order reversed every other run), ratio within a run."""
+    from client.prepare import prepare_site
+    from simulation.synth import generate_cohort
+
+    mosaic = tmp / "mosaic"
+    generate_cohort(mosaic, preset="tiny", seed=0, progress=False, export="mosaic")
+    sites = {"classic": None, "mosaic": None}
+    for s in _sites(mosaic):  # the site(s) whose scanner exports mosaics
+        rep = prepare_site(s, tmp / "mosaic-probe" / s.name, cfg, progress=False)
+        if any("dwi=mosaic" in k for k in rep.input_forms):
+            sites = {"classic": classic / s.name, "mosaic": s}
+            break
+    shutil.rmtree(tmp / "mosaic-probe", ignore_errors=True)
+    if sites["mosaic"] is None:
+        print("mosaic vs classic: no site of the cohort exports mosaics (no SIEMENS scanner profile)")
+        return
+    wall: dict[str, list[float]] = {n: [] for n in sites}
+    reads: dict[str, list[float]] = {n: [] for n in sites}
+    counts: dict[str, tuple[int, int]] = {}
+    for r in range(runs + 1):  # run 0 warms the file cache and the imports, and is not counted
+        for name in (list(sites) if r % 2 else list(sites)[::-1]):
+            t = time.perf_counter()
+            rep = prepare_site(sites[name], tmp / f"mosaic{r}" / name, cfg, progress=False)
+            w = time.perf_counter() - t
+            rt, n_read = _dwi_reads(sites[name])
+            if r:
+                wall[name].append(w / max(rep.dicom_files, 1))
+                reads[name].append(rt / max(n_read, 1))
+            counts[name] = (rep.dicom_files, n_read)
+            shutil.rmtree(tmp / f"mosaic{r}", ignore_errors=True)
+    rw = statistics.median(m / c for m, c in zip(wall["mosaic"], wall["classic"]))
+    rr = statistics.median(m / c for m, c in zip(reads["mosaic"], reads["classic"]))
+    print(f"mosaic vs classic ({sites['mosaic'].name}; median of {runs}, exports alternating; target <= 1.1):")
+    for name in sites:
+        print(f"  {name:<8}: prepare {1e6 * statistics.median(wall[name]):7.0f} us per image ({counts[name][0]} images), "
+              f"DWI + ADC read {1e6 * statistics.median(reads[name]):6.0f} us per image ({counts[name][1]} images)")
+    print(f"  mosaic / classic per image: prepare x{rw:.2f}, DWI + ADC read x{rr:.2f}"
+          f"   ({'met' if max(rw, rr) <= 1.1 else 'NOT met'})")
+
+
 def _cpu() -> float:
     """CPU seconds of this process plus its reaped children (the prepare workers)."""
     a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -161,6 +228,8 @@ def run(args) -> int:
         print(f"re-run, nothing changed          : {mr:8.3f} s  ({100 * mr / mf:.1f} % of first run, target < 10 %)")
         if not args.data and not args.no_forms:
             _forms(tmp, data, cfg, args.runs)
+        if not args.data and args.mosaic:
+            _mosaic(tmp, data, cfg, args.runs)
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

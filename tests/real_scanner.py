@@ -164,7 +164,7 @@ def mosaic_patient(site: Path, pid: str, dwi_sources: list[Path], t2_from: int =
     dicom = site / "dicom" / pid
     copies = [relabel(src, dicom / "dwi" / f"{i:02d}.dcm", pid, study) for i, src in enumerate(dwi_sources)]
     tiles = read_headers(copies[t2_from])
-    pixels = t2_pixels if t2_pixels is not None else read_mosaic_tiles(str(copies[t2_from]), tiles[0].mosaic)
+    pixels = t2_pixels if t2_pixels is not None else read_mosaic_tiles(tiles[0])
     t2 = write_t2(dicom / "t2", tiles, pixels, pid, study, shift_mm)
     write_ball_mask(t2, site / "masks" / f"{pid}.nii.gz")
     return tiles

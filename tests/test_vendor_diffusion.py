@@ -41,7 +41,7 @@ def _exam(scanner, rng) -> tuple:
 def _write(tmp: Path, vendor: str, export: str, seed: int = 1) -> tuple[ExamWriter, object, Exam]:
     rng = np.random.default_rng(seed)
     sc, exam = _exam(SCANNERS[vendor], rng)
-    w = ExamWriter(tmp / export / vendor, sc, PatientInfo(f"V-{vendor}", "M", 60, "20200101", "Test"), seed, rng,
+    w = ExamWriter(tmp / export / vendor / "dicom", sc, PatientInfo(f"V-{vendor}", "M", 60, "20200101", "Test"), seed, rng,
                    export=export)
     w.write(exam)
     return w, sc, exam
@@ -164,22 +164,30 @@ def test_sequence_name_forms(tmp_path):
 
 
 def test_synthetic_mosaic_export_prepares_like_classic(tmp_path):
-    """The synthetic cohort with Siemens mosaic DWI / ADC + CSA gives the classic cohort's cache."""
-    from simulation.synth import generate_cohort
+    """The vendor writer's Siemens mosaic DWI / ADC + CSA: the same volumes, geometry and cache as the
+    classic export of the same exam."""
+    from tests.real_scanner import write_ball_mask, write_clinical
 
     out = {}
     for export in ("classic", "mosaic"):
-        generate_cohort(tmp_path / export, preset="tiny", seed=3, progress=False, export=export)
-        site = tmp_path / export / "center-primary"
+        w, sc, exam = _write(tmp_path, "siemens", export)
+        recs = {k: _records(v) for k, v in w.series_files.items()}
+        out[export] = recs
+        site = tmp_path / export / "siemens"
+        write_ball_mask(w.series_files["t2"], site / "masks" / "V-siemens.nii.gz", radius_mm=2.5)
+        write_clinical(site, ["V-siemens"])
         cache = tmp_path / f"cache-{export}"
         rep = prepare_site(site, cache, load_config(cli={"workers": 1}), progress=False)
-        assert rep.excluded == 0
-        ids = {r["patient_key"]: r["patient_id"] for r in csv.DictReader(open(str(cache) + "-id-map.csv"))}
-        qc = {ids[r["patient_key"]]: r for r in csv.DictReader(open(cache / "qc.csv"))}
-        out[export] = {ids[p.stem]: np.load(p)["image"] for p in (cache / "patients").glob("*.npz")}
-        forms = {r["input_forms"] for r in qc.values()}
-        assert forms == {"t2=classic dwi=mosaic adc=mosaic mask=nifti" if export == "mosaic"
-                         else "t2=classic dwi=classic adc=classic mask=nifti"}
-    assert out["classic"].keys() == out["mosaic"].keys() and out["classic"]
-    for pid, a in out["classic"].items():
-        np.testing.assert_allclose(out["mosaic"][pid], a, atol=1e-5)
+        qc = list(csv.DictReader(open(cache / "qc.csv")))
+        assert rep.included == 1, qc[0]["reason"]
+        assert qc[0]["input_forms"] == ("t2=classic dwi=mosaic adc=mosaic mask=nifti" if export == "mosaic"
+                                        else "t2=classic dwi=classic adc=classic mask=nifti")
+        out[export + "-image"] = np.load(next((cache / "patients").glob("*.npz")))["image"]
+    assert len(out["mosaic"]["dwi"]) == len(out["classic"]["dwi"]) == 8  # 4 slices x b = 0, 800
+    for b in (0.0, 800.0):
+        c, _ = read_diffusion([r for r in out["classic"]["dwi"] if r.bvalue == b], "c", b)
+        m, _ = read_diffusion([r for r in out["mosaic"]["dwi"] if r.bvalue == b], "m", b)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(m), sitk.GetArrayFromImage(c))
+        for get in ("GetOrigin", "GetSpacing", "GetDirection"):
+            np.testing.assert_allclose(getattr(m, get)(), getattr(c, get)(), atol=1e-4)
+    np.testing.assert_allclose(out["mosaic-image"], out["classic-image"], atol=1e-5)
