@@ -873,7 +873,7 @@ class Checker:
         if re.search(r"\bproxy_request_buffering\s+off\s*;", body):
             self.add(path, "proxy_request_buffering off streams a slow upload straight to the SuperLink, holding its "
                            "connection; remove it (buffer bodies here)")
-        gate = re.search(r"\bif\s*\(\s*\$slmfed_unsigned\s*\)\s*\{\s*return\s+40[13]\s*;\s*\}", body)
+        gate = re.search(r"\bif\s*\(\s*\$slmfed_unsigned\s*\)\s*\{\s*return\s+40[013]\s*;\s*\}", body)
         if not gate or "$http_flwr_public_key" not in body or "$http_flwr_signature" not in body \
                 or "$http_flwr_timestamp" not in body:
             self.add(path, "calls without the SuperNode authentication headers (flwr-public-key of a site key, "

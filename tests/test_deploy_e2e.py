@@ -112,12 +112,12 @@ def test_unregistered_key_is_refused(fed, tmp_path):
     tail = ["--root-certificates", str(fed.site_bundle(SITES[0]) / "ca.crt"), "--auth-supernode-private-key", str(key),
             "--max-retries", "1", "--max-wait-time", "10"]
     before = fed.log("front-door-access").count('/v1/fleet/')
-    # through the front door: its key is no site key of the deployment, so nginx refuses every call (401)
+    # through the front door: its key is no site key of the deployment, so nginx refuses every call (400)
     # before reading a body or opening a connection to the SuperLink
     assert _wait(fed.supernode("stranger", tail)) != 0
     door = fed.log("front-door-access").splitlines()
     fleet = [line for line in door if "/v1/fleet/" in line][before:]
-    assert fleet and all('" 401 ' in line for line in fleet), fleet
+    assert fleet and all('" 400 ' in line for line in fleet), fleet
     assert "No SuperNode found with the given public key" not in fed.log("superlink")
     # past the front door (on the coordinator itself): the SuperLink's node authentication refuses it
     assert _wait(fed.supernode("stranger-inside", tail, internal=True)) != 0

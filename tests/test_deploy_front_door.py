@@ -81,14 +81,14 @@ def test_front_door_refuses_unsigned_and_oversize_bodies_before_the_superlink(tm
         ca = fed.site_bundle("a") / B.CA_CERT
         site_pub = pki.load_ssh_public(fed.site_bundle("a") / B.SITE_PUB)
         # no authentication headers: refused, and a 200 MB announced body is never read nor forwarded
-        assert _request(fed.address, ca, {}, b"x" * 1024) == 401
-        assert _request(fed.address, ca, {}, length=200 * 1024 * 1024) in (401, 413)  # the size is checked first
+        assert _request(fed.address, ca, {}, b"x" * 1024) == 400
+        assert _request(fed.address, ca, {}, length=200 * 1024 * 1024) in (400, 413)  # the size is checked first
         # headers of a key that is no site key of the deployment
         stranger = _signed_headers(pki.make_site_key().public_key())
-        assert _request(fed.address, ca, stranger, b"x" * 1024) == 401
+        assert _request(fed.address, ca, stranger, b"x" * 1024) == 400
         # a site's key but no signature / a malformed timestamp
-        assert _request(fed.address, ca, {**_signed_headers(site_pub), "flwr-signature": ""}, b"x") == 401
-        assert _request(fed.address, ca, {**_signed_headers(site_pub), "flwr-timestamp": "soon"}, b"x") == 401
+        assert _request(fed.address, ca, {**_signed_headers(site_pub), "flwr-signature": ""}, b"x") == 400
+        assert _request(fed.address, ca, {**_signed_headers(site_pub), "flwr-timestamp": "soon"}, b"x") == 400
         # a site's headers, but a body over the cap (one array chunk + margin)
         assert _request(fed.address, ca, _signed_headers(site_pub), length=B.FLEET_MAX_BODY_BYTES + 1) == 413
         assert upstream.accepted == 0 and upstream.bytes == 0, "a refused call reached the SuperLink's address"
@@ -100,5 +100,5 @@ def test_front_door_refuses_unsigned_and_oversize_bodies_before_the_superlink(tm
         upstream.close()
     assert all(p.poll() is not None for p in fed.procs.values())
     log = fed.log("front-door-access")
-    assert "/v1/fleet/push-object" in log and " 401 " in log and " 413 " in log
+    assert "/v1/fleet/push-object" in log and " 400 " in log and " 413 " in log
     assert "MGUCMQD" not in log and pki.flower_public_key_b64(site_pub)[:40] not in log  # no header is logged

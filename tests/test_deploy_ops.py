@@ -203,7 +203,7 @@ def _v_door_streams(d):
 
 
 def _v_door_no_gate(d):
-    _edit(d / "coordinator/nginx-slmfed-compose.conf", "            return 401;\n", "            set $x 1;\n")
+    _edit(d / "coordinator/nginx-slmfed-compose.conf", "            return 400;\n", "            set $x 1;\n")
 
 
 def _v_door_no_conn_limit(d):
