@@ -12,6 +12,7 @@ import logging
 from client.fetch import InstanceInfo, PacsConfig, PacsError, SeriesInfo, StudyInfo
 
 logging.getLogger("retrying").setLevel(logging.CRITICAL)  # retries are off; its warning is a traceback
+logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # an INFO line per request, with UIDs
 
 STUDY_FIELDS = ["StudyInstanceUID", "StudyDate", "ModalitiesInStudy"]
 SERIES_FIELDS = ["SeriesInstanceUID", "Modality", "SeriesDescription", "SeriesNumber", "NumberOfSeriesRelatedInstances"]

@@ -18,6 +18,7 @@ BENCHMARKS = {
     "dp": "DP-SGD at the site: training samples/s with vs without DP, AUC of the paper study at several epsilons",
     "model": "model selection: candidate settings on the paper cohort, repeated CV, beside the handcrafted baseline",
     "faults": "a study with injected faults (site away, transient errors, a poisoned update) vs the same study clean",
+    "fetch": "slmfed fetch from a loopback Orthanc (DICOMweb, DIMSE C-GET, C-MOVE): objects/s vs copying the files",
 }
 
 
