@@ -367,3 +367,33 @@ def test_deploy_status_names_sites_online_and_the_last_run(fake_flwr, generated,
     site_text = "\n".join(site_lines)
     assert site_code == 1 and "no approved app, every study is refused" in site_text
     assert "SuperNode Runtime API on 127.0.0.1:9094" in site_text and "k (min-cell-size) = 10" in site_text
+
+
+# ---------------------------------------------------------------- the runbook against what init writes
+
+def test_runbook_commands_match_what_init_generates(tmp_path, capsys):
+    """The runbook's `deploy init` line, run as written (into tmp), writes every file its later steps copy
+    or name under /etc/slmfed, passes `deploy check`, and prints what step C1.1 says to expect."""
+    import re
+    import shlex
+
+    text = (Path(__file__).resolve().parents[1] / "deploy" / "README.md").read_text()
+    runbook = text.split("## Runbook", 1)[1].split("\n## ", 1)[0]
+    init = re.search(r"(slmfed deploy init .*?)\n   ```", runbook, re.S).group(1)
+    argv = shlex.split(init.replace("\\\n", " "))[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "deployment")
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Runtime API port 9094" in printed and "Runtime API port 9095" in printed and "SHA-256" in printed
+    out = tmp_path / "deployment"
+    assert _errors(check_deployment(out)) == []
+    shipped = {p.name for p in (out / "coordinator").iterdir()} | {p.name for p in (out / "sites").glob("*/*")}
+    written_at_the_site = {B.APPROVED_APPS}  # `slmfed site approve` writes it (runbook H2.3)
+    named = set(re.findall(r"/etc/slmfed/([A-Za-z0-9._-]+)", runbook)) - written_at_the_site
+    assert named and named <= shipped, sorted(named - shipped)
+    # the ports and names the runbook says to expect are the generated ones
+    coord = tomllib.loads((out / "coordinator" / B.BUNDLE_FILE).read_text())["superlink"]
+    assert f"127.0.0.1:{coord['internal-port']}" in runbook and f"on {coord['port']}" in runbook
+    sites = tomllib.loads((out / "coordinator" / B.BUNDLE_FILE).read_text())["sites"]["names"]
+    assert all(f"sites/{s}" in runbook or s in runbook for s in sites)
+    assert "slmfed deploy run" in runbook and "sudo rm -f /etc/nginx/sites-enabled/default" in runbook
