@@ -163,6 +163,8 @@ SCHEMA: dict[str, Key] = {
     "series-rules": Key(dict, {}, "site.toml table overriding the sequence-matching rules"),
     "roi-names": Key(str, "GTV,tumor,tumour,lesion", "comma list: the DICOM SEG segment / RTSTRUCT ROI used as "
                                                      "the tumour mask (whole word, case-insensitive, first wins)"),
+    # --- the site's PACS (`slmfed fetch` only; checked by client/fetch.py, never part of the cache) ---
+    "pacs": Key(dict, {}, "site.toml [pacs] table: the PACS `slmfed fetch` pulls the exams from (client/README.md)"),
 }
 
 

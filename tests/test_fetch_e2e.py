@@ -198,8 +198,11 @@ def test_fetched_site_prepares_to_the_same_cache(pacs, transport):
     assert len(masks) == 4
     text = "\n".join(lines) + report.table() + (site / fetch.LOG_NAME).read_text()
     assert NAME not in text and BIRTH not in text and "MRN" not in text and "ACC" not in text
+    import tomli_w
+
+    (site / "site.toml").write_bytes(tomli_w.dumps({"pacs": pacs_tables(p, secret)}).encode())  # prepare reads it too
     cache = p["root"] / f"cache-{transport}"
-    rep = prepare_site(site, cache, p["cfg"], progress=False)
+    rep = prepare_site(site, cache, load_config(toml_path=site / "site.toml", cli={"workers": 1}), progress=False)
     assert rep.included == 4, rep.summary()
     got = _cache(cache)
     assert sorted(got) == sorted(p["ref"])
