@@ -224,3 +224,18 @@ def test_atomic_write_leaves_no_partial_and_a_partial_is_never_dicom(tmp_path, m
     assert store.clean_partials() == 1 and not partial.exists()
     with pytest.raises(fetch.FetchError, match="malformed UID"):
         store.path(SeriesInfo("1.2.3.1"), "../../etc")
+
+
+def test_readme_documents_every_pacs_key_and_its_example_parses(tmp_path):
+    import re
+    import tomllib
+
+    text = (Path(__file__).resolve().parents[1] / "client" / "README.md").read_text()
+    section = text.split("`[pacs]` (client/fetch.py)", 1)[1].split("\n\n## ", 1)[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| `")]
+    documented = {k for ln in rows for k in re.findall(r"`([a-z-]+)`", ln.split("|")[1])}
+    documented |= {k for ln in rows for k in re.findall(r"`(tls-[a-z]+)`", ln)}
+    assert documented == set(fetch.PACS_KEYS)
+    block = text.split("[pacs.main]", 1)[1].split("```", 1)[0]
+    pacs = fetch.parse_pacs(tomllib.loads("[pacs.main]" + block)["pacs"], tmp_path)
+    assert pacs["main"].auth == "basic" and pacs["archive"].retrieve == "c-move" and pacs["archive"].move_ae == "SLMFED"
