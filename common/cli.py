@@ -53,4 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m common.cli`: run the imported module's main, so that the CommandError the subcommands
+    # raise (common.cli.CommandError) is the class caught there, not a second copy in __main__
+    from common.cli import main as _main
+
+    sys.exit(_main())

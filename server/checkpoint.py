@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,10 @@ from common.records import arrays_to_numpy, numpy_to_record
 
 log = logging.getLogger(__name__)
 NAMES = ("state.json", "state.prev.json")  # newest first
+# Held while a checkpoint (and the evidence that goes with it) is written: whoever stops the process
+# from outside the study's thread (Ctrl-C in `slmfed simulate`) takes it first, so a stop never falls
+# between a checkpoint's evidence and its state.
+WRITING = threading.RLock()
 
 
 class StudyInterrupted(Exception):
@@ -58,6 +63,10 @@ class Checkpoint:
 
     def save(self, state: dict, arrays: ArrayRecord | None) -> None:
         """A new checkpoint (arrays None: a position between DL rounds, no weights needed)."""
+        with WRITING:
+            self._save(state, arrays)
+
+    def _save(self, state: dict, arrays: ArrayRecord | None) -> None:
         on_disk = [int(p.stem.split("-")[1]) for p in self.dir.glob("weights-*.npz") if p.stem.split("-")[1].isdigit()]
         seq = max([int(state.get("checkpoint_seq", 0)), *on_disk]) + 1  # never reuse a name a checkpoint points at
         state["checkpoint_seq"] = seq
@@ -145,7 +154,8 @@ class Checkpoint:
                 meta[-1].append({"statement": entry["statement"], "signature": entry["signature"]})
                 arrays.update({f"{g}/{i}/{k}": v for k, v in arrays_to_numpy(entry["arrays"]).items()})
         arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        atomic_write_bytes(self.dir / "evidence.npz", _npz_bytes(arrays))
+        with WRITING:
+            atomic_write_bytes(self.dir / "evidence.npz", _npz_bytes(arrays))
 
     def load_evidence(self) -> list[list[dict | None]]:
         path = self.dir / "evidence.npz"

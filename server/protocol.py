@@ -54,7 +54,7 @@ from common.logistic import LogisticFitError, newton_fit, newton_step
 from common.model_input import ModelInputError
 from common.model_input import validate as validate_model_input
 from common.records import SITE_CANNOT, SITE_REFUSED, arrays_to_numpy, numpy_to_record, score_cells, to_config_record
-from server.checkpoint import Checkpoint, StudyInterrupted, StudyStopped
+from server.checkpoint import WRITING, Checkpoint, StudyInterrupted, StudyStopped
 from server.robust import aggregate, check_updates
 
 log = logging.getLogger(__name__)
@@ -706,8 +706,9 @@ class Study:
                 self.evaluate(fit, model, mean, std, arrays, store=False, rnd=rnd, recipe=recipe)
             self.state["position"] = {"fit": fit_index, "model": self.models.index(model), "round": rnd}
             self.state["fits"][str(fit_index)] = asdict(fit)
-            self.ckpt.save_evidence(window)
-            self.ckpt.save(self.state, _pack_swa(arrays, swa_sum))
+            with WRITING:  # the evidence and the state that needs it, as one step
+                self.ckpt.save_evidence(window)
+                self.ckpt.save(self.state, _pack_swa(arrays, swa_sum))
             self.rounds_done_this_run += 1
             self.say(f"{fit.tag} fold {fit.fold} {model}: round {rnd}/{rounds} done")
             stop = int(self.cfg["stop-after-rounds"])

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from common.cli import CommandError
@@ -98,6 +103,9 @@ def run(args) -> int:
         quick = bool(meta.get("quick"))
     else:
         quick = bool(args.quick)
+        if args.out and ((Path(args.out) / "simulation.json").is_file() or (Path(args.out) / "checkpoint").is_dir()):
+            raise CommandError(f"{args.out} already holds a study: continue it with `slmfed simulate --resume {args.out}`, "
+                               "or give a new --out (nothing was overwritten)")
         try:
             base = load_config(toml_path=args.config, cli={**(PRESET_ROUNDS["quick"] if args.quick else {}), **cli,
                                                            "scenario": args.scenario})
@@ -148,19 +156,56 @@ def run(args) -> int:
         atomic_write_json(run_dir / "simulation.json", {"run_config": run_config, "sites": nodes, "quick": bool(args.quick)})
     print(f"running the {run_config['scenario']} study with {len(nodes)} virtual sites -> {run_dir}")
     t0 = time.perf_counter()
-    run_study(nodes, run_config, ray_address=args.ray_address, client_cpus=args.client_cpus,
-              client_gpus=args.client_gpus)
+    with stop_cleanly_on_interrupt(run_dir):
+        run_study(nodes, run_config, ray_address=args.ray_address, client_cpus=args.client_cpus,
+                  client_gpus=args.client_gpus)
     results = run_dir / "results.json"
     if not results.is_file():
         raise CommandError(f"the study stopped before writing {results}; resume with `slmfed simulate --resume {run_dir}`")
     res = json.loads(results.read_text())
     print(format_table(res))
+    if not res["rows"]:
+        raise CommandError(f"the study finished without a single result row: every site sat out or refused (why: "
+                           f"{run_dir / 'report.md'}, section 'Sat out'); nothing here is a result")
     if quick:
         print(f"\nquick smoke run (small cohort, {run_config['folds']} folds, {run_config['num-rounds']} rounds): "
               "these AUCs check that the pipeline runs end to end; they are not the study's result. "
               "`slmfed simulate` without --quick runs the paper protocol.")
     print(f"\nfinished in {time.perf_counter() - t0:.0f} s; report: {run_dir / 'report.md'}")
     return 0
+
+
+@contextmanager
+def stop_cleanly_on_interrupt(run_dir: Path):
+    """The first Ctrl-C (or SIGTERM) ends the study within seconds, resumable: it waits for a checkpoint
+    being written, stops the local Ray, says where the checkpoint is and how to resume, and exits 130.
+    Why not let KeyboardInterrupt unwind: Flower runs the ServerApp in a non-daemon thread, which would
+    keep the process running the study until a second Ctrl-C killed it mid-step."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def stop(signum, _frame):
+        from server.checkpoint import WRITING
+        from simulation.runner import stop_local_ray_after_exit
+
+        print(f"\n{signal.Signals(signum).name}: stopping the study...", file=sys.stderr, flush=True)
+        WRITING.acquire(timeout=60)  # a checkpoint being written is finished first (never left half-paired)
+        ckpt = run_dir / "checkpoint"
+        if ckpt.is_dir():
+            print(f"stopped. The study's last checkpoint is in {ckpt}; continue it with:\n"
+                  f"  slmfed simulate --resume {run_dir}", file=sys.stderr, flush=True)
+        else:
+            print(f"stopped before the first checkpoint: nothing to resume in {run_dir}", file=sys.stderr, flush=True)
+        stop_local_ray_after_exit()
+        os._exit(130)  # the ServerApp thread cannot be joined mid-step; every file it writes is atomic
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def _study_keys() -> set[str]:

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -159,6 +160,7 @@ def ray_session(ray_address: str | None, num_cpus: float) -> Iterator[None]:
             ray.shutdown()  # disconnects; the cluster ends this job's workers itself
         return
     temp_dir = tempfile.mkdtemp(prefix="slmray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    _ACTIVE_RAY.append(temp_dir)
     try:
         ray.init(num_cpus=max(1, int(num_cpus)), object_store_memory=256 * 1024**2, include_dashboard=False,
                  log_to_driver=False, logging_level=logging.WARNING, _temp_dir=temp_dir, runtime_env=runtime_env)
@@ -168,6 +170,21 @@ def ray_session(ray_address: str | None, num_cpus: float) -> Iterator[None]:
             ray.shutdown()
         _stop_local_ray(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+        _ACTIVE_RAY.remove(temp_dir)
+
+
+_ACTIVE_RAY: list[str] = []  # temp folders of the local Rays this process started and has not stopped
+
+
+def stop_local_ray_after_exit() -> None:
+    """Have the local Ray this process started stopped once this process has exited (a Ctrl-C handler
+    calls this, then exits): simulation/ray_reaper.py, detached, with exactly its PIDs. A cluster given
+    by address is not ours and is left alone (its workers end with this driver)."""
+    for temp_dir in list(_ACTIVE_RAY):
+        pids = ray_processes(temp_dir)
+        subprocess.Popen([sys.executable, "-m", "simulation.ray_reaper", str(os.getpid()), temp_dir, *map(str, pids)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, env={**os.environ, **_worker_env()})
 
 
 def _proc_table() -> dict[int, tuple[int, bytes]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -172,3 +173,39 @@ def test_slmfed_simulate_on_a_ray_cluster_it_did_not_start(cohort, local_rows, t
         assert f"cannot read {tmp_path / 'no-such-cache'}" in missing.stderr and "node " in missing.stderr
         assert not (tmp_path / "run-x").exists()
     assert cluster.pids and not any(alive(p) for p in cluster.pids), "processes of the test Ray cluster left running"
+
+
+def test_ctrl_c_stops_within_seconds_says_how_to_resume_and_the_resume_gives_the_same_rows(cohort, local_rows, tmp_path):
+    out = tmp_path / "run-interrupted"
+    flags = [x for k, v in SETTINGS.items() if k != "scenario" for x in (f"--{k}", str(v))]
+    cmd = [sys.executable, "-m", "common.cli", "simulate", "--data", str(cohort), *flags, "--min-cell-size", str(K)]
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
+    before = _ray_pids()
+    proc = subprocess.Popen([*cmd, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "checkpoint" / "state.json").is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the study ended before its first checkpoint: nothing was interrupted"
+        during = _ray_pids()
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)  # without the handler it waits for a second Ctrl-C: forever
+        stopped_s = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err[-3000:]
+    assert f"continue it with:\n  slmfed simulate --resume {out}" in err and "Traceback" not in err
+    assert not (out / "results.json").exists()
+    left = _still_running(during - before, within_s=30.0)
+    assert not left, f"Ray processes left running after Ctrl-C ({stopped_s:.1f} s to stop):\n{left}"
+    # the same command again does not start over in (and overwrite) the interrupted run
+    again = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert again.returncode == 2 and f"slmfed simulate --resume {out}" in again.stderr
+    resumed = subprocess.run([sys.executable, "-m", "common.cli", "simulate", "--resume", str(out)],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert rows(out) == local_rows
