@@ -299,6 +299,19 @@ def hosmer_lemeshow(y, p, groups: int = 10) -> tuple[float, float]:
     return float(stat), float(stats.chi2.sf(stat, df))
 
 
+def wilson_ci(events, n, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of a proportion events / n (elementwise; NaN where n = 0): unlike the
+    normal approximation it stays inside [0, 1] and is usable for the small groups of a calibration plot."""
+    events, n = np.asarray(events, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    z = stats.norm.ppf(1 - alpha / 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = events / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    lo, hi = np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
+    return np.where(n > 0, lo, np.nan), np.where(n > 0, hi, np.nan)
+
+
 def calibration_bins(y, p, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per equal-width bin of [0, 1]: (mean predicted, observed event rate, count).
 

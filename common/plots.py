@@ -56,9 +56,19 @@ def roc_label(label: str, auc: float, lo: float | None = None, hi: float | None 
     return text
 
 
-def plot_roc(curves: Mapping[str, Mapping], path, title: str = "ROC curves") -> Path:
-    """ROC curves, one per model: curves = {label: dict(fpr, tpr, auc, lo, hi)}; chance diagonal."""
-    if not curves:
+def _notes(ax, notes: Sequence[str]) -> None:
+    """Legend lines without a curve (a model whose curve is not drawn, and why)."""
+    for note in notes:
+        ax.plot([], [], " ", label=note)
+
+
+def plot_roc(curves: Mapping[str, Mapping], path, title: str = "ROC curves", notes: Sequence[str] = ()) -> Path:
+    """ROC curves, one per model: curves = {label: dict(fpr, tpr, auc, lo, hi[, cells])}; chance diagonal.
+
+    With `cells` (a curve through k-safe score cells, not through every patient) each cell boundary is
+    marked and the legend says how many cells the curve has; the AUC in the legend is the exact one.
+    `notes`: legend lines for models drawn without a curve."""
+    if not curves and not notes:
         raise ValueError("plot_roc: expected at least one curve, found none")
     fig, ax = _new_axes()
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="Chance")
@@ -69,7 +79,12 @@ def plot_roc(curves: Mapping[str, Mapping], path, title: str = "ROC curves") -> 
         fpr, tpr = _curve(label, "fpr", c["fpr"]), _curve(label, "tpr", c["tpr"])
         if fpr.shape != tpr.shape:
             raise ValueError(f"plot_roc: curve '{label}': fpr has {fpr.size} points, tpr {tpr.size}")
-        ax.plot(fpr, tpr, linewidth=2, color=colour_of(label), label=roc_label(label, float(c["auc"]), c.get("lo"), c.get("hi")))
+        text = roc_label(label, float(c["auc"]), c.get("lo"), c.get("hi"))
+        if c.get("cells"):
+            text += f"; exact AUC, curve through {int(c['cells'])} score cells"
+        ax.plot(fpr, tpr, linewidth=2, color=colour_of(label), label=text,
+                marker="o" if c.get("cells") else None, markersize=3.5)
+    _notes(ax, notes)
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - Specificity (false positive rate)",
            ylabel="Sensitivity (true positive rate)", title=title)
     ax.set_aspect("equal")
@@ -91,6 +106,7 @@ def plot_dca(
     treat_all: Sequence[float],
     path,
     title: str = "Decision curves",
+    notes: Sequence[str] = (),
 ) -> Path:
     """Net benefit against threshold probability, with treat-all and treat-none (0) references.
 
@@ -111,6 +127,7 @@ def plot_dca(
         ax.plot(t, nb, linewidth=2, color=colour_of(label), label=label)
     ax.plot(t, all_nb, color="grey", linewidth=1.2, label="Treat all")
     ax.plot(t, np.zeros_like(t), color="black", linestyle="--", linewidth=1.2, label="Treat none")
+    _notes(ax, notes)
     ax.set(xlim=(float(t.min()), float(t.max())), ylim=dca_ylim(list(curves.values()) + [all_nb]),
            xlabel="Threshold probability", ylabel="Net benefit", title=title)
     ax.legend(loc="upper right", fontsize=8)
@@ -118,7 +135,10 @@ def plot_dca(
 
 
 def plot_calibration(curves: Mapping[str, tuple], path, title: str = "Calibration") -> Path:
-    """Observed event rate against mean predicted probability per bin; ideal diagonal."""
+    """Observed event rate against mean predicted probability per group; ideal diagonal.
+
+    curves = {label: (mean_pred, obs_rate[, n])}: with the group sizes n each point gets its Wilson
+    95% interval (common/metrics.py wilson_ci) as an error bar."""
     if not curves:
         raise ValueError("plot_calibration: expected at least one curve, found none")
     fig, ax = _new_axes()
@@ -130,7 +150,17 @@ def plot_calibration(curves: Mapping[str, tuple], path, title: str = "Calibratio
         if x.shape != y.shape:
             raise ValueError(f"plot_calibration: curve '{label}': {x.size} predictions, {y.size} rates")
         ok = np.isfinite(x) & np.isfinite(y)  # empty bins are NaN by design: not drawn
-        ax.plot(x[ok], y[ok], marker="o", linewidth=1.5, color=colour_of(label), label=label)
+        if len(pair) > 2:
+            from common.metrics import wilson_ci
+
+            n = _curve(label, "n", pair[2])
+            if n.shape != x.shape:
+                raise ValueError(f"plot_calibration: curve '{label}': {x.size} predictions, {n.size} group sizes")
+            lo, hi = wilson_ci(np.round(y * n), n)
+            ax.errorbar(x[ok], y[ok], yerr=np.clip(np.vstack([y[ok] - lo[ok], hi[ok] - y[ok]]), 0, None), marker="o", linewidth=1.5,
+                        capsize=3, color=colour_of(label), label=f"{label} (95% CI per group)")
+        else:
+            ax.plot(x[ok], y[ok], marker="o", linewidth=1.5, color=colour_of(label), label=label)
     ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="Predicted probability", ylabel="Observed proportion", title=title)
     ax.set_aspect("equal")
     ax.legend(loc="upper left", fontsize=8)

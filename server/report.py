@@ -561,19 +561,24 @@ def _figures(run_dir: Path, res: dict) -> None:
     t = np.asarray(res["thresholds_grid"])
     for cohort, cc in res["curves"].items():
         models = [m for m in cc if m != "treat_all"]
+        # Curves come from the shared k-safe score cells. A model with one cell has no curve to draw
+        # (all its patients share one score): its legend line says so and gives the exact AUC.
+        curved = [m for m in models if "fpr" in cc[m] and (rows[(cohort, m)]["cells"] or 0) >= 2]
+        notes = [f"{MODEL_LABEL[m]}: AUC {rows[(cohort, m)]['auc']:.2f} (exact); no curve: one score cell"
+                 for m in models if "cell_edges" in cc[m] and m not in curved and rows[(cohort, m)]["auc"] is not None]
         roc = {MODEL_LABEL[m]: {"fpr": cc[m]["fpr"], "tpr": cc[m]["tpr"], "auc": rows[(cohort, m)]["auc"] or float("nan"),
-                                "lo": rows[(cohort, m)]["auc_ci_low"], "hi": rows[(cohort, m)]["auc_ci_high"]}
-               for m in models if "fpr" in cc[m] and (rows[(cohort, m)]["cells"] or 0) >= 2}  # one cell: no curve
+                                "lo": rows[(cohort, m)]["auc_ci_low"], "hi": rows[(cohort, m)]["auc_ci_high"],
+                                "cells": rows[(cohort, m)]["cells"]} for m in curved}
         slug = _slug(cohort)
-        if roc:  # ROC points come from the shared histograms
-            plots.plot_roc(roc, run_dir / f"roc-{slug}.png", title=f"ROC: {cohort}")
-        with_cells = [m for m in models if "net_benefit" in cc[m]]
-        if not with_cells:  # the site withheld score cells
-            continue
-        plots.plot_dca(t, {MODEL_LABEL[m]: cc[m]["net_benefit"] for m in with_cells}, cc["treat_all"],
-                       run_dir / f"dca-{slug}.png", title=f"Decision curves: {cohort}")
-        plots.plot_calibration({MODEL_LABEL[m]: (cc[m]["calib_mean_pred"], cc[m]["calib_obs_rate"]) for m in with_cells},
-                               run_dir / f"calibration-{slug}.png", title=f"Calibration: {cohort}")
+        if roc:
+            plots.plot_roc(roc, run_dir / f"roc-{slug}.png", title=f"ROC: {cohort}", notes=notes)
+            plots.plot_dca(t, {MODEL_LABEL[m]: cc[m]["net_benefit"] for m in curved}, cc["treat_all"],
+                           run_dir / f"dca-{slug}.png", title=f"Decision curves: {cohort}", notes=notes)
+        if any("cell_edges" in cc[m] for m in models):  # else the site withheld score cells
+            plots.plot_calibration({MODEL_LABEL[m]: (cc[m]["calib_mean_pred"], cc[m]["calib_obs_rate"],
+                                                     np.add(cc[m]["cell_neg"], cc[m]["cell_pos"])) for m in models
+                                    if "cell_edges" in cc[m]},
+                                   run_dir / f"calibration-{slug}.png", title=f"Calibration: {cohort}")
     def readable(key: str) -> str:  # "dl (cv)" -> "MRI DL model, cross-validation"
         model, _, tag = key.partition(" (")
         tag = tag.rstrip(")")

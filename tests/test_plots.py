@@ -96,3 +96,48 @@ def test_a_model_keeps_its_colour_across_figures_whatever_the_order_or_the_other
                 colours.setdefault(model, set()).add(colour)
     assert colours == {m: {c} for m, c in plots.MODEL_COLOURS.items()}
     assert len(set(plots.MODEL_COLOURS.values())) == 3
+
+
+def test_report_figures_draw_no_curve_from_one_cell_and_give_calibration_groups_their_wilson_interval(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from server.report import _figures
+
+    drawn, bars = [], []
+    real_plot, real_bar = Axes.plot, Axes.errorbar
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: drawn.append((k.get("label", ""), a)) or real_plot(self, *a, **k))
+    monkeypatch.setattr(Axes, "errorbar", lambda self, x, y, **k: bars.append((k["label"], x, y, k["yerr"]))
+                        or real_bar(self, x, y, **k))
+    t = M.DEFAULT_THRESHOLDS
+    neg, pos = np.array([8, 4, 2]), np.array([1, 3, 6])  # three cells
+    edges = np.array([0.0, 0.3, 0.6, 1.0])
+    fpr, tpr = M.roc_from_histograms(neg, pos)
+    cell = lambda e, n, p: {"cell_edges": list(e), "cell_neg": list(n), "cell_pos": list(p),  # noqa: E731
+                            "net_benefit": M.net_benefit_from_cells(np.asarray(e), np.asarray(n), np.asarray(p), t).tolist(),
+                            "calib_mean_pred": [0.5] * len(n), "calib_obs_rate": list(np.divide(p, np.add(n, p)))}
+    res = {"thresholds_grid": list(t), "learning_curves": {},
+           "rows": [{"cohort": "ext", "model": "cf", "cells": 1, "auc": 0.79, "auc_ci_low": 0.6, "auc_ci_high": 0.9},
+                    {"cohort": "ext", "model": "dl", "cells": 3, "auc": 0.90, "auc_ci_low": 0.8, "auc_ci_high": 0.97}],
+           "curves": {"ext": {"cf": cell([0.0, 1.0], [14], [10]),
+                              "dl": {**cell(edges, neg, pos), "fpr": fpr.tolist(), "tpr": tpr.tolist()},
+                              "treat_all": M.net_benefit_treat_all(np.repeat([1, 0], [10, 14]), t).tolist()}}}
+    _figures(tmp_path, res)
+    assert {p.name for p in tmp_path.glob("*.png")} == {"roc-ext.png", "dca-ext.png", "calibration-ext.png"}
+    with_data = {label for label, a in drawn if a and len(a[0])}
+    assert not any(label.startswith("CF model") for label in with_data)  # no ROC or decision curve from one cell
+    notes = [label for label, a in drawn if label.startswith("CF model")]
+    assert notes == ["CF model: AUC 0.79 (exact); no curve: one score cell"] * 2  # ROC and DCA legends
+    assert any(label.startswith("MRI DL model: AUC 0.90 (0.80-0.97); exact AUC, curve through 3 score cells")
+               for label in with_data)
+    cal = {label: (x, y, yerr) for label, x, y, yerr in bars}
+    _, y, yerr = cal["MRI DL model (95% CI per group)"]
+    lo, hi = M.wilson_ci(pos, neg + pos)
+    np.testing.assert_allclose(y - yerr[0], lo)
+    np.testing.assert_allclose(y + yerr[1], hi)
+    assert "CF model (95% CI per group)" in cal  # one group is still one honest calibration point
+
+
+def test_wilson_interval():
+    lo, hi = M.wilson_ci([5, 0, 3], [10, 4, 0])
+    np.testing.assert_allclose([lo[0], hi[0]], [0.2366, 0.7634], atol=1e-4)  # the textbook 5 / 10
+    assert lo[1] == 0.0 and 0.45 < hi[1] < 0.5 and np.isnan(lo[2]) and np.isnan(hi[2])
