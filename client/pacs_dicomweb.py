@@ -36,6 +36,24 @@ def _int(v, default=0) -> int:
         return default
 
 
+def _session_class():
+    import requests
+
+    class Session(requests.Session):
+        """A session whose own `verify` (the site's ca-bundle) wins: plain requests lets a
+        REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE in the environment override it."""
+
+        def request(self, *args, **kwargs):
+            kwargs.setdefault("verify", self.verify)
+            return super().request(*args, **kwargs)
+
+    return Session
+
+
+def _Session():
+    return _session_class()()
+
+
 class DicomWebTransport:
     """One DICOMweb PACS (see client/fetch.py for the interface every transport offers)."""
 
@@ -44,7 +62,7 @@ class DicomWebTransport:
         from dicomweb_client.api import DICOMwebClient
 
         self.cfg = cfg
-        session = requests.Session()
+        session = _Session()
         if cfg.auth == "basic":
             session.auth = (cfg.username, secret)
         elif cfg.auth == "token":

@@ -239,3 +239,55 @@ def test_readme_documents_every_pacs_key_and_its_example_parses(tmp_path):
     block = text.split("[pacs.main]", 1)[1].split("```", 1)[0]
     pacs = fetch.parse_pacs(tomllib.loads("[pacs.main]" + block)["pacs"], tmp_path)
     assert pacs["main"].auth == "basic" and pacs["archive"].retrieve == "c-move" and pacs["archive"].move_ae == "SLMFED"
+
+
+def test_dicomweb_over_tls_verifies_the_site_ca_bundle(tmp_path, monkeypatch):
+    """A local HTTPS QIDO endpoint (certificate from a throwaway CA; Debian's Orthanc 1.10 cannot
+    serve HTTPS): with the site's CA bundle the query goes through and carries the bearer token;
+    with another CA it is one line naming TLS and ca-bundle."""
+    import json as _json
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from client.pacs_dicomweb import DicomWebTransport
+    from simulation.orthanc import make_tls
+
+    ca, server_pem = make_tls(tmp_path / "good")
+    other_ca, _ = make_tls(tmp_path / "other")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(other_ca))  # the site's ca-bundle wins over the environment's
+    seen = []
+
+    class Qido(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            page = [] if "offset=0" not in self.path else [{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "00080020": {"vr": "DA", "Value": ["20190301"]},
+                                 "00080061": {"vr": "CS", "Value": ["MR"]}}]  # get_remaining asks for the next page
+            body = _json.dumps(page).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Qido)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(server_pem)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"https://127.0.0.1:{httpd.server_address[1]}/dicom-web"
+        table = {"transport": "dicomweb", "url": url, "auth": "token", "secret-file": "s", "timeout-s": 5}
+        good = DicomWebTransport(fetch.parse_pacs({**table, "ca-bundle": str(ca)}, tmp_path)["default"], "tok")
+        assert good.find_studies("MRN1", "") == [StudyInfo("1.2.3", "20190301", ("MR",))]
+        assert seen[0][1] == "Bearer tok" and "PatientID=MRN1" in seen[0][0]
+        bad = DicomWebTransport(fetch.parse_pacs({**table, "ca-bundle": str(other_ca)}, tmp_path)["default"], "tok")
+        with pytest.raises(fetch.PacsError, match=r"TLS verification failed .*check 'ca-bundle'") as err:
+            bad.find_studies("MRN1", "")
+        assert err.value.fatal and "\n" not in str(err.value) and len(seen) == 2
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
