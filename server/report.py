@@ -613,3 +613,26 @@ def model_card(res: dict) -> str:
         "- Intended use: research only; not a medical device. Performance on the synthetic cohort says nothing about "
         "real patients; validate locally before any clinical use.",
         "- Results: see report.md / results.json in this run folder.", ""])
+
+
+def format_table(res: dict) -> str:
+    """The results table as `slmfed simulate` and the ServerApp's log (`flwr run --stream`) print it."""
+    key = {"cf": "clinical", "dl": "image", "combined": "combined"}
+    lines = [f"{'model':<18} {'cohort':<36} {'AUC (95% CI)':<22} {'sens':>6} {'spec':>6} {'oracle':>7}"]
+    for r in res["rows"]:
+        oracle = res.get("oracle", {}).get(r["site"], {}).get(key[r["model"]])
+        fmt = lambda x: "  n/a" if x is None else f"{x:.3f}"  # noqa: E731
+        star = "*" if r.get("operating_point_interpolated") else ""
+        lines.append(f"{MODEL_LABEL[r['model']]:<18} {r['cohort']:<36} {auc_cell(r):<22} {fmt(r['sensitivity']) + star:>6} "
+                     f"{fmt(r['specificity']) + star:>6} {fmt(oracle):>7}")
+    if any(r.get("operating_point_interpolated") for r in res["rows"]):
+        lines.append("* read off the k-safe score cell that holds the threshold, split in proportion to its width "
+                     "(report.md, Results)")
+    reps = [(model, e) for fam in res.get("cv_repeats", {}).values() for model, sites in fam.items() for e in sites.values()]
+    if reps and len(reps[0][1]["aucs"]) > 1:  # cv-repeats > 1: mean (SD) over the fold assignments
+        lines += ["", f"repeated cross-validation ({len(reps[0][1]['aucs'])} fold assignments): mean AUC (SD)"]
+        for model, e in reps:
+            sd = "n/a" if e["sd"] is None else f"{e['sd']:.3f}"
+            mean = "n/a" if e["mean"] is None else f"{e['mean']:.3f}"
+            lines.append(f"{MODEL_LABEL[model]:<18} {e['cohort']:<36} {mean} ({sd}), {e['computed']} of {len(e['aucs'])}")
+    return "\n".join(lines)

@@ -157,7 +157,7 @@ def test_two_repeats_use_two_fold_assignments_and_report_both_aucs(nodes, two):
     assert {(w["site"], w["fit"]) for w in state["would_refuse"]} == {(PRIMARY, "cv-r1")}
     assert f"- {PRIMARY}: cv-r1 fold 0" in report.split("### What a real site would have refused")[1]
     assert len(list(run_dir.glob("roc-*.png"))) == 2  # figures: repeat 0's cohorts only
-    from simulation.cli import format_table  # what `slmfed simulate` prints
+    from server.report import format_table  # what `slmfed simulate` prints
 
     assert f"MRI DL model       {PRIMARY}: 2-fold CV            {e['mean']:.3f} ({e['sd']:.3f}), 2 of 2" in format_table(res)
 
@@ -165,7 +165,7 @@ def test_two_repeats_use_two_fold_assignments_and_report_both_aucs(nodes, two):
 def test_without_repeats_the_report_has_no_repeats_table(plain):
     _, _, res = plain
     assert "Repeated cross-validation" not in (Path(res["config"]["run-dir"]) / "report.md").read_text()
-    from simulation.cli import format_table
+    from server.report import format_table
 
     assert "repeated cross-validation" not in format_table(res)
     cf = next(r for r in res["rows"] if r["model"] == "cf" and r["tag"] == "cv")

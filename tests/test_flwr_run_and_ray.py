@@ -139,6 +139,9 @@ def test_flwr_run_in_the_project_folder_gives_the_rows_of_slmfed_simulate(cohort
         assert ls.returncode == 0, ls.stdout[-2000:] + ls.stderr[-2000:]
         proc = flwr("run", str(ROOT), "--run-config", run_config, "--stream")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        # --stream shows the study's progress and its result table, as slmfed simulate prints them
+        assert "cv fold 0 dl: round 1/1 done" in proc.stdout, proc.stdout[-3000:]
+        assert "AUC (95% CI)" in proc.stdout and "center-external: external validation" in proc.stdout
         # `flwr run` exits 0 whatever became of the run: ask the SuperLink how it ended
         ls = flwr("ls", "--format", "json")
         runs = json.loads(ls.stdout)["runs"]

@@ -378,7 +378,7 @@ def test_standardisation_sums_the_coordinator_cannot_pool_are_named_and_left_out
 
 
 def test_the_terminal_table_marks_interpolated_operating_points_as_the_report_does():
-    from simulation.cli import format_table
+    from server.report import format_table
 
     row = {"model": "dl", "cohort": "x: external validation", "site": "x", "auc": 0.9, "auc_ci_low": 0.8,
            "auc_ci_high": 1.0, "sensitivity": 0.67, "specificity": 0.33}
