@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 import sys
 import tomllib
 from pathlib import Path
@@ -338,9 +337,7 @@ def test_deploy_run_exit_status_says_how_the_study_ended(fake_flwr, tmp_path, ca
         _results(run_dir, [])
     elif case == "results":
         _results(run_dir, [{"model": "dl"}, {"model": "cf"}])
-    elif case != "no results.json":
-        pass
-    if case == "no results.json":
+    elif case == "no results.json":
         run_dir.mkdir()
     where = tmp_path / "elsewhere" if case == "run folder elsewhere" else run_dir
     outcome = run_study(".", "slmfed", [f'run-dir="{where}" scenario="paper"'], flwr=str(script))
