@@ -119,6 +119,9 @@ class DimseTransport:
             self.assoc = assoc
             return assoc
         if assoc.is_rejected:
+            p = getattr(getattr(assoc, "acceptor", None), "primitive", None)  # the A-ASSOCIATE-RJ received
+            if getattr(p, "result", None) in (0x01, 0x02):
+                self._reject = f"{p.reason_str} (source: {p.source_str})"
             hint = " (check called-ae, and that the PACS knows calling-ae)" if "AE title" in self._reject else ""
             raise PacsError(f"{label} rejected the association: {self._reject or 'no reason given'}{hint}", fatal=True)
         if assoc.is_aborted:

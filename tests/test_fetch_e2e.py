@@ -281,17 +281,17 @@ def test_each_connection_problem_is_one_line_and_the_other_patients_are_fetched(
         fh.write("RC-NOPE,,ACC-NO-SUCH,,,web\n")
     rc = main(["fetch", str(site), "--worklist", str(wl), "--pacs", "web", "--no-progress"])
     out = capsys.readouterr().out
-    assert rc == 1
+    assert rc == 1, out
     lines = {ln.split(":", 1)[0]: ln for ln in out.splitlines() if ln.startswith(tuple(ids) + ("RC-NOPE",))
              and ": " in ln and not ln.startswith("patient_id")}
-    assert lines[ids[0]].startswith(f"{ids[0]}: fetched")
-    assert "PACS 'badpw'" in lines[ids[1]] and "refused the credentials (HTTP 401" in lines[ids[1]]
-    assert "PACS 'badae'" in lines[ids[2]] and "called ae title not recognised" in lines[ids[2]].lower()
-    assert "PACS 'down'" in lines[ids[3]] and "unreachable (connection refused)" in lines[ids[3]]
-    assert "AccessionNumber of worklist line 6 matches no study" in lines["RC-NOPE"]
+    assert lines[ids[0]].startswith(f"{ids[0]}: fetched"), out
+    assert "PACS 'badpw'" in lines[ids[1]] and "refused the credentials (HTTP 401" in lines[ids[1]], out
+    assert "PACS 'badae'" in lines[ids[2]] and "called ae title not recognised" in lines[ids[2]].lower(), out
+    assert "PACS 'down'" in lines[ids[3]] and "unreachable (connection refused)" in lines[ids[3]], out
+    assert "AccessionNumber of worklist line 6 matches no study" in lines["RC-NOPE"], out
     for pid in ids[1:] + ["RC-NOPE"]:
         assert lines[pid].count("\n") == 0 and ": failed: " in lines[pid]
-    assert "fetched 1, skipped 0 (already on disk), failed 4" in out
+    assert "fetched 1, skipped 0 (already on disk), failed 4" in out, out
     assert (site / "dicom" / ids[0]).is_dir() and not (site / "dicom" / ids[1]).exists()
     assert "not-the-password" not in out and p["server"].password not in out and "ACC-NO-SUCH" not in out
     os.chmod(bad, 0o644)  # a secret others can read is refused before anything is asked
