@@ -30,7 +30,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from client.dicom_scan import FileRecord
 from client.series import Series, SeriesRules
@@ -499,12 +499,12 @@ class JsonLog:
 
     def __init__(self, path: Path | None):
         self.path = path
-        self.run = time.strftime("%Y%m%dT%H%M%S")
+        self.run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
     def write(self, event: str, **fields) -> None:
         if self.path is None:
             return
-        rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "run": self.run, "event": event, **fields}
+        rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run": self.run, "event": event, **fields}
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec, sort_keys=True) + "\n")
 
@@ -661,6 +661,3 @@ def open_transport(cfg: PacsConfig):
 
     return DimseTransport(cfg)
 
-
-def files_under(root: Path) -> Iterable[Path]:
-    return (p for p in sorted(root.rglob("*")) if p.is_file())

@@ -44,6 +44,14 @@ def _str(ds, keyword: str) -> str:
     return "" if v is None else str(v)
 
 
+def _multi(ds, keyword: str) -> tuple[str, ...]:
+    """A multi-valued attribute as a tuple of strings (pydicom gives a str for one value)."""
+    v = getattr(ds, keyword, None)
+    if v is None or v == "":
+        return ()
+    return (str(v),) if isinstance(v, str) else tuple(str(x) for x in v if str(x))
+
+
 def _int(v) -> int:
     try:
         return int(float(v))
@@ -164,10 +172,7 @@ class DimseTransport:
         rows = self._find("the study query", q)
         out = []
         for r in rows:
-            mods = getattr(r, "ModalitiesInStudy", "") or ""
-            mods = tuple(str(m) for m in (mods if isinstance(mods, (list, tuple)) or hasattr(mods, "__iter__")
-                                          and not isinstance(mods, str) else [mods]) if str(m))
-            out.append(StudyInfo(_str(r, "StudyInstanceUID"), _str(r, "StudyDate"), mods))
+            out.append(StudyInfo(_str(r, "StudyInstanceUID"), _str(r, "StudyDate"), _multi(r, "ModalitiesInStudy")))
         return out
 
     def find_series(self, study_uid: str) -> list[SeriesInfo]:
@@ -206,11 +211,8 @@ class DimseTransport:
         out = []
         for r in self._find("the instance query", q):
             b = getattr(r, "DiffusionBValue", None)
-            it = getattr(r, "ImageType", None)
-            it = tuple(str(x) for x in it) if isinstance(it, (list, tuple)) or (it is not None and not isinstance(it, str)
-                                                                              and hasattr(it, "__iter__")) else \
-                tuple(str(it).split("\\")) if it else ()
-            out.append(InstanceInfo(_str(r, "SOPInstanceUID"), _str(r, "SOPClassUID"), it, _str(r, "ProtocolName"),
+            out.append(InstanceInfo(_str(r, "SOPInstanceUID"), _str(r, "SOPClassUID"), _multi(r, "ImageType"),
+                                    _str(r, "ProtocolName"),
                                     _str(r, "SequenceName"), float(b) if b not in (None, "") else None,
                                     _int(getattr(r, "InstanceNumber", 0))))
         return out
