@@ -249,6 +249,12 @@ def _versions() -> dict:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = "not installed"
+    try:  # the DL rows' last digits depend on the CPU kernels torch picks (README, "Results")
+        import torch
+
+        out["torch-cpu-capability"] = torch.backends.cpu.get_cpu_capability()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
     return out
 
 
