@@ -300,7 +300,9 @@ def render_report(res: dict) -> str:
         lines.append(f"| {name} | {count(s['num-examples'])} | {count(s['num-positive'])} | {s['role']} |")
     source = ("the Youden threshold of the development out-of-fold scores (pooled k-safe score cells of the training "
               "sites), applied to every cohort" if res["thresholds"] else
-              "no threshold: the sites withheld score cells (share-histograms = false), so no operating point is reported")
+              "no threshold: no k-safe score cells of the development cohort were released (a site's policy withholds "
+              "them, share-histograms = false, or its folds are too small for cells of k patients of each class), so no "
+              "operating point is reported")
     lines += ["", "## Results", "", f"AUC with DeLong 95% CI, exact (computed at each site on its exact scores); "
               f"sensitivity / specificity at {source}. They are read off the cohort's k-safe score cells: exact when "
               "the threshold is a cell edge, else (marked *) the cell that holds the threshold is split in proportion "

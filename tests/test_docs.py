@@ -32,7 +32,8 @@ GUIDES = [README, CLIENT, SIMULATION]
 INSTALL = "python3 -m venv .venv && .venv/bin/pip install -q -c .ci/constraints.txt -e '.[test]'"
 COMMAND_1 = f"{INSTALL} && .venv/bin/slmfed simulate"
 COMMAND_2 = f"{INSTALL} && .venv/bin/python -m pytest -q"
-ISSUE_NUMBER = re.compile(r"\bissue \d+|#\d+\b", re.IGNORECASE)
+# "#12" as an issue reference; not a '#' inside a word, as in the Siemens series name `ep_b1500#2`
+ISSUE_NUMBER = re.compile(r"\bissue \d+|(?<!\w)#\d+\b", re.IGNORECASE)
 LANDING_SECTIONS = ("## Set-up: the two commands", "## Results", "## What leaves a hospital", "## Where to go next")
 
 
