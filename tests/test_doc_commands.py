@@ -345,7 +345,7 @@ def test_readme_commands_cover_each_step():
     """The extraction sees the commands a hospital and a researcher run (not a vacuous pass)."""
     progs = {" ".join([c.program, *c.argv[1:3]]) for c in checked(doc_commands("README.md"))}
     for expected in ("slmfed simulate", "slmfed deploy init", "slmfed deploy check",
-                     "slmfed site join", "flwr run ."):
+                     "slmfed site join", "slmfed deploy run", "slmfed fetch"):
         assert any(p.startswith(expected) for p in progs), (expected, sorted(progs))
     assert any(c.argv[:2] == ["slmfed", "prepare"] for c in checked(doc_commands("README.md")))
     assert any(c.argv[:3] == ["slmfed", "deploy", "check"] for c in checked(doc_commands("deploy/README.md")))
