@@ -88,6 +88,8 @@ SCHEMA: dict[str, Key] = {
     "max-update-ratio": Key(float, 10.0, "an update norm above this multiple of the other sites' median update "
                                          "norm this round (or of the global model's norm) is rejected",
                             bounds=(1.5, 1e6)),
+    "smoke-run": Key(bool, False, "label the report a smoke run (`slmfed simulate --quick` sets it): its AUCs check "
+                                  "that the pipeline runs, they are not a study result"),
     # --- simulation only: how a node of Flower's simulation runtime (node config: partition-id and
     # num-partitions, nothing else) finds its virtual site; client/simulated.py. Never read by a node with
     # its own node config, nor outside a Ray actor of the simulation runtime.

@@ -293,8 +293,11 @@ def auc_cell(r: dict) -> str:
 def render_report(res: dict) -> str:
     lines = [f"# SLM prediction study `{res['study_id']}` ({res['scenario']} scenario)", "",
              f"Created {res['created']} with slmfed {res['versions'].get('slmfed')}, flwr {res['versions'].get('flwr')}, "
-             f"torch {res['versions'].get('torch')}.", "", "## Sites", "", "| site | patients | with SLM | role |",
-             "|---|---|---|---|"]
+             f"torch {res['versions'].get('torch')}.", ""]
+    if res["config"].get("smoke-run"):
+        lines += ["**Smoke run** (`slmfed simulate --quick`: small cohort, few folds and rounds): these numbers check that "
+                  "the pipeline runs end to end; they are not the study's result.", ""]
+    lines += ["## Sites", "", "| site | patients | with SLM | role |", "|---|---|---|---|"]
     for name, s in sorted(res["sites"].items()):
         count = lambda v: "withheld" if v < 0 else str(v)  # noqa: E731
         lines.append(f"| {name} | {count(s['num-examples'])} | {count(s['num-positive'])} | {s['role']} |")

@@ -147,6 +147,7 @@ def run(args) -> int:
         run_dir = Path(args.out or f"runs/{'quick-' if args.quick else ''}{scenario}-{stamp}")
         truth = data_dir / "truth.json"
         run_config = {k: v for k, v in base.items() if k in _study_keys()}
+        run_config["smoke-run"] = bool(args.quick)  # report.md says so
         run_config.update({"run-dir": str(run_dir.resolve()), "truth-file": str(truth.resolve()) if truth.is_file() else ""})
         if scenario == "paper" and not any(n["site-name"] in base["eval-sites"].split(",") for n in nodes):
             raise CommandError(f"paper scenario: no evaluate-only site named {base['eval-sites']!r} in {data_dir}")

@@ -386,3 +386,12 @@ def test_the_terminal_table_marks_interpolated_operating_points_as_the_report_do
     split = format_table({"rows": [{**row, "operating_point_interpolated": True}]})
     assert "0.670 " in exact and "*" not in exact
     assert "0.670*" in split and "0.330*" in split and "split in proportion to its width" in split
+
+
+def test_a_smoke_run_is_labelled_as_one_in_report_md(paper_run):
+    from server.report import render_report
+
+    _, _, res, _ = paper_run
+    assert res["config"]["smoke-run"] is False and "Smoke run" not in render_report(res)
+    smoke = render_report({**res, "config": {**res["config"], "smoke-run": True}})
+    assert "**Smoke run** (`slmfed simulate --quick`" in smoke and "they are not the study's result" in smoke
