@@ -9,41 +9,19 @@ then SIGKILL to any still there after a grace period. Nothing else (no `ray stop
 """
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import sys
 import time
-from pathlib import Path
 
-
-def _gone(pid: int) -> bool:
-    """Exited, or exited and waiting to be reaped (a zombie)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state in ("Z", "X")
+from common.processes import alive
+from simulation.raycluster import stop_pids
 
 
 def reap(parent: int, temp_dir: str, pids: list[int], wait_parent_s: float = 5.0, grace_s: float = 10.0) -> None:
     deadline = time.monotonic() + wait_parent_s
-    while not _gone(parent) and time.monotonic() < deadline:
+    while alive(parent) and time.monotonic() < deadline:
         time.sleep(0.02)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace_s
-    while any(not _gone(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in pids:
-        if not _gone(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    stop_pids(pids, grace=grace_s)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
