@@ -138,12 +138,25 @@ def _sent_model_key(key: str) -> Callable[[Any, dict], Any]:
 _PARTITION = {"fold": _int("fold", -1, MAX_FOLDS - 1), "folds": _int("folds", 2, MAX_FOLDS),
               "seed": _int("seed", 0, 2**31 - 1), "study-id": _study_id}
 _STANDARDISED = {"clinical-mean": _vector("clinical-mean"), "clinical-std": _vector("clinical-std", positive=True)}
-_MODEL_SETTINGS = {k: _sent_model_key(k) for k in SENT_MODEL_KEYS}
+def _roi_reference(v: Any, ctx: dict) -> str:
+    from common.derive import roi_reference
+
+    if not isinstance(v, str) or len(v) > 1000:
+        raise Refused("request", "'roi-stats-reference': expected a string of at most 1000 characters")
+    try:
+        roi_reference(v)
+    except ValueError as exc:
+        raise Refused("request", str(exc)) from None
+    return v
+
+
+_MODEL_SETTINGS = {k: _sent_model_key(k) for k in SENT_MODEL_KEYS} | {"roi-stats-reference": _roi_reference}
 _ROUNDS = {"round": _int("round", 0, MAX_ROUNDS), "num-rounds": _int("num-rounds", 1, MAX_ROUNDS)}
 REQUESTS: dict[str, tuple[dict[str, Callable], tuple[str, ...]]] = {
     # message type: (validators of the keys it takes, keys it may omit)
     "query.info": ({}, ()),
-    "query.clinical_sums": (dict(_PARTITION), ()),
+    # roi-sums false: the study standardises the ROI statistics from a reference, so none are released
+    "query.clinical_sums": ({**_PARTITION, "roi-sums": _bool("roi-sums")}, ("roi-sums",)),
     "query.logistic_stats": ({**_PARTITION, **_STANDARDISED, "beta": _vector("beta", extra=1)}, ()),
     "train": ({**_PARTITION, **_STANDARDISED, **_MODEL_SETTINGS, **_ROUNDS,
                "model": _choice("model", ("dl", "combined")),

@@ -189,6 +189,9 @@ class _Private:
             raise DPError(f"grad-sample mode: expected one of {', '.join(GRAD_SAMPLE_MODES)}, found {dp.mode!r}")
         self.mode = dp.mode
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # only small Linear layers trainable (dp-train = wide, common/model.py make_wide)
+        self.wide = all(isinstance(m, nn.Linear) for m in model.modules()
+                        if any(p.requires_grad for p in m.parameters(recurse=False)))
         kwargs = dict(noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
                       expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator)
         if dp.mode == "hooks":
@@ -217,11 +220,17 @@ class _Private:
         # Opacus's two-pass fast gradient clipping (DPTensorFastGradientClipping.backward), with one
         # change: the first pass, which only feeds the norm hooks, asks autograd for the gradient of
         # the INPUTS, so no weight gradient is computed there (about a quarter of the step's work).
-        x, z = x.detach().requires_grad_(), z.detach().requires_grad_()
+        # With dp-train = wide (only linear terms trainable) the weights' own gradients cost nothing and
+        # asking for the inputs' would backpropagate through the frozen ResNet: ask for the weights'.
         for p in self.params:
             p._norm_sample = None
-        per_patient = self._per_patient_loss(x, z, y)
-        torch.autograd.grad(per_patient.mean(), [x, z], retain_graph=True, allow_unused=True)
+        if self.wide:
+            per_patient = self._per_patient_loss(x, z, y)
+            torch.autograd.grad(per_patient.mean(), self.params, retain_graph=True)
+        else:
+            x, z = x.detach().requires_grad_(), z.detach().requires_grad_()
+            per_patient = self._per_patient_loss(x, z, y)
+            torch.autograd.grad(per_patient.mean(), [x, z], retain_graph=True, allow_unused=True)
         missing = sum(getattr(p, "_norm_sample", None) is None for p in self.params)
         if missing:  # a parameter off every path to the inputs would escape clipping: never train then
             raise DPError(f"DP-SGD: {missing} parameter(s) got no per-sample norm; refusing to train unclipped")

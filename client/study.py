@@ -231,7 +231,7 @@ def clinical_sums(site: Site, gate: Gate, req: Mapping[str, Any]) -> dict[str, A
     d = _partition(site, gate, req, "train")
     x = d.clinical.astype(np.float64)
     out = {"num-examples": len(x), "sum": x.sum(axis=0), "sumsq": (x**2).sum(axis=0)}
-    r = roi_statistics(d)
+    r = roi_statistics(d) if req.get("roi-sums", True) else None
     if r is not None:
         out.update({"roi-sum": r.sum(axis=0), "roi-sumsq": (r**2).sum(axis=0)})
     return out
@@ -289,6 +289,8 @@ def train_dl(site: Site, gate: Gate, req: Mapping[str, Any], state) -> tuple[Any
     model_name, fold, rnd = req["model"], req["fold"], req["round"]
     d = _partition(site, gate, req, "train")
     net = _model(site, model_name, state)
+    if gate.policy.dp_epsilon > 0 and net.config["roi_stats"]:
+        _check_reference_standardisation(net, req)
     settings = {k: req[k] for k in req if k not in ("clinical-mean", "clinical-std")}
     request = digest(settings, req["clinical-mean"], req["clinical-std"], _weights_digest(state))
     gate.spend(f"{req['study-id']}|train|{model_name}|fold{fold}|round{rnd}", request)
@@ -307,6 +309,29 @@ def train_dl(site: Site, gate: Gate, req: Mapping[str, Any], state) -> tuple[Any
         raise StudyError(f"site {site.name}: {exc}") from None
     return net.state_dict(), {"num-examples": int(out["num_examples"]), "train-loss": float(out["loss"]),
                               "train-seconds": float(out["seconds"]), **({} if dp is None else dp[1])}
+
+
+def _check_reference_standardisation(net, req: Mapping[str, Any]) -> None:
+    """Under DP: the ROI statistics' standardisation in the weights must be the study's reference, as
+    sent; one pooled from the sites' sums is fitted on their patients outside the DP budget."""
+    import torch
+
+    from common.derive import roi_reference
+
+    text = str(req.get("roi-stats-reference") or "")
+    if not text:
+        raise Refused("dp-standardisation", "under this site's DP policy the ROI statistics must be standardised "
+                                            "from the study's reference (roi-stats-reference), not from the sites' sums")
+    nets = getattr(net, "members", [net])
+    try:
+        mean, std = roi_reference(text, nets[0].roi_stats_mean.numel())
+    except ValueError as exc:
+        raise Refused("request", str(exc)) from None
+    for n in nets:
+        if not (torch.equal(n.roi_stats_mean, torch.as_tensor(mean, dtype=n.roi_stats_mean.dtype))
+                and torch.equal(n.roi_stats_std, torch.as_tensor(std, dtype=n.roi_stats_std.dtype))):
+            raise Refused("dp-standardisation", "the weights' ROI statistics standardisation is not the study's "
+                                                "reference (roi-stats-reference)")
 
 
 def _smallest_training_part(site: Site, req: Mapping[str, Any], n_train: int) -> int:

@@ -333,6 +333,14 @@ def train(
     return dict(loss=last_loss, num_examples=len(labels), epochs=epochs, seconds=time.perf_counter() - start)
 
 
+def dp_trains_wide(model: nn.Module, cfg: Mapping[str, Any]) -> bool:
+    """Study key dp-train: wide, all, or auto (wide when the model has the ROI statistics' term)."""
+    from common.model import has_wide_terms
+
+    mode = str(cfg.get("dp-train", "auto"))
+    return mode == "wide" or (mode == "auto" and has_wide_terms(model))
+
+
 def _train_dp(model, data, labels_np, cfg, clinical_mean, clinical_std, epochs, seed, mu, device, dp, start):
     """DP-SGD (client/dp.py): Poisson batches of expected size batch-size, per-sample clipping and
     noise by Opacus, unweighted BCE, float32. Augmentation and dropout keep the study seed; the
@@ -348,12 +356,18 @@ def _train_dp(model, data, labels_np, cfg, clinical_mean, clinical_std, epochs, 
     if dp.steps != epochs * per_epoch or not math.isclose(dp.sample_rate, batch / n):
         raise dpmod.DPError(f"DP plan does not match this training: planned {dp.steps} steps at rate {dp.sample_rate:.4g}, "
                             f"found {epochs} epochs x {per_epoch} steps at rate {batch / n:.4g}")
+    wide = dp_trains_wide(model, cfg)
+    if wide:
+        from common.model import make_wide
+
+        make_wide(model)  # only the linear terms are trained; the rest keeps the weights it came with
     model.to(device).train()
     images, clinical = _tensors(data, clinical_mean, clinical_std, device)
     labels = torch.from_numpy(labels_np).to(device)
     secret = torch.Generator(device=device).manual_seed(dp.seed)       # noise (on the parameters' device)
     sampler = torch.Generator().manual_seed(dp.seed ^ 0x5EED)          # Poisson sampling
-    private = dpmod.make_private(model, make_optimizer(model, cfg), dp, batch, secret)
+    optimizer = make_optimizer(model, {**cfg, "lr": cfg["dp-lr"]} if wide else cfg)
+    private = dpmod.make_private(model, optimizer, dp, batch, secret)
     augment = make_augment(images.dim() - 2, cfg)
     gen = torch.Generator().manual_seed(seed)
     fork_devices = [device] if device.type == "cuda" else []

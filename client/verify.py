@@ -236,6 +236,11 @@ def verify_request(mtype: str, req: Mapping[str, Any], content: RecordDict, rost
         return None
     v = Verifier(mtype, req, content, roster, shape)
     roi = v.standardisation()
+    if str(req.get("roi-stats-reference") or ""):  # the study's reference, never the sites' sums
+        try:
+            roi = derive.roi_reference(req["roi-stats-reference"], None if roi is None else len(roi[0]))
+        except ValueError as exc:
+            raise _refuse(f"the ROI statistics' reference cannot be used ({exc})") from None
     model = req.get("model", "cf")
     if mtype == "query.logistic_stats" or model == "cf":
         v.beta(v.recipe.get("beta"), np.asarray(req["beta"], dtype=np.float64))

@@ -62,6 +62,15 @@ SCHEMA: dict[str, Key] = {
                                          "(0 = spatial augmentation only)", bounds=(0.0, 0.5)),
     "roi-stats": Key(bool, True, "the model also gets the ROI mean and SD of each input image channel, standardised over the training patients (needs the mask channel)"),
     "roi-pooling": Key(bool, True, "the model also pools its features inside the tumour ROI (needs the mask channel)"),
+    "roi-stats-reference": Key(str, "", "the ROI statistics' standardisation from reference data outside the study: 12 comma "
+                                        "numbers, the 6 means then the 6 SDs (slmfed roi-reference CACHE prints them); empty: "
+                                        "pooled from the training sites' sums. A site under DP trains only with a reference"),
+    "dp-train": Key(str, "auto", "what a site under DP-SGD trains: wide = only the linear terms on the ROI statistics (and "
+                                 "the clinical vector, Combined), the image head's output fixed at 0, everything else at its "
+                                 "seeded initial weights; all = every weight; auto = wide when the model has ROI statistics",
+                    ("auto", "wide", "all")),
+    "dp-lr": Key(float, 0.05, "AdamW learning rate of dp-train = wide (its few linear weights start at 0 and need to "
+                              "grow within the planned steps; lr stays the rate of every other training)", bounds=(1e-7, 1.0)),
     "amp": Key(bool, True, "automatic mixed precision when training on CUDA"),
     "device": Key(str, "auto", "torch device: auto (CUDA when present), cpu, cuda, cuda:N"),
     "run-dir": Key(str, "runs/latest", "where the ServerApp writes the run folder"),
@@ -186,7 +195,7 @@ SITE_ONLY_KEYS = ("cache-dir", "site-name", "study-dir", "signing-key", "peer-ro
 
 # Training settings the server decides for every site and sends with each train / evaluate message
 # (a site keeps its own device, paths and privacy settings).
-SENT_MODEL_KEYS = ("backbone", "norm", "widen-factor", "roi-pooling", "roi-stats", "ensemble-size", "clinical-embed-dim", "lr", "weight-decay",
+SENT_MODEL_KEYS = ("backbone", "norm", "widen-factor", "roi-pooling", "roi-stats", "roi-stats-reference", "dp-train", "dp-lr", "ensemble-size", "clinical-embed-dim", "lr", "weight-decay",
                    "batch-size", "augment", "augment-intensity", "local-epochs", "fedprox-mu", "amp")
 
 

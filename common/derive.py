@@ -83,6 +83,27 @@ def pool_sums(sums: Sequence[Mapping[str, Any]]):
     return mean, std, roi
 
 
+def roi_reference(text: str, k: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The study's ROI-statistics standardisation from reference data (study key roi-stats-reference:
+    the means, then the SDs), or None when the study pools it from the training sites' sums. A
+    reference is fixed before the study sees any site's data, so nothing in it comes from the sites:
+    what DP-SGD trains on it stays covered by the sites' epsilon (client/dp.py)."""
+    text = str(text or "").strip()
+    if not text:
+        return None
+    try:
+        values = np.array([float(v) for v in text.split(",")], dtype=np.float64)
+    except ValueError:
+        raise ValueError(f"roi-stats-reference: expected comma-separated numbers, found {text[:60]!r}") from None
+    if values.size % 2 or (k is not None and values.size != 2 * k):
+        want = "an even count" if k is None else f"{2 * k} ({k} means, then {k} SDs)"
+        raise ValueError(f"roi-stats-reference: expected {want} of numbers, found {values.size}")
+    mean, std = values[: values.size // 2], values[values.size // 2:]
+    if not (np.isfinite(values).all() and (std > 0).all()):
+        raise ValueError("roi-stats-reference: expected finite means and positive SDs")
+    return mean, std
+
+
 # ---- CF model -------------------------------------------------------------------------------------
 def pool_stats(stats: Sequence[Mapping[str, Any]], p: int) -> dict:
     """The pooled CF statistics newton_fit steps on, added in list order."""

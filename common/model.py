@@ -368,6 +368,39 @@ class EnsembleNet(nn.Module):
             m.start_from_parts(d, beta)
 
 
+WIDE_LAYERS = ("roi_stats_linear", "clinical_linear")  # the linear terms DP-SGD trains with dp-train = wide
+
+
+def has_wide_terms(model: nn.Module) -> bool:
+    """Whether dp-train = wide has something to train: the ROI statistics' linear term (the MRI DL
+    model's only input that does not go through the ResNet)."""
+    nets = model.members if isinstance(model, EnsembleNet) else [model]
+    return all(n.roi_stats_linear is not None for n in nets)
+
+
+@torch.no_grad()
+def make_wide(model: nn.Module) -> list[str]:
+    """dp-train = wide: the model's logit becomes its linear terms alone (ROI statistics; + the clinical
+    vector in the Combined model) - the image head's output layer set to 0 and, with every other weight,
+    frozen at the value it came with (the seeded initial weights: nothing fitted on data). Why: DP-SGD
+    at epsilon 3 over ~140 patients cannot train 300 k ResNet weights (simulation/README.md
+    "Differential privacy"), while the 7 to 15 linear weights keep most of the ROI statistics' signal.
+    Returns the names of the parameters left trainable."""
+    nets = model.members if isinstance(model, EnsembleNet) else [model]
+    for n in nets:
+        if n.roi_stats_linear is None:
+            raise ValueError("dp-train = wide needs the ROI statistics (roi-stats with the mask channel); "
+                             "use dp-train = all")
+        n.head[-1].weight.zero_()
+        n.head[-1].bias.zero_()
+    trainable = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(f".{layer}." in f".{name}" for layer in WIDE_LAYERS))
+        if p.requires_grad:
+            trainable.append(name)
+    return trainable
+
+
 def roi_mask(image: torch.Tensor, roi_channels: Sequence[int]) -> torch.Tensor:
     """N x 1 x spatial: the mean of the input's ROI mask channels (the ROI the model pools inside)."""
     return image[:, list(roi_channels)].mean(dim=1, keepdim=True)

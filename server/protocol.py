@@ -523,11 +523,13 @@ class Study:
         self.roi_standardisation[fit.tag/fit.fold] for the model's initial weights (initial_state).
         The sites' signed sums are kept too: every later request of the fit relays them, so each site
         recomputes the standardisation it is sent (client/verify.py)."""
-        replies = self.fed.ask(fit.train, "query.clinical_sums", self._base(fit), group=f"{fit.tag}/{fit.fold}/std")
-        self._drop_refused(fit, replies, "training", "train")
         from common.model import roi_channels
 
         n_roi_stats = 2 * (self.n_channels - len(roi_channels(self.channels)))
+        reference = self.roi_reference(n_roi_stats)
+        ask = {**self._base(fit), **({"roi-sums": False} if reference is not None else {})}
+        replies = self.fed.ask(fit.train, "query.clinical_sums", ask, group=f"{fit.tag}/{fit.fold}/std")
+        self._drop_refused(fit, replies, "training", "train")
         for site, why in _malformed_sums(replies, self.n_features, n_roi_stats).items():  # left out like a site that is away
             del replies[site]
             replies.failed[site] = f"malformed query.clinical_sums reply: {why}"
@@ -537,10 +539,18 @@ class Study:
         # each site's training patients in this fit: its training replies must count the same
         self.state["train_counts"][f"{fit.tag}/{fit.fold}"] = {s: int(metrics_of(c)["num-examples"]) for s, c in replies.items()}
         mean, std, roi = derive.pool_sums([metrics_of(c) for c in replies.values()])
+        roi = reference if reference is not None else roi
         if roi is not None:
             self.roi_standardisation[f"{fit.tag}/{fit.fold}"] = roi
         self.std_evidence[f"{fit.tag}/{fit.fold}"] = [signed_of(c) for c in replies.values()]
         return mean, std
+
+    def roi_reference(self, n_roi_stats: int):
+        """The study's ROI-statistics reference (roi-stats-reference), or None: pooled from the sums."""
+        try:
+            return derive.roi_reference(self.cfg["roi-stats-reference"], n_roi_stats) if n_roi_stats else None
+        except ValueError as exc:
+            raise StudyError(str(exc)) from None
 
     def _std(self, fit: Fit) -> list:
         return self.std_evidence.get(f"{fit.tag}/{fit.fold}", [None])

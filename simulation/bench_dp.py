@@ -29,6 +29,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=5, help="throughput: timed epochs per variant (median)")
     parser.add_argument("--patients", type=int, default=128, help="throughput: phantom patients")
     parser.add_argument("--epsilons", default="1,3,8,0", help="auc: comma list of dp-epsilon (0 = no DP)")
+    parser.add_argument("--seeds", type=int, default=1, metavar="N",
+                        help="auc: studies per epsilon > 0, each with fresh sites (a new DP secret: other noise and "
+                             "Poisson batches); the table gives their mean and range")
     parser.add_argument("--caches", metavar="DIR", default="data/synthetic-paper/caches",
                         help="auc: folder holding the prepared center-primary and center-external caches")
     parser.add_argument("--study", metavar="TOML", help="auc: study settings (default: the project defaults)")
@@ -88,32 +91,45 @@ def auc_sweep(args) -> dict:
     if missing:
         raise SystemExit(f"bench dp: no prepared cache for {', '.join(missing)} in {caches}; run `slmfed simulate` "
                          "once (it prepares data/synthetic-paper/caches) or pass --caches")
+    from simulation.roi_reference import with_reference
+
     study_cfg = {"device": args.device}
     if args.study:
         import tomllib
 
         study_cfg.update(tomllib.loads(Path(args.study).read_text()))
+    study_cfg = with_reference(study_cfg)  # the no-DP run too: every epsilon trains on the same standardisation
     out: dict = {}
     for eps in [float(e) for e in args.epsilons.split(",")]:
-        with tempfile.TemporaryDirectory() as tmp:
-            # each run has its own study folders (ledgers): a fresh site for every epsilon
-            nodes = [{"cache-dir": str(caches / s), "site-name": s, "study-dir": f"{tmp}/{s}-study",
-                      "dp-epsilon": eps, "device": args.device,
-                      **({} if args.min_cell_size is None else {"min-cell-size": args.min_cell_size})} for s in sites]
-            cfg = load_config(run_config={**study_cfg, "run-dir": f"{tmp}/run"})
-            t = time.perf_counter()
-            state = Study(Federation(InProcessGrid(client_app, nodes, keep_messages=False), min_sites=2, timeout_s=60), cfg,
-                          Checkpoint(Path(tmp) / "run")).run()
-            res = build_results(state, cfg)
-            seconds = time.perf_counter() - t
-        rows = {(r["model"], r["cohort"]): r["auc"] for r in res["rows"]}
         label = f"epsilon {eps:g}" if eps else "no DP"
-        out[label] = {"seconds": seconds, "dp": res["dp"],
-                      "auc": {f"{m} | {c}": a for (m, c), a in rows.items()}}
-        spent = ", ".join(f"{s} {d['epsilon']:.2f}" for s, d in res["dp"].items()) or "-"
-        print(f"{label}: {seconds:.0f} s; epsilon spent: {spent}")
-        for (m, c), a in rows.items():
-            print(f"   {m:9s} {c:45s} AUC {a:.3f}")
+        runs = []
+        for seed in range(args.seeds if eps else 1):  # without DP the study is deterministic
+            with tempfile.TemporaryDirectory() as tmp:
+                # each run has its own study folders (ledgers, DP secrets): fresh sites every time
+                nodes = [{"cache-dir": str(caches / s), "site-name": s, "study-dir": f"{tmp}/{s}-study",
+                          "dp-epsilon": eps, "device": args.device,
+                          **({} if args.min_cell_size is None else {"min-cell-size": args.min_cell_size})} for s in sites]
+                cfg = load_config(run_config={**study_cfg, "run-dir": f"{tmp}/run"})
+                t = time.perf_counter()
+                state = Study(Federation(InProcessGrid(client_app, nodes, keep_messages=False), min_sites=2, timeout_s=60),
+                              cfg, Checkpoint(Path(tmp) / "run")).run()
+                res = build_results(state, cfg)
+                seconds = time.perf_counter() - t
+            runs.append({"seconds": seconds, "dp": res["dp"],
+                         "auc": {f"{r['model']} | {r['cohort']}": r["auc"] for r in res["rows"]}})
+            spent = ", ".join(f"{s} {d['epsilon']:.2f}" for s, d in res["dp"].items()) or "-"
+            print(f"{label} (study {seed + 1} of {args.seeds if eps else 1}): {seconds:.0f} s; epsilon spent: {spent}")
+            for key, a in runs[-1]["auc"].items():
+                print(f"   {key:58s} AUC {a:.3f}")
+        keys = list(runs[0]["auc"])
+        mean = {k: statistics.mean(r["auc"][k] for r in runs) for k in keys}
+        out[label] = {"runs": runs, "auc": mean,
+                      "auc_range": {k: [min(r["auc"][k] for r in runs), max(r["auc"][k] for r in runs)] for k in keys}}
+        if len(runs) > 1:
+            print(f"{label}: mean of {len(runs)} studies")
+            for k in keys:
+                lo, hi = out[label]["auc_range"][k]
+                print(f"   {k:58s} AUC {mean[k]:.3f} ({lo:.3f}-{hi:.3f})")
     return out
 
 

@@ -148,6 +148,10 @@ def run(args) -> int:
         truth = data_dir / "truth.json"
         run_config = {k: v for k, v in base.items() if k in _study_keys()}
         run_config["smoke-run"] = bool(args.quick)  # report.md says so
+        if float(policy.get("dp-epsilon", 0.0)) > 0:  # sites under DP standardise from reference data only
+            from simulation.roi_reference import with_reference
+
+            run_config = with_reference(run_config)
         run_config.update({"run-dir": str(run_dir.resolve()), "truth-file": str(truth.resolve()) if truth.is_file() else ""})
         if scenario == "paper" and not any(n["site-name"] in base["eval-sites"].split(",") for n in nodes):
             raise CommandError(f"paper scenario: no evaluate-only site named {base['eval-sites']!r} in {data_dir}")

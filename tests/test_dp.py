@@ -42,24 +42,35 @@ def _tiny_net(roi: bool = False, members: int = 1):
 
 # ---- the mechanism --------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", D.GRAD_SAMPLE_MODES)
-@pytest.mark.parametrize("roi, members", [(False, 1), (True, 1), (True, 2)])
-def test_per_sample_gradients_are_clipped_to_the_bound_before_noise(mode, roi, members):
-    """A patient's gradient over ALL parameters (every ensemble member's together) is clipped as one."""
+@pytest.mark.parametrize("roi, members, wide", [(False, 1, False), (True, 1, False), (True, 2, False), (True, 1, True),
+                                                (True, 2, True)])
+def test_per_sample_gradients_are_clipped_to_the_bound_before_noise(mode, roi, members, wide):
+    """A patient's gradient over ALL trainable parameters (every ensemble member's together) is clipped
+    as one; with dp-train = wide (common/model.py make_wide) over the linear terms, the rest frozen."""
+    from common.model import make_wide
+
     net = _tiny_net(roi, members).train()  # dropout 0 and instance norm: per-sample passes equal the batched one
+    frozen = {}
+    if wide:
+        make_wide(net)
+        frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
     x, z = torch.randn(6, 4 if roi else 3, 40, 40), torch.randn(6, 7)
     if roi:
         x[:, 3] = (x[:, 3] > 0.5).float()
     y = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
     clip = 1e-3
     # reference: each patient's own gradient, clipped to `clip`, summed
-    expected = [torch.zeros_like(p) for p in net.parameters()]
+    params = [p for p in net.parameters() if p.requires_grad]
+    # per member: 6 ROI statistics + intercept, 7 clinical factors + intercept (the Combined model)
+    assert not wide or sum(p.numel() for p in params) == members * 15
+    expected = [torch.zeros_like(p) for p in params]
     norms = []
     for i in range(6):
         net.zero_grad()
         logits = net.member_logits(x[i:i + 1], z[i:i + 1]) if members > 1 else net(x[i:i + 1], z[i:i + 1])[:, None]
         # each member on its own loss: the patient's loss is the sum over members
         nn.functional.binary_cross_entropy_with_logits(logits, y[i:i + 1, None].expand_as(logits), reduction="sum").backward()
-        g = [p.grad.clone() for p in net.parameters()]
+        g = [p.grad.clone() for p in params]
         norm = torch.sqrt(sum((t ** 2).sum() for t in g))
         norms.append(float(norm))
         for e, t in zip(expected, g):
@@ -67,12 +78,15 @@ def test_per_sample_gradients_are_clipped_to_the_bound_before_noise(mode, roi, m
     assert min(norms) > 10 * clip  # every patient is clipped: the test can tell clipped from unclipped
     net.zero_grad()
     plan = D.DPTraining(noise_multiplier=0.0, clip_norm=clip, sample_rate=1.0, steps=1, seed=1, mode=mode)
-    private = D.make_private(net, torch.optim.SGD(net.parameters(), lr=0.0), plan, 6, torch.Generator())
+    private = D.make_private(net, torch.optim.SGD(params, lr=0.0), plan, 6, torch.Generator())
     private.step(x, z, y)  # clip, (zero) noise, divide by the expected batch size; lr 0 keeps the weights
-    for p, e in zip(net.parameters(), expected):
+    for p, e in zip(params, expected):
         torch.testing.assert_close(p.grad * 6, e, rtol=1e-3, atol=1e-8)
-    total = torch.sqrt(sum(((p.grad * 6) ** 2).sum() for p in net.parameters()))
+    total = torch.sqrt(sum(((p.grad * 6) ** 2).sum() for p in params))
     assert float(total) <= 6 * clip * (1 + 1e-3)
+    for n, p in net.named_parameters():  # the frozen weights get no gradient, so no noise either
+        if n in frozen:
+            assert p.grad is None and torch.equal(p.detach(), frozen[n])
     private.close()
 
 
@@ -347,3 +361,74 @@ def test_a_delta_not_below_one_in_ten_patients_is_refused_before_training(tmp_pa
     reply = ask_site(client_app, node, "train", _request(), arrays=_weights())
     assert reply.has_error() and "rule 'dp-delta'" in reply.error.reason and not reply.has_content()
     assert "100" not in reply.error.reason  # the refusal names the rule, not the site's patient count
+
+
+# ---- dp-train = wide: the linear terms on a reference standardisation -------------------------------
+REFERENCE = ",".join(["0.5"] * 6 + ["0.2"] * 6)  # 6 ROI means, then 6 SDs: fixed before the study
+
+
+def _roi_site(tmp_path, name="dp-roi", **policy):
+    make_cache(tmp_path / name, 40, seed=5, site_name=name, shape=SHAPE, mask_channel=True)
+    return {"cache-dir": str(tmp_path / name), "site-name": name, "min-cell-size": 3, **policy}
+
+
+def _roi_weights(reference: str | None = REFERENCE):
+    from flwr.app import ArrayRecord
+
+    from common.derive import roi_reference
+    from common.model import build_model
+
+    cfg = load_config(run_config={"clinical-embed-dim": 4, "ensemble-size": 1})
+    net = build_model(cfg, 4, 2, 7, use_clinical=False, channels=["t2", "dwi", "adc", "mask"])
+    net.set_roi_standardisation(*(roi_reference(reference) if reference else ([0.4] * 6, [0.1] * 6)))
+    return ArrayRecord(net.state_dict())
+
+
+def test_wide_training_changes_only_the_linear_terms_and_is_charged_like_any_dp_step(tmp_path):
+    """dp-train auto on a model with ROI statistics: the reply differs from the sent weights only in the
+    ROI statistics' linear term (and the image head's output, set to 0); the epsilon is the accountant's."""
+    from opacus.accountants import RDPAccountant
+
+    node = _roi_site(tmp_path, **{"dp-epsilon": 4.0})
+    sent = record_to_state(_roi_weights())
+    reply = ask_site(client_app, node, "train", _request(**{"roi-stats-reference": REFERENCE}), arrays=_roi_weights())
+    m = _ok(reply)
+    got = record_to_state(reply.content["arrays"])
+    changed = sorted(k for k in sent if not torch.equal(sent[k], got[k]))
+    assert changed == ["head.3.bias", "head.3.weight", "roi_stats_linear.bias", "roi_stats_linear.weight"]
+    assert not got["head.3.weight"].any() and not got["head.3.bias"].any()
+    assert got["roi_stats_linear.weight"].abs().sum() > 0  # trained (noise alone would do it too)
+    acc = RDPAccountant()
+    for _ in range(int(m["dp-steps"])):
+        acc.step(noise_multiplier=m["dp-noise-multiplier"], sample_rate=m["dp-sample-rate"])
+    assert m["dp-epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9) and m["dp-epsilon"] <= 4.0
+    # dp-train = all trains the ResNet too, on the same budget rules
+    node2 = _roi_site(tmp_path, "dp-roi-all", **{"dp-epsilon": 4.0})
+    reply = ask_site(client_app, node2, "train", _request(**{"roi-stats-reference": REFERENCE, "dp-train": "all"}),
+                     arrays=_roi_weights())
+    _ok(reply)
+    got = record_to_state(reply.content["arrays"])
+    assert not torch.equal(sent["backbone.conv1.weight"], got["backbone.conv1.weight"])
+
+
+def test_a_dp_site_refuses_roi_statistics_standardised_from_the_sites_patients(tmp_path):
+    """The pooled standardisation is fitted on the sites' data outside the budget: refused before any
+    training or charge, with the rule named; the same site without DP trains on it."""
+    node = _roi_site(tmp_path, **{"dp-epsilon": 4.0})
+    reply = ask_site(client_app, node, "train", _request(), arrays=_roi_weights(None))
+    assert reply.has_error() and "rule 'dp-standardisation'" in reply.error.reason and not reply.has_content()
+    path = Path(node["cache-dir"]).parent / "dp-roi-study" / "disclosure-ledger.json"
+    assert not path.exists() or "dp" not in json.loads(path.read_text())  # nothing charged
+    # a coordinator naming the reference but sending weights standardised otherwise
+    reply = ask_site(client_app, node, "train", _request(**{"roi-stats-reference": REFERENCE}), arrays=_roi_weights(None))
+    assert reply.has_error() and "rule 'dp-standardisation'" in reply.error.reason and not reply.has_content()
+    assert not path.exists() or "dp" not in json.loads(path.read_text())
+    plain = _roi_site(tmp_path, "plain", **{"dp-epsilon": 0.0})
+    _ok(ask_site(client_app, plain, "train", _request(), arrays=_roi_weights(None)))
+
+
+@pytest.mark.parametrize("bad", ["0.5,0.5", "a,b", ",".join(["0.5"] * 6 + ["0"] * 6), "1," * 600 + "1"])
+def test_a_malformed_reference_is_refused_as_a_request_error(tmp_path, bad):
+    node = _roi_site(tmp_path, **{"dp-epsilon": 4.0})
+    reply = ask_site(client_app, node, "train", _request(**{"roi-stats-reference": bad}), arrays=_roi_weights())
+    assert reply.has_error() and "rule 'request'" in reply.error.reason and "roi-stats-reference" in reply.error.reason
