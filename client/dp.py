@@ -18,6 +18,18 @@ the run config), every DL / Combined training round the site runs is DP-SGD:
   - an unweighted BCE loss (a class weight computed from the site's labels would let one patient
     change every other patient's gradient, outside the clipping argument), no FedProx term, float32.
 
+What DP-SGD trains (study key dp-train; default auto = wide when the model has the ROI statistics):
+  - wide: only the linear terms on the ROI statistics (6 numbers per patient) and, in a trained
+    Combined model, on the clinical vector - 7 to 15 weights per network, at dp-lr (0.05). The
+    ResNet and the head keep their seeded initial weights (common/model.py make_wide sets the head's
+    output to 0, so the frozen random features add nothing to the logit). Why: at epsilon 3 over
+    ~140 patients the noise drowned ~300 k ResNet weights (MRI DL 0.53 primary CV), while the linear
+    term keeps most of the ROI statistics' signal (simulation/README.md "Differential privacy").
+    The ROI statistics are standardised with the study's reference (roi-stats-reference, fixed from
+    data outside the study): a standardisation pooled from the sites' sums would be fitted on their
+    patients outside the budget, so a site under DP refuses it (rule dp-standardisation, client/study.py).
+  - all: every weight, as before.
+
 What the budget is and how it is spent (see `Budget`):
   - (dp-epsilon, dp-delta) per study, for everything this site's patients contribute to trained DL
     and Combined weights in that study: all fits, folds, models and rounds, composed with Opacus's
@@ -32,7 +44,11 @@ What the budget is and how it is spent (see `Budget`):
     coordinator knows the study seed, never the secret, so it cannot replay the noise.
 
 What the epsilon does NOT cover (stated in the report and deploy/README.md):
-  - the CF model: its sufficient statistics and coefficients are exact (epsilon infinite for CF);
+  - the CF model: its sufficient statistics and coefficients are exact (epsilon infinite for CF); a
+    Combined model made of the DL and CF models (combined-from dl+cf) is covered in its DL part only,
+    and one trained from the CF start (combined-from cf) uses the clinical standardisation of the CF
+    model's exact sums. A DP option for the CF model (noisy sufficient statistics per Newton step) is
+    not built yet;
   - evaluation replies (AUC, loss, k-safe score cells, calibration) and enrolment counts: exact,
     protected by the k-anonymity rules of client/disclosure.py only;
   - other studies: each study has its own budget; over a site's lifetime epsilons add up to at

@@ -510,6 +510,20 @@ def dp_section(res: dict) -> list[str]:
               "figure adds up every study's epsilon at that site (basic composition, a conservative bound); a site "
               "refuses a study whose budget would take it past its `dp-lifetime-epsilon`, and any request past "
               "either budget."]
+    cfg = res.get("config", {})
+    what = str(cfg.get("dp-train", "auto"))
+    reference = bool(str(cfg.get("roi-stats-reference") or ""))
+    if what != "all" and reference:
+        lines += ["", f"What DP-SGD trained (dp-train = {what}): only the linear terms on the ROI statistics (and on the "
+                  "clinical vector, in a trained Combined model), at learning rate "
+                  f"{cfg.get('dp-lr', 0.05):g}; the ResNet and the image head stayed at their seeded initial weights "
+                  "(the head's output at 0). The ROI statistics are standardised from the study's reference "
+                  "(`roi-stats-reference`), fixed before the study: nothing the DL model uses was fitted on the sites' "
+                  "patients outside the epsilon, and the sites released no ROI sums. (A Combined model trained from the "
+                  "CF start, combined-from cf, standardises the clinical vector with the CF model's exact sums, "
+                  "which are outside the epsilon like the CF model.)"]
+    elif what == "all":
+        lines += ["", "What DP-SGD trained (dp-train = all): every weight of the ResNet, the head and the linear terms."]
     return lines
 
 

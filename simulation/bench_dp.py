@@ -38,6 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-cell-size", type=int, default=None, metavar="K",
                         help="auc: the sites' k (default: the policy default, 10; small test cohorts need 3)")
     parser.add_argument("--out", metavar="JSON", help="also write the figures here")
+    parser.add_argument("--report", metavar="MD", help="auc: also write the AUC-vs-epsilon table (markdown) here")
 
 
 def throughput(args) -> dict:
@@ -48,30 +49,35 @@ def throughput(args) -> dict:
 
     cfg = load_config(cli={"device": args.device, "local-epochs": 1, "augment": True})
     device = select_device(cfg)
-    data = phantom_site(args.patients, seed=1)
+    data = phantom_site(args.patients, seed=1, mask_channel=True)  # the default model: ROI statistics
     mean, std = clinical_stats(data)
     batch = int(cfg["batch-size"])
-    variants = [("no DP", None)] + [
-        (f"DP-SGD {mode}", D.DPTraining(noise_multiplier=1.0, clip_norm=1.0, sample_rate=batch / len(data),
-                                       steps=D.steps_per_epoch(len(data), batch), seed=12345, mode=mode))
-        for mode in D.GRAD_SAMPLE_MODES]
-    rates: dict[str, list[float]] = {name: [] for name, _ in variants}
+
+    def plan(mode: str):
+        return D.DPTraining(noise_multiplier=1.0, clip_norm=1.0, sample_rate=batch / len(data),
+                            steps=D.steps_per_epoch(len(data), batch), seed=12345, mode=mode)
+
+    # (name, DP plan, dp-train): the default DP mode first, then DP-SGD over every weight
+    variants = [("no DP", None, "auto"), (f"DP wide {D.DEFAULT_MODE} (default)", plan(D.DEFAULT_MODE), "wide")] + [
+        (f"DP all {mode}", plan(mode), "all") for mode in D.GRAD_SAMPLE_MODES]
+    rates: dict[str, list[float]] = {name: [] for name, *_ in variants}
     for rep in range(args.runs + 1):  # the first round warms up (allocator, kernels) and is not counted
-        for name, dp in variants:
-            model = build_model(cfg, 3, 2, 7, use_clinical=True)
+        for name, dp, what in variants:
+            model = build_model(cfg, 4, 2, 7, use_clinical=True, channels=data.manifest["channels"])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t = time.perf_counter()
-            out = train(model, data, cfg, mean, std, seed=rep, dp=dp)
+            out = train(model, data, {**cfg, "dp-train": what}, mean, std, seed=rep, dp=dp)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if rep:
                 rates[name].append(out["num_examples"] / (time.perf_counter() - t))
     med = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"device {device}, torch threads {torch.get_num_threads()}, Combined model, batch {batch}, "
+    print(f"device {device}, torch threads {torch.get_num_threads()}, Combined model (ensemble of "
+          f"{cfg['ensemble-size']}, ROI statistics), batch {batch}, "
           f"{len(data)} patients, {args.runs} runs (median):")
     for k, v in med.items():
-        print(f"  {k:16s} {v:8.1f} samples/s  {v / med['no DP']:.2f}x   (runs: {', '.join(f'{x:.1f}' for x in rates[k])})")
+        print(f"  {k:26s} {v:8.1f} samples/s  {v / med['no DP']:.2f}x   (runs: {', '.join(f'{x:.1f}' for x in rates[k])})")
     if device.type == "cuda":
         print("  (no DP trains with AMP on CUDA; DP-SGD in float32)")
     return {"device": str(device), "threads": torch.get_num_threads(), "samples_per_s": med,
@@ -133,6 +139,46 @@ def auc_sweep(args) -> dict:
     return out
 
 
+MODEL_NAMES = {"cf": "CF model (exact: not covered by DP)", "dl": "MRI DL model", "combined": "Combined DL model"}
+
+
+def auc_table(sweep: dict) -> str:
+    """The AUC-vs-epsilon table: one row per model, primary CV / external per epsilon (the mean over
+    the studies run at that epsilon, their range beside it), and the epsilon each site spent."""
+    labels = list(sweep)
+    keys = list(sweep[labels[0]]["auc"])
+    cohorts = []
+    for k in keys:
+        c = k.split(" | ", 1)[1]
+        if c not in cohorts:
+            cohorts.append(c)
+    head = "| model | " + " | ".join(f"{lab} ({len(sweep[lab]['runs'])} stud{'y' if len(sweep[lab]['runs']) == 1 else 'ies'})"
+                                      for lab in labels) + " |"
+    lines = [f"AUC, {' / '.join(cohorts)}; mean over the studies (range):", "", head, "|---" * (len(labels) + 1) + "|"]
+    for model in ("cf", "dl", "combined"):
+        cells = []
+        for lab in labels:
+            parts = []
+            for c in cohorts:
+                k = f"{model} | {c}"
+                if k not in sweep[lab]["auc"]:
+                    parts.append("-")
+                    continue
+                lo, hi = sweep[lab]["auc_range"][k]
+                parts.append(f"{sweep[lab]['auc'][k]:.3f}" + (f" ({lo:.3f}-{hi:.3f})" if hi > lo else ""))
+            cells.append(" / ".join(parts))
+        lines.append(f"| {MODEL_NAMES[model]} | " + " | ".join(cells) + " |")
+    spent = []
+    for lab in labels:
+        per_site: dict[str, list[float]] = {}
+        for r in sweep[lab]["runs"]:
+            for s, d in r["dp"].items():
+                per_site.setdefault(s, []).append(d["epsilon"])
+        spent.append(", ".join(f"{s} {max(v):.2f}" for s, v in per_site.items()) or "-")
+    lines.append("| epsilon spent (per site, most of the studies) | " + " | ".join(spent) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def run(args) -> int:
     torch.set_num_threads(args.threads)
     figures = {}
@@ -140,6 +186,10 @@ def run(args) -> int:
         figures["throughput"] = throughput(args)
     if args.part in ("all", "auc"):
         figures["auc"] = auc_sweep(args)
+        table = auc_table(figures["auc"])
+        print("\n" + table)
+        if args.report:
+            Path(args.report).write_text(table)
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1, default=float))
     return 0

@@ -46,11 +46,13 @@ def phantom_site(
     offset: float = 0.0,
     noise: float = 0.6,
     depth: int | None = None,
+    mask_channel: bool = False,
 ) -> SiteData:
     """An in-memory site: 3-channel (T2, DWI, ADC) crops with a bright disc (the tumour) whose
     radius and ADC darkness grow with a latent aggressiveness that also drives slm and CEA.
 
-    gain / offset / noise mimic a scanner; depth gives 3D crops (C x depth x size x size)."""
+    gain / offset / noise mimic a scanner; depth gives 3D crops (C x depth x size x size);
+    mask_channel adds the disc's ROI mask as a 4th channel (2D only), as `slmfed prepare` does."""
     rng = np.random.default_rng(seed)
     slm = (rng.random(n) < prevalence).astype(np.int64)
     slm[: max(1, n // 10)] = 1  # both classes always present
@@ -59,10 +61,12 @@ def phantom_site(
     yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
     images = np.empty((n, 3, size, size), dtype=np.float32)
     clinical = np.empty((n, 7), dtype=np.float32)
+    discs = np.empty((n, size, size), dtype=np.float32)  # the tumour's ROI mask
     for i in range(n):
         cy, cx = rng.uniform(-size / 10, size / 10, 2)
         radius = size * (0.12 + 0.03 * latent[i]).clip(0.05, 0.3)
         disc = 1 / (1 + np.exp((np.hypot(yy - cy, xx - cx) - radius) / 1.5))
+        discs[i] = disc > 0.5
         adc_drop = 0.8 + 0.5 * latent[i]
         base = rng.normal(0, noise, (3, size, size))
         images[i, 0] = base[0] + 1.2 * disc
@@ -72,6 +76,10 @@ def phantom_site(
         ca199 = float(np.exp(2.5 + 0.3 * latent[i] + rng.normal(0, 1.0)))
         clinical[i] = encode_row(rng.choice(["M", "F"]), rng.choice(["low", "mid", "high"]), cea, ca199)
     images = images * gain + offset
+    if mask_channel:
+        if depth is not None:
+            raise ValueError("phantom_site: mask_channel is for 2D crops")
+        images = np.concatenate([images, discs[:, None]], axis=1)
     if depth is not None:
         fade = np.exp(-(((np.arange(depth) - (depth - 1) / 2) / (depth / 4)) ** 2))[None, None, :, None, None]
         images = (images[:, :, None] * fade + rng.normal(0, noise * 0.3, (n, 3, depth, size, size))).astype(np.float32)
@@ -80,7 +88,7 @@ def phantom_site(
         images=images.astype(np.float32),
         clinical=clinical,
         labels=slm,
-        manifest={},
+        manifest={"channels": ["t2", "dwi", "adc", "mask"]} if mask_channel else {},
     )
 
 

@@ -432,3 +432,29 @@ def test_a_malformed_reference_is_refused_as_a_request_error(tmp_path, bad):
     node = _roi_site(tmp_path, **{"dp-epsilon": 4.0})
     reply = ask_site(client_app, node, "train", _request(**{"roi-stats-reference": bad}), arrays=_roi_weights())
     assert reply.has_error() and "rule 'request'" in reply.error.reason and "roi-stats-reference" in reply.error.reason
+
+
+def test_a_study_with_a_reference_releases_no_roi_sums_and_trains_on_the_reference(tmp_path):
+    """The coordinator asks for no ROI sums when the study names a reference; what left the sites holds
+    none, and every DL model the study made (verified by the sites from the signed evidence) carries
+    the reference as its ROI standardisation; the DP site's replies name its epsilon."""
+    from server.checkpoint import Checkpoint
+    from server.protocol import Federation, Study
+    from server.report import build_results
+    from tests.fedtools import LocalGrid
+
+    primary = _roi_site(tmp_path, "center-primary", **{"dp-epsilon": 5.0})
+    external = _roi_site(tmp_path, "center-external")
+    cfg = load_config(run_config={"folds": 2, "num-rounds": 1, "local-epochs": 1, "batch-size": 8, "clinical-embed-dim": 4,
+                                  "augment": False, "seed": 3, "site-timeout-s": 5.0, "models": "cf,dl,combined",
+                                  "run-dir": str(tmp_path / "run"), "ensemble-size": 1, "roi-stats-reference": REFERENCE})
+    grid = LocalGrid(client_app, [primary, external])
+    state = Study(Federation(grid, min_sites=2, timeout_s=5), cfg, Checkpoint(tmp_path / "run")).run()
+    res = build_results(state, cfg)
+    assert {r["model"] for r in res["rows"]} == {"cf", "dl", "combined"}
+    sums = [dict(r.content["metrics"]) for t, r in grid.replies if t == "query.clinical_sums" and r.has_content()]
+    assert sums and not any(k.startswith("roi-") for m in sums for k in m)
+    trained = [record_to_state(r.content["arrays"]) for t, r in grid.replies if t == "train" and r.has_content()]
+    assert trained and all(torch.equal(s["roi_stats_mean"], torch.full((6,), 0.5)) for s in trained)
+    assert all(torch.equal(s["roi_stats_std"], torch.full((6,), 0.2)) for s in trained)
+    assert 0 < res["dp"]["center-primary"]["epsilon"] <= 5.0
