@@ -27,6 +27,7 @@ def cmd_init(args) -> int:
         out=Path(args.out), superlink_hosts=_split(args.superlink_host), sites=_split(args.sites),
         port=args.port, internal_port=args.internal_port, supernode_port=args.supernode_port,
         install_dir=args.install_dir, cache_dir=args.cache_dir, venv=args.venv,
+        state_dir=args.state_dir, log_dir=args.log_dir,
         bind_host=args.bind_host, image=args.image, privacy=privacy,
     )
     try:
@@ -214,6 +215,11 @@ def register(sub) -> None:
     pi.add_argument("--install-dir", default=B.DEFAULT_INSTALL_DIR, help="where bundles are copied on each machine")
     pi.add_argument("--cache-dir", default=B.DEFAULT_CACHE_DIR, help="prepared cache path on site machines")
     pi.add_argument("--venv", default=B.DEFAULT_VENV, help="virtualenv holding slmfed + flwr on each machine")
+    pi.add_argument("--state-dir", default=B.DEFAULT_STATE_DIR,
+                    help="writable state on each machine: the SuperLink's database and the site registry "
+                         "(coordinator), the SuperNode's state (site); the ClientApp's is this + '-app' "
+                         "(default %(default)s)")
+    pi.add_argument("--log-dir", default=B.DEFAULT_LOG_DIR, help="the SuperLink's log folder (default %(default)s)")
     pi.add_argument("--image", default="slmfed:0.1.0", help="container image for the compose files")
     pi.add_argument("--force", action="store_true", help="replace existing keys and certificates")
     pi.set_defaults(func=cmd_init)

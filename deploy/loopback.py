@@ -88,6 +88,9 @@ class LoopbackFederation:
 
     # the sites' launchers: a warm interpreter (forkserver) or a fresh Python per message
     warm: bool = True
+    # False: the deployment folder is written by `slmfed deploy init` run with init_options() (the
+    # runbook test runs the runbook's own init line), then load(); True: written here, at once
+    init: bool = True
 
     def __post_init__(self) -> None:
         self.work = Path(self.work)
@@ -96,17 +99,41 @@ class LoopbackFederation:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port(PUBLIC_HOST)
         self.internal_port = free_port(INTERNAL_HOST)
-        init_deployment(DeployPlan(out=self.out, superlink_hosts=[PUBLIC_HOST], sites=self.sites, port=self.port,
-                                   bind_host=PUBLIC_HOST, internal_host=INTERNAL_HOST,
-                                   internal_port=self.internal_port, privacy={**DEFAULT_PRIVACY, **self.privacy}))
-        self.coord = B.read_bundle(self.out / "coordinator")
+        self.supernode_port = _free_port_run(len(self.sites))
+        self.state_dir = self.work / "state"     # the coordinator's /var/lib/slmfed
+        self.log_dir = self.work / "var-log"     # its /var/log/slmfed (the SuperLink's --log-file)
         self.flwr_home = self.work / "flwr-researcher"
-        self.flwr_home.mkdir(exist_ok=True)
-        # The researcher's connection, as flwr-config.toml says, with the CA where it lies here.
-        (self.flwr_home / "config.toml").write_text(self.local_copy(self.coord.root / "flwr-config.toml"))
         self.address = f"{PUBLIC_HOST}:{self.port}"                  # sites dial this (the front door)
         self.internal_address = f"{INTERNAL_HOST}:{self.internal_port}"  # the researcher's flwr dials this
-        self.registry = self.work / "state" / B.SITE_REGISTRY
+        self.registry = self.state_dir / B.SITE_REGISTRY
+        if self.init:
+            init_deployment(DeployPlan(out=self.out, superlink_hosts=[PUBLIC_HOST], sites=self.sites, port=self.port,
+                                       bind_host=PUBLIC_HOST, internal_host=INTERNAL_HOST,
+                                       internal_port=self.internal_port, supernode_port=self.supernode_port,
+                                       state_dir=str(self.state_dir), log_dir=str(self.log_dir),
+                                       privacy={**DEFAULT_PRIVACY, **self.privacy}))
+            self.load()
+            self.flwr_home.mkdir(exist_ok=True)
+            # The researcher's connection, as flwr-config.toml says, with the CA where it lies here.
+            (self.flwr_home / "config.toml").write_text(self.local_copy(self.coord.root / "flwr-config.toml"))
+
+    def init_options(self) -> list[str]:
+        """What `slmfed deploy init` needs beyond a deployment's own choices to run on this machine: the
+        front door on PUBLIC_HOST, free ports, state and logs under the work folder, this interpreter's
+        virtualenv, and the sites' [privacy] overrides (only min-cell-size has a flag)."""
+        opts = ["--bind-host", PUBLIC_HOST, "--port", str(self.port), "--internal-port", str(self.internal_port),
+                "--supernode-port", str(self.supernode_port), "--state-dir", str(self.state_dir),
+                "--log-dir", str(self.log_dir), "--venv", sys.prefix]
+        unsupported = set(self.privacy) - {"min-cell-size"}
+        if unsupported:
+            raise ValueError(f"deploy init has no flag for {sorted(unsupported)}")
+        if "min-cell-size" in self.privacy:
+            opts += ["--min-cell-size", str(self.privacy["min-cell-size"])]
+        return opts
+
+    def load(self) -> None:
+        """Read the coordinator bundle `deploy init` wrote."""
+        self.coord = B.read_bundle(self.out / "coordinator")
 
     def local_copy(self, path: Path) -> str:
         """A generated coordinator file with its install paths mapped into the bundle folder here."""
@@ -120,10 +147,10 @@ class LoopbackFederation:
                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
         return env
 
-    def _spawn(self, name: str, argv: list[str], flwr_home: Path) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], flwr_home: Path, extra_env: dict | None = None) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self._env(flwr_home),
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                env={**self._env(flwr_home), **(extra_env or {})}, start_new_session=True)
         log.close()
         self.procs[name] = proc
         return proc
@@ -149,6 +176,22 @@ class LoopbackFederation:
         if front_door:
             self.start_front_door(timeout)
 
+    def start_superlink_unit(self, timeout: float = 60.0) -> None:
+        """`systemctl enable --now flower-superlink` here: the generated unit's ExecStart with its
+        Environment (install paths mapped into the bundle folder), as this user, without the unit's
+        sandbox directives (User, ProtectSystem, ...), which only systemd applies."""
+        from deploy.check import _systemd_commands
+
+        unit = self.coord.root / "flower-superlink.service"
+        cmds = list(_systemd_commands(unit, self.local_copy(unit)))
+        if len(cmds) != 1:
+            raise RuntimeError(f"{unit}: expected one ExecStart, found {len(cmds)}")
+        argv, env = cmds[0].argv, cmds[0].env
+        home = Path(env.get("FLWR_HOME") or self.work / "flwr-superlink")
+        home.mkdir(parents=True, exist_ok=True)
+        proc = self._spawn("superlink", argv, home, extra_env={k: v for k, v in env.items() if k != "FLWR_HOME"})
+        self._wait_tls(proc, "superlink", self.internal_address, timeout)
+
     def _wait_tls(self, proc: subprocess.Popen, name: str, address: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -161,6 +204,21 @@ class LoopbackFederation:
 
     def start_front_door(self, timeout: float = 30.0) -> None:
         """nginx with the generated front-door config (install paths mapped here), in the foreground."""
+        nginx, main = self.front_door_config()
+        run = main.parent
+        proc = self._spawn("front-door", [nginx, "-p", str(run), "-c", str(main), "-e", str(self.logs / "front-door.log")],
+                           self.work)
+        self._wait_tls(proc, "front-door", self.address, timeout)
+
+    def nginx_test(self) -> subprocess.CompletedProcess:
+        """`nginx -t` of the front door as start_front_door runs it (the host's nginx.conf replaced by a
+        minimal one that includes only the generated front door)."""
+        nginx, main = self.front_door_config()
+        return subprocess.run([nginx, "-t", "-p", str(main.parent), "-c", str(main), "-e", str(self.logs / "front-door.log")],
+                              capture_output=True, text=True, timeout=60)
+
+    def front_door_config(self) -> tuple[str, Path]:
+        """(nginx binary, the main config written under the work folder)."""
         nginx = nginx_binary()
         if nginx is None:
             raise NginxMissing("nginx is not installed (apt-get install -y nginx); the front door cannot start")
@@ -178,9 +236,7 @@ class LoopbackFederation:
             f"error_log {self.logs / 'front-door.log'} info;\nevents {{ worker_connections 256; }}\n"
             f"http {{\n    {temp}\n"
             f"    include {site};\n}}\n")
-        proc = self._spawn("front-door", [nginx, "-p", str(run), "-c", str(main), "-e", str(self.logs / "front-door.log")],
-                           self.work)
-        self._wait_tls(proc, "front-door", self.address, timeout)
+        return nginx, main
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         return subprocess.run([str(Path(sys.executable).with_name("flwr")), *args], capture_output=True, text=True,
@@ -203,10 +259,11 @@ class LoopbackFederation:
     def site_bundle(self, site: str) -> Path:
         return self.out / "sites" / site
 
-    def join(self, site: str, cache: Path, *, bundle: Path | None = None) -> subprocess.Popen:
-        """`slmfed site join` as a site runs it (python -m common.cli is the `slmfed` entry point)."""
+    def join(self, site: str, cache: Path, *, bundle: Path | None = None, bundle_port: bool = False) -> subprocess.Popen:
+        """`slmfed site join` as a site runs it (python -m common.cli is the `slmfed` entry point); on a
+        free port, or (bundle_port) on the Runtime API port of the site's bundle, as its unit does."""
         argv = [sys.executable, "-m", "common.cli", "site", "join", "--bundle", str(bundle or self.site_bundle(site)),
-                "--cache", str(cache), "--port", str(free_port())]
+                "--cache", str(cache)] + ([] if bundle_port else ["--port", str(free_port())])
         if not self.warm:
             argv.append("--no-warm")
         home = self.work / f"flwr-{site}"
@@ -255,6 +312,26 @@ class LoopbackFederation:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _free_port_run(n: int, host: str = "127.0.0.1") -> int:
+    """A port p with p .. p+n-1 free now (the sites' Runtime API ports, as `deploy init` numbers them)."""
+    for _ in range(50):
+        p = free_port(host)
+        if p + n - 1 <= 65535 and all(_port_free(host, q) for q in range(p + 1, p + n)):
+            return p
+    raise RuntimeError(f"no run of {n} free ports found on {host}")
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _toml_value(v) -> str:

@@ -1,8 +1,30 @@
-"""deploy end to end on loopback: a real flower-superlink (TLS + SuperNode authentication) on the
-internal address 127.0.0.1 behind the generated nginx front door on the public address 127.0.0.2,
-real flower-supernodes (--isolation process) with the sites' app launchers started by `slmfed site
-join` from `deploy init` bundles, sites registered and recorded by `deploy register-sites`; every
-process is stopped by PID in the fixture teardown (deploy.loopback.stop_process)."""
+"""deploy end to end on loopback, following the runbook of deploy/README.md word for word.
+
+The coordinator's steps C1.1-C1.6 (module fixture), each hospital's steps H2.1-H2.6 and the researcher's
+R3.1 (test_paper_study_runs_across_two_sites) are read from the runbook's bash blocks and run as written
+by tests/runbook.py, on a fresh folder: two sites with the synthetic cohort `slmfed synth --preset
+small` as their site folders (each with a site.toml, `crop-size = 40`, for CI time). Where one machine
+cannot run a command as written, tests/runbook.py's docstring lists the mapping, all of it; in short:
+- paths: /etc/slmfed -> the role's bundle as `deploy init` wrote it; /var/lib/slmfed, /var/log/slmfed ->
+  the state / log folders given to the init line; a hospital's /srv/slmfed, /var/lib/slmfed(-app) ->
+  hosts/<site>/...; /data/slm-site -> the synthetic cohort's site folder; /opt/slmfed/src -> the
+  release the sites approve (this checkout's FAB, unpacked); ~/.flwr -> the researcher's FLWR_HOME;
+  `center-primary` in the hospital steps -> each site in turn;
+- added flags: C1.1 `deploy init` + front door on 127.0.0.2, free ports, state / logs in the work folder,
+  this virtualenv, k = 3 (LoopbackFederation.init_options); R3.1 `deploy run` + a one-round, two-fold,
+  DL-only `--run-config` without augmentation (CI time);
+- replaced: useradd / chown skipped; cp of a bundle onto itself or into /etc/systemd/system/,
+  /etc/nginx/conf.d/ skipped; rm of nginx's default site skipped; apt-get install nginx -> nginx must be
+  installed; nginx -t -> nginx -t of the front door; systemctl enable --now flower-superlink -> the
+  unit's ExecStart with its Environment; systemctl reload nginx -> nginx with the front door;
+  systemctl enable --now flower-supernode slmfed-launcher -> `slmfed site join` (the runbook's
+  alternative); `slmfed deploy status` ("watch ... come online") is re-run until it exits 0.
+A runbook command with no mapping fails the test naming the step, the README line and the command.
+
+Besides the runbook: a real flower-superlink (TLS + SuperNode authentication) on the internal address
+127.0.0.1 behind the generated nginx front door on the public address 127.0.0.2, attacked from the
+public address (the other tests), a changed app refused at both sites, a registered but unrecorded node
+never enrolled. Every process is stopped by PID in the fixture teardown (deploy.loopback.stop_process)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,17 +36,21 @@ import ssl
 import subprocess
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from deploy import pki
 from deploy.launcher import NOT_APPROVED
-from deploy.loopback import PUBLIC_HOST, LoopbackFederation, nginx_binary
+from deploy.loopback import PUBLIC_HOST, LoopbackFederation, nginx_binary, stop_process
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 SITES = ["center-primary", "center-external"]
+# R3.1 runs the paper scenario as the runbook writes it, shortened for CI time
+SITE_TOML = "crop-size = 40\n"
+STUDY_CONFIG = 'num-rounds=1 local-epochs=1 folds=2 models="dl" ensemble-size=1 augment=false'
 
 
 def _missing_study_parts() -> list[str]:
@@ -42,15 +68,38 @@ def fed(tmp_path_factory):
     if nginx_binary() is None:
         pytest.skip("nginx is not installed (apt-get install -y nginx; .ci/run installs it): "
                     "the coordinator's front door cannot be started")
+    sys.path.insert(0, str(REPO / "tests"))
+    from runbook import LoopbackRunbook
+
     work = tmp_path_factory.mktemp("loopback")
-    f = LoopbackFederation(work, SITES, privacy={"min-cell-size": 3})  # the tiny caches below need k = 3
+    # the small cohort's folds cannot hold k = 10 patients of each class: the init line gets k = 3
+    f = LoopbackFederation(work, SITES, privacy={"min-cell-size": 3}, init=False)
+    # the hospitals' site folders (read in H2.1): generated meanwhile, stopped by PID in teardown
+    with (f.logs / "synth.log").open("wb") as log:
+        f.synth = subprocess.Popen([str(Path(sys.executable).with_name("slmfed")), "synth", "--out", str(work / "cohort"),
+                                    "--preset", "small", "--seed", "0", "--no-progress"], stdout=log,
+                                   stderr=subprocess.STDOUT, cwd=work, start_new_session=True)
+    f.runbook = LoopbackRunbook(f, cohort=work / "cohort", release=work / "release", study_config=STUDY_CONFIG)
+    book = f.runbook
     try:
-        f.start_superlink()  # and the front door
-        f.register_sites()   # what register-sites.sh runs: register + record node id -> site
+        for step in [s for s in book.steps if s.startswith("C1.")]:
+            book.run(step)
+            if step == "C1.1":
+                f.load()
+        # what C1.1-C1.6 say to expect
+        assert "wrote " in book.output("C1.1") and f"Runtime API port {f.supernode_port + 1}" in book.output("C1.1")
+        assert "deployment: OK" in book.output("C1.2")
+        assert "syntax is ok" in book.output("C1.4") and f"{f.out / 'coordinator'}: OK" in book.output("C1.4")
+        assert "site center-primary: node" in book.output("C1.5") and "recorded in" in book.output("C1.5")
+        status = book.output("C1.6")  # before any hospital joined
+        assert "DOWN  site center-primary" in status and "DOWN  site center-external" in status, status
+        assert not [l for l in status.splitlines() if l.startswith("DOWN") and " site " not in l], status
         yield f
     finally:
+        if f.synth.poll() is None:  # still generating (a step failed early)
+            stop_process(f.synth)
         f.stop()
-    for name, proc in f.procs.items():
+    for name, proc in [*f.procs.items(), ("synth", f.synth)]:
         assert proc.poll() is not None, f"{name} (pid {proc.pid}) still running after teardown"
 
 
@@ -156,22 +205,33 @@ def test_paper_study_runs_across_two_sites(fed, tmp_path):
     missing = _missing_study_parts()
     if missing:
         pytest.skip(f"study apps not available yet: {', '.join(missing)}")
-    sys.path.insert(0, str(REPO / "tests"))
     from flwr.cli.build import build_fab_from_disk
 
-    from fedtools import make_cache  # the lead's prepared-cache double (same format as `slmfed prepare`)
-
-    # each site approves the app it reviewed: the FAB `flwr run` builds from this repository
+    book = fed.runbook
+    # the release every site reviews and approves (H2.3: /opt/slmfed/src) and the researcher runs (R3.1, a
+    # clean checkout): the FAB `flwr run` builds from this repository, unpacked (immune to edits meanwhile)
     fab = build_fab_from_disk(REPO)
-    approved_app = _extract(fab, tmp_path / "approved")  # what the researcher runs, immune to edits meanwhile
+    _extract(fab, book.release)
     digest = hashlib.sha256(fab).hexdigest()
+    assert fed.synth.wait(timeout=600) == 0, fed.log("synth")[-3000:]
+    for s in SITES:  # each hospital's site.toml (client/README.md): the 40-pixel crop keeps CI time down
+        (fed.work / "cohort" / s / "site.toml").write_text(SITE_TOML)
+    # each hospital follows H2 (H2.1 prepares its cache from its site folder); two hospitals, at the same time
+
+    def hospital(s: str) -> None:
+        for step in [k for k in book.steps if k.startswith("H2.")]:
+            done = book.run(step, s)
+            if any(r.command.startswith("slmfed deploy status") for r in done):
+                book.watch(step, s)  # "watch it connect"
+
+    with ThreadPoolExecutor(len(SITES)) as pool:
+        for done in [pool.submit(hospital, s) for s in SITES]:
+            done.result()  # a failed step fails here, naming the step
+    assert book.output("H2.3").count(f"approved app {digest}") == len(SITES)
     for s in SITES:
-        fed.approve(s, digest)
-    caches = {"center-primary": tmp_path / "primary-cache", "center-external": tmp_path / "external-cache"}
-    make_cache(caches["center-primary"], 24, 1, "center-primary")
-    make_cache(caches["center-external"], 12, 2, "center-external")
-    for s in SITES:
-        fed.join(s, caches[s])
+        assert f"{fed.site_bundle(s)}: OK" in book.output("H2.5") and "flower-supernode" in book.output("H2.5")
+    caches = {s: book.cache(s) for s in SITES}
+    book.watch("C1.6")  # the coordinator's "watch the sites come online": every site ok
     # a key an admin registered by hand but never recorded as a site: it connects, and is never enrolled
     extra = tmp_path / "extra.key"
     k = pki.make_site_key()
@@ -184,7 +244,7 @@ def test_paper_study_runs_across_two_sites(fed, tmp_path):
                             f'site-name="center-primary" cache-dir="{caches["center-primary"]}"'], internal=True)
     fed.wait_connected(3)
 
-    # 1. the same app with one line changed: refused at each site before any of its code runs
+    # 1. (not in the runbook: a compromised coordinator) the same app with one line changed: refused at each site before any of its code runs
     changed = _extract(fab, tmp_path / "changed")
     (changed / "client" / "app.py").write_text((changed / "client" / "app.py").read_text()
                                                + "\nEXFILTRATE = True  # one changed line\n")
@@ -201,13 +261,11 @@ def test_paper_study_runs_across_two_sites(fed, tmp_path):
         site_log = fed.log(f"site-{s}")
         assert f"{NOT_APPROVED}: app" in site_log and "EXFILTRATE" not in site_log
 
-    # 2. the approved app runs
-    run_dir = tmp_path / "run"
-    res, seconds = fed.run_study(approved_app, {"scenario": "paper", "num-rounds": 1, "local-epochs": 1, "folds": 2,
-                                        "models": "dl", "ensemble-size": 1, "run-dir": str(run_dir)}, timeout=600)
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-3000:]
-    assert (run_dir / "results.json").is_file(), f"no results.json after {seconds:.0f}s:\n{out[-3000:]}"
+    # 2. the researcher runs the approved app as R3.1 says (`slmfed deploy run`: exit 0 only with results)
+    book.run("R3.1")
+    out = book.output("R3.1")
+    run_dir = fed.state_dir / "runs" / "hospitals-2025"  # the runbook's run-dir
+    assert (run_dir / "results.json").is_file(), out[-3000:]
     assert " completed: " in out and " result row(s) in " in out, out[-1000:]  # counted by `slmfed deploy run`
     results = json.loads((run_dir / "results.json").read_text())
     text = json.dumps(results)
@@ -217,5 +275,7 @@ def test_paper_study_runs_across_two_sites(fed, tmp_path):
     log = fed.log("superlink")
     assert f"node {extra_node} is connected but not a registered site" in out
     assert "Receiving:" not in fed.log("extra")  # it was never sent a message
-    # nothing identifying left the sites: the raw patient ids are only in the sites' id maps
-    assert "PID-" not in text and "PID-" not in log
+    # nothing identifying left the sites: the raw patient ids (clinical.csv) are only in the sites' id maps
+    ids = [line.split(",", 1)[0] for s in SITES
+           for line in (fed.work / "cohort" / s / "clinical.csv").read_text().splitlines()[1:]]
+    assert len(ids) == 40 and not [i for i in ids if i in text or i in log]

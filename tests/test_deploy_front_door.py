@@ -102,3 +102,36 @@ def test_front_door_refuses_unsigned_and_oversize_bodies_before_the_superlink(tm
     log = fed.log("front-door-access")
     assert "/v1/fleet/push-object" in log and " 400 " in log and " 413 " in log
     assert "MGUCMQD" not in log and pki.flower_public_key_b64(site_pub)[:40] not in log  # no header is logged
+
+
+def test_flood_leaves_the_superlink_memory_flat(tmp_path):
+    """The real flower-superlink behind the generated front door, flooded from the public address for a
+    few seconds (parallel POSTs announcing 200 MB or 4 MB without a key and with an unknown key, slow
+    connections): its resident memory (process + descendants, /proc VmRSS) stays within +100 MB of where it
+    had settled after its start,
+    it stays up, and nginx answered every flood call itself (400 / 413 / 503 or a closed connection).
+    The longer flood with figures: `slmfed bench deploy --part flood`."""
+    if nginx_binary() is None:
+        pytest.skip("nginx is not installed (apt-get install -y nginx)")
+    from simulation.bench_deploy import flood
+
+    fed = LoopbackFederation(tmp_path, ["a", "b"])
+    try:
+        fed.start_superlink()  # and the front door
+        fleet_before = fed.log("superlink").count("/v1/fleet/")
+        res = flood(fed, seconds=4.0, threads=4, slow=40)
+        fleet_after = fed.log("superlink").count("/v1/fleet/")
+    finally:
+        fed.stop()
+    assert all(p.poll() is not None for p in fed.procs.values())
+    mb = 1024 * 1024
+    print(f"SuperLink RSS before {res['before'] / mb:.1f} MB, peak {res['peak'] / mb:.1f} MB, "
+          f"after {res['after'] / mb:.1f} MB; answers {res['answers']}")
+    assert res["superlink alive"] and res["before"] > 0
+    assert res["peak"] - res["before"] < 100 * mb, res
+    calls = {k: n for k, n in res["answers"].items() if k[0] != "slow"}
+    assert sum(calls.values()) >= 8, res["answers"]  # each caller got through at least one call
+    assert {status for _, status in calls} <= {"400", "413", "503", "reset"}, res["answers"]
+    assert any(status == "400" for _, status in calls), res["answers"]  # under the cap: refused for its headers
+    assert sum(n for k, n in res["answers"].items() if k[0] == "slow") == 40
+    assert fleet_after == fleet_before, "a flood call reached the SuperLink's Fleet API"

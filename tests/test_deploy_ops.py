@@ -394,3 +394,22 @@ def test_runbook_commands_match_what_init_generates(tmp_path, capsys):
     sites = tomllib.loads((out / "coordinator" / B.BUNDLE_FILE).read_text())["sites"]["names"]
     assert all(f"sites/{s}" in runbook or s in runbook for s in sites)
     assert "slmfed deploy run" in runbook and "sudo rm -f /etc/nginx/sites-enabled/default" in runbook
+
+
+def test_runbook_steps_are_read_with_their_commands():
+    """tests/runbook.py reads the runbook's bash blocks per step (what tests/test_deploy_e2e.py runs): every
+    step that tells someone to type something has its commands, each of a program the loopback mapping
+    knows; the `# for reference` block of R3.1 is not among them."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from runbook import MAPPED_PROGRAMS, _strip_sudo, runbook_steps, split_commands
+
+    steps = runbook_steps()
+    typed = {sid for sid, st in steps.items() if st.commands}
+    assert {"C1.1", "C1.2", "C1.4", "C1.5", "C1.6", "H2.1", "H2.2", "H2.3", "H2.5", "H2.6", "R3.1"} <= typed, typed
+    programs = {_strip_sudo(argv)[0] for st in steps.values() for _, line in st.commands for argv in split_commands(line)}
+    assert programs <= MAPPED_PROGRAMS, sorted(programs - MAPPED_PROGRAMS)
+    r3 = [line for _, line in steps["R3.1"].commands]
+    assert len(r3) == 1 and r3[0].strip().startswith("slmfed deploy run"), r3
+    assert steps["H2.1"].commands[0][1].split()[:2] == ["slmfed", "prepare"]
