@@ -513,7 +513,14 @@ def dp_section(res: dict) -> list[str]:
     cfg = res.get("config", {})
     what = str(cfg.get("dp-train", "auto"))
     reference = bool(str(cfg.get("roi-stats-reference") or ""))
-    if what != "all" and reference:
+    # the client's rule (client/train.py dp_trains_wide): auto = wide when the model has the ROI statistics'
+    # term, i.e. roi-stats and roi-pooling on and a mask channel among the prepared inputs
+    from common.model import roi_channels
+
+    channels = next((v.get("model-input", {}).get("channels") for v in res["sites"].values()), None)
+    has_stats = bool(cfg.get("roi-stats", True)) and bool(cfg.get("roi-pooling", True)) and bool(roi_channels(channels))
+    wide = what == "wide" or (what == "auto" and has_stats)
+    if wide and reference:
         lines += ["", f"What DP-SGD trained (dp-train = {what}): only the linear terms on the ROI statistics (and on the "
                   "clinical vector, in a trained Combined model), at learning rate "
                   f"{cfg.get('dp-lr', 0.05):g}; the ResNet and the image head stayed at their seeded initial weights "
@@ -522,8 +529,10 @@ def dp_section(res: dict) -> list[str]:
                   "patients outside the epsilon, and the sites released no ROI sums. (A Combined model trained from the "
                   "CF start, combined-from cf, standardises the clinical vector with the CF model's exact sums, "
                   "which are outside the epsilon like the CF model.)"]
-    elif what == "all":
-        lines += ["", "What DP-SGD trained (dp-train = all): every weight of the ResNet, the head and the linear terms."]
+    else:
+        lines += ["", f"What DP-SGD trained (dp-train = {what}): every weight of the ResNet, the head and the linear terms."]
+    lines += ["", "AUC against epsilon for this study's settings: `slmfed bench dp --part auc --epsilons 1,3,8,0 --seeds 3 "
+              "--report table.md` (the paper cohort's table is in README.md)."]
     return lines
 
 

@@ -332,6 +332,8 @@ def test_a_study_under_dp_reports_the_epsilon_each_site_spent(tmp_path):
     assert spent["lifetime_epsilon"] == pytest.approx(spent["epsilon"]) and spent["lifetime_budget"] == 10.0
     assert f"| {spent['lifetime_epsilon']:.2f} / 10 ({10 - spent['lifetime_epsilon']:.2f} left) |" in report
     assert "does NOT cover the CF model" in report
+    # no mask channel, so no ROI statistics' term: dp-train auto trained the whole network
+    assert "(dp-train = auto): every weight" in report and "only the linear terms" not in report
 
 
 def test_a_budget_the_site_lowers_mid_study_applies_at_once(tmp_path):
@@ -459,3 +461,7 @@ def test_a_study_with_a_reference_releases_no_roi_sums_and_trains_on_the_referen
     assert trained and all(torch.equal(s["roi_stats_mean"], torch.full((6,), 0.5)) for s in trained)
     assert all(torch.equal(s["roi_stats_std"], torch.full((6,), 0.2)) for s in trained)
     assert 0 < res["dp"]["center-primary"]["epsilon"] <= 5.0
+    from server.report import dp_section
+
+    said = "\n".join(dp_section(res))
+    assert "only the linear terms on the ROI statistics" in said and "every weight" not in said
