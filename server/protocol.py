@@ -55,6 +55,7 @@ from common.model_input import ModelInputError
 from common.model_input import validate as validate_model_input
 from common.records import SITE_CANNOT, SITE_REFUSED, arrays_to_numpy, numpy_to_record, score_cells, to_config_record
 from server.checkpoint import WRITING, Checkpoint, StudyInterrupted, StudyStopped
+from server.grid import send_and_receive
 from server.robust import aggregate, check_updates
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class Federation:
                     self.evidence_bytes[message_type] = self.evidence_bytes.get(message_type, 0) + size
                 messages.append(Message(content=content, dst_node_id=node, message_type=message_type, group_id=group))
             answered = set()
-            for rep in self.grid.send_and_receive(messages, timeout=self.timeout_s):
+            for rep in send_and_receive(self.grid, messages, self.timeout_s):
                 node = rep.metadata.src_node_id
                 if node not in pending or node in answered:
                     continue  # not asked in this attempt, or a duplicate

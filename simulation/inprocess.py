@@ -22,6 +22,8 @@ class InProcessGrid(Grid):
     fit its repeated cross-validation (simulation/runner.py size_for_repeats); without it every node
     keeps exactly the policy it was given (tests of a site's own refusals)."""
 
+    in_process = True  # delivers in send_and_receive itself (server/grid.py: no push / pull to poll)
+
     def __init__(self, client_app, node_configs: list[dict], run_config: dict | None = None,
                  study_config: dict | None = None, keep_messages: bool = True):
         if study_config is not None:

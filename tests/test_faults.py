@@ -71,6 +71,71 @@ def test_failed_and_missing_replies_are_retried_with_backoff_then_reported(monke
     assert fed.retried == 2 + 1 + 1
 
 
+class PushPullGrid:
+    """A transport grid (push, then pull) whose sites answer at the `ready`-th pull (None: never), on a
+    fake clock; its own send_and_receive is Flower's HttpGrid's (3 s between pulls) and must not be used."""
+
+    def __init__(self, ready: dict[int, int | None]):
+        self.ready, self.pulls, self.now, self.sleeps = ready, 0, 0.0, []
+        self.pushed: dict[str, Message] = {}
+
+    def get_node_ids(self):
+        return list(self.ready)
+
+    def push_messages(self, messages):
+        ids = []
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{len(self.pushed) + i}"
+            ids.append(m.metadata.message_id)
+        self.pushed.update({m.metadata.message_id: m for m in messages})
+        return ids
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        out = []
+        for mid in list(ids):
+            m = self.pushed[mid]
+            at = self.ready[m.metadata.dst_node_id]
+            if at is not None and self.pulls >= at:
+                rep = Message(content=RecordDict({"metrics": MetricRecord({"x": m.metadata.dst_node_id})}), reply_to=m)
+                rep.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+                out.append(rep)
+        return out
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise AssertionError("HttpGrid's send_and_receive sleeps 3 s between pulls")
+
+    def sleep(self, s):
+        self.sleeps.append(s)
+        self.now += s
+
+
+def test_replies_are_pulled_every_tenth_of_a_second_until_all_are_in_or_the_timeout():
+    """A deployment's ServerApp gets Flower's HttpGrid, which sleeps 3 s between pulls: server/grid.py
+    pulls every 0.1 s (as the simulation runtime does) and stops at the timeout with what came in."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.grid import send_and_receive
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    grid = PushPullGrid({1: 2, 2: 4})
+    msgs = [Message(content=RecordDict(), dst_node_id=n, message_type="query.info") for n in (1, 2)]
+    got = send_and_receive(grid, msgs, 5.0, clock=lambda: grid.now, sleep=grid.sleep)
+    assert sorted(r.metadata.src_node_id for r in got) == [1, 2]
+    assert grid.pulls == 4 and grid.sleeps == [0.1, 0.1, 0.1]  # no sleep once all are in
+    # node 2 never answers: the last pull is at the deadline, node 1's reply is kept
+    grid = PushPullGrid({1: 1, 2: None})
+    msgs = [Message(content=RecordDict(), dst_node_id=n, message_type="query.info") for n in (1, 2)]
+    got = send_and_receive(grid, msgs, 0.25, clock=lambda: grid.now, sleep=grid.sleep)
+    assert [r.metadata.src_node_id for r in got] == [1]
+    assert grid.sleeps == pytest.approx([0.1, 0.1, 0.05]) and grid.now == pytest.approx(0.25) and grid.pulls == 4
+    # the study's requests go through it: a Federation on a transport grid never calls its send_and_receive
+    fed = Federation(PushPullGrid({1: 1, 2: 2}), min_sites=2, timeout_s=5, retries=0)
+    fed.site_of, fed.node_of = {1: "a", 2: "b"}, {"a": 1, "b": 2}
+    out = fed.ask(["a", "b"], "query.info", {})
+    assert set(out) == {"a", "b"} and not out.failed
+
+
 def test_retry_settings_are_bounded():
     with pytest.raises(ConfigError, match="site-retries"):
         load_config(run_config={"site-retries": 11})
