@@ -20,6 +20,7 @@ version of the same flood (flood()).
 from __future__ import annotations
 
 import datetime as dt
+import os
 import socket
 import ssl
 import statistics
@@ -47,6 +48,8 @@ def configure(parser) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per setting (median reported)")
     parser.add_argument("--rounds", type=int, default=2, help="federated rounds of the DL model")
     parser.add_argument("--patients", type=int, default=24, help="patients at the training site")
+    parser.add_argument("--skip-cold", action="store_true",
+                        help="study: skip the 'before' deployment (a fresh Python per message), the slowest part")
 
 
 # the benchmark's small caches cannot hold k = 10 patients of each class per fold: both paths lower
@@ -288,18 +291,24 @@ def run(args) -> int:
         imp = statistics.median(_import_seconds() for _ in range(3))
         for i in range(args.repeats):
             sim.append(_simulation(caches, cfg, work / f"sim-run-{i}"))
-            before.append(_deployment(work / f"cold-{i}", caches, cfg, work / f"cold-run-{i}", app, digest, warm=False))
+            if not args.skip_cold:
+                before.append(_deployment(work / f"cold-{i}", caches, cfg, work / f"cold-run-{i}", app, digest, warm=False))
             after.append(_deployment(work / f"warm-{i}", caches, cfg, work / f"warm-run-{i}", app, digest, warm=True))
     sim_s = statistics.median(sim)
     fits = cfg["folds"] + 1
     rounds = fits * args.rounds
     print(f"tiny paper study, model dl, {fits} fits x {args.rounds} rounds, {args.patients} training patients; "
           f"median of {args.repeats}")
-    print(f"  simulation (Ray, warm workers):                   {sim_s:8.1f} s   ({sim_s / rounds:.1f} s per round incl. eval)")
+    print(f"  simulation (Ray, warm workers):                   {sim_s:8.1f} s   ({sim_s / rounds:.1f} s per round incl. eval; "
+          f"runs {', '.join(f'{x:.1f}' for x in sim)}; the whole `run_study` process, Ray start included)")
+    print(f"  load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     for label, runs in (("deployment, before (fresh Python per message):", before),
                         ("deployment, after (warm launcher, forked):     ", after)):
+        if not runs:
+            continue
         study = statistics.median(d["study"] for d in runs)
-        print(f"  {label}   {study:8.1f} s   ({study / rounds:.1f} s per round incl. eval)")
+        print(f"  {label}   {study:8.1f} s   ({study / rounds:.1f} s per round incl. eval; "
+              f"{study / sim_s:.1f}x simulation; runs {', '.join(format(d['study'], '.1f') for d in runs)})")
     med = {k: statistics.median(d[k] for d in before + after) for k in before[0]}
     print("  deployment fixed costs (once per deployment, not in the study time):")
     for k in ("superlink start", "register sites", "supernodes connected"):
