@@ -125,7 +125,38 @@ def _deployment(work: Path, caches: dict[str, Path], cfg: dict, run_dir: Path, a
         res, t["study"] = fed.run_study(app, {**cfg, "run-dir": str(run_dir)})
         if res.returncode != 0 or not (run_dir / "results.json").is_file():
             raise RuntimeError(f"deployment study failed:\n{(res.stdout + res.stderr)[-3000:]}")
+        t["fleet"] = fleet_calls(fed.logs / "front-door-access.log")
+    t["requests"] = _requests(run_dir)
     return t
+
+
+def fleet_calls(access_log: Path) -> dict[str, tuple[int, float]]:
+    """Fleet API calls through the front door during the deployment, per endpoint: (calls, the seconds
+    nginx spent on them, $request_time summed). A SuperNode makes its calls one after the other, so
+    their time adds to the study's; pull-object / push-object are one call per object of a message
+    (each array of a model, each chunk), which is what a deployed round mostly waits for."""
+    calls: dict[str, list] = {}
+    for line in access_log.read_text().splitlines():
+        parts = line.split('"')
+        if len(parts) < 3:
+            continue
+        request, tail = parts[1].split(), parts[2].split()
+        if len(request) < 2 or not tail:
+            continue
+        c = calls.setdefault(request[1].rsplit("/", 1)[-1], [0, 0.0])
+        c[0] += 1
+        c[1] += float(tail[-1])
+    return {k: (n, sec) for k, (n, sec) in calls.items()}
+
+
+def _requests(run_dir: Path) -> int:
+    """Requests the study sent, counted from the replies each site released (results.json): one request
+    goes to the sites of a step at once, so a step counts once (the site that answered it most)."""
+    import json
+
+    released = json.loads((run_dir / "results.json").read_text())["released"]
+    kinds = {k for per in released.values() for k in per}
+    return sum(max(per.get(k, 0) for per in released.values()) for k in kinds)
 
 
 # ---------------------------------------------------------------- --part flood
@@ -309,7 +340,17 @@ def run(args) -> int:
         study = statistics.median(d["study"] for d in runs)
         print(f"  {label}   {study:8.1f} s   ({study / rounds:.1f} s per round incl. eval; "
               f"{study / sim_s:.1f}x simulation; runs {', '.join(format(d['study'], '.1f') for d in runs)})")
-    med = {k: statistics.median(d[k] for d in before + after) for k in before[0]}
+    med = {k: statistics.median(d[k] for d in before + after) for k in (before + after)[0]}
+    print(f"  requests the study sent (steps, each to the sites at once): {med['requests']:.0f}; the warm deployment "
+          f"spent {statistics.median(d['study'] for d in after) / med['requests']:.2f} s per request, simulation "
+          f"{sim_s / med['requests']:.2f} s (its Ray start included)")
+    fleet = after[len(after) // 2]["fleet"]
+    print(f"  Fleet API calls through the front door (warm deployment, one run; calls, nginx request time summed):")
+    for name, (n, sec) in sorted(fleet.items(), key=lambda kv: -kv[1][1]):
+        print(f"    {name:<30} {n:6d} calls {sec:7.1f} s  ({1000 * sec / n:.1f} ms per call)")
+    print("  (pull-object / push-object: one call per object of a message - each array of a model and of the")
+    print("  relayed signed updates -, one after the other; ~19 ms each on loopback, whether or not nginx keeps its")
+    print("  TLS connections to the SuperLink open (measured 2026-12-04): the SuperLink's per-call work dominates)")
     print("  deployment fixed costs (once per deployment, not in the study time):")
     for k in ("superlink start", "register sites", "supernodes connected"):
         print(f"    {k:<24} {med[k]:6.1f} s")

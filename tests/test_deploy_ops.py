@@ -413,3 +413,21 @@ def test_runbook_steps_are_read_with_their_commands():
     r3 = [line for _, line in steps["R3.1"].commands]
     assert len(r3) == 1 and r3[0].strip().startswith("slmfed deploy run"), r3
     assert steps["H2.1"].commands[0][1].split()[:2] == ["slmfed", "prepare"]
+
+
+def test_bench_deploy_reads_the_fleet_calls_from_the_front_doors_access_log(tmp_path):
+    """`slmfed bench deploy` prints the deployed study's Fleet calls per endpoint from the front door's
+    access log (format slmfed_door of deploy/templates/nginx-front-door.conf: request time last)."""
+    from simulation.bench_deploy import fleet_calls
+
+    template = (Path(__file__).resolve().parents[1] / "deploy/templates/nginx-front-door.conf").read_text()
+    assert "$$request_time';" in template  # the field fleet_calls sums is the format's last
+    log = tmp_path / "access.log"
+    log.write_text('127.0.0.1 [04/Dec/2026:19:53:08 +0000] "POST /v1/fleet/pull-object HTTP/1.1" 200 0 850 0.015\n'
+                   '127.0.0.1 [04/Dec/2026:19:53:08 +0000] "POST /v1/fleet/pull-object HTTP/1.1" 200 9 850 0.025\n'
+                   '127.0.0.1 [04/Dec/2026:19:53:09 +0000] "POST /v1/fleet/push-messages HTTP/1.1" 200 0 900 0.100\n'
+                   'a line nginx did not write\n')
+    calls = fleet_calls(log)
+    assert set(calls) == {"pull-object", "push-messages"}
+    assert calls["pull-object"][0] == 2 and calls["pull-object"][1] == pytest.approx(0.04)
+    assert calls["push-messages"] == (1, pytest.approx(0.1))
