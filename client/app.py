@@ -39,6 +39,7 @@ from common.clinical import N_FEATURES
 from common.config import SENT_MODEL_KEYS, app_config
 from common.model_input import describe as describe_model_input
 from common.records import SITE_CANNOT, SITE_REFUSED, record_to_state, to_metric_record
+from common.packing import PackingError, is_packed, pack, unpack
 from common.signing import Roster, SigningError, load_private_key, sign
 
 app = ClientApp()
@@ -64,6 +65,7 @@ def _handle(msg: Message, context: Context, fn: Callable[[study.Site, Any, dict]
             allowed |= {derive.EVIDENCE} | {r for r in records if r.startswith(derive.CONTRIB)}
         if not records <= allowed:
             raise Refused("request", f"{mtype} takes no record(s) {sorted(records - allowed)}")
+        packed = _unpack_request(msg)
         cfg = dict(msg.content["config"]) if "config" in msg.content else {}
         req = validate_request(mtype, cfg, N_FEATURES)
         policy = SitePolicy.from_config(node_cfg)
@@ -99,10 +101,25 @@ def _handle(msg: Message, context: Context, fn: Callable[[study.Site, Any, dict]
     if notes:
         content["notes"] = ConfigRecord({k: str(v) for k, v in notes.items()})
     if arrays is not None:
-        content["arrays"] = arrays
+        content["arrays"] = pack(arrays) if packed else arrays  # the reply's form follows the request's
     for record_name, record in extra.items():  # info: the site's name and its policy, read-only
         content[record_name] = record
     return Message(content=content, reply_to=msg)
+
+
+def _unpack_request(msg: Message) -> bool:
+    """The request's packed ArrayRecords (common/packing.py: a deployed coordinator sends a model as two
+    arrays) unpacked in place, their layout checked first; whether there were any."""
+    found = False
+    for name in list(msg.content.keys()):
+        record = msg.content[name]
+        if isinstance(record, ArrayRecord) and is_packed(record):
+            try:
+                msg.content[name] = unpack(record)
+            except PackingError as exc:
+                raise Refused("request", f"record {name!r}: {exc}") from None
+            found = True
+    return found
 
 
 def _verified(mtype: str, req: dict, msg: Message, node_cfg: dict, policy: SitePolicy, manifest: dict | None):

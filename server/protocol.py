@@ -52,10 +52,11 @@ from common import metrics as M
 from common.config import SENT_MODEL_KEYS, model_list
 from common.logistic import LogisticFitError, newton_fit, newton_step
 from common.model_input import ModelInputError
+from common.packing import PackingError, is_packed, pack, unpack
 from common.model_input import validate as validate_model_input
 from common.records import SITE_CANNOT, SITE_REFUSED, arrays_to_numpy, numpy_to_record, score_cells, to_config_record
 from server.checkpoint import WRITING, Checkpoint, StudyInterrupted, StudyStopped
-from server.grid import send_and_receive
+from server.grid import has_push_pull, send_and_receive
 from server.robust import aggregate, check_updates
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ class Federation:
         request's model (a recipe holding signed entries, see `with_evidence`), which the sites verify."""
         out = Replies()
         extra = with_evidence(evidence) if evidence is not None else {}
+        # over a SuperLink a model travels as two arrays, not one object per array (common/packing.py)
+        wire = pack if has_push_pull(self.grid) else (lambda record: record)
         pending = [s if isinstance(s, int) else self.node_of[s] for s in sites]
         why: dict[int, str] = {}
         for attempt in range(self.retries + 1):
@@ -143,10 +146,10 @@ class Federation:
             for node in pending:
                 content = RecordDict({"config": to_config_record(config)})
                 if arrays is not None:
-                    content["arrays"] = arrays
+                    content["arrays"] = wire(arrays)
                     self.bytes_sent += arrays.count_bytes()
                 for name, record in extra.items():
-                    content[name] = record
+                    content[name] = wire(record) if isinstance(record, ArrayRecord) else record
                 if extra:
                     size = self.last_evidence_bytes = sum(r.count_bytes() for r in extra.values())
                     self.bytes_sent += size
@@ -167,6 +170,12 @@ class Federation:
                     else:
                         why[node] = f"error reply (code {rep.error.code}): {str(rep.error.reason)[:300]}"
                     continue
+                if isinstance(rep.content.get("arrays"), ArrayRecord) and is_packed(rep.content["arrays"]):
+                    try:
+                        rep.content["arrays"] = unpack(rep.content["arrays"])
+                    except PackingError as exc:
+                        why[node] = f"reply with malformed arrays: {exc}"
+                        continue
                 answered.add(node)
                 out[key] = rep.content
                 if "notes" in rep.content and "span-audit" in rep.content["notes"]:
