@@ -16,7 +16,9 @@ contributes (clinical sums, CF statistics, training updates) in a ConfigRecord "
 coordinator relays to the sites that compute on the models made of it. A refusal is an error reply (code SITE_REFUSED)
 whose reason names the rule; it is logged here, at the site. Replies carry a MetricRecord "metrics"
 and, where there is something to say, a ConfigRecord "notes" (fixed texts: why a value is n/a);
-only train replies carry an ArrayRecord "arrays" (the model weights).
+only train replies carry an ArrayRecord "arrays" (the model weights). A request's ArrayRecords may come
+packed (common/packing.py: a coordinator behind a SuperLink sends each as two arrays); they are
+unpacked, their layout checked, before anything reads them, and the reply is packed when they were.
 """
 from __future__ import annotations
 
