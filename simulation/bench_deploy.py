@@ -340,7 +340,7 @@ def run(args) -> int:
         study = statistics.median(d["study"] for d in runs)
         print(f"  {label}   {study:8.1f} s   ({study / rounds:.1f} s per round incl. eval; "
               f"{study / sim_s:.1f}x simulation; runs {', '.join(format(d['study'], '.1f') for d in runs)})")
-    med = {k: statistics.median(d[k] for d in before + after) for k in (before + after)[0]}
+    med = {k: statistics.median(d[k] for d in before + after) for k in (before + after)[0] if k != "fleet"}
     print(f"  requests the study sent (steps, each to the sites at once): {med['requests']:.0f}; the warm deployment "
           f"spent {statistics.median(d['study'] for d in after) / med['requests']:.2f} s per request, simulation "
           f"{sim_s / med['requests']:.2f} s (its Ray start included)")
@@ -348,9 +348,11 @@ def run(args) -> int:
     print(f"  Fleet API calls through the front door (warm deployment, one run; calls, nginx request time summed):")
     for name, (n, sec) in sorted(fleet.items(), key=lambda kv: -kv[1][1]):
         print(f"    {name:<30} {n:6d} calls {sec:7.1f} s  ({1000 * sec / n:.1f} ms per call)")
-    print("  (pull-object / push-object: one call per object of a message - each array of a model and of the")
-    print("  relayed signed updates -, one after the other; ~19 ms each on loopback, whether or not nginx keeps its")
-    print("  TLS connections to the SuperLink open (measured 2026-12-04): the SuperLink's per-call work dominates)")
+    print("  (pull-object / push-object: one call per object of a message, one after the other; a model and each")
+    print("  relayed signed update are two arrays (common/packing.py) and their 5 MiB chunks; ~20 ms per call on")
+    print("  loopback, whether or not nginx keeps its TLS connections to the SuperLink open: the SuperLink's work)")
+    print("  The rest of a request: the site's ClientApp run (forked, installs the FAB, verifies the model, computes)")
+    print("  and the SuperNode's idle poll (a literal 3 s sleep in flwr 1.42) and 0.5 s wait for a reply to push.")
     print("  deployment fixed costs (once per deployment, not in the study time):")
     for k in ("superlink start", "register sites", "supernodes connected"):
         print(f"    {k:<24} {med[k]:6.1f} s")
