@@ -40,8 +40,8 @@ from common import derive
 from common.clinical import N_FEATURES
 from common.config import SENT_MODEL_KEYS, app_config
 from common.model_input import describe as describe_model_input
-from common.records import SITE_CANNOT, SITE_REFUSED, record_to_state, to_metric_record
 from common.packing import PackingError, is_packed, pack, unpack
+from common.records import SITE_CANNOT, SITE_REFUSED, record_to_state, to_metric_record
 from common.signing import Roster, SigningError, load_private_key, sign
 
 app = ClientApp()

@@ -4,7 +4,7 @@ Why not `grid.send_and_receive` as it is: in a deployment the ServerApp gets Flo
 which pushes the messages, pulls once and then sleeps a literal 3 s between pulls
 (flwr/superlink/grid/http_grid.py). No reply is ever there at the first pull, so every request of
 the study waited at least 3 s for nothing. Flower's simulation grid (InMemoryGrid) runs the same loop
-with a 0.1 s pull interval; `Replies` does that on any grid, with the grid's own push and pull calls,
+with a 0.1 s pull interval; `send_and_receive` here does that on any grid, with the grid's own push and pull calls,
 so deployment and simulation wait for replies alike. Grids that deliver in-process (tests,
 simulation/inprocess.py) have no push / pull: their own send_and_receive is used.
 """

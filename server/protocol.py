@@ -52,8 +52,8 @@ from common import metrics as M
 from common.config import SENT_MODEL_KEYS, model_list
 from common.logistic import LogisticFitError, newton_fit, newton_step
 from common.model_input import ModelInputError
-from common.packing import PackingError, is_packed, pack, unpack
 from common.model_input import validate as validate_model_input
+from common.packing import PackingError, is_packed, pack, unpack
 from common.records import SITE_CANNOT, SITE_REFUSED, arrays_to_numpy, numpy_to_record, score_cells, to_config_record
 from server.checkpoint import WRITING, Checkpoint, StudyInterrupted, StudyStopped
 from server.grid import has_push_pull, send_and_receive
@@ -130,7 +130,9 @@ class Federation:
         out = Replies()
         extra = with_evidence(evidence) if evidence is not None else {}
         # over a SuperLink a model travels as two arrays, not one object per array (common/packing.py)
-        wire = pack if has_push_pull(self.grid) else (lambda record: record)
+        if has_push_pull(self.grid):
+            arrays = None if arrays is None else pack(arrays)
+            extra = {k: pack(r) if isinstance(r, ArrayRecord) else r for k, r in extra.items()}
         pending = [s if isinstance(s, int) else self.node_of[s] for s in sites]
         why: dict[int, str] = {}
         for attempt in range(self.retries + 1):
@@ -146,10 +148,10 @@ class Federation:
             for node in pending:
                 content = RecordDict({"config": to_config_record(config)})
                 if arrays is not None:
-                    content["arrays"] = wire(arrays)
+                    content["arrays"] = arrays
                     self.bytes_sent += arrays.count_bytes()
                 for name, record in extra.items():
-                    content[name] = wire(record) if isinstance(record, ArrayRecord) else record
+                    content[name] = record
                 if extra:
                     size = self.last_evidence_bytes = sum(r.count_bytes() for r in extra.values())
                     self.bytes_sent += size
