@@ -424,6 +424,17 @@ def roi_channels(channels: Sequence[str] | None) -> list[int]:
     return [i for i, c in enumerate(channels or ()) if str(c).split("+")[0].split("-")[0] == "mask"]
 
 
+def model_roi_channels(cfg: Mapping[str, Any], channels: Sequence[str] | None) -> list[int]:
+    """The mask channels the model pools inside: none unless roi-pooling is on."""
+    return roi_channels(channels) if cfg.get("roi-pooling", True) else []
+
+
+def has_roi_stats(cfg: Mapping[str, Any], channels: Sequence[str] | None) -> bool:
+    """Whether the study's model gets the ROI statistics' term: roi-stats on and, like roi-pooling, a
+    mask channel among the inputs (what dp-train = auto trains under DP)."""
+    return bool(cfg.get("roi-stats", False)) and bool(model_roi_channels(cfg, channels))
+
+
 def build_model(
     cfg: Mapping[str, Any], n_channels: int, spatial_dims: int, n_clinical: int, use_clinical: bool,
     channels: Sequence[str] | None = None,
@@ -434,7 +445,7 @@ def build_model(
     if size < 1:
         raise ValueError(f"config key 'ensemble-size': expected >= 1, found {size}")
 
-    rois = roi_channels(channels) if cfg.get("roi-pooling", True) else []
+    rois = model_roi_channels(cfg, channels)
 
     def one() -> FusionResNet:
         return FusionResNet(
@@ -447,7 +458,7 @@ def build_model(
             clinical_embed_dim=int(cfg["clinical-embed-dim"]),
             widen_factor=float(cfg.get("widen-factor", 1.0)),
             roi_channels=rois,
-            roi_stats=bool(cfg.get("roi-stats", False)) and bool(rois),  # like roi-pooling: needs the mask channel
+            roi_stats=has_roi_stats(cfg, channels),
         )
 
     with torch.random.fork_rng(devices=[]):  # same weights for the same seed, global RNG untouched

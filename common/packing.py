@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
-
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
@@ -78,17 +76,13 @@ def unpack(record: ArrayRecord) -> ArrayRecord:
             raise PackingError(f"layout entry {i} ({name[:60]}): dtype {dtype[:20]!r} is not one of {sorted(DTYPES)}")
         if len(shape) > MAX_DIMS or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n for n in shape):
             raise PackingError(f"layout entry {i} ({name[:60]}): shape must be at most {MAX_DIMS} non-negative integers")
-        size = np.dtype(dtype).itemsize * math.prod(shape)  # Python ints: no overflow
+        count = math.prod(shape)  # Python ints: no overflow
+        size = np.dtype(dtype).itemsize * count
         if at + size > len(data):
             raise PackingError(f"layout entry {i} ({name[:60]}): {dtype} {shape} runs past the {len(data)} bytes sent")
-        out[name] = Array(np.frombuffer(data, dtype=np.dtype(dtype), count=size // np.dtype(dtype).itemsize,
-                                        offset=at).reshape(shape).copy())
+        out[name] = Array(np.frombuffer(data, dtype=dtype, count=count, offset=at).reshape(shape).copy())
         at += size
     if at != len(data):
         raise PackingError(f"the layout describes {at} of the {len(data)} bytes sent")
     return ArrayRecord(out)
 
-
-def unpack_all(records: Mapping[str, object]) -> dict[str, object]:
-    """Every packed ArrayRecord of a message's records unpacked; the other records as they are."""
-    return {k: unpack(r) if isinstance(r, ArrayRecord) and is_packed(r) else r for k, r in records.items()}

@@ -513,13 +513,11 @@ def dp_section(res: dict) -> list[str]:
     cfg = res.get("config", {})
     what = str(cfg.get("dp-train", "auto"))
     reference = bool(str(cfg.get("roi-stats-reference") or ""))
-    # the client's rule (client/train.py dp_trains_wide): auto = wide when the model has the ROI statistics'
-    # term, i.e. roi-stats and roi-pooling on and a mask channel among the prepared inputs
-    from common.model import roi_channels
+    # the client's rule (client/train.py dp_trains_wide): auto = wide when the model has the ROI statistics' term
+    from common.model import has_roi_stats
 
     channels = next((v.get("model-input", {}).get("channels") for v in res["sites"].values()), None)
-    has_stats = bool(cfg.get("roi-stats", True)) and bool(cfg.get("roi-pooling", True)) and bool(roi_channels(channels))
-    wide = what == "wide" or (what == "auto" and has_stats)
+    wide = what == "wide" or (what == "auto" and has_roi_stats(cfg, channels))
     if wide and reference:
         lines += ["", f"What DP-SGD trained (dp-train = {what}): only the linear terms on the ROI statistics (and on the "
                   "clinical vector, in a trained Combined model), at learning rate "

@@ -345,7 +345,7 @@ def run(args) -> int:
           f"spent {statistics.median(d['study'] for d in after) / med['requests']:.2f} s per request, simulation "
           f"{sim_s / med['requests']:.2f} s (its Ray start included)")
     fleet = after[len(after) // 2]["fleet"]
-    print(f"  Fleet API calls through the front door (warm deployment, one run; calls, nginx request time summed):")
+    print("  Fleet API calls through the front door (warm deployment, one run; calls, nginx request time summed):")
     for name, (n, sec) in sorted(fleet.items(), key=lambda kv: -kv[1][1]):
         print(f"    {name:<30} {n:6d} calls {sec:7.1f} s  ({1000 * sec / n:.1f} ms per call)")
     print("  (pull-object / push-object: one call per object of a message, one after the other; a model and each")
