@@ -77,6 +77,8 @@ def test_a_site_answers_a_packed_request_in_kind_and_refuses_a_malformed_one(tmp
     reply = ask_site(client_app, node, "train", _request(), arrays=bad)
     assert reply.has_error() and reply.error.code == SITE_REFUSED
     assert "record 'arrays'" in reply.error.reason and "runs past the 12 bytes" in reply.error.reason
+    # refused before the site opened its study: no ledger, no patient read, nothing charged
+    assert not (tmp_path / "c" / "dp-study").exists() and (tmp_path / "b" / "dp-study").is_dir()
 
 
 def test_the_coordinator_packs_what_it_sends_over_a_superlink_and_unpacks_the_replies():
